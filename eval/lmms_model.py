@@ -1,0 +1,232 @@
+"""lmms-eval model class ``hiprune_llava``: an HF LLaVA checkpoint with any harness method installed.
+
+    python -m lmms_eval --model hiprune_llava \\
+        --model_args pretrained=llava-hf/llava-1.5-7b-hf,method=hiprune,budget=192 --tasks pope --batch_size 8
+
+Unlike lmms-eval's own ``llava_hf``, batches of any size run together (left padding), and any exception in pruning
+or generation stops the run with the task, sample id and cause: an evaluation never continues on empty answers.
+Every model_arg that is not a loading/prompting option is a method option (``alpha=0.1,object_layer=9`` ...).
+"""
+
+from __future__ import annotations
+
+from contextlib import ExitStack
+from typing import Any
+
+import torch
+from lmms_eval.api.instance import Instance
+from lmms_eval.api.model import lmms
+from lmms_eval.utils import Collator
+from PIL import Image
+from tqdm import tqdm
+
+import hiprune
+from hiprune.prompting import LlavaInputBuilder
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class GenerationError(RuntimeError):
+    """Raised when pruning or generation fails for a sample; the message names the task and sample ids."""
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def resolve_dtype(dtype: str, device: str) -> torch.dtype:
+    if dtype == "auto":
+        return torch.float16 if device.startswith("cuda") else torch.float32
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose one of auto, {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+class HiPruneLlava(lmms):
+    """LLaVA-1.5 (HF) evaluated with a token-pruning method."""
+
+    is_simple = True
+
+    def __init__(
+        self,
+        pretrained: str = "llava-hf/llava-1.5-7b-hf",
+        method: str = "hiprune",
+        revision: str | None = None,
+        device: str = "auto",
+        dtype: str = "auto",
+        batch_size: int | str = 1,
+        attn_implementation: str = "sdpa",
+        prompt_style: str = "vicuna_v1",
+        image_backend: str = "pil",
+        pad_to_square: bool = True,
+        max_new_tokens: int = 1024,
+        **method_options: Any,
+    ) -> None:
+        super().__init__()
+        from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+        # Validate everything cheap before the (possibly multi-GB) model loads.
+        self.method = hiprune.build_method(method, **method_options)
+        self._device = resolve_device(device)
+        self._dtype = resolve_dtype(dtype, self._device)
+        self.batch_size_per_gpu = int(batch_size)
+        if self.batch_size_per_gpu < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.max_new_tokens = int(max_new_tokens)
+
+        self.processor = AutoProcessor.from_pretrained(pretrained, revision=revision)
+        self.inputs = LlavaInputBuilder(
+            self.processor, prompt_style=prompt_style, image_backend=image_backend, pad_to_square=pad_to_square
+        )
+        self._model = LlavaForConditionalGeneration.from_pretrained(
+            pretrained, revision=revision, dtype=self._dtype, attn_implementation=attn_implementation
+        ).to(self._device)
+        self._model.eval()
+        self.tokenizer = self.processor.tokenizer
+        self._stack = ExitStack()
+        self.session = self._stack.enter_context(hiprune.apply(self._model, self.method))
+        self.tokens_per_image = self.session.tokens_per_image()
+        # doc ids per (task, split) -> visual tokens the LLM received for each image of that sample
+        self.kept_tokens: dict[tuple[str, str], dict[int, list[int]]] = {}
+        self.settings = {
+            "pretrained": pretrained,
+            "revision": revision,
+            "device": self._device,
+            "dtype": str(self._dtype).removeprefix("torch."),
+            "attn_implementation": attn_implementation,
+            "prompt_style": prompt_style,
+            "image_backend": image_backend,
+            "pad_to_square": pad_to_square,
+            "batch_size": self.batch_size_per_gpu,
+            "method": self.method.describe(),
+        }
+
+    # --- lmms interface -----------------------------------------------------------------------------------
+    @property
+    def model(self):
+        return self._model
+
+    @property
+    def batch_size(self) -> int:
+        return self.batch_size_per_gpu
+
+    @property
+    def device(self) -> str:
+        return self._device
+
+    def close(self) -> None:
+        """Uninstall the method (the model is restored exactly)."""
+        self._stack.close()
+
+    def loglikelihood(self, requests: list[Instance]) -> list[tuple[float, bool]]:
+        raise NotImplementedError("hiprune_llava answers generation tasks only (generate_until); this task needs loglikelihood")
+
+    def generate_until_multi_round(self, requests) -> list[str]:
+        raise NotImplementedError("hiprune_llava does not implement multi-round generation")
+
+    def generate_until(self, requests: list[Instance]) -> list[str]:
+        def order(args):  # longest prompts first: padding waste and OOMs show up early
+            return -len(args[0]), args[0]
+
+        collator = Collator([req.args for req in requests], order, grouping=True)
+        results: list[str] = []
+        progress = tqdm(total=len(requests), desc=f"{self.method.name} generating", disable=self.rank != 0)
+        for chunk in collator.get_batched(n=self.batch_size, batch_fn=None):
+            contexts, gen_kwargs, doc_to_visual, doc_ids, tasks, splits = zip(*chunk)
+            task, split = tasks[0], splits[0]
+            try:
+                answers = self._generate_batch(list(contexts), dict(gen_kwargs[0]), doc_to_visual, doc_ids, task, split)
+            except Exception as exc:
+                raise GenerationError(
+                    f"{type(exc).__name__} while answering task {task!r} split {split!r} doc ids {list(doc_ids)} "
+                    f"with method {self.method.name!r}: {exc}"
+                ) from exc
+            for context, kwargs, answer in zip(contexts, gen_kwargs, answers):
+                self.cache_hook.add_partial("generate_until", (context, kwargs), answer)
+            results.extend(answers)
+            progress.update(len(chunk))
+        progress.close()
+        return collator.get_original(results)
+
+    # --- internals ----------------------------------------------------------------------------------------
+    def _visuals(self, doc_to_visual, doc_ids, task, split) -> list[list[Image.Image]]:
+        per_sample = []
+        for fn, doc_id in zip(doc_to_visual, doc_ids):
+            visuals = fn(self.task_dict[task][split][doc_id]) if fn is not None else []
+            visuals = [v for v in (visuals or []) if v is not None]
+            for v in visuals:
+                if not isinstance(v, Image.Image):
+                    raise TypeError(f"hiprune_llava takes images; doc {doc_id} has a {type(v).__name__} visual")
+            per_sample.append(visuals)
+        return per_sample
+
+    def _generate_batch(self, contexts, gen_kwargs, doc_to_visual, doc_ids, task, split) -> list[str]:
+        images = self._visuals(doc_to_visual, doc_ids, task, split)
+        until = gen_kwargs.pop("until", None)
+        if isinstance(until, str):
+            until = [until]
+        batch = self.inputs(contexts, images, self.tokens_per_image)
+        batch = {k: v.to(self._device) for k, v in batch.items()}
+        if "pixel_values" in batch:
+            batch["pixel_values"] = batch["pixel_values"].to(self._dtype)
+        temperature = float(gen_kwargs.get("temperature", 0) or 0)
+        do_sample = temperature > 0
+        generation = {
+            "max_new_tokens": int(gen_kwargs.get("max_new_tokens", self.max_new_tokens)),
+            "do_sample": do_sample,
+            "num_beams": int(gen_kwargs.get("num_beams", 1) or 1),
+            "use_cache": True,
+            "pad_token_id": self.inputs.pad_id,
+            "eos_token_id": self.tokenizer.eos_token_id,
+        }
+        if do_sample:
+            generation["temperature"] = temperature
+            if gen_kwargs.get("top_p") is not None:
+                generation["top_p"] = float(gen_kwargs["top_p"])
+        self.session.pop_records()
+        with torch.inference_mode():
+            output = self._model.generate(**batch, **generation)
+        self._log_kept_tokens(task, split, doc_ids, images)
+        new_tokens = output[:, batch["input_ids"].shape[1] :]
+        answers = self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+        if until:
+            answers = [_cut(a, until) for a in answers]
+        return [a.strip() for a in answers]
+
+    def _log_kept_tokens(self, task, split, doc_ids, images) -> None:
+        records = self.session.pop_records()
+        grids = [grid for forward in records for grid in forward]
+        n_images = sum(len(s) for s in images)
+        if len(grids) != n_images:
+            raise hiprune.PruningError(f"{n_images} images in the batch but {len(grids)} went through the method")
+        log = self.kept_tokens.setdefault((task, split), {})
+        cursor = 0
+        for doc_id, sample_images in zip(doc_ids, images):
+            kept = [grid.tokens_kept for grid in grids[cursor : cursor + len(sample_images)]]
+            cursor += len(sample_images)
+            for count in kept:
+                if count != self.tokens_per_image:
+                    raise hiprune.PruningError(f"doc {doc_id}: {count} visual tokens kept, expected {self.tokens_per_image}")
+            log[doc_id] = kept
+
+    def kept_token_summary(self) -> dict:
+        """Visual tokens per image actually given to the LLM, over every sample answered so far."""
+        counts = [c for per_doc in self.kept_tokens.values() for kept in per_doc.values() for c in kept]
+        no_image = sum(1 for per_doc in self.kept_tokens.values() for kept in per_doc.values() if not kept)
+        return {
+            "images": len(counts),
+            "samples_without_image": no_image,
+            "mean_kept_per_image": (sum(counts) / len(counts)) if counts else None,
+            "min_kept_per_image": min(counts) if counts else None,
+            "max_kept_per_image": max(counts) if counts else None,
+        }
+
+
+def _cut(text: str, stops: list[str]) -> str:
+    for stop in stops:
+        if stop:
+            text = text.split(stop)[0]
+    return text
+

@@ -1,0 +1,249 @@
+"""Hydra entry point: one lmms-eval run in-process, one result record.
+
+    hiprune-eval model=llava15_7b method=hiprune budget=192 benchmark=pope
+    hiprune-eval --multirun method=none,random,hiprune budget=192,128,64
+    hiprune-eval +experiment=smoke --multirun
+
+Everything that can be checked without model weights (method options, budget against the model's grid, layers
+against its encoder, task names, local paths) is checked before the model loads; a bad config exits non-zero and
+writes nothing.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import platform
+import sys
+import time
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from eval.store import record_path, write_record
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CONFIG_DIR = REPO_ROOT / "configs"
+MODEL_CLASSES = {"hiprune_llava": "eval.lmms_model.HiPruneLlava"}
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; raised before any model weights load."""
+
+
+def repo_path(path: str | Path) -> Path:
+    path = Path(path)
+    return path if path.is_absolute() else REPO_ROOT / path
+
+
+@dataclass
+class RunPlan:
+    cfg: DictConfig
+    method: Any
+    identity: dict[str, Any]
+    pretrained: str
+    tasks: list[str]
+    include_path: str | None
+    record: Path
+
+    @property
+    def model_args(self) -> dict[str, Any]:
+        m = self.cfg.model
+        return {
+            "pretrained": self.pretrained,
+            "revision": m.revision,
+            "device": self.cfg.device,
+            "dtype": m.dtype,
+            "batch_size": self.cfg.batch_size,
+            "attn_implementation": m.attn_implementation,
+            "prompt_style": m.prompt_style,
+            "image_backend": m.image_backend,
+            "pad_to_square": m.pad_to_square,
+            "method": self.method.name,
+            **self.method_options,
+        }
+
+    @property
+    def method_options(self) -> dict[str, Any]:
+        options = {k: v for k, v in self.method.describe().items() if k != "name"}
+        if self.method.stage == "none":
+            options.pop("budget", None)
+        return options
+
+
+def plan_run(cfg: DictConfig) -> RunPlan:
+    """Validate the composed config and resolve everything a run needs, without loading weights."""
+    import hiprune
+
+    m = cfg.model
+    if m.lmms_model not in MODEL_CLASSES:
+        raise ConfigError(f"unknown lmms model {m.lmms_model!r}; known: {sorted(MODEL_CLASSES)}")
+    options = OmegaConf.to_container(cfg.method.options, resolve=True) or {}
+    budget = cfg.budget
+    try:
+        if cfg.method.name == "none":
+            method = hiprune.build_method("none", **options)
+        else:
+            method = hiprune.build_method(cfg.method.name, budget=budget, **options)
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(str(exc)) from exc
+
+    pretrained = str(m.pretrained)
+    if m.local:
+        local = repo_path(pretrained)
+        if not (local / "config.json").is_file():
+            raise ConfigError(f"local model {local} not found (no config.json); build it first (make assets)")
+        pretrained = str(local)
+    _check_against_architecture(pretrained, m.revision, method)
+
+    include_path = str(repo_path(cfg.benchmark.include_path)) if cfg.benchmark.include_path else None
+    tasks = list(cfg.benchmark.tasks)
+    _check_tasks(tasks, include_path)
+    if int(cfg.batch_size) < 1:
+        raise ConfigError(f"batch_size must be >= 1, got {cfg.batch_size}")
+
+    identity = {
+        "model": m.name,
+        "pretrained": str(m.pretrained),
+        "revision": m.revision,
+        "dtype": m.dtype,
+        "attn_implementation": m.attn_implementation,
+        "prompt_style": m.prompt_style,
+        "image_backend": m.image_backend,
+        "pad_to_square": m.pad_to_square,
+        "method": method.describe(),
+        "budget": method.budget,
+        "benchmark": cfg.benchmark.name,
+        "tasks": tasks,
+        "limit": cfg.limit,
+        "harness_version": hiprune.__version__,
+        "lmms_eval_version": metadata.version("lmms-eval"),
+    }
+    record = record_path(repo_path(cfg.store), identity)
+    return RunPlan(cfg, method, identity, pretrained, tasks, include_path, record)
+
+
+def _check_against_architecture(pretrained: str, revision: str | None, method) -> None:
+    """Budget vs grid and layers vs encoder, on a weightless (meta) instance of the real architecture."""
+    import torch
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    import hiprune
+
+    config = AutoConfig.from_pretrained(pretrained, revision=revision)
+    with torch.device("meta"):
+        skeleton = AutoModelForImageTextToText.from_config(config)
+    try:
+        adapter = hiprune.adapter_for(skeleton)
+        adapter.check_supported(method)
+        adapter.resolve_layers(method)
+        adapter.tokens_per_image(method)
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(str(exc)) from exc
+
+
+def _check_tasks(tasks: list[str], include_path: str | None) -> None:
+    from lmms_eval.tasks import TaskManager
+
+    manager = TaskManager(include_path=include_path)
+    unknown = [t for t in tasks if t not in manager.all_tasks]
+    if unknown:
+        raise ConfigError(f"unknown lmms-eval task(s) {unknown}" + (f" (include_path {include_path})" if include_path else ""))
+
+
+def _versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for dist in ("torch", "transformers", "lmms-eval", "hiprune-harness", "hydra-core"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            out[dist] = "not installed"
+    return out
+
+
+def _metrics(results: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """lmms-eval's per-task results, without its bookkeeping keys (e.g. 'pope_accuracy,none' -> 'pope_accuracy')."""
+    metrics = {}
+    for task, values in results.get("results", {}).items():
+        clean = {}
+        for key, value in values.items():
+            if key == "alias" or not isinstance(value, (int, float)):
+                continue
+            metric, _, filter_name = key.partition(",")
+            clean[metric if filter_name in ("", "none") else f"{metric},{filter_name}"] = value
+        metrics[task] = clean
+    return metrics
+
+
+def execute(plan: RunPlan) -> dict[str, Any]:
+    """Run lmms-eval in-process and write the record; returns it."""
+    from lmms_eval.evaluator import simple_evaluate
+    from lmms_eval.tasks import TaskManager
+
+    from eval.lmms_model import HiPruneLlava
+
+    cfg = plan.cfg
+    started = time.time()
+    model = HiPruneLlava(**plan.model_args)
+    try:
+        results = simple_evaluate(
+            model=model,
+            tasks=plan.tasks,
+            limit=cfg.limit,
+            batch_size=cfg.batch_size,
+            task_manager=TaskManager(include_path=plan.include_path),
+            log_samples=bool(cfg.log_samples),
+            random_seed=cfg.seed,
+            numpy_random_seed=cfg.seed,
+            torch_random_seed=cfg.seed,
+            fewshot_random_seed=cfg.seed,
+            bootstrap_iters=0,
+        )
+    finally:
+        model.close()
+    if results is None:
+        raise RuntimeError("lmms-eval returned no results")
+    record = {
+        "identity": plan.identity,
+        "config": OmegaConf.to_container(cfg, resolve=True),
+        "metrics": _metrics(results),
+        "n_samples": {task: v.get("effective", v.get("original")) for task, v in results.get("n-samples", {}).items()},
+        "visual_tokens": {"per_image_target": model.tokens_per_image, **model.kept_token_summary()},
+        "kept_tokens_by_doc": {f"{t}/{s}": docs for (t, s), docs in model.kept_tokens.items()},
+        "versions": _versions(),
+        "command": " ".join(sys.argv),
+        "timestamp": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "wall_seconds": round(time.time() - started, 3),
+    }
+    if cfg.log_samples:
+        record["samples"] = results.get("samples")
+    write_record(plan.record, record)
+    return record
+
+
+def run(cfg: DictConfig) -> Path:
+    plan = plan_run(cfg)
+    if plan.record.exists() and not cfg.force:
+        print(f"[hiprune] skip {plan.record.relative_to(REPO_ROOT) if plan.record.is_relative_to(REPO_ROOT) else plan.record} (exists; force=true reruns)")
+        return plan.record
+    record = execute(plan)
+    summary = ", ".join(f"{k}={v:.4g}" for m in record["metrics"].values() for k, v in m.items())
+    print(f"[hiprune] {plan.identity['model']} {plan.method.name} budget={plan.method.budget} "
+          f"{plan.identity['benchmark']}: {summary} -> {plan.record}")
+    return plan.record
+
+
+@hydra.main(config_path=str(CONFIG_DIR), config_name="config", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    try:
+        run(cfg)
+    except ConfigError as exc:
+        print(f"[hiprune] configuration error: {exc}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,161 @@
+"""What every model adapter provides, and the session object that ``hiprune.apply`` yields."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from hiprune.methods.base import FEATURE_LAYER, Method, Selection
+
+
+class PruningError(RuntimeError):
+    """A pruning step produced something unusable (wrong count, NaN scores, ...). Never caught by the harness."""
+
+
+@dataclass
+class GridRecord:
+    """One grid (image or crop) that went through a method in one forward pass."""
+
+    tokens_in: int
+    tokens_kept: int
+    indices: torch.Tensor | None  # kept indices (CPU, long), None when nothing was pruned
+
+
+@dataclass
+class PruningSession:
+    """Handle yielded by ``hiprune.apply``: what was installed and what it did.
+
+    records: one list per vision forward pass (a ``generate`` call makes one), one GridRecord per grid.
+    """
+
+    method: Method
+    adapter: Adapter
+    records: list[list[GridRecord]] = field(default_factory=list)
+    last_selection: Selection | None = None
+
+    def tokens_per_image(self) -> int:
+        """Visual tokens the LLM receives per image under this method (what the processor must emit)."""
+        return self.adapter.tokens_per_image(self.method)
+
+    def pop_records(self) -> list[list[GridRecord]]:
+        out, self.records = self.records, []
+        return out
+
+
+def patch_attribute(stack: ExitStack, obj: Any, name: str, value: Any) -> None:
+    """Set ``obj.name = value`` as an instance attribute; the stack restores the exact previous state."""
+    had_own = name in vars(obj)
+    previous = vars(obj).get(name)
+    setattr(obj, name, value)
+
+    def restore() -> None:
+        if had_own:
+            setattr(obj, name, previous)
+        else:
+            delattr(obj, name)
+
+    stack.callback(restore)
+
+
+def stable_ids(pixel_values: torch.Tensor) -> list[int]:
+    """One 63-bit id per image from its pixel bytes: seeds random methods independently of batch composition."""
+    ids = []
+    for row in pixel_values.detach().to("cpu", torch.float32).contiguous():
+        digest = hashlib.blake2b(row.numpy().tobytes(), digest_size=8).digest()
+        ids.append(int.from_bytes(digest, "little") >> 1)
+    return ids
+
+
+class Adapter:
+    """Plumbing for one model family. Subclasses set ``model_types`` and implement ``install``.
+
+    An adapter resolves a method's layer requests against its encoder, computes exactly those scores, hands the
+    method a :class:`VisionTokens` per grid and puts the kept tokens back into the model's own data flow.
+    """
+
+    family: ClassVar[str] = ""
+    model_types: ClassVar[tuple[type, ...]] = ()
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    @classmethod
+    def matches(cls, model: nn.Module) -> bool:
+        return isinstance(model, cls.model_types)
+
+    # --- encoder description -------------------------------------------------------------------------------
+    def num_encoder_layers(self) -> int:
+        raise NotImplementedError
+
+    def feature_layer(self) -> int:
+        """1-based encoder layer whose output feeds the LLM."""
+        raise NotImplementedError
+
+    def attention_module(self, layer: int) -> nn.Module:
+        """Attention module of 1-based encoder layer ``layer``."""
+        raise NotImplementedError
+
+    def tokens_per_image(self, method: Method) -> int:
+        raise NotImplementedError
+
+    # --- method plumbing -----------------------------------------------------------------------------------
+    def resolve_layers(self, method: Method) -> dict[str, int]:
+        """Method's score requests -> 1-based layers, validated against this encoder."""
+        resolved = {}
+        n_layers = self.num_encoder_layers()
+        for name, layer in method.score_layers().items():
+            index = self.feature_layer() if layer == FEATURE_LAYER else layer
+            if not isinstance(index, int) or not 1 <= index <= n_layers:
+                raise ValueError(
+                    f"method {method.name!r} asks for encoder layer {layer!r} ({name}) but the "
+                    f"{self.family} vision encoder has layers 1..{n_layers}"
+                )
+            resolved[name] = index
+        return resolved
+
+    def check_supported(self, method: Method) -> None:
+        """Raise if this family cannot run ``method``. Called before anything is patched."""
+        if method.stage == "llm":
+            raise ValueError(
+                f"method {method.name!r} prunes inside the LLM, which the {self.family} adapter does not support yet"
+            )
+
+    def install(self, stack: ExitStack, session: PruningSession, processor: Any | None) -> None:
+        raise NotImplementedError
+
+
+_ADAPTERS: list[type[Adapter]] = []
+
+
+def register_adapter(cls: type[Adapter]) -> type[Adapter]:
+    _ADAPTERS.append(cls)
+    return cls
+
+
+def adapter_for(model: nn.Module) -> Adapter:
+    for cls in _ADAPTERS:
+        if cls.matches(model):
+            return cls(model)
+    supported = ", ".join(t.__name__ for cls in _ADAPTERS for t in cls.model_types)
+    raise TypeError(f"no pruning adapter for {type(model).__name__}; supported: {supported}")
+
+
+@contextmanager
+def apply(model: nn.Module, method: Method, processor: Any | None = None) -> Iterator[PruningSession]:
+    """Install ``method`` on ``model`` (and make ``processor`` emit the matching number of image tokens).
+
+    Everything patched is restored on exit, also when the body raises.
+    """
+    method.validate()
+    adapter = adapter_for(model)
+    adapter.check_supported(method)
+    session = PruningSession(method=method, adapter=adapter)
+    with ExitStack() as stack:
+        adapter.install(stack, session, processor)
+        yield session

@@ -1,0 +1,138 @@
+"""Attention scores of a few chosen encoder layers, while every layer keeps its fast attention kernel.
+
+transformers 5 returns no attention probabilities under SDPA/flash, and ``output_attentions=True`` switches the
+whole tower to eager and materialises every layer's H x T x T map (what the official HiPrune code does). Here only
+the attention modules of the requested layers are rerouted, through a registered attention function that
+
+1. computes the layer's output with the model's own attention implementation (so outputs are bit-identical to an
+   unpruned run), and
+2. computes softmax(QK^T * scale + mask) from the same (already projected / rotated) queries and keys, reduced
+   at once to one score per key: mean over heads, then over queries. Only that [B, T] vector is kept.
+
+Only the rerouted modules get a private shallow copy of their config naming the capture function; all other layers
+and the shared config object are untouched, and everything is restored on exit.
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import AttentionInterface
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+CAPTURE_IMPLEMENTATION = "hiprune_capture"
+# Heads processed at once when reducing probabilities; bounds the extra memory to B x chunk x T x T floats.
+_HEAD_CHUNK = 4
+
+
+@dataclass
+class _Route:
+    sink: AttentionScores
+    name: str
+    original: Callable
+
+
+def key_scores(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+) -> torch.Tensor:
+    """Mean attention each key receives: [B, H, Tq, Dh] x [B, Hk, Tk, Dh] -> [B, Tk] (float32).
+
+    Equal to ``global_attention(softmax(q k^T * scaling + mask), skip_cls=False)`` without holding all heads'
+    maps at once.
+    """
+    if key.shape[1] != query.shape[1]:  # grouped-query attention: each key head serves several query heads
+        key = key.repeat_interleave(query.shape[1] // key.shape[1], dim=1)
+    batch, heads, q_len, _ = query.shape
+    total = torch.zeros(batch, key.shape[2], dtype=torch.float32, device=query.device)
+    for start in range(0, heads, _HEAD_CHUNK):
+        q = query[:, start : start + _HEAD_CHUNK].float()
+        k = key[:, start : start + _HEAD_CHUNK].float()
+        logits = torch.matmul(q, k.transpose(-1, -2)) * scaling
+        if attention_mask is not None:
+            logits = logits + attention_mask[..., : k.shape[2]].float()
+        total += torch.softmax(logits, dim=-1).sum(dim=(1, 2))
+    return total / (heads * q_len)
+
+
+def _original_attention(module: nn.Module, implementation: str | None) -> Callable:
+    if implementation in (None, "eager"):
+        # Each modeling file defines its own eager function; the module's file is where the model would look.
+        eager = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
+        if eager is None:
+            raise RuntimeError(f"cannot find the eager attention function of {type(module).__name__}")
+        return eager
+    return ALL_ATTENTION_FUNCTIONS[implementation]
+
+
+def _capture_attention(module: nn.Module, query, key, value, attention_mask, *args, **kwargs):
+    route: _Route = module._hiprune_route
+    output = route.original(module, query, key, value, attention_mask, *args, **kwargs)
+    scaling = kwargs.get("scaling")
+    if scaling is None:
+        scaling = args[0] if args else query.shape[-1] ** -0.5
+    with torch.no_grad():
+        route.sink.record(route.name, key_scores(query, key, attention_mask, scaling))
+    return output
+
+
+AttentionInterface.register(CAPTURE_IMPLEMENTATION, _capture_attention)
+
+
+class AttentionScores:
+    """Context manager: while active, each named attention module records its per-key global attention score.
+
+    >>> with AttentionScores({"object": layers[8].self_attn, "deep": layers[22].self_attn}) as cap:
+    ...     model(...)
+    >>> cap.scores["object"]  # [B, T]
+
+    A module that runs several times in one forward (e.g. per image chunk) has its results concatenated on dim 0.
+    """
+
+    def __init__(self, modules: Mapping[str, nn.Module]):
+        self.modules = dict(modules)
+        self.scores: dict[str, torch.Tensor] = {}
+        self._parts: dict[str, list[torch.Tensor]] = {}
+        self._saved: list[tuple[nn.Module, object]] = []
+
+    def record(self, name: str, scores: torch.Tensor) -> None:
+        self._parts.setdefault(name, []).append(scores)
+
+    def collect(self) -> dict[str, torch.Tensor]:
+        """Scores recorded since the last collect (name -> [B, T]); clears them."""
+        missing = [n for n in self.modules if n not in self._parts]
+        if missing:
+            raise RuntimeError(f"attention of layer(s) {missing} was not computed in this forward pass")
+        out = {n: torch.cat(parts, dim=0) for n, parts in self._parts.items()}
+        self._parts.clear()
+        return out
+
+    def __enter__(self) -> AttentionScores:
+        seen: set[int] = set()
+        for name, module in self.modules.items():
+            if id(module) in seen:
+                raise ValueError("one attention module can be captured under one name only")
+            seen.add(id(module))
+            if not hasattr(module, "config"):
+                raise TypeError(f"{type(module).__name__} has no config; cannot reroute its attention")
+            original_config = module.config
+            private = copy.copy(original_config)
+            private._attn_implementation_internal = CAPTURE_IMPLEMENTATION
+            module._hiprune_route = _Route(self, name, _original_attention(module, original_config._attn_implementation))
+            module.config = private
+            self._saved.append((module, original_config))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for module, original_config in self._saved:
+            module.config = original_config
+            del module._hiprune_route
+        self._saved.clear()
+        self._parts.clear()

@@ -1,0 +1,276 @@
+"""HiPrune (arXiv 2508.00553): training-free visual token pruning from the vision encoder's own attention.
+
+Per grid of N = rows x cols patch tokens and a budget N':
+  1. anchors   - the k_a = round(N' * alpha / 5) tokens with the highest *object* score (a middle encoder layer);
+  2. buffers   - the grid neighbours of every anchor (shape and boundary handling configurable);
+  3. registers - the remaining N' - |anchors U buffers| tokens with the highest *deep* score (the feature layer);
+  4. keep      - all of them, sorted, so kept tokens stay in raster order.
+
+Defaults reproduce the authors' evaluation code ("official"): clamped cross-shaped buffers. ``boundary="drop"``
+follows the paper's Eq. 5 instead. Ties in a score are broken towards the lower token index (stable sort), so a
+selection is deterministic and independent of batch composition and device; the official code uses
+``torch.topk``, whose tie order is unspecified (ties do not occur in practice with real attention scores).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from numbers import Integral
+from typing import ClassVar
+
+import torch
+
+from hiprune.methods.base import FEATURE_LAYER, Method, Selection, Stage, VisionTokens, gather_tokens
+from hiprune.scores import check_finite
+
+BOUNDARIES = ("clamp", "drop")
+
+# Buffer shapes as (row offset, column offset) from the anchor; the official cross is a-1, a+1, a-c, a+c.
+BUFFER_OFFSETS: dict[str, tuple[tuple[int, int], ...]] = {
+    "cross": ((0, -1), (0, 1), (-1, 0), (1, 0)),
+    "square": ((-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1)),
+    "row": ((0, -1), (0, 1)),
+    "column": ((-1, 0), (1, 0)),
+}
+
+ROLES = ("anchor", "buffer", "register")
+
+
+def anchor_count(budget: int, alpha: float) -> int:
+    """k_a = round(budget * alpha / 5), Python's round (half to even): 192 -> 4, 128 -> 3, 64 -> 1 at alpha 0.1.
+
+    The 5 is one anchor plus its 4 cross buffers: alpha is the budget share meant for anchors and buffers.
+    """
+    return round(budget * alpha / 5)
+
+
+def max_anchor_and_buffer_count(budget: int, alpha: float, buffer: str = "cross") -> int:
+    """Worst case of |anchors U buffers|: every anchor with all its neighbours distinct and inside the grid."""
+    _check_name("buffer", buffer, tuple(BUFFER_OFFSETS))
+    return anchor_count(budget, alpha) * (1 + len(BUFFER_OFFSETS[buffer]))
+
+
+def select_hiprune(
+    object_scores: torch.Tensor,
+    deep_scores: torch.Tensor,
+    grid: tuple[int, int],
+    budget: int,
+    alpha: float = 0.1,
+    boundary: str = "clamp",
+    buffer: str = "cross",
+) -> torch.Tensor:
+    """Kept token indices [B, budget] (int64, sorted ascending, distinct per row).
+
+    Arguments and errors as in :func:`select_hiprune_with_roles`.
+    """
+    indices, _ = select_hiprune_with_roles(object_scores, deep_scores, grid, budget, alpha, boundary, buffer)
+    return indices
+
+
+def select_hiprune_with_roles(
+    object_scores: torch.Tensor,
+    deep_scores: torch.Tensor,
+    grid: tuple[int, int],
+    budget: int,
+    alpha: float = 0.1,
+    boundary: str = "clamp",
+    buffer: str = "cross",
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """HiPrune selection for B grids at once; every row is computed independently of the others.
+
+    object_scores, deep_scores: [B, N] per-token scores (CLS removed), N == rows * cols, raster order.
+    grid: (rows, cols).
+    budget: tokens kept per row, 1 <= budget <= N.
+    alpha: share of the budget for anchors and buffers; k_a = round(budget * alpha / 5) anchors.
+    boundary: "clamp" (official: neighbours clamped to [0, N-1], no row-wrap check, so a top-row anchor keeps
+        token 0) or "drop" (paper Eq. 5: neighbours outside the grid or on another row are discarded).
+    buffer: neighbour shape, "cross" (4, default), "square" (8), "row" (2) or "column" (2).
+
+    Returns (indices, roles): indices [B, budget] int64 sorted ascending; roles maps "anchor", "buffer",
+    "register" to [B, budget] bool masks aligned with indices, exactly one True per position. An anchor that is
+    also another anchor's neighbour counts as an anchor.
+
+    Raises ValueError on malformed input, and when a row's anchors and buffers alone exceed the budget.
+    """
+    rows, cols = _validate(object_scores, deep_scores, grid, budget, alpha, boundary, buffer)
+    batch, n = object_scores.shape
+    device = object_scores.device
+    # Compare in float32 so half-precision scores rank the same way on every device.
+    object_scores = object_scores.float()
+    deep_scores = deep_scores.float()
+
+    # 1. Anchors: top-k_a object scores.
+    k_a = anchor_count(budget, alpha)
+    anchors = _top_k(object_scores, k_a)  # [B, k_a]
+    anchor_mask = torch.zeros(batch, n, dtype=torch.bool, device=device)
+    anchor_mask.scatter_(1, anchors, True)
+
+    # 2. Buffers: the anchors' neighbours.
+    neighbours = _neighbours(anchors, rows, cols, boundary, BUFFER_OFFSETS[buffer])  # [B, k_a * m]
+    chosen = anchor_mask.clone()
+    chosen.scatter_(1, neighbours, True)
+    buffer_mask = chosen & ~anchor_mask
+
+    chosen_count = chosen.sum(dim=1)  # [B]
+    if bool((chosen_count > budget).any()):
+        worst = int(chosen_count.max())
+        raise ValueError(
+            f"HiPrune anchors + buffers exceed the budget: {k_a} anchors with {buffer!r} buffers cover {worst} "
+            f"distinct tokens but the budget is {budget}; use a smaller alpha (now {alpha}) or a larger budget"
+        )
+
+    # 3. Registers: the best deep scores among tokens not yet chosen. -inf (not "score - 1") keeps chosen tokens
+    #    out for any score range; scores are finite, so only unchosen tokens can rank before them.
+    n_registers = budget - chosen_count  # [B], differs per row when neighbours overlap or are dropped
+    ranked = _sort_descending(deep_scores.masked_fill(chosen, -math.inf))  # [B, N]
+    take = torch.arange(n, device=device).unsqueeze(0) < n_registers.unsqueeze(1)  # first n_r ranks per row
+    register_mask = torch.zeros_like(chosen)
+    register_mask.scatter_(1, ranked, take)
+
+    # 4. Keep everything chosen, in raster order: exactly `budget` Trues per row, so the first `budget` of the
+    #    sorted positions (non-kept ones pushed to n) are the kept indices.
+    keep = chosen | register_mask
+    positions = torch.arange(n, device=device).expand(batch, n).masked_fill(~keep, n)
+    indices = positions.sort(dim=1).values[:, :budget]
+
+    roles = {
+        "anchor": anchor_mask.gather(1, indices),
+        "buffer": buffer_mask.gather(1, indices),
+        "register": register_mask.gather(1, indices),
+    }
+    return indices, roles
+
+
+def _top_k(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the k highest scores per row; ties go to the lower index."""
+    return _sort_descending(scores)[:, :k]
+
+
+def _sort_descending(scores: torch.Tensor) -> torch.Tensor:
+    # A stable sort of the negated scores orders equal scores by index, unlike torch.topk.
+    return torch.sort(-scores, dim=1, stable=True).indices
+
+
+def _neighbours(
+    anchors: torch.Tensor, rows: int, cols: int, boundary: str, offsets: tuple[tuple[int, int], ...]
+) -> torch.Tensor:
+    """[B, k_a] anchor indices -> [B, k_a * len(offsets)] neighbour indices, all inside [0, rows * cols).
+
+    "drop" replaces every invalid neighbour by its own anchor, which is selected anyway, so the result keeps a
+    fixed shape without adding anything.
+    """
+    n = rows * cols
+    d_row = torch.tensor([dr for dr, _ in offsets], device=anchors.device)
+    d_col = torch.tensor([dc for _, dc in offsets], device=anchors.device)
+    a = anchors.unsqueeze(-1)  # [B, k_a, 1]
+    if boundary == "clamp":
+        # Official: flat offsets a + dr*cols + dc, clamped; a left/right neighbour may wrap to the adjacent row.
+        flat = a + d_row * cols + d_col
+        result = flat.clamp(0, n - 1)
+    else:
+        r, c = a // cols + d_row, a % cols + d_col
+        inside = (r >= 0) & (r < rows) & (c >= 0) & (c < cols)
+        result = torch.where(inside, r * cols + c, a)
+    return result.flatten(1)
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, Integral) and not isinstance(value, bool)
+
+
+def _check_name(what: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"unknown HiPrune {what} {value!r}; expected one of {', '.join(map(repr, allowed))}")
+
+
+def _check_alpha(alpha: float) -> None:
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"HiPrune alpha must be a number in [0, 1], got {alpha!r}")
+
+
+def _validate(
+    object_scores: torch.Tensor,
+    deep_scores: torch.Tensor,
+    grid: tuple[int, int],
+    budget: int,
+    alpha: float,
+    boundary: str,
+    buffer: str,
+) -> tuple[int, int]:
+    if object_scores.dim() != 2:
+        raise ValueError(f"object scores must be [B, N], got shape {tuple(object_scores.shape)}")
+    if deep_scores.shape != object_scores.shape:
+        raise ValueError(
+            f"object and deep scores must have the same shape, got {tuple(object_scores.shape)} "
+            f"and {tuple(deep_scores.shape)}"
+        )
+    if object_scores.device != deep_scores.device:
+        raise ValueError(
+            f"object and deep scores are on different devices ({object_scores.device}, {deep_scores.device})"
+        )
+    if len(grid) != 2 or not all(_is_int(x) and x >= 1 for x in grid):
+        raise ValueError(f"grid must be (rows, cols) of positive ints, got {grid!r}")
+    rows, cols = grid
+    n = object_scores.shape[1]
+    if rows * cols != n:
+        raise ValueError(f"grid {rows}x{cols} = {rows * cols} tokens does not match the scores' {n} tokens")
+    if not _is_int(budget) or not 1 <= budget <= n:
+        raise ValueError(f"budget must be an int in [1, {n}] (tokens of this grid), got {budget!r}")
+    _check_alpha(alpha)
+    _check_name("boundary", boundary, BOUNDARIES)
+    _check_name("buffer", buffer, tuple(BUFFER_OFFSETS))
+    check_finite(object_scores, "HiPrune object scores")
+    check_finite(deep_scores, "HiPrune deep scores")
+    return rows, cols
+
+
+@dataclass
+class HiPrune(Method):
+    """HiPrune with official defaults: alpha 0.1, object layer 9 (1-based, CLIP ViT-L), clamped cross buffers."""
+
+    name: ClassVar[str] = "hiprune"
+    stage: ClassVar[Stage] = "vision"
+
+    alpha: float = 0.1
+    object_layer: int = 9
+    boundary: str = "clamp"
+    buffer: str = "cross"
+
+    def validate(self) -> None:
+        super().validate()
+        _check_alpha(self.alpha)
+        if not _is_int(self.object_layer) or self.object_layer < 1:
+            raise ValueError(f"HiPrune object_layer is a 1-based encoder layer (int >= 1), got {self.object_layer!r}")
+        _check_name("boundary", self.boundary, BOUNDARIES)
+        _check_name("buffer", self.buffer, tuple(BUFFER_OFFSETS))
+        # A ratio budget is only known per image; select_hiprune checks the real count then.
+        if isinstance(self.budget, int):
+            worst = max_anchor_and_buffer_count(self.budget, self.alpha, self.buffer)
+            if worst > self.budget:
+                raise ValueError(
+                    f"HiPrune anchors + buffers can exceed the budget: {anchor_count(self.budget, self.alpha)} "
+                    f"anchors with {self.buffer!r} buffers may cover {worst} tokens but the budget is {self.budget}; "
+                    f"use a smaller alpha (now {self.alpha}) or a larger budget"
+                )
+
+    def score_layers(self) -> dict[str, int | str]:
+        return {"object": self.object_layer, "deep": FEATURE_LAYER}
+
+    def select(self, tokens: VisionTokens, budget: int) -> Selection:
+        missing = [name for name in ("object", "deep") if name not in tokens.scores]
+        if missing:
+            raise ValueError(f"HiPrune needs scores {missing} in VisionTokens.scores, got {sorted(tokens.scores)}")
+        indices, roles = select_hiprune_with_roles(
+            tokens.scores["object"],
+            tokens.scores["deep"],
+            tokens.grid,
+            budget,
+            alpha=self.alpha,
+            boundary=self.boundary,
+            buffer=self.buffer,
+        )
+        device = tokens.features.device
+        indices = indices.to(device)
+        roles = {name: mask.to(device) for name, mask in roles.items()}
+        return Selection(indices, gather_tokens(tokens.features, indices), roles)

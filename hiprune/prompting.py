@@ -1,0 +1,145 @@
+"""Model inputs for LLaVA-family checkpoints, as the official LLaVA-1.5 evaluation builds them (default) or as HF does.
+
+official ("vicuna_v1"):
+  - prompt  = "<system> USER: <image>\\n<question> ASSISTANT:" (LLaVA's conv_vicuna_v1, separator " ");
+  - tokens  = each text chunk around an ``<image>`` placeholder tokenised on its own (BOS kept only on the first),
+    the placeholder replaced by the image's visual tokens: what LLaVA's chunk-wise tokenisation does, which differs
+    from tokenising the whole string (e.g. the newline after the image becomes its own word-initial piece);
+  - images  = padded to square with the image mean colour, then resized (LlavaImageProcessor with do_pad=True), by
+    the PIL backend like the original CLIPImageProcessor.
+hf ("hf_chat"): the checkpoint's own chat template; with image_backend="checkpoint" also its own image processor
+(HF's llava-1.5 processors centre-crop instead of padding).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from PIL import Image
+
+IMAGE_PLACEHOLDER = "<image>"
+VICUNA_V1_SYSTEM = (
+    "A chat between a curious human and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the human's questions."
+)
+PROMPT_STYLES = ("vicuna_v1", "hf_chat")
+IMAGE_BACKENDS = ("pil", "torchvision", "checkpoint")  # checkpoint: the processor as saved, as is
+
+
+def vicuna_v1_prompt(question: str) -> str:
+    """LLaVA's conv_vicuna_v1 with one user turn and an open assistant turn."""
+    return f"{VICUNA_V1_SYSTEM} USER: {question} ASSISTANT:"
+
+
+def with_image_placeholders(context: str, n_images: int) -> str:
+    """Put one placeholder per image before the question unless the task already placed them (LLaVA's rule)."""
+    if n_images == 0 or IMAGE_PLACEHOLDER in context:
+        return context
+    return " ".join([IMAGE_PLACEHOLDER] * n_images) + "\n" + context
+
+
+def tokenize_with_images(tokenizer, prompt: str, image_token_id: int, tokens_per_image: int) -> list[int]:
+    """Tokenise the text between placeholders chunk by chunk and splice in ``tokens_per_image`` image tokens."""
+    bos = tokenizer.bos_token_id
+    ids: list[int] = []
+    for position, chunk in enumerate(prompt.split(IMAGE_PLACEHOLDER)):
+        piece = tokenizer(chunk).input_ids
+        if position > 0:
+            if bos is not None and piece and piece[0] == bos:
+                piece = piece[1:]
+            ids.extend([image_token_id] * tokens_per_image)
+        ids.extend(piece)
+    return ids
+
+
+def left_pad(sequences: Sequence[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in sequences)
+    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        if seq:
+            input_ids[row, width - len(seq) :] = torch.tensor(seq, dtype=torch.long)
+            attention_mask[row, width - len(seq) :] = 1
+    return input_ids, attention_mask
+
+
+def _rgb(image: Image.Image) -> Image.Image:
+    """RGB copy of any PIL mode (L, RGBA, P, I;16 ...). 16-bit greyscale is scaled to 8 bits, not clipped."""
+    if image.mode == "RGB":
+        return image
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        import numpy as np
+
+        values = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if image.mode.startswith("I;16") else max(float(values.max()), 1.0)
+        image = Image.fromarray((values / top * 255.0).clip(0, 255).astype("uint8"), mode="L")
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        image = image.convert("RGBA")
+        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, image)
+    return image.convert("RGB")
+
+
+@dataclass
+class LlavaInputBuilder:
+    """Turns (question, images) pairs into a left-padded batch for a LLaVA-family model."""
+
+    processor: object
+    prompt_style: str = "vicuna_v1"
+    image_backend: str = "pil"
+    pad_to_square: bool = True
+
+    def __post_init__(self) -> None:
+        if self.prompt_style not in PROMPT_STYLES:
+            raise ValueError(f"unknown prompt_style {self.prompt_style!r}; choose one of {PROMPT_STYLES}")
+        if self.image_backend not in IMAGE_BACKENDS:
+            raise ValueError(f"unknown image_backend {self.image_backend!r}; choose one of {IMAGE_BACKENDS}")
+        self.tokenizer = self.processor.tokenizer
+        self.image_token_id = self.processor.image_token_id
+        self.image_processor = self._make_image_processor()
+        pad = self.tokenizer.pad_token_id
+        self.pad_id = pad if pad is not None else self.tokenizer.eos_token_id
+
+    def _make_image_processor(self):
+        if self.image_backend == "checkpoint":
+            return self.processor.image_processor
+        from transformers.models.llava.image_processing_llava import LlavaImageProcessor
+        from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
+
+        cls = LlavaImageProcessorPil if self.image_backend == "pil" else LlavaImageProcessor
+        settings = {
+            k: getattr(self.processor.image_processor, k)
+            for k in ("size", "crop_size", "image_mean", "image_std", "resample", "do_center_crop", "do_resize")
+            if getattr(self.processor.image_processor, k, None) is not None
+        }
+        return cls(**settings, do_pad=self.pad_to_square)
+
+    def prompt(self, context: str, n_images: int) -> str:
+        question = with_image_placeholders(context, n_images)
+        if self.prompt_style == "vicuna_v1":
+            return vicuna_v1_prompt(question)
+        content = [{"type": "image"}] * n_images + [{"type": "text", "text": context}]
+        return self.processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+
+    def __call__(self, contexts: Sequence[str], images: Sequence[Sequence[Image.Image]], tokens_per_image: int) -> dict:
+        if len(contexts) != len(images):
+            raise ValueError(f"{len(contexts)} prompts but {len(images)} image lists")
+        sequences = []
+        for context, sample_images in zip(contexts, images):
+            prompt = self.prompt(context, len(sample_images))
+            n_placeholders = prompt.count(IMAGE_PLACEHOLDER)
+            if n_placeholders != len(sample_images):
+                raise ValueError(f"prompt has {n_placeholders} image placeholders but the sample has {len(sample_images)} images")
+            if self.prompt_style == "vicuna_v1":
+                sequences.append(tokenize_with_images(self.tokenizer, prompt, self.image_token_id, tokens_per_image))
+            else:
+                text = prompt.replace(IMAGE_PLACEHOLDER, self.processor.image_token * tokens_per_image)
+                sequences.append(self.tokenizer(text).input_ids)
+        input_ids, attention_mask = left_pad(sequences, self.pad_id)
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask}
+        flat = [_rgb(image) for sample_images in images for image in sample_images]
+        if flat:
+            batch["pixel_values"] = self.image_processor(flat, return_tensors="pt")["pixel_values"]
+        return batch
