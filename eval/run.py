@@ -12,6 +12,7 @@ writes nothing.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import platform
 import sys
 import time
@@ -145,10 +146,16 @@ def _check_against_architecture(pretrained: str, revision: str | None, method) -
         raise ConfigError(str(exc)) from exc
 
 
-def _check_tasks(tasks: list[str], include_path: str | None) -> None:
+@functools.lru_cache(maxsize=4)
+def task_manager(include_path: str | None):
+    """lmms-eval's task index (seconds to build): once per process, shared by every run of a sweep."""
     from lmms_eval.tasks import TaskManager
 
-    manager = TaskManager(include_path=include_path)
+    return TaskManager(include_path=include_path)
+
+
+def _check_tasks(tasks: list[str], include_path: str | None) -> None:
+    manager = task_manager(include_path)
     unknown = [t for t in tasks if t not in manager.all_tasks]
     if unknown:
         raise ConfigError(f"unknown lmms-eval task(s) {unknown}" + (f" (include_path {include_path})" if include_path else ""))
@@ -181,7 +188,6 @@ def _metrics(results: dict[str, Any]) -> dict[str, dict[str, float]]:
 def execute(plan: RunPlan) -> dict[str, Any]:
     """Run lmms-eval in-process and write the record; returns it."""
     from lmms_eval.evaluator import simple_evaluate
-    from lmms_eval.tasks import TaskManager
 
     from eval.lmms_model import HiPruneLlava
 
@@ -194,7 +200,7 @@ def execute(plan: RunPlan) -> dict[str, Any]:
             tasks=plan.tasks,
             limit=cfg.limit,
             batch_size=cfg.batch_size,
-            task_manager=TaskManager(include_path=plan.include_path),
+            task_manager=task_manager(plan.include_path),
             log_samples=bool(cfg.log_samples),
             random_seed=cfg.seed,
             numpy_random_seed=cfg.seed,
@@ -230,7 +236,9 @@ def run(cfg: DictConfig) -> Path:
         print(f"[hiprune] skip {plan.record.relative_to(REPO_ROOT) if plan.record.is_relative_to(REPO_ROOT) else plan.record} (exists; force=true reruns)")
         return plan.record
     record = execute(plan)
-    summary = ", ".join(f"{k}={v:.4g}" for m in record["metrics"].values() for k, v in m.items())
+    summary = ", ".join(
+        f"{k}={v:.4g}" for m in record["metrics"].values() for k, v in m.items() if "_stderr" not in k
+    )
     print(f"[hiprune] {plan.identity['model']} {plan.method.name} budget={plan.method.budget} "
           f"{plan.identity['benchmark']}: {summary} -> {plan.record}")
     return plan.record

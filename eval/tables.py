@@ -46,11 +46,17 @@ def load_store(root: Path) -> pd.DataFrame:
 
 
 def run_table(frame: pd.DataFrame) -> pd.DataFrame:
-    """Leading identity columns, then metrics; the record path is dropped."""
-    metrics = sorted(c for c in frame.columns if c not in LEADING and c != "record")
+    """Leading identity columns, then metrics (standard errors left to the records); the record path is dropped."""
+    metrics = sorted(c for c in frame.columns if c not in LEADING and c != "record" and "_stderr" not in c)
     table = frame[[c for c in LEADING if c in frame.columns] + metrics].copy()
-    table["budget"] = table["budget"].map(lambda b: "full" if pd.isna(b) else str(b))
+    table["budget"] = table["budget"].map(_budget_label)
     return table
+
+
+def _budget_label(budget) -> str:
+    if budget is None or pd.isna(budget):
+        return "full"
+    return str(int(budget)) if float(budget).is_integer() and budget >= 1 else f"{budget:g}"
 
 
 def write_table(table: pd.DataFrame, stem: Path) -> tuple[Path, Path]:

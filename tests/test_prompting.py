@@ -1,0 +1,80 @@
+"""Official LLaVA-1.5 prompt and tokenisation, image mode handling, left padding."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from hiprune.prompting import (
+    VICUNA_V1_SYSTEM,
+    LlavaInputBuilder,
+    _rgb,
+    left_pad,
+    tokenize_with_images,
+    vicuna_v1_prompt,
+    with_image_placeholders,
+)
+
+
+def test_vicuna_v1_prompt_matches_llava_conversation_format():
+    prompt = vicuna_v1_prompt(with_image_placeholders("Is there a dog?", 1))
+    assert prompt == f"{VICUNA_V1_SYSTEM} USER: <image>\nIs there a dog? ASSISTANT:"
+    assert with_image_placeholders("<image>\nQ", 1) == "<image>\nQ"  # the task placed it already
+    assert with_image_placeholders("Q", 2) == "<image> <image>\nQ"
+    assert with_image_placeholders("Q", 0) == "Q"
+
+
+def test_chunkwise_tokenisation_splices_image_tokens(tiny_llava):
+    _, processor = tiny_llava
+    tok = processor.tokenizer
+    prompt = "USER: <image>\nIs it red? ASSISTANT:"
+    ids = tokenize_with_images(tok, prompt, image_token_id=processor.image_token_id, tokens_per_image=5)
+    head = tok("USER: ").input_ids
+    tail = tok("\nIs it red? ASSISTANT:").input_ids[1:]  # the chunk's own BOS is dropped
+    assert ids == head + [processor.image_token_id] * 5 + tail
+    assert ids[0] == tok.bos_token_id and ids.count(tok.bos_token_id) == 1
+
+
+def test_left_pad():
+    ids, mask = left_pad([[5, 6, 7], [8]], pad_id=0)
+    assert ids.tolist() == [[5, 6, 7], [0, 0, 8]]
+    assert mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+
+
+@pytest.mark.parametrize("mode", ["L", "RGBA", "P", "I;16", "LA", "CMYK", "1"])
+def test_any_image_mode_becomes_rgb(mode):
+    base = Image.fromarray((np.arange(60 * 40) % 251).reshape(40, 60).astype("uint8"))
+    image = base.convert(mode) if mode != "I;16" else Image.fromarray((np.arange(2400).reshape(40, 60) * 27).astype("uint16"))
+    out = _rgb(image)
+    assert out.mode == "RGB" and out.size == (60, 40)
+    if mode == "I;16":  # 16-bit is rescaled, not clipped to white
+        assert 0 < np.asarray(out).mean() < 255
+
+
+def test_builder_pads_to_square_with_the_mean_colour(tiny_llava):
+    _, processor = tiny_llava
+    wide = Image.new("RGB", (300, 100), (0, 0, 0))
+    batch = LlavaInputBuilder(processor)(["Q"], [[wide]], tokens_per_image=576)
+    pixels = batch["pixel_values"][0]
+    # top rows are padding: mean colour normalises to ~0 in every channel; the centre row is the black image
+    assert pixels[:, 5].abs().max() < 0.02
+    assert pixels[:, 168].mean() < -1.5
+    cropped = LlavaInputBuilder(processor, image_backend="checkpoint")(["Q"], [[wide]], tokens_per_image=576)
+    assert cropped["pixel_values"][0][:, 5].mean() < -1.5  # HF's processor centre-crops the black image instead
+
+
+def test_builder_batches_samples_without_images(tiny_llava):
+    _, processor = tiny_llava
+    image = Image.new("RGB", (50, 50), (10, 200, 30))
+    batch = LlavaInputBuilder(processor)(["with", "without"], [[image], []], tokens_per_image=7)
+    assert batch["pixel_values"].shape[0] == 1
+    assert int((batch["input_ids"] == processor.image_token_id).sum()) == 7
+    assert torch.equal(batch["attention_mask"].sum(1) > 0, torch.tensor([True, True]))
+
+
+def test_builder_rejects_unknown_options(tiny_llava):
+    _, processor = tiny_llava
+    with pytest.raises(ValueError, match="prompt_style"):
+        LlavaInputBuilder(processor, prompt_style="alpaca")
+    with pytest.raises(ValueError, match="image_backend"):
+        LlavaInputBuilder(processor, image_backend="opencv")

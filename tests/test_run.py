@@ -1,0 +1,91 @@
+"""Hydra entry point: a run writes one complete record; reruns skip; bad configs fail before any model loads."""
+
+import subprocess
+import sys
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from eval import run as run_module
+from eval.store import iter_records
+
+pytestmark = pytest.mark.slow
+
+
+def _cfg(*overrides):
+    with initialize_config_dir(config_dir=str(run_module.CONFIG_DIR), version_base="1.3"):
+        return compose("config", overrides=list(overrides))
+
+
+def _tiny(store, *overrides):
+    return _cfg("model=tiny_llava", "benchmark=smoke_pope", "device=cpu", f"store={store}", *overrides)
+
+
+def test_run_writes_one_complete_record_and_resumes(tmp_path, tiny_llava_dir, smoke_task_dir):
+    cfg = _tiny(tmp_path, "method=hiprune", "budget=64", "limit=6", "batch_size=3")
+    path = run_module.run(cfg)
+    [(found, record)] = list(iter_records(tmp_path))
+    assert found == path
+    assert record["identity"]["method"] == {
+        "name": "hiprune", "budget": 64, "alpha": 0.1, "object_layer": 9, "boundary": "clamp", "buffer": "cross"
+    }
+    metrics = record["metrics"]["hiprune_smoke_pope"]
+    assert 0.0 <= metrics["pope_accuracy"] <= 1.0 and "pope_f1_score" in metrics
+    assert record["n_samples"]["hiprune_smoke_pope"] == 6
+    assert record["visual_tokens"]["mean_kept_per_image"] == 64
+    assert record["visual_tokens"]["images"] == 6
+    assert record["config"]["model"]["name"] == "tiny_llava"
+    assert {"torch", "transformers", "lmms-eval"} <= set(record["versions"])
+
+    stamp = path.stat().st_mtime_ns
+    assert run_module.run(cfg) == path  # exists: skipped
+    assert path.stat().st_mtime_ns == stamp
+
+
+BAD = [
+    (["method=hiprune", "budget=0"], "budget must be >= 1"),
+    (["method=hiprune", "budget=1000"], "only 576"),
+    (["method=hiprune", "budget=1.5"], "ratio"),
+    (["method=hiprune", "method.options.alpha=2"], "alpha"),
+    (["method=hiprune", "method.options.object_layer=50"], "layers 1..12"),
+    (["method=hiprune", "budget=8", "method.options.alpha=1.0"], "exceed"),
+    (["method=hiprune", "+method.options.colour=red"], "no option"),
+    (["method=random", "model.pretrained=assets/no-such-model"], "not found"),
+    (["benchmark.tasks=[no_such_task]"], "unknown lmms-eval task"),
+]
+
+
+@pytest.mark.parametrize("overrides,message", BAD)
+def test_bad_config_is_rejected_before_any_model_loads(tmp_path, tiny_llava_dir, smoke_task_dir, monkeypatch, overrides, message):
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model must not load for a bad config")
+
+    monkeypatch.setattr("eval.lmms_model.HiPruneLlava.__init__", no_loading)
+    with pytest.raises(run_module.ConfigError, match=message):
+        run_module.run(_tiny(tmp_path, *overrides))
+    assert not any(tmp_path.iterdir())
+
+
+def test_cli_sweep_and_cli_error(tmp_path, tiny_llava_dir, smoke_task_dir):
+    base = ["model=tiny_llava", "benchmark=smoke_pope", "device=cpu", f"store={tmp_path}", "limit=4"]
+    sweep = subprocess.run(
+        [sys.executable, "-m", "eval.run", "--multirun", *base, "method=none,random", "budget=32", f"hydra.sweep.dir={tmp_path}/hydra"],
+        cwd=run_module.REPO_ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert sweep.returncode == 0, sweep.stderr[-3000:]
+    records = [record for _, record in iter_records(tmp_path / "tiny_llava")]
+    assert sorted((r["identity"]["method"]["name"], r["visual_tokens"]["mean_kept_per_image"]) for r in records) == [
+        ("none", 576), ("random", 32)
+    ]
+
+    bad = subprocess.run([sys.executable, "-m", "eval.run", *base, "method=hiprune", "budget=-3"], cwd=run_module.REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2
+    assert "configuration error: budget must be >= 1" in bad.stderr
+    assert len(list(iter_records(tmp_path / "tiny_llava"))) == 2
+
+
+def test_unknown_group_option_is_a_composition_error(tmp_path):
+    from hydra.errors import MissingConfigException
+
+    with pytest.raises(MissingConfigException):
+        _tiny(tmp_path, "method=fastest")
