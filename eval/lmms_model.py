@@ -10,6 +10,7 @@ Every model_arg that is not a loading/prompting option is a method option (``alp
 
 from __future__ import annotations
 
+import hashlib
 from contextlib import ExitStack
 from typing import Any
 
@@ -90,6 +91,8 @@ class HiPruneLlava(lmms):
         self.tokens_per_image = self.session.tokens_per_image()
         # doc ids per (task, split) -> visual tokens the LLM received for each image of that sample
         self.kept_tokens: dict[tuple[str, str], dict[int, list[int]]] = {}
+        # doc ids per (task, split) -> hash of the kept indices of every image (determinism checks across runs)
+        self.kept_digests: dict[tuple[str, str], dict[int, str]] = {}
         self.settings = {
             "pretrained": pretrained,
             "revision": revision,
@@ -168,13 +171,15 @@ class HiPruneLlava(lmms):
         if isinstance(until, str):
             until = [until]
         batch = self.inputs(contexts, images, self.tokens_per_image)
+        max_new_tokens = int(gen_kwargs.get("max_new_tokens", self.max_new_tokens))
+        self._check_context(batch["attention_mask"], max_new_tokens, doc_ids)
         batch = {k: v.to(self._device) for k, v in batch.items()}
         if "pixel_values" in batch:
             batch["pixel_values"] = batch["pixel_values"].to(self._dtype)
         temperature = float(gen_kwargs.get("temperature", 0) or 0)
         do_sample = temperature > 0
         generation = {
-            "max_new_tokens": int(gen_kwargs.get("max_new_tokens", self.max_new_tokens)),
+            "max_new_tokens": max_new_tokens,
             "do_sample": do_sample,
             "num_beams": int(gen_kwargs.get("num_beams", 1) or 1),
             "use_cache": True,
@@ -195,6 +200,20 @@ class HiPruneLlava(lmms):
             answers = [_cut(a, until) for a in answers]
         return [a.strip() for a in answers]
 
+    def _check_context(self, attention_mask: torch.Tensor, max_new_tokens: int, doc_ids) -> None:
+        """A sequence past the LLM's trained context would silently degrade: refuse it, naming the sample."""
+        limit = self.context_length
+        for doc_id, length in zip(doc_ids, attention_mask.sum(1).tolist()):
+            if length + max_new_tokens > limit:
+                raise ValueError(
+                    f"doc {doc_id}: {length} prompt tokens + max_new_tokens {max_new_tokens} exceed the model's "
+                    f"context of {limit} tokens"
+                )
+
+    @property
+    def context_length(self) -> int:
+        return int(self._model.config.text_config.max_position_embeddings)
+
     def _log_kept_tokens(self, task, split, doc_ids, images) -> None:
         records = self.session.pop_records()
         grids = [grid for forward in records for grid in forward]
@@ -202,10 +221,13 @@ class HiPruneLlava(lmms):
         if len(grids) != n_images:
             raise hiprune.PruningError(f"{n_images} images in the batch but {len(grids)} went through the method")
         log = self.kept_tokens.setdefault((task, split), {})
+        digests = self.kept_digests.setdefault((task, split), {})
         cursor = 0
         for doc_id, sample_images in zip(doc_ids, images):
-            kept = [grid.tokens_kept for grid in grids[cursor : cursor + len(sample_images)]]
+            sample_grids = grids[cursor : cursor + len(sample_images)]
             cursor += len(sample_images)
+            kept = [grid.tokens_kept for grid in sample_grids]
+            digests[doc_id] = selection_digest(sample_grids)
             for count in kept:
                 if count != self.tokens_per_image:
                     raise hiprune.PruningError(f"doc {doc_id}: {count} visual tokens kept, expected {self.tokens_per_image}")
@@ -222,6 +244,15 @@ class HiPruneLlava(lmms):
             "min_kept_per_image": min(counts) if counts else None,
             "max_kept_per_image": max(counts) if counts else None,
         }
+
+
+def selection_digest(grids) -> str:
+    """Short hash of the kept indices of a sample's grids ("full" grids hash as such)."""
+    h = hashlib.blake2b(digest_size=8)
+    for grid in grids:
+        h.update(b"full" if grid.indices is None else grid.indices.to(torch.int64).numpy().tobytes())
+        h.update(b"|")
+    return h.hexdigest()
 
 
 def _cut(text: str, stops: list[str]) -> str:

@@ -159,6 +159,27 @@ def _check_tasks(tasks: list[str], include_path: str | None) -> None:
     unknown = [t for t in tasks if t not in manager.all_tasks]
     if unknown:
         raise ConfigError(f"unknown lmms-eval task(s) {unknown}" + (f" (include_path {include_path})" if include_path else ""))
+    for task in tasks:
+        _check_local_data(task, manager)
+
+
+LOCAL_BUILDERS = {"parquet", "csv", "json", "arrow", "text", "imagefolder"}
+
+
+def _check_local_data(task: str, manager) -> None:
+    """A task reading local files must find them now, not after the model has loaded."""
+    if manager.task_index[task]["type"] != "task":
+        return  # groups and tags: their subtasks are checked when run
+    config = manager._get_config(task)
+    if config.get("dataset_path") not in LOCAL_BUILDERS:
+        return
+    yaml_dir = Path(manager.task_index[task]["yaml_path"]).parent
+    files = (config.get("dataset_kwargs") or {}).get("data_files") or {}
+    paths = files.values() if isinstance(files, dict) else [files]
+    for entry in paths:
+        for path in [entry] if isinstance(entry, str) else entry:
+            if not (yaml_dir / path).exists():
+                raise ConfigError(f"task {task!r}: dataset file {yaml_dir / path} is missing (build it first, e.g. make assets)")
 
 
 def _versions() -> dict[str, str]:
@@ -219,6 +240,7 @@ def execute(plan: RunPlan) -> dict[str, Any]:
         "n_samples": {task: v.get("effective", v.get("original")) for task, v in results.get("n-samples", {}).items()},
         "visual_tokens": {"per_image_target": model.tokens_per_image, **model.kept_token_summary()},
         "kept_tokens_by_doc": {f"{t}/{s}": docs for (t, s), docs in model.kept_tokens.items()},
+        "kept_digest_by_doc": {f"{t}/{s}": docs for (t, s), docs in model.kept_digests.items()},
         "versions": _versions(),
         "command": " ".join(sys.argv),
         "timestamp": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),

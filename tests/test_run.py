@@ -13,8 +13,10 @@ pytestmark = pytest.mark.slow
 
 
 def _cfg(*overrides):
+    extra = getattr(run_module, "EXTRA_CONFIG_DIR", None)
+    search = [f"hydra.searchpath=[file://{extra}]"] if extra else []
     with initialize_config_dir(config_dir=str(run_module.CONFIG_DIR), version_base="1.3"):
-        return compose("config", overrides=list(overrides))
+        return compose("config", overrides=[*search, *overrides])
 
 
 def _tiny(store, *overrides):
@@ -52,7 +54,29 @@ BAD = [
     (["method=hiprune", "+method.options.colour=red"], "no option"),
     (["method=random", "model.pretrained=assets/no-such-model"], "not found"),
     (["benchmark.tasks=[no_such_task]"], "unknown lmms-eval task"),
+    (["benchmark.include_path=tests/data/tasks_missing_data", "benchmark.tasks=[hiprune_missing_data]"], "is missing"),
+    (["method=prompt_llm_probe", "budget=32"], "prunes inside the LLM"),
 ]
+
+
+@pytest.fixture(autouse=True)
+def llm_side_probe_method(monkeypatch, tmp_path):
+    """A registered LLM-side method, so the 'impossible for this family' check has something to reject."""
+    import dataclasses
+
+    import hiprune
+    from hiprune.methods import METHODS
+
+    @dataclasses.dataclass
+    class LlmSideProbe(hiprune.Method):
+        name = "prompt_llm_probe"
+        stage = "llm"
+
+    monkeypatch.setitem(METHODS, "prompt_llm_probe", LlmSideProbe)
+    method_dir = tmp_path.parent / f"{tmp_path.name}-configs" / "method"
+    method_dir.mkdir(parents=True, exist_ok=True)
+    (method_dir / "prompt_llm_probe.yaml").write_text("name: prompt_llm_probe\noptions: {}\n")
+    monkeypatch.setattr(run_module, "EXTRA_CONFIG_DIR", method_dir.parent, raising=False)
 
 
 @pytest.mark.parametrize("overrides,message", BAD)
@@ -84,8 +108,9 @@ def test_cli_sweep_and_cli_error(tmp_path, tiny_llava_dir, smoke_task_dir):
     assert len(list(iter_records(tmp_path / "tiny_llava"))) == 2
 
 
-def test_unknown_group_option_is_a_composition_error(tmp_path):
+@pytest.mark.parametrize("override", ["method=fastest", "model=llava99", "benchmark=imagenet"])
+def test_unknown_model_method_or_benchmark_is_a_composition_error(tmp_path, override):
     from hydra.errors import MissingConfigException
 
     with pytest.raises(MissingConfigException):
-        _tiny(tmp_path, "method=fastest")
+        _tiny(tmp_path, override)
