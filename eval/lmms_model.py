@@ -71,6 +71,7 @@ class HiPruneLlava(lmms):
         # Validate everything cheap before the (possibly multi-GB) model loads.
         self.method = hiprune.build_method(method, **method_options)
         self._device = resolve_device(device)
+        self._setup_data_parallel()
         self._dtype = resolve_dtype(dtype, self._device)
         self.batch_size_per_gpu = int(batch_size)
         if self.batch_size_per_gpu < 1:
@@ -105,6 +106,19 @@ class HiPruneLlava(lmms):
             "batch_size": self.batch_size_per_gpu,
             "method": self.method.describe(),
         }
+
+    def _setup_data_parallel(self) -> None:
+        """Under `accelerate launch` (one process per GPU), lmms-eval shards requests by rank and gathers results
+        through ``self.accelerator``; each process holds a full model copy on its own GPU."""
+        from accelerate import Accelerator
+
+        self.accelerator = Accelerator()
+        if self.accelerator.num_processes > 1:
+            if not self._device.startswith("cuda"):
+                raise ValueError("data-parallel evaluation needs one CUDA device per process")
+            self._device = f"cuda:{self.accelerator.local_process_index}"
+            self._rank = self.accelerator.process_index
+            self._world_size = self.accelerator.num_processes
 
     # --- lmms interface -----------------------------------------------------------------------------------
     @property
