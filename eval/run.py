@@ -252,12 +252,34 @@ def execute(plan: RunPlan) -> dict[str, Any]:
     return record
 
 
-def run(cfg: DictConfig) -> Path:
+def not_implemented_notice(cfg: DictConfig) -> str | None:
+    """A notice if the config names a model or method marked ``implemented: false`` (default true), else None."""
+    for group in ("model", "method"):
+        node = cfg.get(group)
+        if node is not None and not node.get("implemented", True):
+            return (f"{group} {node.get('name')} is not implemented in the harness; skipped — the table shows the "
+                    f"paper's numbers marked 'not run'")
+    return None
+
+
+# Summary hook for eval.callbacks.SweepSummary: what the last run() in this process did.
+LAST_OUTCOME: dict[str, Any] = {}
+
+
+def run(cfg: DictConfig) -> Path | None:
+    LAST_OUTCOME.clear()
+    notice = not_implemented_notice(cfg)
+    if notice:
+        print(f"[hiprune] {notice}")
+        LAST_OUTCOME.update(status="not implemented", record=None, message=notice)
+        return None
     plan = plan_run(cfg)
     if plan.record.exists() and not cfg.force:
         print(f"[hiprune] skip {plan.record.relative_to(REPO_ROOT) if plan.record.is_relative_to(REPO_ROOT) else plan.record} (exists; force=true reruns)")
+        LAST_OUTCOME.update(status="skipped", record=str(plan.record), message="record exists")
         return plan.record
     record = execute(plan)
+    LAST_OUTCOME.update(status="ran", record=str(plan.record), message="")
     summary = ", ".join(
         f"{k}={v:.4g}" for m in record["metrics"].values() for k, v in m.items() if "_stderr" not in k
     )
@@ -267,12 +289,13 @@ def run(cfg: DictConfig) -> Path:
 
 
 @hydra.main(config_path=str(CONFIG_DIR), config_name="config", version_base="1.3")
-def main(cfg: DictConfig) -> None:
+def main(cfg: DictConfig) -> dict[str, Any]:
     try:
         run(cfg)
     except ConfigError as exc:
         print(f"[hiprune] configuration error: {exc}", file=sys.stderr)
         sys.exit(2)
+    return dict(LAST_OUTCOME)  # the job's return value, read by eval.callbacks.SweepSummary
 
 
 if __name__ == "__main__":
