@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 from contextlib import ExitStack
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from lmms_eval.api.instance import Instance
@@ -45,31 +45,34 @@ def resolve_dtype(dtype: str, device: str) -> torch.dtype:
     return DTYPES[dtype]
 
 
-class HiPruneLlava(lmms):
-    """LLaVA-1.5 (HF) evaluated with a token-pruning method."""
+class HiPruneLMM(lmms):
+    """A VLM family evaluated with a token-pruning method; subclasses load the family and build its inputs.
+
+    Subclasses set ``loading_options`` (name -> default) and implement :meth:`load` and :meth:`build_inputs`;
+    every other keyword argument is a method option.
+    """
 
     is_simple = True
+    family: ClassVar[str] = ""
+    default_pretrained: ClassVar[str] = ""
+    loading_options: ClassVar[dict[str, Any]] = {}
 
     def __init__(
         self,
-        pretrained: str = "llava-hf/llava-1.5-7b-hf",
+        pretrained: str | None = None,
         method: str = "hiprune",
         revision: str | None = None,
         device: str = "auto",
         dtype: str = "auto",
         batch_size: int | str = 1,
         attn_implementation: str = "sdpa",
-        prompt_style: str = "vicuna_v1",
-        image_backend: str = "pil",
-        pad_to_square: bool = True,
         max_new_tokens: int = 1024,
-        **method_options: Any,
+        **options: Any,
     ) -> None:
         super().__init__()
-        from transformers import AutoProcessor, LlavaForConditionalGeneration
-
+        loading = {k: options.pop(k, default) for k, default in self.loading_options.items()}
         # Validate everything cheap before the (possibly multi-GB) model loads.
-        self.method = hiprune.build_method(method, **method_options)
+        self.method = hiprune.build_method(method, **options)
         self._device = resolve_device(device)
         self._setup_data_parallel()
         self._dtype = resolve_dtype(dtype, self._device)
@@ -77,35 +80,37 @@ class HiPruneLlava(lmms):
         if self.batch_size_per_gpu < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.max_new_tokens = int(max_new_tokens)
+        pretrained = pretrained or self.default_pretrained
 
-        self.processor = AutoProcessor.from_pretrained(pretrained, revision=revision)
-        self.inputs = LlavaInputBuilder(
-            self.processor, prompt_style=prompt_style, image_backend=image_backend, pad_to_square=pad_to_square
-        )
-        self._model = LlavaForConditionalGeneration.from_pretrained(
-            pretrained, revision=revision, dtype=self._dtype, attn_implementation=attn_implementation
-        ).to(self._device)
-        self._model.eval()
+        self._model, self.processor = self.load(pretrained, revision, attn_implementation, **loading)
+        self._model.to(self._device).eval()
         self.tokenizer = self.processor.tokenizer
         self._stack = ExitStack()
-        self.session = self._stack.enter_context(hiprune.apply(self._model, self.method))
-        self.tokens_per_image = self.session.tokens_per_image()
+        self.session = self._stack.enter_context(hiprune.apply(self._model, self.method, self.processor))
         # doc ids per (task, split) -> visual tokens the LLM received for each image of that sample
         self.kept_tokens: dict[tuple[str, str], dict[int, list[int]]] = {}
         # doc ids per (task, split) -> hash of the kept indices of every image (determinism checks across runs)
         self.kept_digests: dict[tuple[str, str], dict[int, str]] = {}
         self.settings = {
+            "family": self.family,
             "pretrained": pretrained,
             "revision": revision,
             "device": self._device,
             "dtype": str(self._dtype).removeprefix("torch."),
             "attn_implementation": attn_implementation,
-            "prompt_style": prompt_style,
-            "image_backend": image_backend,
-            "pad_to_square": pad_to_square,
             "batch_size": self.batch_size_per_gpu,
+            **loading,
             "method": self.method.describe(),
         }
+
+    # --- family hooks -------------------------------------------------------------------------------------
+    def load(self, pretrained: str, revision: str | None, attn_implementation: str, **loading):
+        """Return (model, processor) on CPU in ``self._dtype``."""
+        raise NotImplementedError
+
+    def build_inputs(self, contexts: list[str], images: list[list[Image.Image]]) -> tuple[dict, list[list[int]]]:
+        """Model inputs for a batch, and the visual tokens each image must keep (checked after generation)."""
+        raise NotImplementedError
 
     def _setup_data_parallel(self) -> None:
         """Under `accelerate launch` (one process per GPU), lmms-eval shards requests by rank and gathers results
@@ -184,12 +189,12 @@ class HiPruneLlava(lmms):
         until = gen_kwargs.pop("until", None)
         if isinstance(until, str):
             until = [until]
-        batch = self.inputs(contexts, images, self.tokens_per_image)
+        batch, expected = self.build_inputs(contexts, images)
         max_new_tokens = int(gen_kwargs.get("max_new_tokens", self.max_new_tokens))
         self._check_context(batch["attention_mask"], max_new_tokens, doc_ids)
         batch = {k: v.to(self._device) for k, v in batch.items()}
-        if "pixel_values" in batch:
-            batch["pixel_values"] = batch["pixel_values"].to(self._dtype)
+        for key in [k for k in batch if k.startswith("pixel_values")]:
+            batch[key] = batch[key].to(self._dtype)
         temperature = float(gen_kwargs.get("temperature", 0) or 0)
         do_sample = temperature > 0
         generation = {
@@ -197,7 +202,7 @@ class HiPruneLlava(lmms):
             "do_sample": do_sample,
             "num_beams": int(gen_kwargs.get("num_beams", 1) or 1),
             "use_cache": True,
-            "pad_token_id": self.inputs.pad_id,
+            "pad_token_id": self.pad_token_id,
             "eos_token_id": self.tokenizer.eos_token_id,
         }
         if do_sample:
@@ -207,7 +212,7 @@ class HiPruneLlava(lmms):
         self.session.pop_records()
         with torch.inference_mode():
             output = self._model.generate(**batch, **generation)
-        self._log_kept_tokens(task, split, doc_ids, images)
+        self._log_kept_tokens(task, split, doc_ids, expected)
         new_tokens = output[:, batch["input_ids"].shape[1] :]
         answers = self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
         if until:
@@ -228,23 +233,22 @@ class HiPruneLlava(lmms):
     def context_length(self) -> int:
         return int(self._model.config.text_config.max_position_embeddings)
 
-    def _log_kept_tokens(self, task, split, doc_ids, images) -> None:
+    def _log_kept_tokens(self, task, split, doc_ids, expected: list[list[int]]) -> None:
         records = self.session.pop_records()
         grids = [grid for forward in records for grid in forward]
-        n_images = sum(len(s) for s in images)
-        if len(grids) != n_images:
-            raise hiprune.PruningError(f"{n_images} images in the batch but {len(grids)} went through the method")
+        n_grids = sum(len(e) for e in expected)
+        if len(grids) != n_grids:
+            raise hiprune.PruningError(f"{n_grids} visual grids expected in the batch but {len(grids)} went through the method")
         log = self.kept_tokens.setdefault((task, split), {})
         digests = self.kept_digests.setdefault((task, split), {})
         cursor = 0
-        for doc_id, sample_images in zip(doc_ids, images):
-            sample_grids = grids[cursor : cursor + len(sample_images)]
-            cursor += len(sample_images)
+        for doc_id, sample_expected in zip(doc_ids, expected):
+            sample_grids = grids[cursor : cursor + len(sample_expected)]
+            cursor += len(sample_expected)
             kept = [grid.tokens_kept for grid in sample_grids]
+            if kept != list(sample_expected):
+                raise hiprune.PruningError(f"doc {doc_id}: {kept} visual tokens kept, expected {list(sample_expected)}")
             digests[doc_id] = selection_digest(sample_grids)
-            for count in kept:
-                if count != self.tokens_per_image:
-                    raise hiprune.PruningError(f"doc {doc_id}: {count} visual tokens kept, expected {self.tokens_per_image}")
             log[doc_id] = kept
 
     def kept_token_summary(self) -> dict:
@@ -252,12 +256,42 @@ class HiPruneLlava(lmms):
         counts = [c for per_doc in self.kept_tokens.values() for kept in per_doc.values() for c in kept]
         no_image = sum(1 for per_doc in self.kept_tokens.values() for kept in per_doc.values() if not kept)
         return {
+            "per_image_target": getattr(self, "tokens_per_image", None),
             "images": len(counts),
             "samples_without_image": no_image,
             "mean_kept_per_image": (sum(counts) / len(counts)) if counts else None,
             "min_kept_per_image": min(counts) if counts else None,
             "max_kept_per_image": max(counts) if counts else None,
         }
+
+
+class HiPruneLlava(HiPruneLMM):
+    """LLaVA-1.5 (HF ``LlavaForConditionalGeneration``), prompted and preprocessed like the official evaluation."""
+
+    family = "llava"
+    default_pretrained = "llava-hf/llava-1.5-7b-hf"
+    loading_options = {"prompt_style": "vicuna_v1", "image_backend": "pil", "pad_to_square": True}
+
+    def load(self, pretrained, revision, attn_implementation, prompt_style, image_backend, pad_to_square):
+        from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+        processor = AutoProcessor.from_pretrained(pretrained, revision=revision)
+        self.inputs = LlavaInputBuilder(
+            processor, prompt_style=prompt_style, image_backend=image_backend, pad_to_square=pad_to_square
+        )
+        self.pad_token_id = self.inputs.pad_id
+        model = LlavaForConditionalGeneration.from_pretrained(
+            pretrained, revision=revision, dtype=self._dtype, attn_implementation=attn_implementation
+        )
+        return model, processor
+
+    @property
+    def tokens_per_image(self) -> int:
+        return self.session.tokens_per_image()
+
+    def build_inputs(self, contexts, images):
+        keep = self.tokens_per_image
+        return self.inputs(contexts, images, keep), [[keep] * len(sample) for sample in images]
 
 
 def selection_digest(grids) -> str:

@@ -28,7 +28,6 @@ from eval.store import record_path, write_record
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = REPO_ROOT / "configs"
-MODEL_CLASSES = {"hiprune_llava": "eval.lmms_model.HiPruneLlava"}
 
 
 class ConfigError(ValueError):
@@ -50,6 +49,9 @@ class RunPlan:
     include_path: str | None
     record: Path
 
+    model_class: type
+    loading: dict[str, Any]
+
     @property
     def model_args(self) -> dict[str, Any]:
         m = self.cfg.model
@@ -60,9 +62,7 @@ class RunPlan:
             "dtype": m.dtype,
             "batch_size": self.cfg.batch_size,
             "attn_implementation": m.attn_implementation,
-            "prompt_style": m.prompt_style,
-            "image_backend": m.image_backend,
-            "pad_to_square": m.pad_to_square,
+            **self.loading,
             "method": self.method.name,
             **self.method_options,
         }
@@ -80,8 +80,9 @@ def plan_run(cfg: DictConfig) -> RunPlan:
     import hiprune
 
     m = cfg.model
-    if m.lmms_model not in MODEL_CLASSES:
-        raise ConfigError(f"unknown lmms model {m.lmms_model!r}; known: {sorted(MODEL_CLASSES)}")
+    model_class = lmms_model_class(m.lmms_model)
+    # family options (prompt style, image preprocessing ...) are the model config keys the class declares
+    loading = {k: m[k] for k in model_class.loading_options if k in m}
     options = OmegaConf.to_container(cfg.method.options, resolve=True) or {}
     budget = cfg.budget
     try:
@@ -112,9 +113,7 @@ def plan_run(cfg: DictConfig) -> RunPlan:
         "revision": m.revision,
         "dtype": m.dtype,
         "attn_implementation": m.attn_implementation,
-        "prompt_style": m.prompt_style,
-        "image_backend": m.image_backend,
-        "pad_to_square": m.pad_to_square,
+        "loading": loading,
         "method": method.describe(),
         "budget": method.budget,
         "benchmark": cfg.benchmark.name,
@@ -124,7 +123,22 @@ def plan_run(cfg: DictConfig) -> RunPlan:
         "lmms_eval_version": metadata.version("lmms-eval"),
     }
     record = record_path(repo_path(cfg.store), identity)
-    return RunPlan(cfg, method, identity, pretrained, tasks, include_path, record)
+    return RunPlan(cfg, method, identity, pretrained, tasks, include_path, record, model_class, loading)
+
+
+def lmms_model_class(name: str) -> type:
+    """The harness's lmms-eval model class registered under ``name`` (entry point ``lmms_eval.models``)."""
+    from lmms_eval.models import get_model
+
+    from eval.lmms_model import HiPruneLMM
+
+    try:
+        cls = get_model(name)
+    except Exception as exc:
+        raise ConfigError(f"unknown lmms-eval model {name!r}: {exc}") from exc
+    if not (isinstance(cls, type) and issubclass(cls, HiPruneLMM)):
+        raise ConfigError(f"lmms-eval model {name!r} is not one of the harness's pruning models")
+    return cls
 
 
 def _check_against_architecture(pretrained: str, revision: str | None, method) -> None:
@@ -210,11 +224,9 @@ def execute(plan: RunPlan) -> dict[str, Any]:
     """Run lmms-eval in-process and write the record; returns it."""
     from lmms_eval.evaluator import simple_evaluate
 
-    from eval.lmms_model import HiPruneLlava
-
     cfg = plan.cfg
     started = time.time()
-    model = HiPruneLlava(**plan.model_args)
+    model = plan.model_class(**plan.model_args)
     try:
         results = simple_evaluate(
             model=model,
@@ -238,7 +250,7 @@ def execute(plan: RunPlan) -> dict[str, Any]:
         "config": OmegaConf.to_container(cfg, resolve=True),
         "metrics": _metrics(results),
         "n_samples": {task: v.get("effective", v.get("original")) for task, v in results.get("n-samples", {}).items()},
-        "visual_tokens": {"per_image_target": model.tokens_per_image, **model.kept_token_summary()},
+        "visual_tokens": model.kept_token_summary(),
         "kept_tokens_by_doc": {f"{t}/{s}": docs for (t, s), docs in model.kept_tokens.items()},
         "kept_digest_by_doc": {f"{t}/{s}": docs for (t, s), docs in model.kept_digests.items()},
         "versions": _versions(),
@@ -264,6 +276,12 @@ def not_implemented_notice(cfg: DictConfig) -> str | None:
 
 # Summary hook for eval.callbacks.SweepSummary: what the last run() in this process did.
 LAST_OUTCOME: dict[str, Any] = {}
+
+
+def last_outcome() -> dict[str, Any]:
+    """A copy of LAST_OUTCOME. A function, so that a task function shipped to another process by value (submitit
+    pickles the undecorated main) still reads this module's state."""
+    return dict(LAST_OUTCOME)
 
 
 def run(cfg: DictConfig) -> Path | None:
@@ -295,7 +313,7 @@ def main(cfg: DictConfig) -> dict[str, Any]:
     except ConfigError as exc:
         print(f"[hiprune] configuration error: {exc}", file=sys.stderr)
         sys.exit(2)
-    return dict(LAST_OUTCOME)  # the job's return value, read by eval.callbacks.SweepSummary
+    return last_outcome()  # the job's return value, read by eval.callbacks.SweepSummary
 
 
 if __name__ == "__main__":
