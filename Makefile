@@ -7,8 +7,9 @@ STAMP := $(VENV)/.installed
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 TINY_LLAVA := assets/tiny-llava/build_info.json
 SMOKE_TASK := assets/smoke_pope/manifest.json
+TINY_CLIP := assets/tiny-clip/build_info.json
 
-.PHONY: setup assets smoke test test-fast bench tables clean-smoke
+.PHONY: setup assets smoke test test-fast bench tables reproduce-table clean-smoke
 
 setup: $(STAMP)
 
@@ -19,10 +20,13 @@ $(STAMP): pyproject.toml requirements/constraints.txt
 	$(PY) -m pip install --quiet -c requirements/constraints.txt -e '.[test]'
 	touch $@
 
-assets: $(TINY_LLAVA) $(SMOKE_TASK)
+assets: $(TINY_LLAVA) $(TINY_CLIP) $(SMOKE_TASK)
 
 $(TINY_LLAVA): scripts/build_tiny_llava.py | $(STAMP)
 	$(OFFLINE) $(PY) scripts/build_tiny_llava.py
+
+$(TINY_CLIP): scripts/build_tiny_clip.py $(TINY_LLAVA) | $(STAMP)
+	$(OFFLINE) $(PY) scripts/build_tiny_clip.py
 
 $(SMOKE_TASK): scripts/build_smoke_task.py | $(STAMP)
 	$(OFFLINE) $(PY) scripts/build_smoke_task.py
@@ -42,8 +46,18 @@ test-fast: setup
 bench: setup
 	$(OFFLINE) $(PY) -m eval.bench_scoring
 
+# The paper's tables (README: Reproducing the paper's tables). TABLE: 2 3 4 5 7 8 10 6a 6b 6c 11 object_layer alpha
+# smoke (python -m eval.reproduce list). Runs the table's sweep with Hydra multirun -- finished runs are skipped, so
+# rerunning after a crash or kill resumes -- then renders results/tables/<experiment>.{csv,md,tex} and plots.
+# ARGS: Hydra overrides for every sweep, e.g. ARGS="limit=200 batch_size=16" or ARGS="hydra/launcher=slurm".
+TABLE ?= 2
+ARGS ?=
+reproduce-table: setup $(if $(filter smoke,$(TABLE)),assets)
+	$(PY) -m eval.reproduce run $(TABLE) $(ARGS)
+
+# Re-render every paper table and its plots from the result store; runs nothing.
 tables: setup
-	$(OFFLINE) $(PY) -m eval.tables results/smoke/runs results/smoke/table
+	$(OFFLINE) $(PY) -m eval.reproduce render --all $(ARGS)
 
 clean-smoke:
 	rm -rf results/smoke

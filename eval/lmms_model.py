@@ -86,7 +86,9 @@ class HiPruneLMM(lmms):
         self._model.to(self._device).eval()
         self.tokenizer = self.processor.tokenizer
         self._stack = ExitStack()
-        self.session = self._stack.enter_context(hiprune.apply(self._model, self.method, self.processor))
+        self.session = self._stack.enter_context(
+            hiprune.apply(self._model, self.method, self.processor, getattr(self, "prompt_encoder", None))
+        )
         # doc ids per (task, split) -> visual tokens the LLM received for each image of that sample
         self.kept_tokens: dict[tuple[str, str], dict[int, list[int]]] = {}
         # doc ids per (task, split) -> hash of the kept indices of every image (determinism checks across runs)
@@ -210,6 +212,8 @@ class HiPruneLMM(lmms):
             if gen_kwargs.get("top_p") is not None:
                 generation["top_p"] = float(gen_kwargs["top_p"])
         self.session.pop_records()
+        if self.method.needs_prompt:  # each image is compared with the question of its own sample
+            self.session.set_prompts([context for context, sample in zip(contexts, images) for _ in sample])
         with torch.inference_mode():
             output = self._model.generate(**batch, **generation)
         self._log_kept_tokens(task, split, doc_ids, expected)
@@ -270,10 +274,23 @@ class HiPruneLlava(HiPruneLMM):
 
     family = "llava"
     default_pretrained = "llava-hf/llava-1.5-7b-hf"
-    loading_options = {"prompt_style": "vicuna_v1", "image_backend": "pil", "pad_to_square": True}
+    loading_options = {
+        "prompt_style": "vicuna_v1",
+        "image_backend": "pil",
+        "pad_to_square": True,
+        # CLIP checkpoint paired with the vision tower; loaded only for prompt-aware methods (HiPrune++)
+        "text_tower": "openai/clip-vit-large-patch14-336",
+        "prompt_pooling": "mean",
+    }
 
-    def load(self, pretrained, revision, attn_implementation, prompt_style, image_backend, pad_to_square):
+    def load(self, pretrained, revision, attn_implementation, prompt_style, image_backend, pad_to_square,
+             text_tower, prompt_pooling):
         from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+        if self.method.needs_prompt:  # on the model's device and dtype: part of the measured cost
+            self.prompt_encoder = hiprune.ClipPromptEncoder.from_pretrained(
+                text_tower, device=self._device, dtype=self._dtype, pooling=prompt_pooling
+            )
 
         processor = AutoProcessor.from_pretrained(pretrained, revision=revision)
         self.inputs = LlavaInputBuilder(

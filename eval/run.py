@@ -83,6 +83,11 @@ def plan_run(cfg: DictConfig) -> RunPlan:
     model_class = lmms_model_class(m.lmms_model)
     # family options (prompt style, image preprocessing ...) are the model config keys the class declares
     loading = {k: m[k] for k in model_class.loading_options if k in m}
+    # repo-relative asset paths (e.g. the tiny model's text tower) become absolute for loading
+    resolved_loading = {
+        k: str(repo_path(v)) if isinstance(v, str) and not Path(v).is_absolute() and repo_path(v).exists() else v
+        for k, v in loading.items()
+    }
     options = OmegaConf.to_container(cfg.method.options, resolve=True) or {}
     budget = cfg.budget
     try:
@@ -99,7 +104,9 @@ def plan_run(cfg: DictConfig) -> RunPlan:
         if not (local / "config.json").is_file():
             raise ConfigError(f"local model {local} not found (no config.json); build it first (make assets)")
         pretrained = str(local)
-    _check_against_architecture(pretrained, m.revision, method)
+    if method.needs_prompt and m.local and "text_tower" in loading and not Path(resolved_loading["text_tower"]).exists():
+        raise ConfigError(f"local text tower {loading['text_tower']} not found; build it first (make assets)")
+    _check_against_architecture(pretrained, m.revision, method, has_prompt_encoder="text_tower" in loading)
 
     include_path = str(repo_path(cfg.benchmark.include_path)) if cfg.benchmark.include_path else None
     tasks = list(cfg.benchmark.tasks)
@@ -123,7 +130,7 @@ def plan_run(cfg: DictConfig) -> RunPlan:
         "lmms_eval_version": metadata.version("lmms-eval"),
     }
     record = record_path(repo_path(cfg.store), identity)
-    return RunPlan(cfg, method, identity, pretrained, tasks, include_path, record, model_class, loading)
+    return RunPlan(cfg, method, identity, pretrained, tasks, include_path, record, model_class, resolved_loading)
 
 
 def lmms_model_class(name: str) -> type:
@@ -141,7 +148,7 @@ def lmms_model_class(name: str) -> type:
     return cls
 
 
-def _check_against_architecture(pretrained: str, revision: str | None, method) -> None:
+def _check_against_architecture(pretrained: str, revision: str | None, method, has_prompt_encoder: bool) -> None:
     """Budget vs grid and layers vs encoder, on a weightless (meta) instance of the real architecture."""
     import torch
     from transformers import AutoConfig, AutoModelForImageTextToText
@@ -153,7 +160,7 @@ def _check_against_architecture(pretrained: str, revision: str | None, method) -
         skeleton = AutoModelForImageTextToText.from_config(config)
     try:
         adapter = hiprune.adapter_for(skeleton)
-        adapter.check_supported(method)
+        adapter.check_supported(method, prompt_encoder=True if has_prompt_encoder else None)
         adapter.resolve_layers(method)
         adapter.tokens_per_image(method)
     except (ValueError, TypeError) as exc:

@@ -7,14 +7,17 @@
 """
 
 from hiprune.adapters import PruningError, PruningSession, adapter_for, apply
-from hiprune.methods import METHODS, HiPrune, Method, NoPrune, RandomPrune, build_method, select_hiprune
+from hiprune.methods import METHODS, HiPrune, HiPrunePP, Method, NoPrune, RandomPrune, build_method, select_hiprune
 from hiprune.scores import global_attention
+from hiprune.text_encoders import ClipPromptEncoder
 
 __version__ = "0.1.0"
 
 __all__ = [
     "METHODS",
+    "ClipPromptEncoder",
     "HiPrune",
+    "HiPrunePP",
     "Method",
     "NoPrune",
     "PruningError",

@@ -64,3 +64,9 @@ def shape_images():
         draw.rectangle([size[0] // 2, size[1] // 3, size[0] - 5, size[1] - 5], fill="yellow")
         images.append(image)
     return images
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_dir(tiny_llava_dir) -> Path:
+    """assets/tiny-clip: random CLIP text tower + projections paired with the tiny LLaVA (HiPrune++)."""
+    return load_script("build_tiny_clip").build_tiny_clip(ASSETS / "tiny-clip", tiny_llava_dir)

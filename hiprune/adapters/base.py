@@ -36,8 +36,25 @@ class PruningSession:
 
     method: Method
     adapter: Adapter
+    prompt_encoder: Any = None
     records: list[list[GridRecord]] = field(default_factory=list)
     last_selection: Selection | None = None
+    _prompts: list[str] | None = None
+
+    def set_prompts(self, prompts_per_image: list[str]) -> None:
+        """Prompt of every image of the next forward pass, in image order (prompt-aware methods need them)."""
+        self._prompts = list(prompts_per_image)
+
+    def take_prompts(self, n_images: int) -> list[str]:
+        """The prompts set for this forward pass (consumed, so a stale prompt is never reused)."""
+        prompts, self._prompts = self._prompts, None
+        if prompts is None:
+            raise PruningError(
+                f"method {self.method.name!r} is prompt-aware: call session.set_prompts([...]) before each generate"
+            )
+        if len(prompts) != n_images:
+            raise PruningError(f"{len(prompts)} prompts were set for a forward pass over {n_images} images")
+        return prompts
 
     def tokens_per_image(self) -> int:
         """Visual tokens the LLM receives per image under this method (what the processor must emit)."""
@@ -81,6 +98,8 @@ class Adapter:
 
     family: ClassVar[str] = ""
     model_types: ClassVar[tuple[type, ...]] = ()
+    # CLIP-tower families compare prompts through an external text tower; others use their own LLM embeddings.
+    needs_prompt_encoder: ClassVar[bool] = True
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -119,8 +138,14 @@ class Adapter:
             resolved[name] = index
         return resolved
 
-    def check_supported(self, method: Method) -> None:
+    def check_supported(self, method: Method, prompt_encoder: Any = None) -> None:
         """Raise if this family cannot run ``method``. Called before anything is patched."""
+        if method.needs_prompt and self.needs_prompt_encoder and prompt_encoder is None:
+            raise ValueError(
+                f"method {method.name!r} compares visual tokens with the prompt: the {self.family} adapter needs a "
+                "prompt encoder, e.g. apply(model, method, processor, "
+                "prompt_encoder=hiprune.ClipPromptEncoder.from_pretrained('openai/clip-vit-large-patch14-336'))"
+            )
         if method.stage == "llm":
             raise ValueError(
                 f"method {method.name!r} prunes inside the LLM, which the {self.family} adapter does not support yet"
@@ -147,15 +172,19 @@ def adapter_for(model: nn.Module) -> Adapter:
 
 
 @contextmanager
-def apply(model: nn.Module, method: Method, processor: Any | None = None) -> Iterator[PruningSession]:
+def apply(
+    model: nn.Module, method: Method, processor: Any | None = None, prompt_encoder: Any | None = None
+) -> Iterator[PruningSession]:
     """Install ``method`` on ``model`` (and make ``processor`` emit the matching number of image tokens).
 
-    Everything patched is restored on exit, also when the body raises.
+    Prompt-aware methods on CLIP-tower families also need ``prompt_encoder`` (e.g. hiprune.ClipPromptEncoder) and
+    the prompts of each forward pass (``session.set_prompts``). Everything patched is restored on exit, also when
+    the body raises.
     """
     method.validate()
     adapter = adapter_for(model)
-    adapter.check_supported(method)
-    session = PruningSession(method=method, adapter=adapter)
+    adapter.check_supported(method, prompt_encoder)
+    session = PruningSession(method=method, adapter=adapter, prompt_encoder=prompt_encoder)
     with ExitStack() as stack:
         adapter.install(stack, session, processor)
         yield session

@@ -71,12 +71,13 @@ class LlavaAdapter(Adapter):
     def tokens_per_image(self, method: Method) -> int:
         if method.stage != "vision":
             return self.num_patches()
-        return resolve_budget(method.budget, self.num_patches())
+        return method.kept_count(resolve_budget(method.budget, self.num_patches()))
 
     # --- installation --------------------------------------------------------------------------------------
     def install(self, stack: ExitStack, session: PruningSession, processor: Any | None) -> None:
         method = session.method
         layers = self.resolve_layers(method)
+        budget = resolve_budget(method.budget, self.num_patches()) if method.stage == "vision" else None
         keep = self.tokens_per_image(method)  # validates the budget against the grid before anything runs
         original = self.inner.get_image_features  # bound method of the class
 
@@ -90,15 +91,15 @@ class LlavaAdapter(Adapter):
             with AttentionScores(modules) as capture:
                 out = original(pixel_values, *args, **kwargs)
                 scores = capture.collect() if modules else {}
-            out.pooler_output = self._select(session, out.pooler_output, scores, pixel_values, keep)
+            out.pooler_output = self._select(session, out, scores, pixel_values, budget, keep)
             return out
 
         patch_attribute(stack, self.inner, "get_image_features", get_image_features)
         if processor is not None:
             self._patch_processor(stack, processor, keep)
 
-    def _select(self, session, features_per_image, scores, pixel_values, keep):
-        features = torch.stack(list(features_per_image))  # [B, N, D]
+    def _select(self, session, out, scores, pixel_values, budget, keep):
+        features = torch.stack(list(out.pooler_output))  # [B, N, D]
         n_images, n_tokens = features.shape[:2]
         if n_tokens != self.num_patches():
             raise PruningError(f"expected {self.num_patches()} visual tokens per image, got {n_tokens}")
@@ -110,7 +111,11 @@ class LlavaAdapter(Adapter):
                 raise PruningError(f"attention score {name!r} contains NaN or inf")
             grid_scores[name] = s[:, 1:]  # drop the CLS key column
         tokens = VisionTokens(features=features, grid=self.grid, scores=grid_scores, sample_ids=stable_ids(pixel_values))
-        selection = session.method.select(tokens, keep)
+        if session.method.needs_prompt:
+            tokens.prompt_embeds = session.prompt_encoder.encode_prompts(session.take_prompts(n_images))
+            tower = self.inner.vision_tower
+            tokens.token_embeds = session.prompt_encoder.encode_patches(out.last_hidden_state, tower.post_layernorm)
+        selection = session.method.select(tokens, budget)
         if selection.indices.shape != (n_images, keep) or selection.features.shape[:2] != (n_images, keep):
             raise PruningError(
                 f"method {session.method.name!r} returned {tuple(selection.indices.shape)} indices and features "

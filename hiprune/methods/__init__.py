@@ -7,10 +7,11 @@ from typing import Any
 
 from hiprune.methods.base import FEATURE_LAYER, Method, Selection, VisionTokens, resolve_budget
 from hiprune.methods.hiprune import HiPrune, select_hiprune
+from hiprune.methods.hiprune_pp import HiPrunePP
 from hiprune.methods.none import NoPrune
 from hiprune.methods.random import RandomPrune
 
-METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (NoPrune, RandomPrune, HiPrune)}
+METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (NoPrune, RandomPrune, HiPrune, HiPrunePP)}
 
 
 def build_method(name: str, **options: Any) -> Method:
@@ -31,6 +32,7 @@ __all__ = [
     "FEATURE_LAYER",
     "METHODS",
     "HiPrune",
+    "HiPrunePP",
     "Method",
     "NoPrune",
     "RandomPrune",

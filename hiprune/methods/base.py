@@ -110,8 +110,12 @@ class Method:
         """
         return {}
 
+    def kept_count(self, budget: int) -> int:
+        """Tokens per grid the LLM receives for a resolved budget (methods that add tokens on top override it)."""
+        return budget
+
     def select(self, tokens: VisionTokens, budget: int) -> Selection:
-        """Choose ``budget`` tokens of each grid. Vision-side methods override this."""
+        """Choose ``kept_count(budget)`` tokens of each grid. Vision-side methods override this."""
         raise NotImplementedError(f"method {self.name!r} (stage {self.stage!r}) does not select vision tokens")
 
     def describe(self) -> dict:
