@@ -93,6 +93,8 @@ class HiPruneLMM(lmms):
         self.kept_tokens: dict[tuple[str, str], dict[int, list[int]]] = {}
         # doc ids per (task, split) -> hash of the kept indices of every image (determinism checks across runs)
         self.kept_digests: dict[tuple[str, str], dict[int, str]] = {}
+        # doc ids per (task, split) -> tokens the LLM prefilled (text + visual), for FLOPs accounting
+        self.prefill_tokens: dict[tuple[str, str], dict[int, int]] = {}
         self.settings = {
             "family": self.family,
             "pretrained": pretrained,
@@ -194,6 +196,8 @@ class HiPruneLMM(lmms):
         batch, expected = self.build_inputs(contexts, images)
         max_new_tokens = int(gen_kwargs.get("max_new_tokens", self.max_new_tokens))
         self._check_context(batch["attention_mask"], max_new_tokens, doc_ids)
+        prefill = self.prefill_tokens.setdefault((task, split), {})
+        prefill.update(zip(doc_ids, batch["attention_mask"].sum(1).tolist()))
         batch = {k: v.to(self._device) for k, v in batch.items()}
         for key in [k for k in batch if k.startswith("pixel_values")]:
             batch[key] = batch[key].to(self._dtype)

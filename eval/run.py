@@ -227,6 +227,40 @@ def _metrics(results: dict[str, Any]) -> dict[str, dict[str, float]]:
     return metrics
 
 
+def _flops_summary(model, config) -> dict[str, Any]:
+    """Mean per-sample prefill FLOPs over the samples with one image, from the tokens the LLM actually got.
+
+    tflops_fastv: the FastV/VisionZip convention (LLM prefill only); flops_exact: 2 x MACs of everything that ran
+    (vision tower, projector, LLM prefill, lm_head at the last position as in generate), see eval/flops.py.
+    """
+    from eval.flops import flops_exact, tflops_fastv
+
+    samples = []
+    for key, kept_by_doc in model.kept_tokens.items():
+        for doc_id, kept in kept_by_doc.items():
+            if len(kept) == 1:
+                total = model.prefill_tokens[key][doc_id]
+                samples.append((total - kept[0], kept[0]))
+    if not samples:
+        return {"note": "no single-image samples"}
+    text = config.text_config
+    try:
+        exact = [flops_exact(config, n_text, n_visual, logits_to_keep=1)["total"] for n_text, n_visual in samples]
+    except NotImplementedError as exc:
+        return {"note": f"not counted for this architecture: {exc}"}
+    fastv = [
+        tflops_fastv(text.num_hidden_layers, text.hidden_size, text.intermediate_size, [n_text + n_visual] * text.num_hidden_layers)
+        for n_text, n_visual in samples
+    ]
+    return {
+        "samples": len(samples),
+        "mean_text_tokens": sum(t for t, _ in samples) / len(samples),
+        "mean_visual_tokens": sum(v for _, v in samples) / len(samples),
+        "tflops_fastv": sum(fastv) / len(fastv),
+        "tflops_exact": sum(exact) / len(exact) / 1e12,
+    }
+
+
 def execute(plan: RunPlan) -> dict[str, Any]:
     """Run lmms-eval in-process and write the record; returns it."""
     from lmms_eval.evaluator import simple_evaluate
@@ -234,6 +268,7 @@ def execute(plan: RunPlan) -> dict[str, Any]:
     cfg = plan.cfg
     started = time.time()
     model = plan.model_class(**plan.model_args)
+    config = model.model.config  # lmms-eval's clean() drops the model after evaluating
     try:
         results = simple_evaluate(
             model=model,
@@ -260,6 +295,7 @@ def execute(plan: RunPlan) -> dict[str, Any]:
         "visual_tokens": model.kept_token_summary(),
         "kept_tokens_by_doc": {f"{t}/{s}": docs for (t, s), docs in model.kept_tokens.items()},
         "kept_digest_by_doc": {f"{t}/{s}": docs for (t, s), docs in model.kept_digests.items()},
+        "flops": _flops_summary(model, config),
         "versions": _versions(),
         "command": " ".join(sys.argv),
         "timestamp": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),

@@ -37,6 +37,8 @@ def test_run_writes_one_complete_record_and_resumes(tmp_path, tiny_llava_dir, sm
     assert record["visual_tokens"]["mean_kept_per_image"] == 64
     assert record["visual_tokens"]["images"] == 6
     assert record["config"]["model"]["name"] == "tiny_llava"
+    assert record["flops"]["mean_visual_tokens"] == 64 and record["flops"]["samples"] == 6
+    assert 0 < record["flops"]["tflops_fastv"] < record["flops"]["tflops_exact"]
     assert {"torch", "transformers", "lmms-eval"} <= set(record["versions"])
 
     stamp = path.stat().st_mtime_ns
