@@ -1,4 +1,5 @@
-"""lmms-eval model class ``hiprune_llava``: an HF LLaVA checkpoint with any harness method installed.
+"""lmms-eval model classes: an HF VLM with any harness method installed (``hiprune_llava`` here; other families
+in eval/lmms_<family>.py, all registered in eval/lmms_plugin.py).
 
     python -m lmms_eval --model hiprune_llava \\
         --model_args pretrained=llava-hf/llava-1.5-7b-hf,method=hiprune,budget=192 --tasks pope --batch_size 8
@@ -22,7 +23,7 @@ from PIL import Image
 from tqdm import tqdm
 
 import hiprune
-from hiprune.prompting import LlavaInputBuilder
+from hiprune.prompting import IMAGE_PLACEHOLDER, LlavaInputBuilder
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -56,6 +57,8 @@ class HiPruneLMM(lmms):
     family: ClassVar[str] = ""
     default_pretrained: ClassVar[str] = ""
     loading_options: ClassVar[dict[str, Any]] = {}
+    # adapter options for hiprune.apply (e.g. Qwen2.5-VL positions); load() may set them per instance
+    adapter_options: dict[str, Any] = {}
 
     def __init__(
         self,
@@ -87,7 +90,9 @@ class HiPruneLMM(lmms):
         self.tokenizer = self.processor.tokenizer
         self._stack = ExitStack()
         self.session = self._stack.enter_context(
-            hiprune.apply(self._model, self.method, self.processor, getattr(self, "prompt_encoder", None))
+            hiprune.apply(
+                self._model, self.method, self.processor, getattr(self, "prompt_encoder", None), **self.adapter_options
+            )
         )
         # doc ids per (task, split) -> visual tokens the LLM received for each image of that sample
         self.kept_tokens: dict[tuple[str, str], dict[int, list[int]]] = {}
@@ -147,10 +152,12 @@ class HiPruneLMM(lmms):
         self._stack.close()
 
     def loglikelihood(self, requests: list[Instance]) -> list[tuple[float, bool]]:
-        raise NotImplementedError("hiprune_llava answers generation tasks only (generate_until); this task needs loglikelihood")
+        raise NotImplementedError(
+            f"{type(self).__name__} answers generation tasks only (generate_until); this task needs loglikelihood"
+        )
 
     def generate_until_multi_round(self, requests) -> list[str]:
-        raise NotImplementedError("hiprune_llava does not implement multi-round generation")
+        raise NotImplementedError(f"{type(self).__name__} does not implement multi-round generation")
 
     def generate_until(self, requests: list[Instance]) -> list[str]:
         def order(args):  # longest prompts first: padding waste and OOMs show up early
@@ -184,7 +191,7 @@ class HiPruneLMM(lmms):
             visuals = [v for v in (visuals or []) if v is not None]
             for v in visuals:
                 if not isinstance(v, Image.Image):
-                    raise TypeError(f"hiprune_llava takes images; doc {doc_id} has a {type(v).__name__} visual")
+                    raise TypeError(f"{type(self).__name__} takes images; doc {doc_id} has a {type(v).__name__} visual")
             per_sample.append(visuals)
         return per_sample
 
@@ -217,7 +224,8 @@ class HiPruneLMM(lmms):
                 generation["top_p"] = float(gen_kwargs["top_p"])
         self.session.pop_records()
         if self.method.needs_prompt:  # each image is compared with the question of its own sample
-            self.session.set_prompts([context for context, sample in zip(contexts, images) for _ in sample])
+            questions = [context.replace(IMAGE_PLACEHOLDER, "").strip() for context in contexts]
+            self.session.set_prompts([q for q, sample in zip(questions, images) for _ in sample])
         with torch.inference_mode():
             output = self._model.generate(**batch, **generation)
         self._log_kept_tokens(task, split, doc_ids, expected)

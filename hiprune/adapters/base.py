@@ -163,26 +163,36 @@ def register_adapter(cls: type[Adapter]) -> type[Adapter]:
     return cls
 
 
-def adapter_for(model: nn.Module) -> Adapter:
+def adapter_for(model: nn.Module, **options: Any) -> Adapter:
+    """The adapter of ``model``'s family; ``options`` are that adapter's own (e.g. Qwen2.5-VL ``positions``)."""
     for cls in _ADAPTERS:
         if cls.matches(model):
-            return cls(model)
+            try:
+                return cls(model, **options)
+            except TypeError as exc:
+                if options and "unexpected keyword" in str(exc):
+                    raise ValueError(f"the {cls.family} adapter has no option(s) {sorted(options)}") from exc
+                raise
     supported = ", ".join(t.__name__ for cls in _ADAPTERS for t in cls.model_types)
     raise TypeError(f"no pruning adapter for {type(model).__name__}; supported: {supported}")
 
 
 @contextmanager
 def apply(
-    model: nn.Module, method: Method, processor: Any | None = None, prompt_encoder: Any | None = None
+    model: nn.Module,
+    method: Method,
+    processor: Any | None = None,
+    prompt_encoder: Any | None = None,
+    **adapter_options: Any,
 ) -> Iterator[PruningSession]:
     """Install ``method`` on ``model`` (and make ``processor`` emit the matching number of image tokens).
 
     Prompt-aware methods on CLIP-tower families also need ``prompt_encoder`` (e.g. hiprune.ClipPromptEncoder) and
-    the prompts of each forward pass (``session.set_prompts``). Everything patched is restored on exit, also when
-    the body raises.
+    the prompts of each forward pass (``session.set_prompts``). ``adapter_options`` go to the family's adapter
+    (e.g. ``positions="compact"`` for Qwen2.5-VL). Everything patched is restored on exit, also when the body raises.
     """
     method.validate()
-    adapter = adapter_for(model)
+    adapter = adapter_for(model, **adapter_options)
     adapter.check_supported(method, prompt_encoder)
     session = PruningSession(method=method, adapter=adapter, prompt_encoder=prompt_encoder)
     with ExitStack() as stack:

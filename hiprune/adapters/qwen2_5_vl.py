@@ -1,0 +1,488 @@
+"""Qwen2.5-VL (``transformers.Qwen2_5_VLForConditionalGeneration``): prune the merged visual tokens of every image.
+
+What the LLM sees per image of a (h, w) patch grid: n = (h/2)·(w/2) merged tokens (2x2 patch merge), in raster order
+of the merged grid, each with an M-RoPE position (t, row, col) offset by the position where the image starts. A
+vision-side method keeps N' = round(n · ratio) of them (half to even, as the official code) or an absolute count,
+chosen per image: images of different sizes in one batch each have their own grid and their own kept count.
+
+Scores. Only the attention modules of the requested vision blocks (HiPrune: block ``object_layer``, 1-based, and the
+last block) are routed through :class:`hiprune.capture.AttentionScores`; every other block keeps SDPA/flash. Outside
+flash mode ``Qwen2_5_VLVisionAttention`` calls the attention function once per chunk of ``cu_seqlens``: once per image
+in a full-attention block, once per window in a windowed block (the rerouted modules always take that path, flash
+or not). Each call yields one score per key of its chunk (mean over heads, then over that chunk's queries), so a
+score is always per image, and per window in a windowed block (the paper's blocks 16 and 32 are full-attention
+blocks; the official code's flash path ignores the windows of a windowed block, its eager path does not). The chunks
+come in the tower's *window* order, undone with the inverse of ``window_index`` (one entry per group of 4 patches
+that the merger fuses); the score of a merged token is the mean of its 4 patches. Features are the merger's outputs,
+which transformers already returns in raster order. HiPrune++ compares the mean LLM input embedding of each image's
+prompt (``session.set_prompts``, tokenized by the processor's tokenizer) with the merged visual tokens.
+
+Positions. Qwen2.5-VL derives M-RoPE positions from ``input_ids``, ``mm_token_type_ids`` and ``image_grid_thw``, which
+break once an image has fewer placeholders than its grid. The adapter therefore
+
+* patches the processor's ``replace_image_token`` so it emits the kept count of placeholders per image;
+* wraps ``Qwen2_5_VLModel.get_image_features`` (pruning; the kept indices and grids travel on the returned output)
+  and ``Qwen2_5_VLModel.forward``: when image features come in (raw pixels, or encoded beforehand as ``generate``
+  does), it computes the positions of the shortened sequence itself, passes them on and stores the matching
+  ``rope_deltas``;
+* patches ``get_rope_index``, which ``generate`` calls before it encodes the images: shortened image groups get exact
+  positions for their text and placeholders for the image tokens, which the forward then replaces.
+
+Position modes (``positions`` adapter option):
+
+* ``"original"`` (default, as the official HiPrune Qwen code): every kept token keeps the M-RoPE position it has in
+  the unpruned sequence, (start, start + row, start + col); the pruned tokens' positions are simply missing (gaps
+  remain), and the text after an image continues where it would without pruning (start + max(rows, cols)).
+  ``rope_deltas`` = max position + 1 - shortened length, so decoding continues at exactly the positions of the
+  unpruned model (the official code gets the same from the unpruned rope delta and the unpruned cache positions).
+* ``"compact"``: the kept tokens of each image are numbered consecutively like text, t = row = col = start,
+  start + 1, ..., start + N' - 1, and the text after the image continues at start + N' (the LLaVA-1.5 convention:
+  contiguous positions over the shortened sequence). The image's 2D layout is then no longer in the positions.
+
+Choose the mode when applying: ``hiprune.apply(model, method, processor, positions="compact")``.
+
+Not supported (each fails with a PruningError naming the reason): expanding the encoded images for beam search or
+``num_return_sequences > 1``, new images after a filled KV cache, ``inputs_embeds`` instead of ``input_ids``. Videos
+pass through unpruned (with their own positions).
+"""
+
+from __future__ import annotations
+
+import inspect
+import itertools
+from collections.abc import Mapping
+from contextlib import ExitStack
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import Qwen2_5_VLForConditionalGeneration
+from transformers.vision_utils import get_vision_window_index
+
+from hiprune.adapters.base import (
+    Adapter,
+    GridRecord,
+    PruningError,
+    PruningSession,
+    patch_attribute,
+    register_adapter,
+    stable_ids,
+)
+from hiprune.capture import AttentionScores
+from hiprune.methods.base import Method, VisionTokens, resolve_budget
+
+POSITION_MODES = ("original", "compact")
+# Set on the encoder outputs the adapter returns; forward() places the kept tokens with them.
+KEPT_ATTRIBUTE = "hiprune_kept_indices"
+GRID_ATTRIBUTE = "hiprune_grid_thw"
+# HiPrune's object layer on Qwen2.5-VL in the paper (1-based vision block; a full-attention block in 3B/7B/32B).
+PAPER_OBJECT_LAYER = 16
+
+
+class ChunkScores(AttentionScores):
+    """AttentionScores that keeps every call's [1, T_chunk] scores separately (chunks differ in length)."""
+
+    def __init__(self, modules: Mapping[str, nn.Module]):
+        super().__init__(modules)
+        self.chunks: dict[str, list[torch.Tensor]] = {}
+
+    def record(self, name: str, scores: torch.Tensor) -> None:
+        self.chunks.setdefault(name, []).append(scores)
+
+
+@register_adapter
+class Qwen25VLAdapter(Adapter):
+    family = "qwen2_5_vl"
+    model_types = (Qwen2_5_VLForConditionalGeneration,)
+    # HiPrune++ on Qwen2.5-VL: mean LLM input embedding of the prompt vs the merged visual tokens (same space).
+    needs_prompt_encoder = False
+
+    def __init__(self, model: Qwen2_5_VLForConditionalGeneration, positions: str = "original"):
+        super().__init__(model)
+        self.inner = model.model
+        self.vision_config = model.config.vision_config
+        self.merge = int(self.vision_config.spatial_merge_size)
+        if positions not in POSITION_MODES:
+            raise ValueError(f"unknown Qwen2.5-VL position mode {positions!r}; expected one of {POSITION_MODES}")
+        self.positions = positions
+
+    # --- encoder description -------------------------------------------------------------------------------
+    def num_encoder_layers(self) -> int:
+        return int(self.vision_config.depth)
+
+    def feature_layer(self) -> int:
+        return self.num_encoder_layers()  # the merger reads the last block's output
+
+    def attention_module(self, layer: int) -> nn.Module:
+        return self.inner.visual.blocks[layer - 1].attn
+
+    def full_attention_layers(self) -> list[int]:
+        """1-based blocks with full (per-image) attention; the others attend within windows."""
+        return [i + 1 for i in self.vision_config.fullatt_block_indexes]
+
+    def describe_encoder(self) -> dict[str, Any]:
+        """What methods see, per family: grid, CLS, feature layer, merge."""
+        return {
+            "family": self.family,
+            "grid": f"per image: (h/{self.merge}, w/{self.merge}) merged tokens of its (h, w) patch grid",
+            "cls": False,
+            "feature_layer": self.feature_layer(),
+            "merge": f"{self.merge}x{self.merge} patches -> 1 token; score = mean of the {self.merge**2} patch scores",
+            "full_attention_layers": self.full_attention_layers(),
+            "paper_object_layer": PAPER_OBJECT_LAYER,
+            "positions": self.positions,
+        }
+
+    def tokens_per_image(self, method: Method) -> int | None:
+        """None: on Qwen2.5-VL the count depends on the image's size (see :meth:`tokens_for_grid`)."""
+        return None
+
+    def merged_tokens(self, grid_thw) -> int:
+        t, h, w = (int(x) for x in grid_thw)
+        return t * h * w // self.merge**2
+
+    def budget_for_grid(self, method: Method, grid_thw) -> int:
+        """The method's budget resolved for an image of patch grid ``grid_thw``: N' = round(n * ratio), or a count."""
+        n = self.merged_tokens(grid_thw)
+        try:
+            return resolve_budget(method.budget, n)
+        except ValueError as exc:
+            raise ValueError(f"{exc} (an image of {n} merged tokens, patch grid {tuple(int(x) for x in grid_thw)})") from exc
+
+    def tokens_for_grid(self, method: Method, grid_thw) -> int:
+        """Visual tokens the LLM receives for an image of patch grid ``grid_thw`` (t, h, w) under ``method``."""
+        n = self.merged_tokens(grid_thw)
+        if method.stage != "vision":
+            return n
+        keep = method.kept_count(self.budget_for_grid(method, grid_thw))
+        if keep > n:
+            raise ValueError(f"method {method.name!r} keeps {keep} tokens but the image has only {n} merged tokens")
+        return keep
+
+    def check_supported(self, method: Method, prompt_encoder: Any = None) -> None:
+        super().check_supported(method, prompt_encoder)
+        if prompt_encoder is not None:
+            raise ValueError(
+                f"the {self.family} adapter compares prompts with the LLM's own input embeddings; "
+                "it takes no prompt encoder"
+            )
+
+    # --- installation --------------------------------------------------------------------------------------
+    def install(self, stack: ExitStack, session: PruningSession, processor: Any | None) -> None:
+        method = session.method
+        layers = self.resolve_layers(method)
+        original_features = self.inner.get_image_features
+        tokenizer = None
+        if method.needs_prompt:
+            tokenizer = getattr(processor, "tokenizer", None)
+            if tokenizer is None:
+                raise ValueError(
+                    f"method {method.name!r} embeds the prompt with the LLM's input embeddings: pass the processor "
+                    "(its tokenizer) to hiprune.apply"
+                )
+
+        if method.stage != "vision":
+
+            def record_only(pixel_values, image_grid_thw=None, *args, **kwargs):
+                out = original_features(pixel_values, image_grid_thw, *args, **kwargs)
+                n = [self.merged_tokens(g) for g in image_grid_thw]
+                session.records.append([GridRecord(k, k, None) for k in n])
+                return out
+
+            patch_attribute(stack, self.inner, "get_image_features", record_only)
+            return
+
+        def get_image_features(pixel_values, image_grid_thw=None, *args, return_dict=None, **kwargs):
+            if image_grid_thw is None:
+                raise PruningError("Qwen2.5-VL image features need image_grid_thw")
+            modules = {layer: self.attention_module(layer) for layer in sorted(set(layers.values()))}
+            with ChunkScores({str(layer): m for layer, m in modules.items()}) as capture:
+                out = original_features(pixel_values, image_grid_thw, *args, return_dict=True, **kwargs)
+            per_layer = {layer: self._merged_scores(capture.chunks.get(str(layer)), image_grid_thw) for layer in modules}
+            scores = {name: per_layer[layer] for name, layer in layers.items()}
+            features, kept = self._select(
+                session, list(out.pooler_output), scores, pixel_values, image_grid_thw, tokenizer
+            )
+            out.pooler_output = tuple(features)
+            setattr(out, KEPT_ATTRIBUTE, kept)  # per image, kept raster indices into its merged grid
+            setattr(out, GRID_ATTRIBUTE, image_grid_thw)  # generate() drops image_grid_thw after encoding
+            return out if return_dict is not False else out.to_tuple()
+
+        patch_attribute(stack, self.inner, "get_image_features", get_image_features)
+        self._install_positions(stack)
+        if processor is not None:
+            self._patch_processor(stack, processor, method)
+
+    # --- scores --------------------------------------------------------------------------------------------
+    def _merged_scores(self, chunks: list[torch.Tensor] | None, grid_thw: torch.Tensor) -> list[torch.Tensor]:
+        """Per-chunk key scores in window order -> per image [n_i] merged-token scores in raster order."""
+        if not chunks:
+            raise PruningError("the captured vision block did not run in this forward pass")
+        scores = torch.cat([c.reshape(-1) for c in chunks])  # [patches], window order
+        unit = self.merge**2
+        n_patches = int(grid_thw.prod(-1).sum())
+        if scores.numel() != n_patches:
+            raise PruningError(f"captured {scores.numel()} patch scores for {n_patches} patches")
+        window_index, _ = get_vision_window_index(
+            grid_thw.cpu(),
+            spatial_merge_size=self.merge,
+            window_size=self.vision_config.window_size,
+            patch_size=self.vision_config.patch_size,
+        )
+        raster = torch.argsort(window_index.to(scores.device))
+        merged = scores.view(-1, unit)[raster].mean(dim=-1)  # [merged tokens], raster order per image
+        if not torch.isfinite(merged).all():
+            raise PruningError("vision attention scores contain NaN or inf")
+        return list(torch.split(merged, [self.merged_tokens(g) for g in grid_thw]))
+
+    # --- selection -----------------------------------------------------------------------------------------
+    def _select(self, session, features, scores, pixel_values, grid_thw, tokenizer=None):
+        """Run the method on every image (images with the same grid and budget together); kept features per image."""
+        method = session.method
+        grids = [tuple(int(x) for x in g) for g in grid_thw]
+        if any(t != 1 for t, _, _ in grids):
+            raise PruningError(f"image grids must have one temporal patch, got {grids}")
+        patch_counts = [t * h * w for t, h, w in grids]
+        offsets = [0, *itertools.accumulate(patch_counts)]
+        ids = [stable_ids(pixel_values[a:b].reshape(1, -1))[0] for a, b in itertools.pairwise(offsets)]
+        prompts = self._prompt_embeddings(session.take_prompts(len(grids)), tokenizer) if method.needs_prompt else None
+
+        groups: dict[tuple[int, int, int], list[int]] = {}
+        for i, (_, h, w) in enumerate(grids):
+            shape = (h // self.merge, w // self.merge)
+            if features[i].shape[0] != shape[0] * shape[1]:
+                raise PruningError(f"image {i}: {features[i].shape[0]} merged features for a {shape} grid")
+            groups.setdefault((*shape, self.budget_for_grid(method, grids[i])), []).append(i)
+
+        kept: list[torch.Tensor | None] = [None] * len(grids)
+        chosen: list[torch.Tensor | None] = [None] * len(grids)
+        selections = []
+        for (rows, cols, budget), members in groups.items():
+            keep = self.tokens_for_grid(method, grids[members[0]])
+            stacked = torch.stack([features[i] for i in members])
+            tokens = VisionTokens(
+                features=stacked,
+                grid=(rows, cols),
+                scores={name: torch.stack([s[i] for i in members]) for name, s in scores.items()},
+                sample_ids=[ids[i] for i in members],
+            )
+            if prompts is not None:
+                tokens.prompt_embeds = prompts[members]
+                tokens.token_embeds = stacked  # merged visual tokens live in the LLM's embedding space
+            selection = method.select(tokens, budget)
+            if selection.indices.shape != (len(members), keep) or selection.features.shape[:2] != (len(members), keep):
+                raise PruningError(
+                    f"method {method.name!r} returned {tuple(selection.indices.shape)} indices and features "
+                    f"{tuple(selection.features.shape)}; expected {keep} tokens for each of {len(members)} images"
+                )
+            selections.append(selection)
+            for row, i in enumerate(members):
+                kept[i] = selection.indices[row]
+                chosen[i] = selection.features[row]
+        session.last_selection = selections[0] if len(selections) == 1 else None
+        session.records.append(
+            [GridRecord(self.merged_tokens(g), int(k.numel()), k.detach().cpu()) for g, k in zip(grids, kept)]
+        )
+        return chosen, kept
+
+    def _prompt_embeddings(self, prompts: list[str], tokenizer) -> torch.Tensor:
+        """[n, E]: mean LLM input embedding of each prompt's tokens (no special tokens added)."""
+        embed = self.model.get_input_embeddings()
+        rows = []
+        for prompt in prompts:
+            ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
+            if ids.numel() == 0:
+                raise PruningError(f"prompt {prompt!r} has no tokens to compare the visual tokens with")
+            with torch.no_grad():
+                rows.append(embed(ids.to(embed.weight.device)).float().mean(dim=0))
+        return torch.stack(rows)
+
+    # --- positions -----------------------------------------------------------------------------------------
+    def _install_positions(self, stack: ExitStack) -> None:
+        inner = self.inner
+        original_forward = inner.forward
+        original_video = inner.get_video_features
+        signature = inspect.signature(original_forward)
+
+        def get_rope_index(input_ids, mm_token_type_ids=None, image_grid_thw=None, video_grid_thw=None,
+                           second_per_grid_ts=None, attention_mask=None, **kwargs):
+            # generate() calls this before it encodes the images, so the kept indices are not known yet: text
+            # positions are exact, kept image tokens get placeholders that forward() replaces.
+            pending = kwargs.get("pixel_values") is not None
+            return self.rope_index(input_ids, mm_token_type_ids, image_grid_thw, video_grid_thw, second_per_grid_ts,
+                                   attention_mask, kept=None, provisional=pending)
+
+        def get_video_features(pixel_values_videos, video_grid_thw=None, *args, return_dict=None, **kwargs):
+            # videos are not pruned; their grids travel with the features (generate() drops video_grid_thw)
+            out = original_video(pixel_values_videos, video_grid_thw, *args, return_dict=True, **kwargs)
+            setattr(out, GRID_ATTRIBUTE, video_grid_thw)
+            return out if return_dict is not False else out.to_tuple()
+
+        def forward(*args, **kwargs):
+            call = _bind(signature, args, kwargs)
+            extra = call.pop("kwargs")
+            encoder = dict(call.get("mm_encoder_outputs") or {})
+            if call.get("pixel_values") is not None:
+                encoder["image"] = inner.get_image_features(
+                    call["pixel_values"], call.get("image_grid_thw"), return_dict=True, **extra
+                )
+                call["pixel_values"] = None
+            image = encoder.get("image")
+            if image is None:
+                return original_forward(**call, **extra)  # no new image in this step (decoding, text only)
+            kept = getattr(image, KEPT_ATTRIBUTE, None)
+            if kept is None or len(kept) != len(image.pooler_output):
+                raise PruningError(
+                    "image features without the adapter's kept indices reached the LLM (encoded outside the adapter, "
+                    "or expanded for beam search / num_return_sequences > 1, which the Qwen2.5-VL adapter does not "
+                    "support): their positions are unknown"
+                )
+            if call.get("pixel_values_videos") is not None:
+                encoder["video"] = inner.get_video_features(
+                    call["pixel_values_videos"], call.get("video_grid_thw"), return_dict=True, **extra
+                )
+                call["pixel_values_videos"] = None
+            if call.get("input_ids") is None:
+                raise PruningError("pruned Qwen2.5-VL inputs need input_ids to place the kept image tokens")
+            cache = call.get("cache")
+            if cache is not None and cache.get_seq_length() > 0:
+                raise PruningError("new images after a filled KV cache are not supported by the Qwen2.5-VL adapter")
+            video = encoder.get("video")
+            image_grid = call.get("image_grid_thw")
+            video_grid = call.get("video_grid_thw")
+            positions, deltas = self.rope_index(
+                call["input_ids"],
+                call.get("mm_token_type_ids"),
+                image_grid if image_grid is not None else getattr(image, GRID_ATTRIBUTE),
+                video_grid if video_grid is not None or video is None else getattr(video, GRID_ATTRIBUTE, None),
+                call.get("second_per_grid_ts"),
+                call.get("attention_mask"),
+                kept=kept,
+            )
+            given = call.get("position_ids")
+            if given is not None and given.dim() == 3 and given.shape[0] == 4:  # generate: text row + 3 M-RoPE rows
+                positions = torch.cat([given[:1], positions.to(given.device, given.dtype)])
+            call["position_ids"] = positions
+            call["mm_encoder_outputs"] = encoder
+            inner.rope_deltas = deltas
+            return original_forward(**call, **extra)
+
+        patch_attribute(stack, inner, "get_rope_index", get_rope_index)
+        patch_attribute(stack, inner, "get_video_features", get_video_features)
+        patch_attribute(stack, inner, "forward", forward)
+
+    def rope_index(
+        self,
+        input_ids: torch.Tensor,
+        mm_token_type_ids: torch.Tensor | None,
+        image_grid_thw: torch.Tensor | None,
+        video_grid_thw: torch.Tensor | None = None,
+        second_per_grid_ts: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        kept: list[torch.Tensor] | None = None,
+        provisional: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """M-RoPE positions [3, B, S] and rope deltas [B, 1] of a sequence whose images hold only their kept tokens.
+
+        Follows ``Qwen2_5_VLModel.get_rope_index`` (text 1D, images and videos (t, row, col) from the position where
+        they start, the next text at start + max(rows, cols)), except for the pruned images:
+
+        kept: per image (in order over the batch) the kept raster indices into its merged grid. In "original" mode
+            a kept token gets the unpruned position at its index; in "compact" mode the image's tokens are numbered
+            like text. Without ``kept`` (``provisional=True``) image tokens whose count differs from their grid get
+            placeholder positions (text positions stay exact); without either, such images are an error.
+        """
+        batch, length = input_ids.shape
+        device = input_ids.device
+        if mm_token_type_ids is None:
+            mm_token_type_ids = torch.zeros_like(input_ids)
+            mm_token_type_ids[input_ids == self.model.config.image_token_id] = 1
+            mm_token_type_ids[input_ids == self.model.config.video_token_id] = 2
+        positions = torch.zeros(3, batch, length, dtype=input_ids.dtype, device=device)
+        images = iter(range(len(image_grid_thw) if image_grid_thw is not None else 0))
+        videos = iter(video_grid_thw) if video_grid_thw is not None else iter(())
+        seconds = iter(second_per_grid_ts) if second_per_grid_ts is not None else iter([1] * length)
+        tokens_per_second = self.vision_config.tokens_per_second
+        deltas = []
+        for b in range(batch):
+            valid = attention_mask[b].bool() if attention_mask is not None else torch.ones(length, dtype=torch.bool, device=device)
+            types = mm_token_type_ids[b][valid].tolist()
+            pieces, current = [], 0
+            for key, group in itertools.groupby(types):
+                size = len(list(group))
+                if key == 0:
+                    pieces.append(torch.arange(size, device=device).view(1, -1).expand(3, -1) + current)
+                    current += size
+                elif key == 1:
+                    i = next(images, None)
+                    if i is None:
+                        raise PruningError("more image token groups in input_ids than images in image_grid_thw")
+                    piece, current = self._image_positions(i, image_grid_thw[i], size, current, kept, provisional, device)
+                    pieces.append(piece)
+                elif key == 2:
+                    grid = next(videos)
+                    piece = self.inner.get_vision_position_ids(
+                        current, grid, 1, self.merge, tokens_per_second * next(seconds), device=device
+                    )
+                    pieces.append(piece)
+                    current += max(int(grid[1]), int(grid[2])) // self.merge
+                else:
+                    raise PruningError(f"unsupported modality type {key} in mm_token_type_ids")
+            sample = torch.cat(pieces, dim=1) if pieces else torch.zeros(3, 0, dtype=torch.long, device=device)
+            positions[:, b, valid] = sample.to(positions.dtype)
+            deltas.append((int(sample.max()) + 1 if sample.numel() else 0) - len(types))
+        return positions, torch.tensor(deltas, device=device).unsqueeze(1)
+
+    def _image_positions(self, i, grid_thw, size, start, kept, provisional, device):
+        """Positions [3, size] of image i's tokens starting at ``start``, and where the next token starts."""
+        n = self.merged_tokens(grid_thw)
+        if self.positions == "compact":
+            if kept is not None and kept[i].numel() != size:
+                raise PruningError(_count_mismatch(i, size, kept[i].numel()))
+            return torch.arange(size, device=device).view(1, -1).expand(3, -1) + start, start + size
+        full = self.inner.get_vision_position_ids(start, grid_thw, 1, self.merge, 1, device=device)  # [3, n]
+        end = start + max(int(grid_thw[1]), int(grid_thw[2])) // self.merge
+        if kept is not None:
+            index = kept[i].to(device)
+            if index.numel() != size:
+                raise PruningError(_count_mismatch(i, size, index.numel()))
+        elif size == n:
+            index = torch.arange(n, device=device)
+        elif provisional:
+            index = torch.arange(size, device=device)  # placeholders; replaced in forward()
+        else:
+            raise PruningError(
+                f"image {i} has {size} placeholder tokens for {n} merged tokens but no kept indices are known; "
+                "pass pixel_values (or the pruned encoder outputs) in the same forward"
+            )
+        if size > n:
+            raise PruningError(f"image {i}: {size} placeholder tokens exceed its {n} merged tokens")
+        return full[:, index], end
+
+    # --- processor -----------------------------------------------------------------------------------------
+    def _patch_processor(self, stack: ExitStack, processor: Any, method: Method) -> None:
+        if not hasattr(processor, "replace_image_token") or not hasattr(processor, "image_token"):
+            raise TypeError(f"cannot set the image token count of {type(processor).__name__}")
+
+        def replace_image_token(image_inputs: dict, image_idx: int, **kwargs) -> str:
+            return processor.image_token * self.tokens_for_grid(method, image_inputs["image_grid_thw"][image_idx])
+
+        patch_attribute(stack, processor, "replace_image_token", replace_image_token)
+
+
+def _count_mismatch(image: int, placeholders: int, kept: int) -> str:
+    return (
+        f"image {image}: {placeholders} placeholder tokens but {kept} kept features; build the inputs with the "
+        "processor passed to hiprune.apply (it then emits the kept count per image)"
+    )
+
+
+def _bind(signature: inspect.Signature, args: tuple, kwargs: dict) -> dict[str, Any]:
+    """Arguments of a call as one dict of named parameters; extra keywords stay under "kwargs"."""
+    bound = signature.bind(*args, **kwargs)
+    call = dict(bound.arguments)
+    call["kwargs"] = dict(call.get("kwargs") or {})
+    return call
+
+
+__all__ = ["POSITION_MODES", "ChunkScores", "Qwen25VLAdapter"]

@@ -1,0 +1,493 @@
+#!/usr/bin/env python
+"""Build a tiny, random-initialised Qwen2.5-VL checkpoint, fully offline.
+
+The result is a directory loadable with ``Qwen2_5_VLForConditionalGeneration.from_pretrained`` and
+``AutoProcessor.from_pretrained`` that has the *structure* of Qwen/Qwen2.5-VL-3B-Instruct where it matters for
+token pruning, with tiny widths:
+
+- vision tower: patch 14, temporal patch 2, 2x2 spatial merge (one LLM token per 28x28 pixels), windowed attention
+  with full-attention blocks (depth 8, ``fullatt_block_indexes`` [3, 7], like [7, 15, 23, 31] of 32), and a window
+  of 56 px = 2x2 merged tokens, so an image of a few hundred pixels spans several windows, ragged ones included;
+- LLM: Qwen2 decoder with grouped-query attention and M-RoPE (``mrope_section`` [2, 3, 3] of a head dim of 16);
+- processor: Qwen2VLImageProcessor (dynamic resolution, ``min_pixels`` / ``max_pixels`` as the real checkpoint),
+  a byte-level BPE tokenizer trained here with Qwen's special tokens (``<|im_start|>``, ``<|vision_start|>``,
+  ``<|image_pad|>`` ...) and Qwen2.5-VL-Instruct's chat template.
+
+All weights are random (fixed seed), except the output head, which is set so that greedy decoding answers "yes" or
+"no" from the image and then stops (as the tiny LLaVA: POPE-style tasks then score something, at chance level).
+The directory is ~1.5 MB and a forward pass takes milliseconds on a CPU.
+
+Usage::
+
+    HF_HUB_OFFLINE=1 python scripts/build_tiny_qwen2_5_vl.py [--out DIR] [--seed 0] [--force]
+
+Library use (e.g. from tests)::
+
+    build_tiny_qwen2_5_vl(tmp_path / "tiny-qwen2.5-vl", seed=0)
+
+Like ``build_tiny_llava.py``: written to a temporary sibling directory, verified (reload + ``generate``), renamed into
+place; ``build_info.json`` marks a complete build; re-running with the same parameters is a no-op.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import random
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_OUT = REPO_ROOT / "assets" / "tiny-qwen2.5-vl"
+
+
+def _load_llava_builder():
+    """scripts/build_tiny_llava.py (corpus, quiet logging, hashing helpers); scripts/ is not a package."""
+    name = "scripts_build_tiny_llava"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parent / "build_tiny_llava.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+_llava = _load_llava_builder()
+
+# Bump when the build recipe changes so stale builds are rebuilt automatically.
+BUILDER_VERSION = 1
+BUILD_INFO = "build_info.json"
+
+SYSTEM_PROMPT = "You are a helpful assistant."
+# OpenAI CLIP normalisation, as Qwen2.5-VL's preprocessor_config.json.
+CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
+CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
+
+# Qwen's special tokens, in the checkpoint's order (there: ids 151643..151656).
+SPECIAL_TOKENS = [
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|object_ref_start|>",
+    "<|object_ref_end|>",
+    "<|box_start|>",
+    "<|box_end|>",
+    "<|quad_start|>",
+    "<|quad_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|vision_pad|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+]
+
+# Qwen2.5-VL-Instruct's chat template (chat_template.json of the Hub checkpoints).
+CHAT_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}Picture {{ image_count.value }}: "
+    "{% endif %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}{% set video_count.value = video_count.value + 1 %}"
+    "{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+DEFAULTS: dict[str, Any] = {
+    # vision tower (Qwen2.5-VL geometry: patch 14, merge 2, temporal 2; windowed + full-attention blocks)
+    "patch_size": 14,
+    "vision_depth": 8,
+    "fullatt_block_indexes": [3, 7],  # 0-based, like [7, 15, 23, 31] of the 32-block towers
+    "window_size": 56,  # pixels: 56 / 14 / 2 = 2x2 merged tokens per window (real: 112 -> 4x4)
+    "vision_hidden_size": 32,
+    "vision_intermediate_size": 64,
+    "vision_num_heads": 2,
+    # language model (tiny Qwen2 with grouped-query attention and M-RoPE)
+    "text_hidden_size": 64,
+    "text_num_hidden_layers": 2,
+    "text_num_attention_heads": 4,
+    "text_num_key_value_heads": 2,
+    "text_intermediate_size": 128,
+    "mrope_section": [2, 3, 3],  # sums to head_dim / 2 = 8 (real: [16, 24, 24] of 64)
+    "max_position_embeddings": 32768,
+    # image processor (as the Hub checkpoint; lmms-eval overrides min/max pixels at load time)
+    "min_pixels": 56 * 56,
+    "max_pixels": 28 * 28 * 16384,
+    # tokenizer
+    "bpe_vocab_size": 700,  # byte-level BPE incl. the 256 byte symbols; Qwen's special tokens come on top
+    "corpus_sentences": 400,
+    # misc
+    "torch_dtype": "float32",
+    "verify": True,
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# tokenizer
+# ----------------------------------------------------------------------------------------------
+
+
+def build_tokenizer(bpe_vocab_size: int, corpus: list[str], model_max_length: int):
+    """Train a byte-level BPE with Qwen2's pre-tokenizer and wrap it as transformers' Qwen2Tokenizer."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers, trainers
+    from transformers import Qwen2Tokenizer
+    from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    trainer = trainers.BpeTrainer(
+        vocab_size=bpe_vocab_size,
+        min_frequency=2,
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    # The chat scaffolding is part of the corpus so "system", "user", "assistant" become single pieces.
+    # Answers start a line in Qwen's template ("<|im_start|>assistant\nyes"): "yes" / "no" without a leading space.
+    scaffold = [f"system\n{SYSTEM_PROMPT}", "user\n", "assistant\n", "yes", "no", "Yes", "No"] * 10
+    tok.train_from_iterator(corpus + scaffold, trainer=trainer)
+    trained = json.loads(tok.to_str())["model"]
+    vocab = dict(sorted(trained["vocab"].items(), key=lambda kv: kv[1]))
+    merges = [tuple(m) if isinstance(m, (list, tuple)) else tuple(m.split(" ")) for m in trained["merges"]]
+
+    tokenizer = Qwen2Tokenizer(
+        vocab=vocab,
+        merges=merges,
+        unk_token=None,
+        bos_token=None,
+        eos_token="<|im_end|>",  # as the Instruct checkpoints' tokenizer_config.json
+        pad_token="<|endoftext|>",
+        model_max_length=model_max_length,
+        errors="replace",
+        split_special_tokens=False,
+    )
+    tokenizer.add_special_tokens({"additional_special_tokens": SPECIAL_TOKENS})
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+# ----------------------------------------------------------------------------------------------
+# model
+# ----------------------------------------------------------------------------------------------
+
+
+def _make_config(p: dict[str, Any], tokenizer):
+    from transformers import Qwen2_5_VLConfig
+
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    vision_config = {
+        "depth": p["vision_depth"],
+        "hidden_size": p["vision_hidden_size"],
+        "intermediate_size": p["vision_intermediate_size"],
+        "num_heads": p["vision_num_heads"],
+        "hidden_act": "silu",
+        "in_channels": 3,
+        "out_hidden_size": p["text_hidden_size"],
+        "patch_size": p["patch_size"],
+        "spatial_merge_size": 2,
+        "temporal_patch_size": 2,
+        "window_size": p["window_size"],
+        "fullatt_block_indexes": list(p["fullatt_block_indexes"]),
+        "tokens_per_second": 2,
+    }
+    text_config = {
+        "vocab_size": len(tokenizer),
+        "hidden_size": p["text_hidden_size"],
+        "intermediate_size": p["text_intermediate_size"],
+        "num_hidden_layers": p["text_num_hidden_layers"],
+        "num_attention_heads": p["text_num_attention_heads"],
+        "num_key_value_heads": p["text_num_key_value_heads"],
+        "max_position_embeddings": p["max_position_embeddings"],
+        "rms_norm_eps": 1e-6,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": list(p["mrope_section"])},
+        "bos_token_id": ids["<|endoftext|>"],
+        "eos_token_id": ids["<|im_end|>"],
+        "pad_token_id": ids["<|endoftext|>"],
+        "use_sliding_window": False,
+    }
+    return Qwen2_5_VLConfig(
+        vision_config=vision_config,
+        text_config=text_config,
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=False,  # the answer head below rewrites output rows only
+    )
+
+
+def _build_processor(tokenizer, p: dict[str, Any]):
+    from transformers import Qwen2_5_VLProcessor, Qwen2VLImageProcessor
+    from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
+
+    image_processor = Qwen2VLImageProcessor(
+        min_pixels=p["min_pixels"],
+        max_pixels=p["max_pixels"],
+        patch_size=p["patch_size"],
+        temporal_patch_size=2,
+        merge_size=2,
+        image_mean=CLIP_MEAN,
+        image_std=CLIP_STD,
+        do_convert_rgb=True,
+    )
+    video_processor = Qwen2VLVideoProcessor(
+        patch_size=p["patch_size"], temporal_patch_size=2, merge_size=2, image_mean=CLIP_MEAN, image_std=CLIP_STD
+    )
+    return Qwen2_5_VLProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        video_processor=video_processor,
+        chat_template=CHAT_TEMPLATE,
+    )
+
+
+def _prompt(processor, question: str, n_images: int = 1) -> str:
+    content = [{"type": "image"}] * n_images + [{"type": "text", "text": question}]
+    messages = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": content}]
+    return processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def _yes_no_answerer(model, tokenizer, processor, seed: int) -> None:
+    """Greedy decoding answers "yes" or "no" (from the image, through the random network), then <|im_end|>.
+
+    As scripts/build_tiny_llava.py: the yes/no logits are +-s * (h . r), r the direction along which the final
+    hidden state h varies most over a few calibration images (made orthogonal to the mean h); "yes"/"no" embeddings
+    carry a marker direction that the <|im_end|> row reads, so the answer is followed by the end of the turn.
+    """
+    import torch
+    from PIL import Image
+
+    yes, no = (_llava._single_token_id(tokenizer, w) for w in ("yes", "no"))
+    eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    gen = torch.Generator().manual_seed(seed)
+    width = model.lm_head.weight.shape[1]
+    prompt = _prompt(processor, "Is there a red circle in the image?\nAnswer the question using a single word or phrase.")
+    sizes = [(84, 112), (112, 84), (140, 84), (112, 112)] * 4
+    images = [
+        Image.fromarray((torch.rand(h, w, 3, generator=gen) * 255).to(torch.uint8).numpy()) for h, w in sizes
+    ]
+    with torch.no_grad():
+        hidden = []
+        for image in images:  # one at a time: images of different sizes give prompts of different lengths
+            batch = processor(text=[prompt], images=[image], return_tensors="pt")
+            hidden.append(model.model(**batch).last_hidden_state[0, -1].float())
+        hidden = torch.stack(hidden)
+        mean = hidden.mean(0)
+        _, _, vh = torch.linalg.svd(hidden - mean, full_matrices=False)
+        r = vh[0] - (vh[0] @ mean) / (mean @ mean) * mean
+        r = r / r.norm()
+        marker = torch.randn(width, generator=gen)
+        marker = marker - (marker @ r) * r
+        marker = marker / marker.norm()
+        spread = (hidden - mean) @ r
+        scale = 8.0 / spread.abs().median().clamp_min(1e-6)
+        head = model.lm_head.weight
+        head.zero_()
+        head[yes] = r * scale
+        head[no] = -r * scale
+        head[eos] = marker * 4.0
+        embeddings = model.get_input_embeddings().weight
+        for token in (yes, no):
+            embeddings[token] = marker * 50.0 + 0.1 * torch.randn(width, generator=gen)
+
+
+# ----------------------------------------------------------------------------------------------
+# build / verify
+# ----------------------------------------------------------------------------------------------
+
+
+def _params(seed: int, overrides: dict[str, Any]) -> dict[str, Any]:
+    unknown = set(overrides) - set(DEFAULTS)
+    if unknown:
+        raise TypeError(f"unknown override(s) {sorted(unknown)}; valid: {sorted(DEFAULTS)}")
+    p = {**DEFAULTS, **overrides}
+    if any(not 0 <= i < p["vision_depth"] for i in p["fullatt_block_indexes"]):
+        raise ValueError(f"fullatt_block_indexes {p['fullatt_block_indexes']} must lie in [0, {p['vision_depth']})")
+    if p["window_size"] % (2 * p["patch_size"]):
+        raise ValueError("window_size must be a multiple of 2 * patch_size (whole merged tokens per window)")
+    return {"seed": seed, **p}
+
+
+def _recipe(params: dict[str, Any]) -> dict[str, Any]:
+    from importlib.metadata import version
+
+    return {
+        "builder_version": BUILDER_VERSION,
+        "params": {k: v for k, v in params.items() if k != "verify"},
+        "transformers": version("transformers"),
+        "tokenizers": version("tokenizers"),
+        "torch": version("torch").split("+")[0],
+    }
+
+
+def is_complete_build(out_dir: Path, seed: int = 0, **overrides) -> bool:
+    """True if ``out_dir`` holds a finished build made with the same recipe."""
+    info_path = Path(out_dir) / BUILD_INFO
+    if not info_path.is_file():
+        return False
+    try:
+        info = json.loads(info_path.read_text())
+    except (OSError, ValueError):
+        return False
+    if info.get("recipe") != _recipe(_params(seed, overrides)):
+        return False
+    return bool(info.get("files")) and all((Path(out_dir) / f).is_file() for f in info["files"])
+
+
+def verify_build(out_dir: Path, verbose: bool = True) -> dict[str, Any]:
+    """Reload from disk (offline) and answer one image question with ``generate``."""
+    import numpy as np
+    import torch
+    from PIL import Image
+    from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
+
+    out_dir = Path(out_dir)
+    with _llava._quiet_transformers():
+        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(out_dir, local_files_only=True).eval()
+        processor = AutoProcessor.from_pretrained(out_dir, local_files_only=True)
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 256, size=(120, 200, 3), dtype=np.uint8))  # non-square on purpose
+    prompt = _prompt(processor, "Is there a red circle in the image?")
+    inputs = processor(text=[prompt], images=[image], return_tensors="pt")
+    n_image_tokens = int((inputs["input_ids"] == model.config.image_token_id).sum())
+    grid = inputs["image_grid_thw"][0].tolist()
+    if n_image_tokens != grid[0] * grid[1] * grid[2] // 4:
+        raise RuntimeError(f"processor emitted {n_image_tokens} image tokens for a {grid} patch grid")
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+    new_tokens = out[0, inputs["input_ids"].shape[1] :]
+    result = {
+        "prompt": prompt,
+        "input_len": int(inputs["input_ids"].shape[1]),
+        "n_image_tokens": n_image_tokens,
+        "image_grid_thw": grid,
+        "new_token_ids": new_tokens.tolist(),
+        "decoded": processor.decode(new_tokens, skip_special_tokens=False),
+    }
+    if verbose:
+        print(f"[verify] prompt={prompt!r}")
+        print(f"[verify] input_len={result['input_len']} image tokens={n_image_tokens} grid_thw={grid}")
+        print(f"[verify] generated ids={result['new_token_ids']} decoded={result['decoded']!r}")
+    if out.shape[1] <= inputs["input_ids"].shape[1]:
+        raise RuntimeError("verification failed: generate() returned no new tokens")
+    return result
+
+
+def build_tiny_qwen2_5_vl(
+    out_dir: Path = DEFAULT_OUT, seed: int = 0, force: bool = False, verbose: bool = False, **overrides
+) -> Path:
+    """Build (or reuse) the tiny Qwen2.5-VL checkpoint in ``out_dir`` and return its path.
+
+    ``overrides`` may change any key of ``DEFAULTS``. Deterministic for a given seed, overrides and library versions.
+    """
+    out_dir = Path(out_dir).resolve()
+    params = _params(seed, overrides)
+    if not force and is_complete_build(out_dir, seed, **overrides):
+        if verbose:
+            print(f"[build] {out_dir} already holds a complete build (seed={seed}); skipping (use --force to rebuild)")
+        return out_dir
+
+    import torch
+    from transformers import GenerationConfig, Qwen2_5_VLForConditionalGeneration
+
+    t0 = time.perf_counter()
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(work, 0o777 & ~umask)
+    try:
+        random.seed(seed)
+        torch.manual_seed(seed)
+        corpus = _llava.build_corpus(params["corpus_sentences"], seed)
+        tokenizer = build_tokenizer(params["bpe_vocab_size"], corpus, params["max_position_embeddings"])
+        config = _make_config(params, tokenizer)
+        with _llava._quiet_transformers():
+            torch.manual_seed(seed)
+            model = Qwen2_5_VLForConditionalGeneration(config).to(getattr(torch, params["torch_dtype"])).eval()
+            processor = _build_processor(tokenizer, params)
+            _yes_no_answerer(model, tokenizer, processor, seed)
+            model.generation_config = GenerationConfig(
+                bos_token_id=config.text_config.bos_token_id,
+                eos_token_id=[tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.convert_tokens_to_ids("<|endoftext|>")],
+                pad_token_id=tokenizer.pad_token_id,
+                do_sample=False,
+                max_new_tokens=16,
+            )
+            model.save_pretrained(work)
+            processor.save_pretrained(work)
+            n_params = sum(t.numel() for t in model.parameters())
+            result = verify_build(work, verbose=verbose) if params["verify"] else None
+
+        files = sorted(str(f.relative_to(work)) for f in work.rglob("*") if f.is_file())
+        info = {
+            "recipe": _recipe(params),
+            "n_parameters": n_params,
+            "vocab_size": len(tokenizer),
+            "image_token_id": config.image_token_id,
+            "pad_token_id": tokenizer.pad_token_id,
+            "files": files,
+            "sha256": {f: _llava._sha256(work / f) for f in files},
+            "verify": result and {k: result[k] for k in ("input_len", "n_image_tokens", "new_token_ids")},
+        }
+        (work / BUILD_INFO).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
+
+        if not force and is_complete_build(out_dir, seed, **overrides):
+            shutil.rmtree(work, ignore_errors=True)  # another process finished the same build meanwhile
+            return out_dir
+        if out_dir.exists():
+            backup = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+            out_dir.rename(backup)
+            work.rename(out_dir)
+            shutil.rmtree(backup, ignore_errors=True)
+        else:
+            work.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+
+    if verbose:
+        size = sum(f.stat().st_size for f in out_dir.rglob("*") if f.is_file())
+        print(f"[build] wrote {out_dir} ({size / 1e6:.2f} MB, {n_params:,} params) in {time.perf_counter() - t0:.1f}s")
+        for f in sorted(out_dir.iterdir()):
+            print(f"        {f.name:32s} {f.stat().st_size:>10,d} B")
+    return out_dir
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output directory (default: {DEFAULT_OUT})")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--force", action="store_true", help="rebuild even if a complete build exists")
+    ap.add_argument("--verify-existing", action="store_true", help="when skipping, still run the reload/generate check")
+    args = ap.parse_args(argv)
+    t0 = time.perf_counter()
+    skipped = not args.force and is_complete_build(args.out, args.seed)
+    out = build_tiny_qwen2_5_vl(args.out, seed=args.seed, force=args.force, verbose=True)
+    if skipped and args.verify_existing:
+        verify_build(out, verbose=True)
+    print(f"[build] done in {time.perf_counter() - t0:.1f}s -> {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
