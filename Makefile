@@ -8,8 +8,9 @@ OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 TINY_LLAVA := assets/tiny-llava/build_info.json
 SMOKE_TASK := assets/smoke_pope/manifest.json
 TINY_CLIP := assets/tiny-clip/build_info.json
+TINY_QWEN := assets/tiny-qwen2.5-vl/build_info.json
 
-.PHONY: setup assets smoke test test-fast bench tables reproduce-table clean-smoke
+.PHONY: setup assets smoke test test-fast bench bench-scoring tables reproduce-table clean-smoke
 
 setup: $(STAMP)
 
@@ -20,13 +21,16 @@ $(STAMP): pyproject.toml requirements/constraints.txt
 	$(PY) -m pip install --quiet -c requirements/constraints.txt -e '.[test]'
 	touch $@
 
-assets: $(TINY_LLAVA) $(TINY_CLIP) $(SMOKE_TASK)
+assets: $(TINY_LLAVA) $(TINY_CLIP) $(TINY_QWEN) $(SMOKE_TASK)
 
 $(TINY_LLAVA): scripts/build_tiny_llava.py | $(STAMP)
 	$(OFFLINE) $(PY) scripts/build_tiny_llava.py
 
 $(TINY_CLIP): scripts/build_tiny_clip.py $(TINY_LLAVA) | $(STAMP)
 	$(OFFLINE) $(PY) scripts/build_tiny_clip.py
+
+$(TINY_QWEN): scripts/build_tiny_qwen2_5_vl.py | $(STAMP)
+	$(OFFLINE) $(PY) scripts/build_tiny_qwen2_5_vl.py
 
 $(SMOKE_TASK): scripts/build_smoke_task.py | $(STAMP)
 	$(OFFLINE) $(PY) scripts/build_smoke_task.py
@@ -42,8 +46,15 @@ test: setup
 test-fast: setup
 	$(OFFLINE) $(PY) -m pytest -q -m "not slow"
 
-# Scoring overhead on a random-weight CLIP ViT-L/14-336 (ratios measured in one run).
+# Efficiency (README: Efficiency): latency, memory, FLOPs and roofline of every method x budget (eval.bench; CPU
+# default: the mid-size random LLaVA, results/efficiency/), then the scoring overhead. Hydra overrides for the first
+# in BENCH_ARGS, e.g. BENCH_ARGS="model=llava15_7b bench_profile=gpu" on a GPU.
 bench: setup
+	$(OFFLINE) $(PY) -m eval.bench $(BENCH_ARGS)
+	$(OFFLINE) $(PY) -m eval.bench_scoring
+
+# Scoring overhead alone, on a random-weight CLIP ViT-L/14-336 (ratios measured in one run).
+bench-scoring: setup
 	$(OFFLINE) $(PY) -m eval.bench_scoring
 
 # The paper's tables (README: Reproducing the paper's tables). TABLE: 2 3 4 5 7 8 10 6a 6b 6c 11 object_layer alpha

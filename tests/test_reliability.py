@@ -154,7 +154,7 @@ def test_random_method_is_seeded_from_the_config(tiny_llava_dir, docs):
 
 # --- store safety ---------------------------------------------------------------------------------------------
 def _hammer(path: str, worker: int) -> None:
-    for i in range(25):
+    for i in range(10):
         write_record(Path(path), {"identity": {"worker": worker}, "metrics": {"i": i}, "pad": "x" * 20000})
 
 
@@ -165,10 +165,10 @@ def test_concurrent_writers_of_one_record_never_corrupt_it(tmp_path):
     for w in workers:
         w.start()
     for w in workers:
-        w.join(60)
+        w.join(600)
         assert w.exitcode == 0
     record = read_record(path)
-    assert record["metrics"]["i"] == 24 and record["identity"]["worker"] in range(4)
+    assert record["metrics"]["i"] == 9 and record["identity"]["worker"] in range(4)
     assert [p.name for p in path.parent.iterdir()] == ["record.json"]
 
 

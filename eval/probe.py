@@ -1,0 +1,281 @@
+"""Object-layer probe (the paper's Fig. 8 and Table 1): pick HiPrune's object layer for a vision encoder.
+
+    python -m eval.probe --images DIR [--model llava15_7b] [--top 0.05] [--masks DIR] [--out results/probe/NAME]
+    python -m eval.probe --images DIR --model tiny_llava --device cpu --limit 16
+
+For every encoder layer l and every image: the global-attention score of layer l (mean over heads and queries, CLS
+key dropped; the same score HiPrune ranks by) picks the top ``--top`` fraction of patch tokens; their features at
+the encoder's last layer (its output hidden state, before any post-layernorm) are compared by mean pairwise
+Euclidean distance. Averaged over the images, this gives the *dispersion curve*: low where a layer's high-attention
+tokens sit on one object (similar features), high where they spread over the image (the deep layers' global,
+register-like tokens). The paper splits CLIP-L into shallow (1-4), middle (5-9) and deep (10+) layers from it and
+sets the object layer at the transition, l = 9. The suggested layer printed here is the layer just before the
+largest rise of the curve (a heuristic for that transition: look at the plot).
+
+Overlap (IoU-style) plot: the mean IoU of the top-token sets of every pair of layers (a layer x layer heatmap)
+and of adjacent layers, showing where the attention pattern changes; with ``--masks`` (binary masks, same file
+stem as the image, any PIL format; non-zero = object), also the IoU of each layer's top tokens with the object
+patches (the mask padded and resized like the image, a patch counts as object when more than half of it is),
+as in the paper's Table 1.
+
+Writes <out>/dispersion.{png,pdf}, <out>/overlap.{png,pdf}, <out>/probe.json (per-layer values and the suggestion)
+and <out>/probe.csv. Works for every encoder the harness has an adapter for (LLaVA's CLIP tower today): scores
+come from the adapter's attention modules through hiprune.capture, with SDPA kept for the layer outputs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+from PIL import Image
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
+
+
+@dataclass
+class ProbeResult:
+    layers: list[int]
+    dispersion: list[float]  # mean pairwise distance per layer (1-based layers)
+    dispersion_std: list[float]  # spread over images
+    overlap: list[list[float]]  # mean IoU of top-token sets, layer x layer
+    mask_iou: list[float] | None  # mean IoU of top tokens with the object mask, per layer
+    suggested_layer: int
+    top_fraction: float
+    top_k: int
+    n_images: int
+    grid: tuple[int, int]
+    notes: list[str] = field(default_factory=list)
+
+
+def list_images(folder: Path, limit: int | None = None) -> list[Path]:
+    paths = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if not paths:
+        raise SystemExit(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {folder}")
+    return paths[:limit] if limit else paths
+
+
+def suggest_object_layer(dispersion: list[float]) -> int:
+    """1-based layer just before the largest increase of the dispersion curve."""
+    if len(dispersion) < 2:
+        return 1
+    rises = [dispersion[i + 1] - dispersion[i] for i in range(len(dispersion) - 1)]
+    return int(np.argmax(rises)) + 1
+
+
+def _iou(a: set[int], b: set[int]) -> float:
+    union = len(a | b)
+    return len(a & b) / union if union else 0.0
+
+
+def mask_patches(mask: Image.Image, grid: tuple[int, int], pad_to_square: bool = True) -> set[int]:
+    """Patch indices (raster order) covered more than half by a binary mask, after the image's pad + resize."""
+    values = np.asarray(mask.convert("L"), dtype=np.float32) > 0
+    h, w = values.shape
+    if pad_to_square and h != w:  # LLaVA pads the shorter side symmetrically
+        side = max(h, w)
+        canvas = np.zeros((side, side), dtype=np.float32)
+        top, left = (side - h) // 2, (side - w) // 2
+        canvas[top:top + h, left:left + w] = values
+        values = canvas
+    rows, cols = grid
+    resized = Image.fromarray((values * 255).astype(np.uint8)).resize((cols * 8, rows * 8), Image.BILINEAR)
+    cover = np.asarray(resized, dtype=np.float32).reshape(rows, 8, cols, 8).mean(axis=(1, 3)) / 255.0
+    return {int(i) for i in np.flatnonzero(cover.reshape(-1) > 0.5)}
+
+
+@torch.no_grad()
+def probe(model, processor, images: list[Image.Image], top: float = 0.05, masks: list[Image.Image | None] | None = None,
+          batch_size: int = 8, model_cfg: dict | None = None) -> ProbeResult:
+    """Dispersion and overlap per encoder layer of ``model`` (a VLM with a harness adapter) over ``images``."""
+    import hiprune
+    from eval.visualize import input_builder
+    from hiprune.capture import AttentionScores
+
+    if not 0 < top <= 1:
+        raise ValueError(f"top must be a fraction in (0, 1], got {top}")
+    adapter = hiprune.adapter_for(model)
+    n_layers = adapter.num_encoder_layers()
+    grid = tuple(adapter.grid)
+    n = grid[0] * grid[1]
+    k = max(2, int(n * top))
+    builder = input_builder(processor, model_cfg or {})
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    tower = adapter.inner.vision_tower
+    modules = {l: adapter.attention_module(l) for l in range(1, n_layers + 1)}
+
+    distances = [[] for _ in range(n_layers)]
+    overlap = np.zeros((n_layers, n_layers))
+    mask_iou = np.zeros(n_layers)
+    n_masked = 0
+    for start in range(0, len(images), batch_size):
+        chunk = images[start:start + batch_size]
+        pixels = builder.image_processor([img.convert("RGB") for img in chunk], return_tensors="pt")["pixel_values"]
+        with AttentionScores({str(l): m for l, m in modules.items()}) as capture:
+            out = tower(pixels.to(device, dtype), output_hidden_states=True)
+            scores = capture.collect()
+        features = out.hidden_states[-1][:, 1:, :].float()  # last encoder layer, CLS dropped
+        if features.shape[1] != n:
+            raise RuntimeError(f"expected {n} patch tokens, got {features.shape[1]}")
+        for b in range(len(chunk)):
+            tops = []
+            for l in range(1, n_layers + 1):
+                s = scores[str(l)][b, 1:].float()
+                idx = torch.sort(-s, stable=True).indices[:k]
+                tops.append(set(idx.tolist()))
+                distances[l - 1].append(float(torch.pdist(features[b, idx]).mean()))
+            for i in range(n_layers):
+                for j in range(n_layers):
+                    overlap[i, j] += _iou(tops[i], tops[j])
+            mask = None if masks is None else masks[start + b]
+            if mask is not None:
+                objects = mask_patches(mask, grid, builder.pad_to_square)
+                mask_iou += np.array([_iou(t, objects) for t in tops])
+                n_masked += 1
+    count = len(images)
+    dispersion = [float(np.mean(d)) for d in distances]
+    return ProbeResult(
+        layers=list(range(1, n_layers + 1)),
+        dispersion=dispersion,
+        dispersion_std=[float(np.std(d)) for d in distances],
+        overlap=(overlap / count).tolist(),
+        mask_iou=(mask_iou / n_masked).tolist() if n_masked else None,
+        suggested_layer=suggest_object_layer(dispersion),
+        top_fraction=top,
+        top_k=k,
+        n_images=count,
+        grid=grid,
+    )
+
+
+def plot(result: ProbeResult, out_dir: Path, title: str = "") -> list[Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    layers = np.array(result.layers)
+
+    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    disp, std = np.array(result.dispersion), np.array(result.dispersion_std)
+    ax.plot(layers, disp, marker="o", color="#1f77b4", label="mean pairwise distance")
+    ax.fill_between(layers, disp - std, disp + std, color="#1f77b4", alpha=0.15, label="± std over images")
+    ax.axvline(result.suggested_layer, color="#d62728", ls="--", lw=1,
+               label=f"suggested object layer {result.suggested_layer}")
+    ax.set_xlabel("encoder layer (1-based)")
+    ax.set_ylabel("distance of top-attention tokens")
+    ax.set_title(f"{title} dispersion curve: top {result.top_fraction:.0%} tokens "
+                 f"({result.top_k}), {result.n_images} images", fontsize=9)
+    ax.set_xticks(layers)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    paths += _save(fig, out_dir / "dispersion")
+
+    panels = 3 if result.mask_iou is not None else 2
+    fig, axes = plt.subplots(1, panels, figsize=(4.4 * panels, 3.8))
+    matrix = np.array(result.overlap)
+    im = axes[0].imshow(matrix, vmin=0, vmax=1, cmap="viridis", origin="lower",
+                        extent=(0.5, len(layers) + 0.5, 0.5, len(layers) + 0.5))
+    fig.colorbar(im, ax=axes[0], fraction=0.046, pad=0.04)
+    axes[0].set_title("IoU of top-token sets, layer × layer", fontsize=9)
+    axes[0].set_xlabel("layer")
+    axes[0].set_ylabel("layer")
+    adjacent = [matrix[i, i + 1] for i in range(len(layers) - 1)]
+    axes[1].plot(layers[:-1] + 0.5, adjacent, marker="o", color="#2ca02c")
+    axes[1].axvline(result.suggested_layer, color="#d62728", ls="--", lw=1)
+    axes[1].set_ylim(0, 1)
+    axes[1].set_title("IoU of adjacent layers (l, l+1)", fontsize=9)
+    axes[1].set_xlabel("layer")
+    axes[1].grid(alpha=0.3)
+    if result.mask_iou is not None:
+        axes[2].plot(layers, result.mask_iou, marker="o", color="#9467bd")
+        axes[2].axvline(result.suggested_layer, color="#d62728", ls="--", lw=1)
+        axes[2].set_title("IoU of top tokens with the object mask", fontsize=9)
+        axes[2].set_xlabel("layer")
+        axes[2].grid(alpha=0.3)
+    fig.suptitle(f"{title} overlap of high-attention tokens", fontsize=10)
+    fig.tight_layout()
+    paths += _save(fig, out_dir / "overlap")
+    return paths
+
+
+def _save(fig, stem: Path) -> list[Path]:
+    paths = []
+    for ext in ("png", "pdf"):
+        path = stem.with_suffix(f".{ext}")
+        fig.savefig(path, dpi=150 if ext == "png" else None, bbox_inches="tight")
+        paths.append(path)
+    plt.close(fig)
+    return paths
+
+
+def write(result: ProbeResult, out_dir: Path) -> list[Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    json_path, csv_path = out_dir / "probe.json", out_dir / "probe.csv"
+    json_path.write_text(json.dumps(asdict(result), indent=2))
+    lines = ["layer,dispersion,dispersion_std,adjacent_iou" + (",mask_iou" if result.mask_iou else "")]
+    for i, layer in enumerate(result.layers):
+        adjacent = result.overlap[i][i + 1] if i + 1 < len(result.layers) else math.nan
+        row = f"{layer},{result.dispersion[i]:.6f},{result.dispersion_std[i]:.6f},{adjacent:.6f}"
+        if result.mask_iou:
+            row += f",{result.mask_iou[i]:.6f}"
+        lines.append(row)
+    csv_path.write_text("\n".join(lines) + "\n")
+    return [json_path, csv_path]
+
+
+def main(argv: list[str] | None = None) -> ProbeResult:
+    from eval.visualize import compose_config, load_vlm
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=Path, required=True, help="folder of images")
+    parser.add_argument("--model", default="llava15_7b", help="harness model config (configs/model/NAME.yaml)")
+    parser.add_argument("--top", type=float, default=0.05, help="fraction of tokens counted as high-attention "
+                        "(the official notebook: 0.05; the paper also uses 0.1 and 0.25)")
+    parser.add_argument("--masks", type=Path, help="folder of object masks named like the images (optional)")
+    parser.add_argument("--limit", type=int, help="use only the first N images (sorted by name)")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--out", type=Path, help="output folder (default results/probe/<model>)")
+    parser.add_argument("overrides", nargs="*", help="more Hydra overrides of the model config (model.dtype=...)")
+    args = parser.parse_args(argv)
+
+    paths = list_images(args.images, args.limit)
+    masks = None
+    if args.masks:
+        masks = []
+        for p in paths:
+            found = [m for m in args.masks.glob(f"{p.stem}.*") if m.suffix.lower() in IMAGE_SUFFIXES]
+            masks.append(Image.open(found[0]) if found else None)
+        if not any(m is not None for m in masks):
+            raise SystemExit(f"no mask in {args.masks} is named like an image of {args.images}")
+    cfg = compose_config([f"model={args.model}", f"device={args.device}", "method=none", *args.overrides])
+    model, processor, _ = load_vlm(cfg)
+    images = []
+    for p in paths:
+        with Image.open(p) as handle:
+            images.append(handle.convert("RGB"))
+    result = probe(model, processor, images, top=args.top, masks=masks, batch_size=args.batch_size,
+                   model_cfg=cfg.model)
+    out = args.out or REPO_ROOT / "results" / "probe" / args.model
+    written = plot(result, out, title=str(cfg.model.name)) + write(result, out)
+    for layer, value in zip(result.layers, result.dispersion):
+        print(f"layer {layer:>2}: dispersion {value:.4f}")
+    print(f"suggested object layer: {result.suggested_layer} (the layer before the largest rise of the curve; "
+          f"the paper uses 9 for CLIP-L and 16 for Qwen2.5-VL)")
+    for path in written:
+        print(f"wrote {path}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

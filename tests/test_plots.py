@@ -1,0 +1,121 @@
+"""Plots are written and non-empty: table plots, token-selection overlays, the object-layer probe."""
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+
+import hiprune
+from eval import plots, visualize
+from eval import probe as probe_module
+from eval import reproduce as R
+
+
+def _check_image(path):
+    assert path.is_file() and path.stat().st_size > 2000, path
+    if path.suffix == ".png":
+        with Image.open(path) as image:
+            pixels = np.asarray(image.convert("RGB"))
+        assert pixels.std() > 5, f"{path} looks blank"
+
+
+def test_table_plots_are_written_and_non_empty(tmp_path):
+    spec = R.load_spec("2", [f"store={tmp_path / 'empty'}"])
+    cells = R.collect_cells(spec)
+    # stand-in numbers for our side of a few rows (vanilla and HiPrune), so both sides are drawn
+    ours = cells["row"].isin(["Vanilla", "HiPrune"])
+    cells.loc[ours, "ours"] = cells.loc[ours, "paper"] * 0.98
+    cells.loc[ours, "status"] = "ok"
+    paths = plots.table_plots(spec, cells, tmp_path / "plots")
+    assert set(paths) == {f"{name}_llava15_7b.{ext}" for name in ("accuracy_vs_tokens", "pareto_avg_vs_tflops")
+                          for ext in ("png", "pdf")}
+    for path in paths.values():
+        _check_image(path)
+
+
+def test_pareto_front_keeps_only_undominated_points():
+    points = [(1.0, 90.0), (2.0, 95.0), (2.5, 94.0), (3.0, 99.0), (3.5, 98.0), (8.0, 100.0)]
+    assert plots._pareto_front(points) == [(1.0, 90.0), (2.0, 95.0), (3.0, 99.0), (8.0, 100.0)]
+
+
+@pytest.fixture(scope="module")
+def scene():
+    image = Image.new("RGB", (300, 200), (40, 90, 160))
+    draw = ImageDraw.Draw(image)
+    draw.ellipse([20, 20, 150, 150], fill="red")
+    mask = Image.new("L", (300, 200), 0)
+    ImageDraw.Draw(mask).ellipse([20, 20, 150, 150], fill=255)
+    return image, mask
+
+
+def test_overlay_of_hiprune_roles_and_of_a_plain_kept_set(tiny_llava, scene, tmp_path):
+    model, processor = tiny_llava
+    image, _ = scene
+    result = visualize.select_tokens(model, processor, hiprune.build_method("hiprune", budget=64), image)
+    assert result["grid"] == (24, 24) and len(result["indices"]) == 64
+    roles = result["roles"]
+    assert len(roles["anchor"]) == 1 and 1 <= len(roles["buffer"]) <= 4
+    assert len(roles["anchor"]) + len(roles["buffer"]) + len(roles["register"]) == 64
+    assert result["image"].shape == (336, 336, 3) and 0 <= result["image"].min() <= result["image"].max() <= 1
+    paths = visualize.save(visualize.overlay(result["image"], result["grid"], result["indices"], roles, "hiprune"),
+                           tmp_path / "hiprune")
+    for path in paths:
+        _check_image(path)
+
+    plain = visualize.select_tokens(model, processor, hiprune.build_method("none"), image)
+    assert len(plain["indices"]) == 576 and plain["roles"] == {}
+
+
+def test_visualize_cli(tiny_llava_dir, scene, tmp_path):
+    image_path = tmp_path / "scene.png"
+    scene[0].save(image_path)
+    paths = visualize.main([f"image={image_path}", "model=tiny_llava", "method=random", "budget=32", "device=cpu",
+                            f"out={tmp_path / 'random'}"])
+    assert [p.name for p in paths] == ["random.png", "random.pdf"]
+    for path in paths:
+        _check_image(path)
+    with pytest.raises(SystemExit, match="image=PATH is required"):
+        visualize.main(["model=tiny_llava"])
+
+
+def test_object_layer_probe_on_the_tiny_model(tiny_llava, scene, shape_images, tmp_path):
+    model, processor = tiny_llava
+    images = [scene[0], *shape_images]
+    masks = [scene[1], None, None, None]
+    result = probe_module.probe(model, processor, images, top=0.1, masks=masks, batch_size=3)
+    assert result.layers == list(range(1, 13)) and result.n_images == 4 and result.top_k == 57
+    assert all(np.isfinite(result.dispersion)) and min(result.dispersion) > 0
+    overlap = np.array(result.overlap)
+    assert overlap.shape == (12, 12) and np.allclose(np.diag(overlap), 1.0) and np.allclose(overlap, overlap.T)
+    assert len(result.mask_iou) == 12 and all(0 <= v <= 1 for v in result.mask_iou)
+    assert 1 <= result.suggested_layer <= 11
+    written = probe_module.plot(result, tmp_path, "tiny") + probe_module.write(result, tmp_path)
+    for path in written:
+        if path.suffix in (".png", ".pdf"):
+            _check_image(path)
+        else:
+            assert path.stat().st_size > 100
+    assert (tmp_path / "probe.csv").read_text().count("\n") == 13
+
+
+def test_probe_helpers():
+    assert probe_module.suggest_object_layer([1.0, 1.1, 1.0, 3.0, 3.2]) == 3  # the rise is from layer 3 to 4
+    mask = Image.new("L", (100, 100), 0)
+    ImageDraw.Draw(mask).rectangle([0, 0, 49, 99], fill=255)  # left half
+    patches = probe_module.mask_patches(mask, (4, 4))
+    assert patches == {r * 4 + c for r in range(4) for c in (0, 1)}
+    wide = Image.new("L", (200, 100), 255)  # padded to 200 x 200: the middle rows are object
+    assert probe_module.mask_patches(wide, (4, 4)) == {r * 4 + c for r in (1, 2) for c in range(4)}
+    with pytest.raises(ValueError, match="fraction"):
+        probe_module.probe(None, None, [], top=0)
+
+
+def test_probe_cli(tiny_llava_dir, shape_images, tmp_path):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i, image in enumerate(shape_images):
+        image.save(folder / f"{i}.png")
+    result = probe_module.main(["--images", str(folder), "--model", "tiny_llava", "--device", "cpu",
+                                "--out", str(tmp_path / "out")])
+    assert result.n_images == 3
+    for name in ("dispersion.png", "overlap.pdf", "probe.json"):
+        assert (tmp_path / "out" / name).stat().st_size > 100
