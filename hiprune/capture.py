@@ -26,8 +26,9 @@ from transformers import AttentionInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 CAPTURE_IMPLEMENTATION = "hiprune_capture"
-# Heads processed at once when reducing probabilities; bounds the extra memory to B x chunk x T x T floats.
-_HEAD_CHUNK = 4
+# Probabilities materialised at once (float32 elements, ~256 MB): whole layers for CLIP-sized maps in one pass,
+# head chunks for long sequences, so the extra memory stays bounded.
+_MAX_CHUNK_ELEMENTS = 64 * 2**20
 
 
 @dataclass
@@ -51,11 +52,13 @@ def key_scores(
     if key.shape[1] != query.shape[1]:  # grouped-query attention: each key head serves several query heads
         key = key.repeat_interleave(query.shape[1] // key.shape[1], dim=1)
     batch, heads, q_len, _ = query.shape
-    total = torch.zeros(batch, key.shape[2], dtype=torch.float32, device=query.device)
-    for start in range(0, heads, _HEAD_CHUNK):
-        q = query[:, start : start + _HEAD_CHUNK].float()
-        k = key[:, start : start + _HEAD_CHUNK].float()
-        logits = torch.matmul(q, k.transpose(-1, -2)) * scaling
+    k_len = key.shape[2]
+    chunk = max(1, min(heads, _MAX_CHUNK_ELEMENTS // max(1, batch * q_len * k_len)))
+    total = torch.zeros(batch, k_len, dtype=torch.float32, device=query.device)
+    for start in range(0, heads, chunk):
+        q = query[:, start : start + chunk].float() * scaling  # scale the (smaller) queries, not the T x T logits
+        k = key[:, start : start + chunk].float()
+        logits = torch.matmul(q, k.transpose(-1, -2))
         if attention_mask is not None:
             logits = logits + attention_mask[..., : k.shape[2]].float()
         total += torch.softmax(logits, dim=-1).sum(dim=(1, 2))
