@@ -9,6 +9,9 @@ TINY_LLAVA := assets/tiny-llava/build_info.json
 SMOKE_TASK := assets/smoke_pope/manifest.json
 TINY_CLIP := assets/tiny-clip/build_info.json
 TINY_QWEN := assets/tiny-qwen2.5-vl/build_info.json
+TINY_NEXT := assets/tiny-llava-next/build_info.json
+TINY_VIDEO_LLAVA := assets/tiny-video-llava/build_info.json
+SMOKE_VIDEO := assets/smoke_video/manifest.json
 
 .PHONY: setup assets smoke test test-fast bench bench-scoring tables reproduce-table clean-smoke
 
@@ -21,7 +24,7 @@ $(STAMP): pyproject.toml requirements/constraints.txt
 	$(PY) -m pip install --quiet -c requirements/constraints.txt -e '.[test]'
 	touch $@
 
-assets: $(TINY_LLAVA) $(TINY_CLIP) $(TINY_QWEN) $(SMOKE_TASK)
+assets: $(TINY_LLAVA) $(TINY_CLIP) $(TINY_QWEN) $(TINY_NEXT) $(TINY_VIDEO_LLAVA) $(SMOKE_TASK) $(SMOKE_VIDEO)
 
 $(TINY_LLAVA): scripts/build_tiny_llava.py | $(STAMP)
 	$(OFFLINE) $(PY) scripts/build_tiny_llava.py
@@ -31,6 +34,15 @@ $(TINY_CLIP): scripts/build_tiny_clip.py $(TINY_LLAVA) | $(STAMP)
 
 $(TINY_QWEN): scripts/build_tiny_qwen2_5_vl.py | $(STAMP)
 	$(OFFLINE) $(PY) scripts/build_tiny_qwen2_5_vl.py
+
+$(TINY_NEXT): scripts/build_tiny_llava_next.py | $(STAMP)
+	$(OFFLINE) $(PY) scripts/build_tiny_llava_next.py
+
+$(TINY_VIDEO_LLAVA): scripts/build_tiny_video_llava.py | $(STAMP)
+	$(OFFLINE) $(PY) scripts/build_tiny_video_llava.py
+
+$(SMOKE_VIDEO): scripts/build_smoke_video_task.py | $(STAMP)
+	$(OFFLINE) $(PY) scripts/build_smoke_video_task.py
 
 $(SMOKE_TASK): scripts/build_smoke_task.py | $(STAMP)
 	$(OFFLINE) $(PY) scripts/build_smoke_task.py

@@ -57,8 +57,8 @@ class HiPruneLMM(lmms):
     family: ClassVar[str] = ""
     default_pretrained: ClassVar[str] = ""
     loading_options: ClassVar[dict[str, Any]] = {}
-    # adapter options for hiprune.apply (e.g. Qwen2.5-VL positions); load() may set them per instance
-    adapter_options: dict[str, Any] = {}
+    # loading options that are adapter options of hiprune.apply (e.g. Qwen2.5-VL "positions", LLaVA-NeXT "layout")
+    adapter_option_names: ClassVar[tuple[str, ...]] = ()
 
     def __init__(
         self,
@@ -74,6 +74,7 @@ class HiPruneLMM(lmms):
     ) -> None:
         super().__init__()
         loading = {k: options.pop(k, default) for k, default in self.loading_options.items()}
+        self.adapter_options = {k: loading[k] for k in self.adapter_option_names}
         # Validate everything cheap before the (possibly multi-GB) model loads.
         self.method = hiprune.build_method(method, **options)
         self._device = resolve_device(device)

@@ -40,6 +40,7 @@ class HiPruneQwen25VL(HiPruneLMM):
 
     family = "qwen2_5_vl"
     default_pretrained = "Qwen/Qwen2.5-VL-3B-Instruct"
+    adapter_option_names = ("positions",)
     loading_options = {
         "min_pixels": DEFAULT_MIN_PIXELS,
         "max_pixels": DEFAULT_MAX_PIXELS,
@@ -76,7 +77,6 @@ class HiPruneQwen25VL(HiPruneLMM):
         model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
             pretrained, revision=revision, dtype=self._dtype, attn_implementation=attn_implementation
         )
-        self.adapter_options = {"positions": positions}  # passed to hiprune.apply by the base class
         return model, processor
 
     @property

@@ -106,7 +106,8 @@ def plan_run(cfg: DictConfig) -> RunPlan:
         pretrained = str(local)
     if method.needs_prompt and m.local and "text_tower" in loading and not Path(resolved_loading["text_tower"]).exists():
         raise ConfigError(f"local text tower {loading['text_tower']} not found; build it first (make assets)")
-    _check_against_architecture(pretrained, m.revision, method, has_prompt_encoder="text_tower" in loading)
+    adapter_options = {k: loading[k] for k in model_class.adapter_option_names if k in loading}
+    _check_against_architecture(pretrained, m.revision, method, "text_tower" in loading, adapter_options)
 
     include_path = str(repo_path(cfg.benchmark.include_path)) if cfg.benchmark.include_path else None
     tasks = list(cfg.benchmark.tasks)
@@ -148,7 +149,9 @@ def lmms_model_class(name: str) -> type:
     return cls
 
 
-def _check_against_architecture(pretrained: str, revision: str | None, method, has_prompt_encoder: bool) -> None:
+def _check_against_architecture(
+    pretrained: str, revision: str | None, method, has_prompt_encoder: bool, adapter_options: dict[str, Any]
+) -> None:
     """Budget vs grid and layers vs encoder, on a weightless (meta) instance of the real architecture."""
     import torch
     from transformers import AutoConfig, AutoModelForImageTextToText
@@ -159,7 +162,7 @@ def _check_against_architecture(pretrained: str, revision: str | None, method, h
     with torch.device("meta"):
         skeleton = AutoModelForImageTextToText.from_config(config)
     try:
-        adapter = hiprune.adapter_for(skeleton)
+        adapter = hiprune.adapter_for(skeleton, **adapter_options)
         adapter.check_supported(method, prompt_encoder=True if has_prompt_encoder else None)
         adapter.resolve_layers(method)
         adapter.tokens_per_image(method)

@@ -31,6 +31,9 @@ class ClipPromptEncoder:
     def __post_init__(self) -> None:
         if self.pooling not in POOLINGS:
             raise ValueError(f"unknown prompt pooling {self.pooling!r}; expected one of {POOLINGS}")
+        # CLIP's text tower uses causal attention and absolute positions: left padding would shift every prompt by
+        # the batch's longest one, so prompt embeddings would depend on batch composition.
+        self.tokenizer.padding_side = "right"
 
     @classmethod
     def from_pretrained(cls, path: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,

@@ -87,3 +87,11 @@ def test_eval_run_with_the_tiny_text_tower(tmp_path, tiny_llava_dir, tiny_clip_d
     record = run_module.execute(run_module.plan_run(cfg))
     assert record["visual_tokens"]["mean_kept_per_image"] == 70
     assert record["identity"]["method"]["mode"] == "additive"
+
+
+def test_prompt_embedding_does_not_depend_on_the_batch(encoder):
+    # the tiny CLIP reuses a left-padding tokenizer: the encoder must pad right (CLIP's positions are absolute)
+    prompts = ["red", "a much longer prompt about a yellow square on the far right"]
+    together = encoder.encode_prompts(prompts)
+    alone = torch.cat([encoder.encode_prompts([p]) for p in prompts])
+    torch.testing.assert_close(together, alone, rtol=1e-4, atol=1e-5)

@@ -2,5 +2,8 @@
 
 from hiprune.adapters.base import Adapter, PruningError, PruningSession, adapter_for, apply
 from hiprune.adapters.llava import LlavaAdapter
+from hiprune.adapters.qwen2_5_vl import Qwen25VLAdapter  # noqa: F401  (registers the Qwen2.5-VL adapter)
+from hiprune.adapters.llava_next import LlavaNextAdapter  # noqa: F401  (registers LLaVA-NeXT)
+from hiprune.adapters.video_llava import VideoLlavaAdapter  # noqa: F401  (registers Video-LLaVA)
 
 __all__ = ["Adapter", "LlavaAdapter", "PruningError", "PruningSession", "adapter_for", "apply"]

@@ -1,0 +1,153 @@
+"""lmms-eval model class ``hiprune_llava_next``: an HF LLaVA-NeXT (llava-v1.6) checkpoint with any harness method.
+
+    python -m lmms_eval --model hiprune_llava_next \\
+        --model_args pretrained=llava-hf/llava-v1.6-vicuna-7b-hf,method=hiprune,budget=640 --tasks pope --batch_size 4
+
+Defaults reproduce the official HiPrune evaluation of LLaVA-NeXT (the authors' lmms-eval ``llava`` model with
+``conv_template=vicuna_v1``): Vicuna v1 prompt with its system prompt and LLaVA's chunk-wise tokenisation around
+``<image>``; anyres preprocessing by the checkpoint's image processor (best-fit grid, black padding, base image
+squashed to 336 x 336, as LLaVA's ``process_anyres_image``) with LLaVA's tie-breaking between grids
+(``pinpoint_order``); the 'spatial' layout without unpadding or newline tokens
+(``layout=native`` gives HF's unpad + newline layout; see hiprune/adapters/llava_next.py). The expected kept tokens
+per sample list one entry per crop grid (base first, then the sub-image crops), matching the adapter's records.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+import torch
+
+import hiprune
+from eval.lmms_model import HiPruneLMM
+from hiprune.prompting import (
+    IMAGE_PLACEHOLDER,
+    PROMPT_STYLES,
+    _rgb,
+    left_pad,
+    vicuna_v1_prompt,
+    with_image_placeholders,
+)
+
+VIDEO_PLACEHOLDER = "<video>"
+_PLACEHOLDERS = re.compile(f"({re.escape(IMAGE_PLACEHOLDER)}|{re.escape(VIDEO_PLACEHOLDER)})")
+
+
+def tokenize_with_visuals(tokenizer, prompt: str, fills: Sequence[tuple[str, int, int]]) -> list[int]:
+    """LLaVA's chunk-wise tokenisation with a token count per placeholder.
+
+    ``fills`` has one (placeholder, token id, count) per placeholder occurrence of ``prompt``, in order: each text
+    chunk is tokenised on its own (BOS kept only on the first) and each placeholder becomes ``count`` copies of its
+    token id.
+    """
+    parts = _PLACEHOLDERS.split(prompt)
+    chunks, placeholders = parts[0::2], parts[1::2]
+    if [p for p, _, _ in fills] != placeholders:
+        raise ValueError(f"prompt placeholders {placeholders} do not match the visuals {[p for p, _, _ in fills]}")
+    bos = tokenizer.bos_token_id
+    ids: list[int] = list(tokenizer(chunks[0]).input_ids)
+    for (_, token_id, count), chunk in zip(fills, chunks[1:]):
+        ids.extend([token_id] * count)
+        piece = tokenizer(chunk).input_ids
+        if bos is not None and piece and piece[0] == bos:
+            piece = piece[1:]
+        ids.extend(piece)
+    return ids
+
+
+def fill_placeholders(text: str, fills: Sequence[tuple[str, str, int]]) -> str:
+    """Replace the placeholders of ``text`` in order: fills = (placeholder, token string, count) per occurrence."""
+    parts = _PLACEHOLDERS.split(text)
+    chunks, placeholders = parts[0::2], parts[1::2]
+    if [p for p, _, _ in fills] != placeholders:
+        raise ValueError(f"prompt placeholders {placeholders} do not match the visuals {[p for p, _, _ in fills]}")
+    out = [chunks[0]]
+    for (_, token, count), chunk in zip(fills, chunks[1:]):
+        out.extend([token * count, chunk])
+    return "".join(out)
+
+
+class HiPruneLlavaNext(HiPruneLMM):
+    """LLaVA-NeXT (HF ``LlavaNextForConditionalGeneration``), prompted like the official evaluation."""
+
+    family = "llava_next"
+    default_pretrained = "llava-hf/llava-v1.6-vicuna-7b-hf"
+    adapter_option_names = ("layout",)
+    loading_options = {
+        "prompt_style": "vicuna_v1",  # or hf_chat (the checkpoint's chat template)
+        "layout": "official",  # official ('spatial', 5 x 576 on a 2x2 grid) | native (HF: unpad + image_newline)
+        # official: LLaVA reads image_grid_pinpoints as (width, height), HF as (height, width); the v1.6 list is
+        # symmetric, so only ties differ (a square image <= 336 px: LLaVA picks a 2x1 grid, HF a 1x2 grid).
+        # "official" swaps every pinpoint in the model config and the image processor so HF breaks ties like LLaVA;
+        # "checkpoint" keeps HF's reading.
+        "pinpoint_order": "official",
+        # CLIP checkpoint paired with the vision tower; loaded only for prompt-aware methods (HiPrune++)
+        "text_tower": "openai/clip-vit-large-patch14-336",
+        "prompt_pooling": "mean",
+    }
+
+    def load(self, pretrained, revision, attn_implementation, prompt_style, layout, pinpoint_order, text_tower,
+             prompt_pooling):
+        from transformers import AutoProcessor, LlavaNextForConditionalGeneration
+
+        if prompt_style not in PROMPT_STYLES:
+            raise ValueError(f"unknown prompt_style {prompt_style!r}; choose one of {PROMPT_STYLES}")
+        if pinpoint_order not in ("official", "checkpoint"):
+            raise ValueError(f"unknown pinpoint_order {pinpoint_order!r}; choose official or checkpoint")
+        if self.method.needs_prompt:
+            self.prompt_encoder = hiprune.ClipPromptEncoder.from_pretrained(
+                text_tower, device=self._device, dtype=self._dtype, pooling=prompt_pooling
+            )
+        processor = AutoProcessor.from_pretrained(pretrained, revision=revision)
+        model = LlavaNextForConditionalGeneration.from_pretrained(
+            pretrained, revision=revision, dtype=self._dtype, attn_implementation=attn_implementation
+        )
+        if pinpoint_order == "official":
+            swapped = [[int(b), int(a)] for a, b in model.config.image_grid_pinpoints]
+            model.config.image_grid_pinpoints = swapped
+            processor.image_processor.image_grid_pinpoints = swapped
+        self.prompt_style = prompt_style
+        tokenizer = processor.tokenizer
+        self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        return model, processor
+
+    @property
+    def tokens_per_image(self) -> int:
+        """Visual tokens of the reference image (one filling the largest anyres grid, e.g. 2880 unpruned)."""
+        return self.session.tokens_per_image()
+
+    def prompt(self, context: str, n_images: int) -> str:
+        question = with_image_placeholders(context, n_images)
+        if self.prompt_style == "vicuna_v1":
+            return vicuna_v1_prompt(question)
+        content = [{"type": "image"}] * n_images + [{"type": "text", "text": context}]
+        return self.processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+
+    def build_inputs(self, contexts, images):
+        if len(contexts) != len(images):
+            raise ValueError(f"{len(contexts)} prompts but {len(images)} image lists")
+        adapter = self.session.adapter
+        flat = [_rgb(image) for sample in images for image in sample]
+        batch: dict[str, torch.Tensor] = {}
+        layouts = []
+        if flat:
+            pixels = self.processor.image_processor(flat, return_tensors="pt")
+            batch["pixel_values"] = pixels["pixel_values"]
+            batch["image_sizes"] = pixels["image_sizes"]
+            layouts = [adapter.image_layout(size, self.method) for size in pixels["image_sizes"]]
+        image_id = self.processor.image_token_id
+        sequences, expected, cursor = [], [], 0
+        for context, sample in zip(contexts, images):
+            sample_layouts = layouts[cursor : cursor + len(sample)]
+            cursor += len(sample)
+            prompt = self.prompt(context, len(sample))
+            if self.prompt_style == "vicuna_v1":
+                fills = [(IMAGE_PLACEHOLDER, image_id, layout.total) for layout in sample_layouts]
+                sequences.append(tokenize_with_visuals(self.tokenizer, prompt, fills))
+            else:
+                fills = [(IMAGE_PLACEHOLDER, self.processor.image_token, layout.total) for layout in sample_layouts]
+                sequences.append(self.tokenizer(fill_placeholders(prompt, fills)).input_ids)
+            expected.append([kept for layout in sample_layouts for kept in layout.kept])
+        batch["input_ids"], batch["attention_mask"] = left_pad(sequences, self.pad_token_id)
+        return batch, expected

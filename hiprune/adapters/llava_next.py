@@ -1,0 +1,448 @@
+"""LLaVA-NeXT / llava-v1.6 (``transformers.LlavaNextForConditionalGeneration``): anyres crops pruned one by one.
+
+An image is encoded as a base image (the whole image resized to 336 x 336) plus the crops of an anyres grid of
+``nph x npw`` sub-images (a 2 x 2 grid for a square-ish image: 5 crops). Every crop is a 24 x 24 CLIP grid. As for
+LLaVA-1.5, pruning happens after the projector and before the LLM: the adapter wraps
+``LlavaNextModel.get_image_features`` (the attention capture runs around the vision tower) and replaces
+``pack_image_features`` (which lays the crops out for the LLM) while installed, and makes the processor emit exactly
+the number of ``<image>`` tokens the layout produces. HF's generate, KV cache, left padding and contiguous position
+ids then work unchanged.
+
+Two layouts (``hiprune.apply(model, method, processor, layout=...)``; the default reproduces the official HiPrune
+evaluation):
+
+official -- what the authors' code does (it forces LLaVA's ``mm_patch_merge_type='spatial'``):
+    every crop, base included, is pruned on its own 24 x 24 grid with ``int(N' / crops)`` tokens (crops = 1 +
+    nph * npw; a 2 x 2 grid gives 5: 640 -> 128 each); no unpadding, no ``image_newline`` tokens. Order: the base
+    image's kept tokens (raster order), then the kept tokens of all sub-images in raster order over the *stitched*
+    (nph * 24) x (npw * 24) grid (row by row across crop borders, not crop by crop). Unpruned: 5 x 576 = 2880 tokens.
+    A float budget is a ratio per crop: each crop keeps round(576 * ratio).
+
+native -- HF's own layout (LLaVA's ``spatial_unpad``): the base image's 576 tokens, then the stitched sub-image grid
+    with the rows / columns that only show padding removed ("unpadding", HF's ``unpad_image``), one
+    ``image_newline`` token after each of its rows. Each crop is pruned on its unpadded part only (a rectangle of its
+    24 x 24 grid; a crop entirely in the padding has no tokens and is skipped). The budget N' is spread over the
+    grids as equally as their sizes allow (water-filling: equal shares of int(remaining / open grids), a grid smaller
+    than its share keeps all its tokens and the rest is shared among the others), so the same split as 'official'
+    when nothing is padded. The newline tokens are always kept and not counted in the budget (as in the official
+    code's ``spatial_unpad`` branch); a budget above the image's token count keeps everything. Order: base kept tokens,
+    then for every unpadded row its kept tokens left to right followed by its newline. A float budget is a ratio per
+    grid. With method ``none`` the model runs untouched.
+
+Every grid goes through the method on its own (grids of equal shape and budget share one ``select`` call; rows are
+independent), with its own attention scores (CLS key dropped) and a sample id derived from the image's pixels and
+the crop index. Prompt-aware methods (HiPrune++) compare every crop with the prompt of its image (one prompt per
+image, ``session.set_prompts``), using the tower's last-layer patch features through the prompt encoder's projection.
+
+Kept-token records (``session.records``): one ``GridRecord`` per grid, per image: the base image first, then the
+sub-image crops in raster order over the crop grid (native: only crops with unpadded tokens); ``indices`` index the
+grid the method saw (native: the crop's unpadded rectangle, raster order).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from contextlib import ExitStack
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers import LlavaNextForConditionalGeneration
+from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, unpad_image
+
+from hiprune.adapters.base import (
+    Adapter,
+    GridRecord,
+    PruningError,
+    PruningSession,
+    patch_attribute,
+    register_adapter,
+    stable_ids,
+)
+from hiprune.capture import AttentionScores
+from hiprune.methods.base import Method, VisionTokens, resolve_budget
+
+LAYOUTS = ("official", "native")
+@dataclass(frozen=True)
+class CropGrid:
+    """The token grid of one crop that a method sees."""
+
+    crop: int  # 0 = base image, 1.. = sub-image crops in raster order over the crop grid
+    rows: int
+    cols: int
+    row0: int = 0  # top-left token of the grid inside the crop's full side x side grid (native: unpadded part)
+    col0: int = 0
+    budget: int = 0  # the method's budget for this grid
+    keep: int = 0  # tokens the LLM receives from it: method.kept_count(budget) (HiPrune++ additive adds some)
+
+    @property
+    def tokens(self) -> int:
+        return self.rows * self.cols
+
+
+@dataclass(frozen=True)
+class ImageLayout:
+    """Where every visual token of one image goes, and how many the method keeps per grid."""
+
+    layout: str
+    crop_grid: tuple[int, int]  # (nph, npw) sub-image crops
+    side: int  # tokens per crop side (24)
+    grids: tuple[CropGrid, ...]  # base first, then sub-image crops (native: only crops with unpadded tokens)
+    unpadded: tuple[int, int, int, int]  # (row0, col0, rows, cols) of the kept part of the stitched grid
+    newlines: int  # image_newline tokens (native: one per unpadded row; official: 0)
+
+    @property
+    def crops(self) -> int:
+        return 1 + self.crop_grid[0] * self.crop_grid[1]
+
+    @property
+    def kept(self) -> list[int]:
+        return [g.keep for g in self.grids]
+
+    @property
+    def total(self) -> int:
+        """Visual tokens the LLM receives for this image (what the processor emits)."""
+        return sum(self.kept) + self.newlines
+
+    @property
+    def full(self) -> int:
+        """Visual tokens of the same layout without pruning."""
+        return sum(g.tokens for g in self.grids) + self.newlines
+
+
+def spread_budget(budget: int, capacities: Sequence[int]) -> list[int]:
+    """Split ``budget`` tokens over grids of the given sizes as equally as they allow (water-filling).
+
+    Every round gives each open grid int(remaining / open grids); a grid that cannot take its share keeps all its
+    tokens and leaves the rest to the others. What int() rounds off is not handed out (as the official
+    int(N' / crops)). Raises when a grid would keep nothing.
+    """
+    keep = [0] * len(capacities)
+    open_grids = [i for i, c in enumerate(capacities) if c > 0]
+    remaining = budget
+    first = True
+    while open_grids:
+        share = remaining // len(open_grids)
+        if share == 0:
+            if first:
+                raise ValueError(
+                    f"budget {budget} cannot give every one of the image's {len(open_grids)} grids a token"
+                )
+            break
+        first = False
+        small = [i for i in open_grids if capacities[i] <= share]
+        if not small:
+            for i in open_grids:
+                keep[i] = share
+            break
+        for i in small:
+            keep[i] = capacities[i]
+            remaining -= capacities[i]
+        open_grids = [i for i in open_grids if i not in small]
+    return keep
+
+
+def _size_list(image_size: Any) -> list[int]:
+    if hasattr(image_size, "tolist"):
+        image_size = image_size.tolist()
+    return [int(x) for x in image_size]
+
+
+def _derived_id(base: int, index: int) -> int:
+    digest = hashlib.blake2b(f"{base}:{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+@register_adapter
+class LlavaNextAdapter(Adapter):
+    family = "llava_next"
+    model_types = (LlavaNextForConditionalGeneration,)
+
+    def __init__(self, model: LlavaNextForConditionalGeneration, layout: str = "official"):
+        super().__init__(model)
+        self.inner = model.model
+        config = model.config
+        self.config = config
+        self.vision_config = config.vision_config
+        if config.vision_feature_select_strategy != "default":
+            raise ValueError(
+                "only vision_feature_select_strategy='default' (CLS dropped, one token per patch) has a token grid; "
+                f"got {config.vision_feature_select_strategy!r}"
+            )
+        if not isinstance(config.vision_feature_layer, int):
+            raise ValueError(f"a single vision_feature_layer is required, got {config.vision_feature_layer!r}")
+        if not config.image_grid_pinpoints:
+            raise ValueError("LLaVA-NeXT config has no image_grid_pinpoints")
+        self.side = self.vision_config.image_size // self.vision_config.patch_size
+        self.layout = layout
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"unknown LLaVA-NeXT layout {self.layout!r}; choose one of {LAYOUTS}")
+
+    # --- encoder description -------------------------------------------------------------------------------
+    def _layers(self):
+        tower = self.inner.vision_tower
+        return getattr(tower, "vision_model", tower).encoder.layers
+
+    def num_encoder_layers(self) -> int:
+        return len(self._layers())
+
+    def feature_layer(self) -> int:
+        k = self.config.vision_feature_layer
+        return k if k >= 0 else self.num_encoder_layers() + 1 + k
+
+    def attention_module(self, layer: int):
+        return self._layers()[layer - 1].self_attn
+
+    # --- layout --------------------------------------------------------------------------------------------
+    def reference_image_size(self) -> list[int]:
+        """(height, width) of the image that defines ``tokens_per_image``: one filling the largest anyres grid
+        exactly (the real checkpoints: 672 x 672, a 2 x 2 grid, 2880 tokens unpruned in the official layout)."""
+        height, width = max(self.config.image_grid_pinpoints, key=lambda hw: (hw[0] * hw[1], hw[0]))
+        return [int(height), int(width)]
+
+    def image_layout(self, image_size: Any, method: Method) -> ImageLayout:
+        """Layout and per-grid kept counts of an image of ``image_size`` (height, width) under ``method``."""
+        size = _size_list(image_size)
+        side = self.side
+        nph, npw = get_anyres_image_grid_shape(size, self.config.image_grid_pinpoints, self.vision_config.image_size)
+        nph, npw = int(nph), int(npw)
+        crops = [(1 + i * npw + j, i, j) for i in range(nph) for j in range(npw)]
+        if self.layout == "official":
+            grids = [CropGrid(0, side, side)] + [CropGrid(c, side, side) for c, _, _ in crops]
+            unpadded = (0, 0, nph * side, npw * side)
+            newlines = 0
+        else:
+            height, width = nph * side, npw * side
+            index = torch.arange(height * width).view(1, height, width)
+            kept = unpad_image(index, size)[0]
+            rows, cols = kept.shape  # an extreme aspect ratio can leave 0 columns: HF still emits the newlines
+            r0, c0 = divmod(int(kept[0, 0]), width) if kept.numel() else (0, 0)
+            unpadded = (r0, c0, rows, cols)
+            newlines = rows
+            grids = [CropGrid(0, side, side)]
+            for c, i, j in crops:
+                top, bottom = max(r0, i * side), min(r0 + rows, (i + 1) * side)
+                left, right = max(c0, j * side), min(c0 + cols, (j + 1) * side)
+                if bottom > top and right > left:
+                    grids.append(CropGrid(c, bottom - top, right - left, top - i * side, left - j * side))
+        budgets = self._grid_budgets(method, [g.tokens for g in grids], 1 + nph * npw)
+        keep = budgets if method.stage != "vision" else [method.kept_count(b) for b in budgets]
+        for grid, b, k in zip(grids, budgets, keep):
+            if k > grid.tokens:
+                raise ValueError(
+                    f"method {method.name!r} keeps {k} tokens of a crop grid with only {grid.tokens} "
+                    f"(budget {method.budget}, {grid.rows}x{grid.cols} grid)"
+                )
+        grids = tuple(CropGrid(g.crop, g.rows, g.cols, g.row0, g.col0, b, k) for g, b, k in zip(grids, budgets, keep))
+        return ImageLayout(self.layout, (nph, npw), side, grids, unpadded, newlines)
+
+    def _grid_budgets(self, method: Method, capacities: list[int], crops: int) -> list[int]:
+        if method.stage != "vision":
+            return list(capacities)
+        budget = method.budget
+        if isinstance(budget, float):
+            return [resolve_budget(budget, c) for c in capacities]
+        if self.layout == "official":
+            per_crop = int(budget) // crops
+            if per_crop < 1:
+                raise ValueError(
+                    f"budget {budget} gives int({budget} / {crops} crops) = 0 tokens per crop (official LLaVA-NeXT "
+                    f"layout: every crop keeps int(N' / crops)); use a budget of at least {crops}"
+                )
+            if per_crop > capacities[0]:
+                raise ValueError(
+                    f"budget {budget} asks for int({budget} / {crops} crops) = {per_crop} tokens per crop but a crop "
+                    f"has only {capacities[0]}"
+                )
+            return [per_crop] * len(capacities)
+        return spread_budget(int(budget), capacities)
+
+    def tokens_per_image(self, method: Method, image_size: Any = None) -> int:
+        """Visual tokens the LLM receives for an image of ``image_size`` (default: the reference image)."""
+        size = self.reference_image_size() if image_size is None else image_size
+        return self.image_layout(size, method).total
+
+    # --- installation --------------------------------------------------------------------------------------
+    def install(self, stack: ExitStack, session: PruningSession, processor: Any | None) -> None:
+        method = session.method
+        layers = self.resolve_layers(method) if method.stage == "vision" else {}
+        self.tokens_per_image(method)  # validates the budget against the reference grid before anything runs
+        original_features = self.inner.get_image_features
+        original_pack = self.inner.pack_image_features
+        passthrough = self.layout == "native" and method.stage != "vision"  # HF's own layout, untouched
+        pending: dict[str, Any] = {}
+
+        def get_image_features(pixel_values: torch.Tensor, image_sizes: torch.Tensor, *args, **kwargs):
+            crops = self._crops_per_image(pixel_values, image_sizes)
+            modules = {name: self.attention_module(layer) for name, layer in layers.items()}
+            with AttentionScores(modules) as capture:
+                pending["active"] = True
+                try:
+                    out = original_features(pixel_values, image_sizes, *args, **kwargs)
+                    packed = dict(pending)
+                finally:
+                    pending.clear()
+                scores = capture.collect() if modules else {}
+            if passthrough:
+                session.records.append(
+                    [GridRecord(g.tokens, g.tokens, None) for size in image_sizes for g in self.image_layout(size, method).grids]
+                )
+                return out
+            if "features" not in packed:
+                raise PruningError("LLaVA-NeXT get_image_features did not pack image features (transformers changed?)")
+            out.pooler_output = self._pack(session, packed["features"], image_sizes, packed["newline"], scores, crops, out)
+            return out
+
+        def pack_image_features(image_features, image_sizes, vision_feature_select_strategy, image_newline=None):
+            if not pending:
+                raise PruningError("pack_image_features was called outside get_image_features while pruning is installed")
+            if passthrough:
+                return original_pack(image_features, image_sizes, vision_feature_select_strategy, image_newline)
+            # Stash the per-crop features; get_image_features lays them out once the tower's outputs are at hand.
+            pending.update(features=image_features, newline=image_newline)
+            return list(image_features), torch.zeros(len(image_features), dtype=torch.long)
+
+        patch_attribute(stack, self.inner, "get_image_features", get_image_features)
+        patch_attribute(stack, self.inner, "pack_image_features", pack_image_features)
+        if processor is not None:
+            self._patch_processor(stack, processor, method)
+
+    def _crops_per_image(self, pixel_values: torch.Tensor, image_sizes: torch.Tensor) -> list[torch.Tensor]:
+        """Per image its crops [C, 3, H, W], as HF's get_image_features slices them."""
+        if pixel_values.dim() != 5:
+            raise PruningError(f"expected pixel_values [images, crops, 3, H, W], got shape {tuple(pixel_values.shape)}")
+        out = []
+        for pixels, size in zip(pixel_values, image_sizes):
+            nph, npw = get_anyres_image_grid_shape(
+                _size_list(size), self.config.image_grid_pinpoints, self.vision_config.image_size
+            )
+            out.append(pixels[: 1 + int(nph) * int(npw)])
+        return out
+
+    def _pack(self, session, image_features, image_sizes, image_newline, scores, crops, out) -> list[torch.Tensor]:
+        method = session.method
+        side = self.side
+        layouts = [self.image_layout(size, method) for size in image_sizes]
+        if len(image_features) != len(layouts):
+            raise PruningError(f"{len(image_features)} images of features for {len(layouts)} image sizes")
+        n_crops_total = sum(f.shape[0] for f in image_features)
+        for name, s in scores.items():
+            if s.shape != (n_crops_total, side * side + 1):
+                raise PruningError(f"score {name!r} has shape {tuple(s.shape)}, expected ({n_crops_total}, {side * side + 1})")
+            if not torch.isfinite(s).all():
+                raise PruningError(f"attention score {name!r} contains NaN or inf")
+
+        prompt_embeds = token_embeds = None
+        if method.needs_prompt:  # HiPrune++: every crop is compared with the prompt of its image
+            prompt_embeds = session.prompt_encoder.encode_prompts(session.take_prompts(len(layouts)))
+            tower = self.inner.vision_tower
+            post_layernorm = getattr(tower, "vision_model", tower).post_layernorm
+            token_embeds = session.prompt_encoder.encode_patches(out.last_hidden_state, post_layernorm)
+
+        # One item per grid: its features and scores on the grid the method sees.
+        items = []  # (image index, CropGrid, features [n, D], {name: [n]}, sample id, token embeds [n, E] | None)
+        offset = 0
+        for i, (features, layout, pixels) in enumerate(zip(image_features, layouts, crops)):
+            if features.shape[0] != layout.crops or features.shape[1] != side * side:
+                raise PruningError(
+                    f"image {i}: expected {layout.crops} crops of {side * side} tokens for a "
+                    f"{layout.crop_grid[0]}x{layout.crop_grid[1]} grid, got features {tuple(features.shape)}"
+                )
+            image_id = stable_ids(pixels.reshape(1, -1))[0]
+            for grid in layout.grids:
+                window = (slice(grid.row0, grid.row0 + grid.rows), slice(grid.col0, grid.col0 + grid.cols))
+                feats = features[grid.crop].view(side, side, -1)[window].reshape(grid.tokens, -1)
+                grid_scores = {
+                    name: s[offset + grid.crop, 1:].view(side, side)[window].reshape(-1) for name, s in scores.items()
+                }
+                embeds = None
+                if token_embeds is not None:
+                    embeds = token_embeds[offset + grid.crop].view(side, side, -1)[window].reshape(grid.tokens, -1)
+                items.append((i, grid, feats, grid_scores, _derived_id(image_id, grid.crop), embeds))
+            offset += features.shape[0]
+
+        # Run the method once per group of grids of equal shape and budget (rows are independent of each other).
+        kept: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(items)
+        if method.stage == "vision":
+            groups: dict[tuple[int, int, int], list[int]] = {}
+            for k, (_, grid, *_rest) in enumerate(items):
+                groups.setdefault((grid.rows, grid.cols, grid.budget), []).append(k)
+            for (rows, cols, budget), members in groups.items():
+                keep = items[members[0]][1].keep
+                tokens = VisionTokens(
+                    features=torch.stack([items[k][2] for k in members]),
+                    grid=(rows, cols),
+                    scores={name: torch.stack([items[k][3][name] for k in members]) for name in scores},
+                    sample_ids=[items[k][4] for k in members],
+                )
+                if prompt_embeds is not None:
+                    tokens.prompt_embeds = prompt_embeds[[items[k][0] for k in members]]
+                    tokens.token_embeds = torch.stack([items[k][5] for k in members])
+                selection = method.select(tokens, budget)
+                if selection.indices.shape != (len(members), keep) or selection.features.shape[:2] != (len(members), keep):
+                    raise PruningError(
+                        f"method {method.name!r} returned {tuple(selection.indices.shape)} indices and features "
+                        f"{tuple(selection.features.shape)}; expected {keep} tokens for each of {len(members)} grids"
+                    )
+                session.last_selection = selection
+                for row, k in enumerate(members):
+                    kept[k] = (selection.indices[row], selection.features[row])
+        else:
+            for k, (_, grid, feats, *_rest) in enumerate(items):
+                kept[k] = (torch.arange(grid.tokens, device=feats.device), feats)
+
+        session.records.append(
+            [
+                GridRecord(grid.tokens, grid.keep, None if method.stage != "vision" else kept[k][0].detach().cpu())
+                for k, (_, grid, *_rest) in enumerate(items)
+            ]
+        )
+        per_image: list[list[tuple[CropGrid, torch.Tensor, torch.Tensor]]] = [[] for _ in layouts]
+        for k, (i, grid, *_rest) in enumerate(items):
+            per_image[i].append((grid, *kept[k]))
+        packed = [self._assemble(layout, grids, image_newline) for layout, grids in zip(layouts, per_image)]
+        for i, (tensor, layout) in enumerate(zip(packed, layouts)):
+            if tensor.shape[0] != layout.total:
+                raise PruningError(f"image {i}: packed {tensor.shape[0]} visual tokens, expected {layout.total}")
+        return packed
+
+    def _assemble(self, layout: ImageLayout, grids, image_newline) -> torch.Tensor:
+        """Base tokens first, then the sub-image tokens (and newlines) in raster order over the stitched grid."""
+        side = self.side
+        npw = layout.crop_grid[1]
+        r0, c0, _, cols = layout.unpadded
+        base = [features for grid, _, features in grids if grid.crop == 0]
+        parts, positions = [], []
+        for grid, indices, features in grids:
+            if grid.crop == 0:
+                continue
+            ci, cj = divmod(grid.crop - 1, npw)
+            r = ci * side + grid.row0 + indices // grid.cols
+            c = cj * side + grid.col0 + indices % grid.cols
+            if layout.layout == "official":
+                positions.append(r * (npw * side) + c)
+            else:  # position in the unpadded grid with one newline column on the right
+                positions.append((r - r0) * (cols + 1) + (c - c0))
+            parts.append(features)
+        if layout.newlines:
+            if image_newline is None:
+                raise PruningError("the native LLaVA-NeXT layout needs the model's image_newline parameter")
+            reference = base[0]
+            newline = image_newline.to(reference.device, reference.dtype)
+            parts.append(newline.expand(layout.newlines, -1))
+            positions.append(torch.arange(layout.newlines, device=reference.device) * (cols + 1) + cols)
+        if not parts:
+            return base[0]
+        order = torch.cat([p.to(base[0].device) for p in positions]).argsort(stable=True)
+        return torch.cat([base[0], torch.cat(parts)[order]])
+
+    def _patch_processor(self, stack: ExitStack, processor: Any, method: Method) -> None:
+        if not hasattr(processor, "replace_image_token") or not hasattr(processor, "image_token"):
+            raise TypeError(f"cannot set the image token count of {type(processor).__name__}")
+
+        def replace_image_token(image_inputs: dict, image_idx: int, **kwargs) -> str:
+            size = image_inputs["image_sizes"][image_idx]
+            return processor.image_token * self.image_layout(size, method).total
+
+        patch_attribute(stack, processor, "replace_image_token", replace_image_token)
