@@ -16,7 +16,6 @@ import torch
 from transformers import LlavaForConditionalGeneration
 
 from hiprune.adapters.base import (
-    Adapter,
     GridRecord,
     PruningError,
     PruningSession,
@@ -24,49 +23,15 @@ from hiprune.adapters.base import (
     register_adapter,
     stable_ids,
 )
+from hiprune.adapters.clip_tower import ClipTowerAdapter
 from hiprune.capture import AttentionScores
 from hiprune.methods.base import Method, VisionTokens, resolve_budget
 
 
 @register_adapter
-class LlavaAdapter(Adapter):
+class LlavaAdapter(ClipTowerAdapter):
     family = "llava"
     model_types = (LlavaForConditionalGeneration,)
-
-    def __init__(self, model: LlavaForConditionalGeneration):
-        super().__init__(model)
-        self.inner = model.model
-        config = model.config
-        self.vision_config = config.vision_config
-        if config.vision_feature_select_strategy != "default":
-            raise ValueError(
-                "only vision_feature_select_strategy='default' (CLS dropped, one token per patch) has a token grid; "
-                f"got {config.vision_feature_select_strategy!r}"
-            )
-        if not isinstance(config.vision_feature_layer, int):
-            raise ValueError(f"a single vision_feature_layer is required, got {config.vision_feature_layer!r}")
-        side = self.vision_config.image_size // self.vision_config.patch_size
-        self.grid = (side, side)
-
-    # --- encoder description -------------------------------------------------------------------------------
-    def _layers(self):
-        tower = self.inner.vision_tower
-        return getattr(tower, "vision_model", tower).encoder.layers  # transformers >= 5.2x flattened CLIPVisionModel
-
-    def num_encoder_layers(self) -> int:
-        return len(self._layers())
-
-    def feature_layer(self) -> int:
-        # hidden_states[k] is the output of layer k (hidden_states[0] = embeddings), so a negative index -j
-        # names layer L + 1 - j.
-        k = self.model.config.vision_feature_layer
-        return k if k >= 0 else self.num_encoder_layers() + 1 + k
-
-    def attention_module(self, layer: int):
-        return self._layers()[layer - 1].self_attn
-
-    def num_patches(self) -> int:
-        return self.grid[0] * self.grid[1]
 
     def tokens_per_image(self, method: Method) -> int:
         if method.stage != "vision":

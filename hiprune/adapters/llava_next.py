@@ -52,7 +52,6 @@ from transformers import LlavaNextForConditionalGeneration
 from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, unpad_image
 
 from hiprune.adapters.base import (
-    Adapter,
     GridRecord,
     PruningError,
     PruningSession,
@@ -60,6 +59,7 @@ from hiprune.adapters.base import (
     register_adapter,
     stable_ids,
 )
+from hiprune.adapters.clip_tower import ClipTowerAdapter
 from hiprune.capture import AttentionScores
 from hiprune.methods.base import Method, VisionTokens, resolve_budget
 
@@ -155,44 +155,18 @@ def _derived_id(base: int, index: int) -> int:
 
 
 @register_adapter
-class LlavaNextAdapter(Adapter):
+class LlavaNextAdapter(ClipTowerAdapter):
     family = "llava_next"
     model_types = (LlavaNextForConditionalGeneration,)
 
     def __init__(self, model: LlavaNextForConditionalGeneration, layout: str = "official"):
         super().__init__(model)
-        self.inner = model.model
-        config = model.config
-        self.config = config
-        self.vision_config = config.vision_config
-        if config.vision_feature_select_strategy != "default":
-            raise ValueError(
-                "only vision_feature_select_strategy='default' (CLS dropped, one token per patch) has a token grid; "
-                f"got {config.vision_feature_select_strategy!r}"
-            )
-        if not isinstance(config.vision_feature_layer, int):
-            raise ValueError(f"a single vision_feature_layer is required, got {config.vision_feature_layer!r}")
-        if not config.image_grid_pinpoints:
+        if not self.config.image_grid_pinpoints:
             raise ValueError("LLaVA-NeXT config has no image_grid_pinpoints")
-        self.side = self.vision_config.image_size // self.vision_config.patch_size
+        self.side = self.grid[0]
         self.layout = layout
         if self.layout not in LAYOUTS:
             raise ValueError(f"unknown LLaVA-NeXT layout {self.layout!r}; choose one of {LAYOUTS}")
-
-    # --- encoder description -------------------------------------------------------------------------------
-    def _layers(self):
-        tower = self.inner.vision_tower
-        return getattr(tower, "vision_model", tower).encoder.layers
-
-    def num_encoder_layers(self) -> int:
-        return len(self._layers())
-
-    def feature_layer(self) -> int:
-        k = self.config.vision_feature_layer
-        return k if k >= 0 else self.num_encoder_layers() + 1 + k
-
-    def attention_module(self, layer: int):
-        return self._layers()[layer - 1].self_attn
 
     # --- layout --------------------------------------------------------------------------------------------
     def reference_image_size(self) -> list[int]:

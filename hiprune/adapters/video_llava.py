@@ -29,7 +29,6 @@ import torch
 from transformers import VideoLlavaForConditionalGeneration
 
 from hiprune.adapters.base import (
-    Adapter,
     GridRecord,
     PruningError,
     PruningSession,
@@ -37,6 +36,7 @@ from hiprune.adapters.base import (
     register_adapter,
     stable_ids,
 )
+from hiprune.adapters.clip_tower import ClipTowerAdapter
 from hiprune.capture import AttentionScores
 from hiprune.methods.base import Method, VisionTokens, resolve_budget
 
@@ -57,46 +57,22 @@ def _derived_id(base: int, index: int) -> int:
 
 
 @register_adapter
-class VideoLlavaAdapter(Adapter):
+class VideoLlavaAdapter(ClipTowerAdapter):
     family = "video_llava"
     model_types = (VideoLlavaForConditionalGeneration,)
 
     def __init__(self, model: VideoLlavaForConditionalGeneration, num_frames: int = DEFAULT_FRAMES):
         super().__init__(model)
-        self.inner = model.model
-        config = model.config
-        self.config = config
-        self.vision_config = config.vision_config
-        if config.vision_feature_select_strategy != "default":
-            raise ValueError(
-                "only vision_feature_select_strategy='default' (CLS dropped, one token per patch) has a token grid; "
-                f"got {config.vision_feature_select_strategy!r}"
-            )
-        if not isinstance(config.vision_feature_layer, int):
-            raise ValueError(f"a single vision_feature_layer is required, got {config.vision_feature_layer!r}")
-        side = self.vision_config.image_size // self.vision_config.patch_size
-        self.grid = (side, side)
         if isinstance(num_frames, bool) or not isinstance(num_frames, int) or num_frames < 1:
             raise ValueError(f"num_frames must be an int >= 1, got {num_frames!r}")
         self.num_frames = num_frames  # frames tokens_per_image assumes for a video (each input has its own count)
 
-    # --- encoder description -------------------------------------------------------------------------------
-    def _tower(self, kind: str):
-        tower = self.inner.image_tower if kind == "image" else self.inner.video_tower
-        return getattr(tower, "vision_model", tower)
-
-    def num_encoder_layers(self) -> int:
-        return len(self._tower("image").encoder.layers)  # both towers share vision_config
-
-    def feature_layer(self) -> int:
-        k = self.config.vision_feature_layer
-        return k if k >= 0 else self.num_encoder_layers() + 1 + k
+    # --- encoder description (two towers with one vision_config) --------------------------------------------
+    def vision_tower(self, kind: str = "image"):
+        return self.inner.image_tower if kind == "image" else self.inner.video_tower
 
     def attention_module(self, layer: int, kind: str = "image"):
-        return self._tower(kind).encoder.layers[layer - 1].self_attn
-
-    def num_patches(self) -> int:
-        return self.grid[0] * self.grid[1]
+        return self.encoder_layers(self.vision_tower(kind))[layer - 1].self_attn
 
     # --- budgets -------------------------------------------------------------------------------------------
     def image_budget(self, method: Method) -> int:
@@ -239,7 +215,7 @@ class VideoLlavaAdapter(Adapter):
             n_visuals = max(prompts_per_row) + 1
             prompts = session.prompt_encoder.encode_prompts(session.take_prompts(n_visuals))
             tokens.prompt_embeds = prompts[prompts_per_row]
-            tower = self._tower(kind)
+            tower = getattr(self.vision_tower(kind), "vision_model", self.vision_tower(kind))
             tokens.token_embeds = session.prompt_encoder.encode_patches(last_hidden_state, tower.post_layernorm)
         selection = method.select(tokens, budget)
         if selection.indices.shape != (rows, keep) or selection.features.shape[:2] != (rows, keep):

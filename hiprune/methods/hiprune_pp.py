@@ -24,7 +24,7 @@ from typing import ClassVar
 import torch
 
 from hiprune.methods.base import Selection, VisionTokens, gather_tokens
-from hiprune.methods.hiprune import HiPrune, select_hiprune_with_roles
+from hiprune.methods.hiprune import HiPrune
 
 COUNTS = ("prose", "pseudocode")
 MODES = ("within_budget", "additive")
