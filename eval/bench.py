@@ -1,0 +1,905 @@
+"""Latency, memory, FLOPs and roofline benchmark of every method x budget (issue 8, deliverables 2, 3 and 5).
+
+    python -m eval.bench                                       # CPU default: mid-size random LLaVA, bfloat16
+    python -m eval.bench model=llava15_7b bench_profile=gpu    # LLaVA-1.5-7B, the paper's protocol, on a GPU
+    python -m eval.bench only=[none,hiprune] budgets=[64] repeats=5 new_tokens=16
+
+The model is built with random weights from its architecture config (``model.arch``, a folder under
+configs/arch holding the Hub config.json, plus optional ``model.arch_overrides``; a ``model.local`` folder's own
+config.json otherwise), directly on the device and in the model's dtype. Its weight bytes are checked against free
+memory on a weightless (meta) copy first. Inputs are synthetic: ``text_tokens_before_image`` random text ids,
+N' image placeholders (N' = the method's tokens per image, what the adapter makes the vision side return),
+``text_tokens_after_image`` ids; random pixels.
+
+Per (method, budget) -- a "case" -- inside ``hiprune.apply(model, method)`` (installed around each case's calls):
+
+  vision    vision tower + projector + the method's scoring and selection (``get_image_features``)
+  prefill   LLM forward only (decoder + lm_head on the last position, building the KV cache, as generate's prefill
+            does) on precomputed input embeddings: what the paper times
+  ttft      ``generate(max_new_tokens=1)`` end to end (vision, selection, prefill, first token)
+  decode    one cached single-token step (the cache is cropped back after each call)
+  generate  ``generate(max_new_tokens=K, min_new_tokens=K)``; throughput = batch x K / wall time
+
+Schedule: per case ``warmup`` untimed calls of each measurement; then ``repeats`` rounds, each running one timed
+call of every measurement of every case, the case order rotating by one per round (a slow phase of a shared
+machine spreads over all cases instead of biasing one); median, quartiles, IQR, mean and std over the rounds.
+GPU: CUDA events around the call, then synchronize. CPU: ``time.perf_counter``. Peak memory, in a final pass with
+one untimed call per measurement and nothing of other cases held: GPU ``torch.cuda.max_memory_allocated`` after
+``reset_peak_memory_stats`` (weights + activations + cache; the allocator's view); CPU the process's peak resident
+set size (VmHWM) during the call, after ``malloc_trim`` and a reset of the kernel's counter (/proc/self/clear_refs):
+everything resident (weights, activations, Python, libraries, allocator slack), plus the increase over the RSS
+before the call. Not comparable one to one with max_memory_allocated.
+
+FLOPs per case (eval/flops.py): FastV convention (LLM prefill), exact (2 x MACs, whole model as generate's prefill
+runs it: vision incl. the method's extra score maps, projector, LLM, lm_head on one position), the paper's
+calflops convention (a full forward's linear layers only: what Table 5 prints), optionally FlopCounterMode over
+one real forward. Roofline: peak FLOP/s (matmul) and bandwidth (copy) measured in this run (eval/roofline.py), at
+its start and its end; the bound of the prefill is max(FLOPs / peak, bytes / bandwidth) with the faster of the two
+measurements of each peak (the tighter bound), FLOPs counted for a causal kernel ("triangular") and bytes from
+:func:`eval.roofline.prefill_bytes`.
+
+Writes ``<out_dir>/<model>-<device>-<dtype>/bench.json`` and the tables of eval/efficiency_table.py.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import datetime as dt
+import gc
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import hydra
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CONFIG_DIR = REPO_ROOT / "configs"
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+MEASUREMENTS = ("vision", "prefill", "ttft", "decode", "generate")
+
+
+class ConfigError(ValueError):
+    """A benchmark configuration that cannot run; raised before the model is built."""
+
+
+def repo_path(path: str | Path) -> Path:
+    path = Path(path)
+    return path if path.is_absolute() else REPO_ROOT / path
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# configuration
+# ------------------------------------------------------------------------------------------------------------------
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device=cuda but no CUDA device is available")
+    return device
+
+
+def architecture_config(model_cfg: DictConfig):
+    """The model's HF config: ``model.local`` folder's config.json, else ``model.arch`` (+ ``arch_overrides``)."""
+    from transformers import AutoConfig
+
+    if model_cfg.get("local"):
+        source = repo_path(model_cfg.pretrained)
+        if not (source / "config.json").is_file():
+            raise ConfigError(f"local model {source} not found (no config.json); build it first (make assets)")
+    elif model_cfg.get("arch"):
+        source = repo_path(model_cfg.arch)
+        if not (source / "config.json").is_file():
+            raise ConfigError(f"architecture folder {source} has no config.json")
+    else:
+        raise ConfigError(
+            f"model {model_cfg.name!r} names no architecture: set model.arch to a folder under configs/arch "
+            "(random weights are built from its config.json)"
+        )
+    config = AutoConfig.from_pretrained(source)
+    node = model_cfg.get("arch_overrides")
+    overrides = OmegaConf.to_container(node, resolve=True) if node else {}
+    for section, values in overrides.items():
+        target = getattr(config, section, None) if isinstance(values, dict) else config
+        if target is None:
+            raise ConfigError(f"arch_overrides: the config has no section {section!r}")
+        items = values.items() if isinstance(values, dict) else [(section, values)]
+        for key, value in items:
+            if not hasattr(target, key):
+                raise ConfigError(f"arch_overrides: {section}.{key} is not a field of the config")
+            setattr(target, key, value)
+    return config, str(source)
+
+
+def method_specs(cfg: DictConfig) -> list[dict[str, Any]]:
+    """[{name, options, implemented, source}] in run order: ``methods`` entries, then registered extras."""
+    import hiprune
+
+    specs = []
+    for key, node in (cfg.get("methods") or {}).items():
+        node = OmegaConf.to_container(node, resolve=True)
+        specs.append({"name": node.get("name", key), "options": node.get("options") or {},
+                      "implemented": node.get("implemented", True), "source": f"methods.{key}"})
+    if cfg.get("include_registered", True):
+        listed = {s["name"] for s in specs}
+        for name in hiprune.METHODS:
+            if name in listed:
+                continue
+            path = CONFIG_DIR / "method" / f"{name}.yaml"
+            node = {"name": name, "options": {}}
+            if path.is_file():
+                merged = OmegaConf.merge({"seed": cfg.seed}, {"m": OmegaConf.load(path)})
+                node = OmegaConf.to_container(merged.m, resolve=True)
+            specs.append({"name": name, "options": node.get("options") or {},
+                          "implemented": node.get("implemented", True), "source": "hiprune.METHODS"})
+    only = cfg.get("only")
+    if only:
+        unknown = sorted(set(only) - {s["name"] for s in specs})
+        if unknown:
+            raise ConfigError(f"only={list(only)}: no method config for {unknown}")
+        specs = [s for s in specs if s["name"] in set(only)]
+    return specs
+
+
+def plan_cases(cfg: DictConfig, skeleton) -> list[dict[str, Any]]:
+    """Every (method, budget) to run, validated against a weightless model; unrunnable ones carry a reason."""
+    import hiprune
+
+    adapter = hiprune.adapter_for(skeleton)
+    budgets = list(cfg.budgets)
+    cases = []
+    for spec in method_specs(cfg):
+        name = spec["name"]
+        if not spec["implemented"]:
+            cases.append({**spec, "budget": None, "method": None, "status": "not implemented",
+                          "reason": f"configs/method/{name}.yaml is marked implemented: false"})
+            continue
+        if name not in hiprune.METHODS:
+            cases.append({**spec, "budget": None, "method": None, "status": "not implemented",
+                          "reason": f"{name!r} is not registered in hiprune.METHODS"})
+            continue
+        stage = hiprune.METHODS[name].stage
+        for budget in [None] if stage == "none" else budgets:
+            kwargs = dict(spec["options"]) if budget is None else {"budget": budget, **spec["options"]}
+            try:
+                method = hiprune.build_method(name, **kwargs)
+            except (ValueError, TypeError) as exc:
+                raise ConfigError(f"method {name!r}: {exc}") from exc
+            try:  # a prompt encoder is built for prompt-aware methods (build_prompt_encoder)
+                adapter.check_supported(method, object() if method.needs_prompt else None)
+            except (ValueError, TypeError) as exc:  # e.g. an LLM-side method on an adapter without LLM support
+                cases.append({**spec, "budget": budget, "method": None, "status": "unsupported", "reason": str(exc)})
+                continue
+            try:
+                adapter.resolve_layers(method)
+                keep = adapter.tokens_per_image(method)
+            except (ValueError, TypeError) as exc:
+                raise ConfigError(f"method {name!r} budget {budget}: {exc}") from exc
+            cases.append({**spec, "budget": budget, "method": method, "keep": keep, "status": "planned",
+                          "reason": ""})
+    if not any(c["status"] == "planned" for c in cases):
+        raise ConfigError("nothing to run: " + "; ".join(f"{c['name']}: {c['reason']}" for c in cases))
+    return cases
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# model and inputs
+# ------------------------------------------------------------------------------------------------------------------
+def weightless(config):
+    from transformers import AutoModelForImageTextToText
+
+    with torch.device("meta"):
+        return AutoModelForImageTextToText.from_config(config)
+
+
+def parameter_count(model: torch.nn.Module) -> int:
+    return sum({id(p): p.numel() for p in model.parameters()}.values())
+
+
+def free_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("cannot read MemAvailable from /proc/meminfo")
+
+
+def check_memory(n_params: int, dtype: torch.dtype, device: torch.device, fraction: float) -> dict[str, int]:
+    need = n_params * torch.finfo(dtype).bits // 8
+    free = free_memory(device)
+    if need > fraction * free:
+        raise ConfigError(
+            f"the model's weights need {need / 2**30:.1f} GiB in {str(dtype).removeprefix('torch.')} but only "
+            f"{free / 2**30:.1f} GiB are free on {device} (limit {fraction:.0%}); use a smaller dtype, another "
+            "device or model=llava15_mid_cpu"
+        )
+    return {"weights_bytes": need, "free_bytes_before_build": free}
+
+
+def build_model(config, dtype: torch.dtype, device: torch.device, attn: str, seed: int):
+    """Random weights (transformers' own init), allocated directly on ``device`` in ``dtype``."""
+    from transformers import AutoModelForImageTextToText
+
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = AutoModelForImageTextToText.from_config(config, dtype=dtype, attn_implementation=attn)
+    return model.eval()
+
+
+def text_ids(config, n: int, generator: torch.Generator) -> torch.Tensor:
+    """``n`` random text token ids: not the image token, not padding, not BOS/EOS."""
+    tc = config.text_config
+    vocab = tc.vocab_size
+    special = {config.image_token_id, getattr(config, "pad_token_id", None), tc.bos_token_id, tc.eos_token_id,
+               getattr(tc, "pad_token_id", None)}
+    allowed = torch.tensor([i for i in range(3, min(vocab, 32000)) if i not in special])
+    return allowed[torch.randint(len(allowed), (n,), generator=generator)]
+
+
+def make_inputs(config, keep: int, batch: int, before: int, after: int, seed: int, device, dtype) -> dict:
+    """input_ids [B, before + keep + after] (BOS first), attention_mask, pixel_values [B, 3, H, W]."""
+    g = torch.Generator().manual_seed(seed)
+    bos = config.text_config.bos_token_id
+    rows = []
+    for _ in range(batch):
+        head = text_ids(config, before, g)
+        if before and bos is not None:
+            head[0] = bos
+        rows.append(torch.cat([head, torch.full((keep,), config.image_token_id), text_ids(config, after, g)]))
+    input_ids = torch.stack(rows)
+    size = config.vision_config.image_size
+    pixels = torch.randn(batch, 3, size, size, generator=g)
+    return {
+        "input_ids": input_ids.to(device),
+        "attention_mask": torch.ones_like(input_ids).to(device),
+        "pixel_values": pixels.to(device, dtype),
+    }
+
+
+PROMPT = "Is there a red circle in the image?\nAnswer the question using a single word or phrase."
+
+
+class FixedLengthTokenizer:
+    """Stands in for CLIP's tokenizer (not available offline): every prompt becomes ``length`` random ids, BOS first
+    and EOS last, no padding. The text tower's cost depends on the length only."""
+
+    def __init__(self, length: int, vocab_size: int, bos_token_id: int, eos_token_id: int, seed: int = 0):
+        self.length, self.vocab_size, self.bos, self.eos, self.seed = length, vocab_size, bos_token_id, eos_token_id, seed
+
+    def __call__(self, prompts, padding=True, truncation=True, max_length=77, return_tensors="pt", **_):
+        n = min(self.length, max_length)
+        g = torch.Generator().manual_seed(self.seed)
+        high = min(self.bos, self.eos)
+        ids = torch.randint(high, (len(prompts), n), generator=g)
+        ids[:, 0], ids[:, -1] = self.bos, self.eos
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+def build_prompt_encoder(cfg: DictConfig, config, dtype: torch.dtype, device: torch.device):
+    """Prompt encoder for prompt-aware methods (HiPrune++). ``model.text_tower`` if it is a local folder (e.g. the
+    tiny CLIP of the test assets), else a random-weight CLIP text tower + text/visual projections built from
+    ``prompt_encoder`` (default: the dimensions of openai/clip-vit-large-patch14-336) with a fixed-length stand-in
+    tokenizer of ``prompt_encoder.prompt_tokens`` tokens."""
+    import hiprune
+
+    pe = cfg.prompt_encoder
+    local = cfg.model.get("text_tower")
+    if local and (repo_path(local) / "config.json").is_file():
+        load_on = torch.device("cpu") if device.type == "meta" else device
+        return hiprune.ClipPromptEncoder.from_pretrained(str(repo_path(local)), device=load_on, dtype=dtype,
+                                                         pooling=str(pe.pooling)), f"{repo_path(local)} (local)"
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    text_config = CLIPTextConfig(**OmegaConf.to_container(pe.text_config, resolve=True))
+    projection = int(pe.projection_dim)
+    torch.manual_seed(int(cfg.seed) + 1)
+    with torch.device(device):
+        text = CLIPTextModel._from_config(text_config, dtype=dtype, attn_implementation=str(cfg.model.attn_implementation))
+        text_projection = torch.nn.Linear(text_config.hidden_size, projection, bias=False, dtype=dtype)
+        visual_projection = torch.nn.Linear(config.vision_config.hidden_size, projection, bias=False, dtype=dtype)
+    tokenizer = FixedLengthTokenizer(int(pe.prompt_tokens), text_config.vocab_size, text_config.bos_token_id,
+                                     text_config.eos_token_id, int(cfg.seed))
+    encoder = hiprune.ClipPromptEncoder(text.eval(), text_projection, visual_projection, tokenizer, str(pe.pooling))
+    return encoder, "random CLIP text tower from prompt_encoder.text_config"
+
+
+def prompt_encoder_flops(encoder, n_patches: int, batch: int) -> dict[str, int]:
+    """FLOPs (2 x MACs) of a ClipPromptEncoder call for one forward: text tower on the prompt (q,k,v,o, fc1, fc2
+    and dense QK^T + AV per layer), text_projection (every token for mean pooling, one for eos) and
+    visual_projection of every patch. Biases, norms and activations not counted (as eval.flops)."""
+    tc = encoder.text_model.config
+    d, m, layers = tc.hidden_size, tc.intermediate_size, tc.num_hidden_layers
+    t = len(encoder.tokenizer([PROMPT], max_length=encoder.max_length)["input_ids"][0])
+    e = encoder.text_projection.out_features
+    linear = layers * 2 * t * (4 * d * d + 2 * d * m)
+    attention = layers * 2 * 2 * t * t * d
+    heads = 2 * (t if encoder.pooling == "mean" else 1) * d * e + 2 * n_patches * encoder.visual_projection.in_features * e
+    return {"linear": batch * (linear + heads), "attention": batch * attention,
+            "total": batch * (linear + heads + attention), "prompt_tokens": t}
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# timing and memory
+# ------------------------------------------------------------------------------------------------------------------
+def _proc_status_kb(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+class MemoryProbe:
+    """Peak memory of one call. CUDA: max_memory_allocated after a reset. CPU: peak RSS (VmHWM) after a reset."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.kind = "cuda_max_memory_allocated" if device.type == "cuda" else "cpu_peak_rss"
+        if device.type != "cuda" and not self._reset_hwm():
+            self.kind = "cpu_ru_maxrss_since_start"  # cannot reset: the process-wide peak since it started
+
+    @staticmethod
+    def _reset_hwm() -> bool:
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            return _proc_status_kb("VmHWM") is not None
+        except OSError:
+            return False
+
+    def start(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._before = torch.cuda.memory_allocated(self.device)
+            return
+        gc.collect()
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except OSError:
+            pass
+        if self.kind == "cpu_peak_rss":
+            self._reset_hwm()
+            self._before = _proc_status_kb("VmRSS") * 1024
+        else:
+            self._before = 0
+
+    def stop(self) -> dict[str, int]:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            peak = torch.cuda.max_memory_allocated(self.device)
+        elif self.kind == "cpu_peak_rss":
+            peak = _proc_status_kb("VmHWM") * 1024
+        else:
+            import resource
+
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        return {"peak_bytes": peak, "added_bytes": peak - self._before}
+
+
+def time_call(fn: Callable[[], Any], device: torch.device) -> tuple[float, Any]:
+    """Seconds of one call: CUDA events + synchronize on GPU, perf_counter on CPU."""
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize(device)
+        start.record()
+        out = fn()
+        end.record()
+        torch.cuda.synchronize(device)
+        return start.elapsed_time(end) / 1e3, out
+    t0 = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - t0, out
+
+
+def summarize(values: list[float]) -> dict[str, float]:
+    """Median, quartiles (inclusive method), IQR, mean, std (0 for one value), min, max, n."""
+    if not values:
+        raise ValueError("no values")
+    ordered = sorted(values)
+    if len(values) >= 2:
+        q1, _, q3 = statistics.quantiles(ordered, n=4, method="inclusive")
+        std = statistics.stdev(ordered)
+    else:
+        q1 = q3 = ordered[0]
+        std = 0.0
+    return {"median": statistics.median(ordered), "q1": q1, "q3": q3, "iqr": q3 - q1,
+            "mean": statistics.fmean(ordered), "std": std, "min": ordered[0], "max": ordered[-1], "n": len(values)}
+
+
+class Call:
+    """One measurable call: ``fn`` (timed), ``check`` of its output and ``after`` (both untimed)."""
+
+    def __init__(self, fn: Callable[[], Any], check: Callable[[Any], None] | None = None,
+                 after: Callable[[], None] | None = None):
+        self.fn, self.check, self.after = fn, check, after
+
+    def run(self, device: torch.device, timed: bool = True) -> float | None:
+        elapsed, out = time_call(self.fn, device) if timed else (None, self.fn())
+        if self.check:
+            self.check(out)
+        if self.after:
+            self.after()
+        return elapsed
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# FLOPs and roofline per case
+# ------------------------------------------------------------------------------------------------------------------
+def case_flops(config, n_text: int, keep: int, batch: int, score_layers: int, new_tokens: int,
+               prompt: dict[str, int] | None = None) -> dict[str, Any]:
+    """FLOPs of one case (whole batch), from eval.flops; ``prompt``: a prompt encoder's FLOPs
+    (:func:`prompt_encoder_flops`), added to the whole-model counts (not to the LLM's)."""
+    from eval.flops import fastv_tokens_per_layer, flops_exact, tflops_fastv
+
+    tc = config.text_config
+    prefill = flops_exact(config, n_text, keep, logits_to_keep=1, score_layers=score_layers)
+    prefill_tri = flops_exact(config, n_text, keep, logits_to_keep=1, score_layers=score_layers,
+                              attention="triangular")
+    generate = flops_exact(config, n_text, keep, decode_tokens=max(new_tokens - 1, 0), logits_to_keep=1,
+                           score_layers=score_layers)
+    one_step = flops_exact(config, n_text, keep, decode_tokens=1, logits_to_keep=1)["decode"]
+    full_forward = flops_exact(config, n_text, keep)  # logits at every position, no scoring: what calflops sees
+    fastv = tflops_fastv(tc.num_hidden_layers, tc.hidden_size, tc.intermediate_size,
+                         fastv_tokens_per_layer(tc.num_hidden_layers, n_text, keep))
+    extra, extra_linear = (prompt["total"], prompt["linear"]) if prompt else (0, 0)
+    return {
+        "tflops_fastv": batch * fastv,
+        "tflops_exact": (batch * prefill["total"] + extra) / 1e12,
+        "tflops_exact_generate": (batch * generate["total"] + extra) / 1e12,
+        "tflops_paper_convention": (batch * (full_forward["total"] - full_forward["attention_scores"]) + extra_linear) / 1e12,
+        "prompt_encoder_flops": extra,
+        "exact_prefill_parts": {k: batch * v for k, v in prefill.items()},
+        "llm_prefill_flops": batch * (prefill["llm_prefill"] + prefill["lm_head"]),
+        "llm_prefill_flops_triangular": batch * (prefill_tri["llm_prefill"] + prefill_tri["lm_head"]),
+        "decode_step_flops": batch * one_step,
+    }
+
+
+def adapter_patches(model) -> int:
+    import hiprune
+
+    return hiprune.adapter_for(model).num_patches()
+
+
+def case_roofline(config, n_tokens: int, batch: int, dtype: torch.dtype, flops: dict, peaks: dict) -> dict:
+    from eval.roofline import decode_bytes, prefill_bytes, roofline_bound
+
+    width = torch.finfo(dtype).bits // 8
+    pre_bytes = prefill_bytes(config, n_tokens, width, batch)
+    dec_bytes = decode_bytes(config, n_tokens, width, batch)
+    pre = roofline_bound(flops["llm_prefill_flops_triangular"], pre_bytes["total"], peaks["flops_per_s"],
+                         peaks["bytes_per_s"])
+    dec = roofline_bound(flops["decode_step_flops"], dec_bytes["total"], peaks["flops_per_s"], peaks["bytes_per_s"])
+    return {"prefill": {**pre, "bytes": pre_bytes, "flops": flops["llm_prefill_flops_triangular"]},
+            "decode": {**dec, "bytes": dec_bytes, "flops": flops["decode_step_flops"]}}
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# one case
+# ------------------------------------------------------------------------------------------------------------------
+class Case:
+    """One (method, budget) on the shared model: its inputs, precomputed LLM input embeddings, a KV cache for the
+    decode step, and the five measured calls. The method is installed (``hiprune.apply``) only around calls, so
+    cases can be interleaved."""
+
+    def __init__(self, model, spec: dict, cfg: DictConfig, device: torch.device, dtype: torch.dtype,
+                 prompt_encoder=None):
+        self.model, self.spec, self.device, self.dtype = model, spec, device, dtype
+        self.method = spec["method"]
+        self.encoder = prompt_encoder if self.method.needs_prompt else None
+        self.config = model.config
+        self.batch = int(cfg.batch_size)
+        self.n_text = int(cfg.text_tokens_before_image) + int(cfg.text_tokens_after_image)
+        self.new_tokens = int(cfg.new_tokens)
+        self.keep = spec["keep"]
+        self.inputs = make_inputs(self.config, self.keep, self.batch, int(cfg.text_tokens_before_image),
+                                  int(cfg.text_tokens_after_image), int(cfg.seed), device, dtype)
+        self.seq_len = self.inputs["input_ids"].shape[1]
+        tc = self.config.text_config
+        self.gen_kwargs = {"do_sample": False, "num_beams": 1, "use_cache": True,
+                           "pad_token_id": tc.pad_token_id or getattr(self.config, "pad_token_id", None) or 0,
+                           "eos_token_id": tc.eos_token_id}
+        self.session = None
+        self.embeds = self.cache = self.next_token = None
+        self.seconds: dict[str, list[float]] = {name: [] for name in MEASUREMENTS}
+        self.memory: dict[str, dict[str, int]] = {}
+        self.measured_flops: dict | None = None
+
+    @property
+    def label(self) -> str:
+        return f"{self.method.name} {self.keep}"
+
+    @contextlib.contextmanager
+    def installed(self):
+        import hiprune
+
+        with torch.inference_mode(), hiprune.apply(self.model, self.method, prompt_encoder=self.encoder) as session:
+            if session.tokens_per_image() != self.keep:
+                raise RuntimeError(f"{self.label}: session keeps {session.tokens_per_image()} tokens per image")
+            self.session = session
+            try:
+                yield session
+            finally:
+                self.session = None
+
+    # --- pieces -----------------------------------------------------------------------------------------------
+    def _prompts(self) -> None:
+        """Prompt-aware methods take the prompt of every image before each forward pass (a list copy inside the
+        timing; the text tower itself runs during selection and is timed as part of it)."""
+        if self.method.needs_prompt:
+            self.session.set_prompts([PROMPT] * self.batch)
+
+    def _check_records(self, _out=None) -> None:
+        import hiprune
+
+        records = self.session.pop_records()
+        grids = [g for forward in records for g in forward]
+        if len(records) != 1 or len(grids) != self.batch or any(g.tokens_kept != self.keep for g in grids):
+            raise hiprune.PruningError(
+                f"{self.label}: expected one vision pass of {self.batch} image(s) keeping {self.keep} tokens, got "
+                f"{[[g.tokens_kept for g in f] for f in records]}"
+            )
+
+    def _vision(self):
+        self._prompts()
+        return self.model.model.get_image_features(
+            pixel_values=self.inputs["pixel_values"], vision_feature_layer=self.config.vision_feature_layer,
+            vision_feature_select_strategy=self.config.vision_feature_select_strategy)
+
+    def _prefill(self):
+        return self.model(inputs_embeds=self.embeds, attention_mask=self.inputs["attention_mask"], use_cache=True,
+                          logits_to_keep=1)
+
+    def make_cache(self) -> None:
+        """A prefill's KV cache and its next token, for the decode step (untimed)."""
+        first = self._prefill()
+        self.cache, self.next_token = first.cache, first.logits[:, -1:].argmax(-1)
+        self.step_mask = torch.ones(self.batch, self.seq_len + 1, dtype=self.inputs["attention_mask"].dtype,
+                                    device=self.device)
+
+    def drop_cache(self) -> None:
+        self.cache = self.next_token = None
+
+    def setup(self) -> None:
+        """Input embeddings with this method's kept visual tokens scattered in, and a decode cache (untimed)."""
+        with self.installed():
+            self.session.pop_records()
+            features = torch.cat(list(self._vision().pooler_output), dim=0)
+            self._check_records()
+            inner = self.model.model
+            embeds = inner.get_input_embeddings()(self.inputs["input_ids"])
+            mask = (self.inputs["input_ids"] == self.config.image_token_id).unsqueeze(-1)
+            self.embeds = embeds.masked_scatter(mask, features.to(embeds.dtype))
+            self.make_cache()
+
+    def calls(self) -> dict[str, Call]:
+        def ttft():
+            self._prompts()
+            return self.model.generate(**self.inputs, max_new_tokens=1, **self.gen_kwargs)
+
+        def generate():
+            self._prompts()
+            return self.model.generate(**self.inputs, max_new_tokens=self.new_tokens, min_new_tokens=self.new_tokens,
+                                       **self.gen_kwargs)
+
+        def check_generated(n: int):
+            def check(out):
+                self._check_records()
+                if out.shape != (self.batch, self.seq_len + n):
+                    raise RuntimeError(f"{self.label}: generate made {out.shape[1] - self.seq_len} tokens, expected {n}")
+            return check
+
+        def decode():
+            return self.model(input_ids=self.next_token, attention_mask=self.step_mask, cache=self.cache,
+                              use_cache=True, logits_to_keep=1)
+
+        def crop():
+            self.cache.crop(-1)
+            if self.cache.get_seq_length() != self.seq_len:
+                raise RuntimeError(f"{self.label}: decode cache holds {self.cache.get_seq_length()} positions")
+
+        return {
+            "vision": Call(self._vision, check=self._check_records),
+            "prefill": Call(self._prefill),
+            "ttft": Call(ttft, check=check_generated(1)),
+            "decode": Call(decode, after=crop),
+            "generate": Call(generate, check=check_generated(self.new_tokens)),
+        }
+
+    # --- phases -----------------------------------------------------------------------------------------------
+    def warm_up(self, n: int) -> None:
+        with self.installed():
+            for call in self.calls().values():
+                for _ in range(n):
+                    call.run(self.device, timed=False)
+
+    def timed_round(self) -> None:
+        with self.installed():
+            for name, call in self.calls().items():
+                self.seconds[name].append(call.run(self.device))
+
+    def measure_memory(self, probe: MemoryProbe) -> None:
+        """One call of each measurement with a peak-memory window; nothing of another case is held."""
+        with self.installed():
+            self.make_cache()
+            for name, call in self.calls().items():
+                probe.start()
+                call.run(self.device, timed=False)
+                self.memory[name] = probe.stop()
+            self.drop_cache()
+
+    def count_flops(self) -> None:
+        from eval.flops import flops_measured
+
+        with self.installed():
+            self._prompts()
+            self.measured_flops = flops_measured(self.model, {**self.inputs, "logits_to_keep": 1})
+            self._check_records()
+
+    def result(self, peaks: dict) -> dict[str, Any]:
+        method = self.method
+        score_layers = len(method.score_layers()) if method.stage == "vision" else 0
+        prompt = prompt_encoder_flops(self.encoder, adapter_patches(self.model), self.batch) if self.encoder else None
+        flops = case_flops(self.config, self.n_text, self.keep, self.batch, score_layers, self.new_tokens, prompt)
+        measured = self.measured_flops
+        if measured is not None:
+            flops["tflops_measured"] = measured["total"] / 1e12
+            flops["measured_parts"] = {k: v for k, v in measured.items() if k != "by_op"}
+            flops["sdpa_ops"] = sorted(op for op in measured["by_op"] if "scaled_dot_product" in op)
+            flops["measured_vs_exact"] = measured["total"] / (flops["tflops_exact"] * 1e12) - 1
+        return {
+            "visual_tokens": self.keep, "n_text": self.n_text, "seq_len": self.seq_len,
+            "timings": {k: summarize(v) for k, v in self.seconds.items()},
+            "throughput_tok_s": summarize([self.batch * self.new_tokens / t for t in self.seconds["generate"]]),
+            "memory": self.memory, "seconds": self.seconds, "flops": flops,
+            "roofline": case_roofline(self.config, self.n_text + self.keep, self.batch, self.dtype, flops, peaks),
+        }
+
+
+def run_cases(cases: list[Case], cfg: DictConfig, probe: MemoryProbe, log: Callable[[str], None]) -> None:
+    """Set-up and warm-up per case, then ``repeats`` rounds over all cases (the order rotates every round, so slow
+    phases of a shared machine or clock changes spread over all cases instead of biasing one), then one memory
+    pass per case with the decode caches of all other cases released, then FlopCounterMode per case."""
+    for case in cases:
+        case.setup()
+        case.warm_up(int(cfg.warmup))
+    repeats = int(cfg.repeats)
+    for r in range(repeats):
+        t0 = time.perf_counter()
+        shift = r % len(cases)
+        for case in cases[shift:] + cases[:shift]:
+            case.timed_round()
+        log(f"[bench] round {r + 1}/{repeats} done in {time.perf_counter() - t0:.1f} s")
+    for case in cases:
+        case.drop_cache()
+    for case in cases:
+        case.measure_memory(probe)
+        if cfg.flops_measured:
+            case.count_flops()
+        case.embeds = None
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# run
+# ------------------------------------------------------------------------------------------------------------------
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    name = line.split(":", 1)[1].strip()
+                    return f"{name} ({os.cpu_count()} logical CPUs, {torch.get_num_threads()} torch threads)"
+    except OSError:
+        pass
+    return platform.processor() or "cpu"
+
+
+def _versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for dist in ("torch", "transformers", "hiprune-harness", "hydra-core"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            out[dist] = "not installed"
+    return out
+
+
+def attention_backend(device: torch.device, attn: str, sdpa_ops: list[str]) -> str:
+    """Human-readable attention backend: the HF implementation and, if observed, the SDPA kernel that ran."""
+    text = attn
+    if sdpa_ops:
+        text += " (" + ", ".join(op.removeprefix("aten.") for op in sdpa_ops) + ")"
+    if device.type == "cuda" and attn == "sdpa" and not sdpa_ops:
+        text += f" (flash {torch.backends.cuda.flash_sdp_enabled()}, mem-efficient {torch.backends.cuda.mem_efficient_sdp_enabled()})"
+    return text
+
+
+def run(cfg: DictConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
+    from eval.efficiency_table import write_tables
+    from eval.roofline import measure_peaks
+
+    started = time.time()
+    device = resolve_device(str(cfg.device))
+    dtype_name = str(cfg.model.dtype)
+    if dtype_name not in DTYPES:
+        raise ConfigError(f"unknown dtype {dtype_name!r}; choose one of {', '.join(DTYPES)}")
+    dtype = DTYPES[dtype_name]
+    for key in ("warmup", "repeats", "new_tokens", "batch_size"):
+        if int(cfg[key]) < (0 if key == "warmup" else 1):
+            raise ConfigError(f"{key} must be >= {0 if key == 'warmup' else 1}, got {cfg[key]}")
+    if int(cfg.text_tokens_before_image) < 1 or int(cfg.text_tokens_after_image) < 0:
+        raise ConfigError("text_tokens_before_image must be >= 1 (it holds BOS) and text_tokens_after_image >= 0")
+
+    if cfg.get("threads"):
+        torch.set_num_threads(int(cfg.threads))  # CPU intra-op threads (also used by the peak benchmarks)
+    config, source = architecture_config(cfg.model)
+    attn = str(cfg.model.attn_implementation)
+    skeleton = weightless(config)
+    cases = plan_cases(cfg, skeleton)
+    n_params = parameter_count(skeleton)
+    del skeleton
+    needs_prompt = any(c["status"] == "planned" and c["method"].needs_prompt for c in cases)
+    if needs_prompt:  # weightless first: its parameters count towards the memory check
+        prompt_encoder, prompt_source = build_prompt_encoder(cfg, config, dtype, torch.device("meta"))
+        n_params += sum(p.numel() for part in (prompt_encoder.text_model, prompt_encoder.text_projection,
+                                               prompt_encoder.visual_projection) for p in part.parameters())
+    if cfg.get("dry_run"):
+        return dry_run(cfg, config, source, cases, n_params, dtype, device, log,
+                       prompt_encoder if needs_prompt else None)
+    memory_check = check_memory(n_params, dtype, device, float(cfg.memory_limit_fraction))
+    tag = cfg.tag or f"{cfg.model.name}-{device.type}-{dtype_name}"
+    out_dir = repo_path(cfg.out_dir) / tag
+
+    log(f"[bench] {cfg.model.name} ({n_params / 1e9:.3f}B parameters, random weights from {source}) on "
+        f"{device_name(device)}, {dtype_name}, attention {attn}")
+    load_start = os.getloadavg() if hasattr(os, "getloadavg") else None
+    roof = cfg.roofline
+    roof_args = {"sizes": list(roof.sizes) if roof.sizes else None,
+                 "copy_bytes": int(roof.copy_mib) << 20 if roof.copy_mib else None, "repeats": int(roof.repeats)}
+    peaks_start = measure_peaks(device, dtype, **roof_args).to_dict()
+    log(f"[bench] peaks at start: {peaks_start['flops_per_s'] / 1e12:.3f} TFLOP/s, "
+        f"{peaks_start['bytes_per_s'] / 1e9:.1f} GB/s")
+
+    t0 = time.perf_counter()
+    model = build_model(config, dtype, device, attn, int(cfg.seed))
+    prompt_encoder, prompt_source = build_prompt_encoder(cfg, config, dtype, device) if needs_prompt else (None, None)
+    build_seconds = time.perf_counter() - t0
+    probe = MemoryProbe(device)
+    log(f"[bench] model built in {build_seconds:.1f} s; {len([c for c in cases if c['status'] == 'planned'])} cases, "
+        f"{cfg.warmup} warm-up + {cfg.repeats} timed calls per measurement, {cfg.new_tokens} generated tokens")
+
+    planned = [Case(model, c, cfg, device, dtype, prompt_encoder) for c in cases if c["status"] == "planned"]
+    run_cases(planned, cfg, probe, log)
+
+    peaks_end = measure_peaks(device, dtype, **roof_args).to_dict()
+    used = {"flops_per_s": max(peaks_start["flops_per_s"], peaks_end["flops_per_s"]),
+            "bytes_per_s": max(peaks_start["bytes_per_s"], peaks_end["bytes_per_s"])}
+    log(f"[bench] peaks at end: {peaks_end['flops_per_s'] / 1e12:.3f} TFLOP/s, {peaks_end['bytes_per_s'] / 1e9:.1f} GB/s;"
+        f" bound uses {used['flops_per_s'] / 1e12:.3f} TFLOP/s, {used['bytes_per_s'] / 1e9:.1f} GB/s")
+    by_spec = {id(c.spec): c for c in planned}
+    results = []
+    for spec in cases:
+        entry = {"method": spec["name"], "budget": spec["budget"], "options": spec["options"],
+                 "source": spec["source"], "status": spec["status"], "reason": spec["reason"]}
+        case = by_spec.get(id(spec))
+        if case is None:
+            log(f"  {spec['name']:>10} skipped: {spec['reason']}")
+        else:
+            entry.update(status="ran", method_settings=case.method.describe(), **case.result(used))
+            t, bound = entry["timings"], entry["roofline"]["prefill"]["seconds"]
+            log(f"  {case.method.name:>10} {case.keep:>4} tokens: vision {t['vision']['median'] * 1e3:8.1f} ms  "
+                f"prefill {t['prefill']['median'] * 1e3:8.1f} ms (bound {bound * 1e3:.1f})  "
+                f"ttft {t['ttft']['median'] * 1e3:8.1f} ms  decode {t['decode']['median'] * 1e3:7.1f} ms  "
+                f"{entry['throughput_tok_s']['median']:.2f} tok/s  peak {entry['memory']['generate']['peak_bytes'] / 2**30:.2f} GiB")
+        results.append(entry)
+    del planned, model, prompt_encoder
+    gc.collect()
+
+    sdpa_ops = sorted({op for e in results if e["status"] == "ran" for op in e["flops"].get("sdpa_ops", [])})
+    tc = config.text_config
+    bench = {
+        "meta": {
+            "model": cfg.model.name,
+            "architecture": source,
+            "arch_overrides": (OmegaConf.to_container(cfg.model.arch_overrides, resolve=True)
+                               if cfg.model.get("arch_overrides") else {}),
+            "parameters": n_params,
+            "llm": {"hidden": tc.hidden_size, "intermediate": tc.intermediate_size, "layers": tc.num_hidden_layers,
+                    "heads": tc.num_attention_heads, "kv_heads": tc.num_key_value_heads, "vocab": tc.vocab_size},
+            "weights": "random (transformers init), built on the device",
+            "prompt_encoder": prompt_source,
+            "device": device.type,
+            "device_name": device_name(device),
+            "dtype": dtype_name,
+            "attn_implementation": attn,
+            "attention_backend": attention_backend(device, attn, sdpa_ops),
+            "batch_size": int(cfg.batch_size),
+            "text_tokens": int(cfg.text_tokens_before_image) + int(cfg.text_tokens_after_image),
+            "tokens_per_image_full": int(cfg.model.tokens_per_image),
+            "new_tokens": int(cfg.new_tokens),
+            "warmup": int(cfg.warmup),
+            "repeats": int(cfg.repeats),
+            "timer": "CUDA events + synchronize" if device.type == "cuda" else "time.perf_counter",
+            "memory": probe.kind,
+            "memory_check": memory_check,
+            "build_seconds": build_seconds,
+            "load_average_start": load_start,
+            "load_average_end": os.getloadavg() if hasattr(os, "getloadavg") else None,
+            "torch_threads": torch.get_num_threads(),
+            "versions": _versions(),
+            "config": OmegaConf.to_container(cfg, resolve=True),
+            "command": " ".join(sys.argv),
+            "timestamp": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "wall_seconds": round(time.time() - started, 1),
+        },
+        "peaks": {"start": peaks_start, "end": peaks_end, "used": used, "goal": float(roof.goal)},
+        "cases": results,
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "bench.json"
+    path.write_text(json.dumps(bench, indent=1, default=str) + "\n")
+    written = write_tables(bench, out_dir)
+    log(f"[bench] wrote {path}" + "".join(f"\n[bench] wrote {p}" for p in written))
+    return bench
+
+
+def dry_run(cfg: DictConfig, config, source: str, cases: list[dict], n_params: int, dtype: torch.dtype,
+            device: torch.device, log: Callable[[str], None], prompt_encoder=None) -> dict[str, Any]:
+    """Plan, memory check and FLOPs on the weightless model only: nothing is built, timed or written."""
+    try:
+        memory = {"fits": True, **check_memory(n_params, dtype, device, float(cfg.memory_limit_fraction))}
+    except ConfigError as exc:
+        memory = {"fits": False, "message": str(exc)}
+    n_text = int(cfg.text_tokens_before_image) + int(cfg.text_tokens_after_image)
+    plan = []
+    log(f"[bench] dry run: {cfg.model.name} ({n_params / 1e9:.3f}B parameters from {source}), "
+        f"{str(dtype).removeprefix('torch.')} on {device}: " + ("fits" if memory["fits"] else memory["message"]))
+    for case in cases:
+        entry = {"method": case["name"], "budget": case["budget"], "status": case["status"], "reason": case["reason"]}
+        if case["status"] == "planned":
+            method = case["method"]
+            score_layers = len(method.score_layers()) if method.stage == "vision" else 0
+            entry["visual_tokens"] = case["keep"]
+            patches = (config.vision_config.image_size // config.vision_config.patch_size) ** 2
+            prompt = (prompt_encoder_flops(prompt_encoder, patches, int(cfg.batch_size))
+                      if method.needs_prompt and prompt_encoder is not None else None)
+            entry["flops"] = case_flops(config, n_text, case["keep"], int(cfg.batch_size), score_layers,
+                                        int(cfg.new_tokens), prompt)
+            log(f"  {case['name']:>10} {case['keep']:>4} tokens: TFLOPs paper convention "
+                f"{entry['flops']['tflops_paper_convention']:.2f}, exact {entry['flops']['tflops_exact']:.2f}, "
+                f"FastV {entry['flops']['tflops_fastv']:.2f}")
+        else:
+            log(f"  {case['name']:>10} skipped: {case['reason']}")
+        plan.append(entry)
+    return {"dry_run": True, "parameters": n_params, "memory": memory, "cases": plan}
+
+
+@hydra.main(config_path=str(CONFIG_DIR), config_name="bench", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    try:
+        run(cfg)
+    except ConfigError as exc:
+        print(f"[bench] configuration error: {exc}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
