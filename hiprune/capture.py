@@ -31,11 +31,15 @@ CAPTURE_IMPLEMENTATION = "hiprune_capture"
 _MAX_CHUNK_ELEMENTS = 64 * 2**20
 
 
+QUERY_MODES = ("all", "cls")
+
+
 @dataclass
 class _Route:
     sink: AttentionScores
     name: str
     original: Callable
+    queries: str
 
 
 def key_scores(
@@ -81,6 +85,9 @@ def _capture_attention(module: nn.Module, query, key, value, attention_mask, *ar
     scaling = kwargs.get("scaling")
     if scaling is None:
         scaling = args[0] if args else query.shape[-1] ** -0.5
+    if route.queries == "cls":  # the CLS token's attention row only (token 0), as CLS-attention pruning methods use
+        query = query[:, :, :1]
+        attention_mask = attention_mask[..., :1, :] if attention_mask is not None else None
     with torch.no_grad():
         route.sink.record(route.name, key_scores(query, key, attention_mask, scaling))
     return output
@@ -99,7 +106,10 @@ class AttentionScores:
     A module that runs several times in one forward (e.g. per image chunk) has its results concatenated on dim 0.
     """
 
-    def __init__(self, modules: Mapping[str, nn.Module]):
+    def __init__(self, modules: Mapping[str, nn.Module], queries: str = "all"):
+        if queries not in QUERY_MODES:
+            raise ValueError(f"unknown attention query mode {queries!r}; expected one of {QUERY_MODES}")
+        self.queries = queries  # "all": mean over every query (global attention); "cls": the CLS query's row
         self.modules = dict(modules)
         self.scores: dict[str, torch.Tensor] = {}
         self._parts: dict[str, list[torch.Tensor]] = {}
@@ -128,7 +138,8 @@ class AttentionScores:
             original_config = module.config
             private = copy.copy(original_config)
             private._attn_implementation_internal = CAPTURE_IMPLEMENTATION
-            module._hiprune_route = _Route(self, name, _original_attention(module, original_config._attn_implementation))
+            original = _original_attention(module, original_config._attn_implementation)
+            module._hiprune_route = _Route(self, name, original, self.queries)
             module.config = private
             self._saved.append((module, original_config))
         return self

@@ -467,3 +467,10 @@ def test_lmms_eval_cli_runs_registered_qwen_model_on_local_task(tmp_path, tiny_q
     answers = [json.loads(line)["filtered_resps"] for line in samples_file.read_text().splitlines()]
     answers = [a[0] if isinstance(a, list) else a for a in answers]
     assert len(answers) == 4 and set(answers) <= {"yes", "no"}  # the tiny model's answer head, through the pruned LLM
+
+
+def test_cls_attention_pattern_is_impossible_without_a_cls_token(tiny_qwen):
+    model, _ = tiny_qwen
+    with pytest.raises(ValueError, match="has none"):
+        with hiprune.apply(model, hiprune.build_method("hiprune", budget=0.334, object_layer=4, attention="cls")):
+            pass

@@ -71,3 +71,32 @@ def test_key_scores_grouped_query_matches_repeated_keys():
     expanded = key.repeat_interleave(2, dim=1)
     probs = torch.softmax(query @ expanded.transpose(-1, -2) * 8**-0.5, dim=-1)
     torch.testing.assert_close(key_scores(query, key, None, 8**-0.5), hiprune.global_attention(probs, skip_cls=False))
+
+
+def test_cls_query_mode_equals_the_eager_cls_row(tiny_llava, tower_and_pixels):
+    model, _ = tiny_llava
+    tower, pixels = tower_and_pixels
+    module = hiprune.adapter_for(model).attention_module(9)
+    with torch.no_grad(), AttentionScores({"object": module}, queries="cls") as capture:
+        tower(pixels, output_hidden_states=True)
+        captured = capture.collect()["object"]
+    eager = copy.deepcopy(tower)
+    eager.set_attn_implementation("eager")
+    with torch.no_grad():
+        attention = eager(pixels, output_attentions=True).attentions[8]  # [B, H, T, T]
+    torch.testing.assert_close(captured, attention[:, :, 0].mean(dim=1), rtol=1e-5, atol=1e-7)
+    with pytest.raises(ValueError, match="query mode"):
+        AttentionScores({"object": module}, queries="mean")
+
+
+def test_hiprune_cls_pattern_runs_through_the_adapter(tiny_llava, shape_images):
+    model, processor = tiny_llava
+    pixels = processor.image_processor(shape_images, return_tensors="pt")["pixel_values"]
+    kept = {}
+    for attention in ("global", "cls"):
+        with hiprune.apply(model, hiprune.build_method("hiprune", budget=64, attention=attention)) as session:
+            with torch.no_grad():
+                model.model.get_image_features(pixel_values=pixels)
+        kept[attention] = session.last_selection.indices
+    assert kept["global"].shape == kept["cls"].shape == (3, 64)
+    assert not torch.equal(kept["global"], kept["cls"])

@@ -446,7 +446,11 @@ def test_method_defaults_and_score_layers():
         "object_layer": 9,
         "boundary": "clamp",
         "buffer": "cross",
+        "attention": "global",
     }
+    assert method.score_queries() == "all" and HiPrune(budget=64, attention="cls").score_queries() == "cls"
+    with pytest.raises(ValueError, match="attention"):
+        HiPrune(budget=64, attention="max").validate()
 
 
 @pytest.mark.parametrize(
@@ -497,3 +501,17 @@ def test_method_select_needs_both_scores():
     tokens = VisionTokens(features=torch.zeros(1, 25, 2), grid=(5, 5), scores={"object": torch.rand(1, 25)})
     with pytest.raises(ValueError, match="needs scores \\['deep'\\]"):
         HiPrune(budget=5).select(tokens, 5)
+
+
+def test_ablation_buffer_shapes_by_hand():
+    # 5x5 grid, one anchor at the centre (12), alpha 0.5 with budget 10 -> round(10 * 0.5 / 5) = 1 anchor.
+    # rot_cross: the diagonal neighbours 12-6=6, 12-4=8, 12+4=16, 12+6=18; none: the anchor alone.
+    object_scores = torch.zeros(1, 25)
+    object_scores[0, 12] = 1.0
+    deep_scores = torch.arange(25, dtype=torch.float32).unsqueeze(0)  # registers: the highest indices first
+    indices, roles = select_hiprune_with_roles(object_scores, deep_scores, (5, 5), 10, alpha=0.5, buffer="rot_cross")
+    assert indices[0][roles["anchor"][0] | roles["buffer"][0]].tolist() == [6, 8, 12, 16, 18]
+    assert indices[0][roles["register"][0]].tolist() == [20, 21, 22, 23, 24]
+    indices, roles = select_hiprune_with_roles(object_scores, deep_scores, (5, 5), 10, alpha=0.5, buffer="none")
+    assert indices[0][roles["anchor"][0]].tolist() == [12] and not roles["buffer"].any()
+    assert indices[0][roles["register"][0]].tolist() == [16, 17, 18, 19, 20, 21, 22, 23, 24]

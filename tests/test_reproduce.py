@@ -60,7 +60,7 @@ def test_sweep_commands_vanilla_first_rows_with_options_apart():
 
     buffers = [" ".join(c) for c in R.sweep_commands(R.load_spec("6c"))]
     assert any("method=hiprune method.options.buffer=square" in c for c in buffers)
-    assert any("method=hiprune,hiprune_rot_cross " in c for c in buffers)
+    assert any("method=hiprune method.options.buffer=rot_cross" in c for c in buffers)
 
     two_models = [" ".join(c) for c in R.sweep_commands(R.load_spec("7"))]
     assert any("model=llava15_13b" in c and "budget=192,128,64" in c for c in two_models)

@@ -29,7 +29,8 @@ def test_run_writes_one_complete_record_and_resumes(tmp_path, tiny_llava_dir, sm
     [(found, record)] = list(iter_records(tmp_path))
     assert found == path
     assert record["identity"]["method"] == {
-        "name": "hiprune", "budget": 64, "alpha": 0.1, "object_layer": 9, "boundary": "clamp", "buffer": "cross"
+        "name": "hiprune", "budget": 64, "alpha": 0.1, "object_layer": 9, "boundary": "clamp", "buffer": "cross",
+        "attention": "global",
     }
     metrics = record["metrics"]["hiprune_smoke_pope"]
     assert 0.0 <= metrics["pope_accuracy"] <= 1.0 and "pope_f1_score" in metrics

@@ -53,7 +53,7 @@ class LlavaAdapter(ClipTowerAdapter):
                 session.records.append([GridRecord(n, n, None) for _ in out.pooler_output])
                 return out
             modules = {name: self.attention_module(layer) for name, layer in layers.items()}
-            with AttentionScores(modules) as capture:
+            with AttentionScores(modules, method.score_queries()) as capture:
                 out = original(pixel_values, *args, **kwargs)
                 scores = capture.collect() if modules else {}
             out.pooler_output = self._select(session, out, scores, pixel_values, budget, keep)

@@ -250,7 +250,7 @@ class LlavaNextAdapter(ClipTowerAdapter):
         def get_image_features(pixel_values: torch.Tensor, image_sizes: torch.Tensor, *args, **kwargs):
             crops = self._crops_per_image(pixel_values, image_sizes)
             modules = {name: self.attention_module(layer) for name, layer in layers.items()}
-            with AttentionScores(modules) as capture:
+            with AttentionScores(modules, method.score_queries()) as capture:
                 pending["active"] = True
                 try:
                     out = original_features(pixel_values, image_sizes, *args, **kwargs)

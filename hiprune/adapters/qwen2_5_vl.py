@@ -161,6 +161,8 @@ class Qwen25VLAdapter(Adapter):
 
     def check_supported(self, method: Method, prompt_encoder: Any = None) -> None:
         super().check_supported(method, prompt_encoder)
+        if method.score_queries() == "cls":
+            raise ValueError(f"method {method.name!r} scores by the CLS token's attention; the Qwen2.5-VL encoder has none")
         if prompt_encoder is not None:
             raise ValueError(
                 f"the {self.family} adapter compares prompts with the LLM's own input embeddings; "

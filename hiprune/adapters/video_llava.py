@@ -144,7 +144,7 @@ class VideoLlavaAdapter(ClipTowerAdapter):
             if pixel_values is None:
                 pixel_values = pixel_values_images
             modules = {name: self.attention_module(layer, "image") for name, layer in layers.items()}
-            with AttentionScores(modules) as capture:
+            with AttentionScores(modules, method.score_queries()) as capture:
                 out = original_image(pixel_values, *args, **kwargs)
                 scores = capture.collect() if modules else {}
             features = out.pooler_output  # [B, 256, D]
@@ -163,7 +163,7 @@ class VideoLlavaAdapter(ClipTowerAdapter):
         def get_video_features(pixel_values_videos: torch.Tensor, *args, **kwargs):
             videos, frames = pixel_values_videos.shape[:2]
             modules = {name: self.attention_module(layer, "video") for name, layer in layers.items()}
-            with AttentionScores(modules) as capture:
+            with AttentionScores(modules, method.score_queries()) as capture:
                 out = original_video(pixel_values_videos, *args, **kwargs)
                 scores = capture.collect() if modules else {}
             features = out.pooler_output  # [videos * frames, 1 + 256, D]: CLS first

@@ -114,6 +114,11 @@ class Method:
         """Tokens per grid the LLM receives for a resolved budget (methods that add tokens on top override it)."""
         return budget
 
+    def score_queries(self) -> str:
+        """Which attention queries the requested scores average: "all" (global attention, the default) or "cls"
+        (the CLS token's row; only encoders with a CLS token can provide it)."""
+        return "all"
+
     def select(self, tokens: VisionTokens, budget: int) -> Selection:
         """Choose ``kept_count(budget)`` tokens of each grid. Vision-side methods override this."""
         raise NotImplementedError(f"method {self.name!r} (stage {self.stage!r}) does not select vision tokens")

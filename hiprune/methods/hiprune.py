@@ -32,9 +32,13 @@ BUFFER_OFFSETS: dict[str, tuple[tuple[int, int], ...]] = {
     "square": ((-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1)),
     "row": ((0, -1), (0, 1)),
     "column": ((-1, 0), (1, 0)),
+    # ablations (paper Tables 6b and 11): the cross rotated by 45 degrees, and no buffers at all
+    "rot_cross": ((-1, -1), (-1, 1), (1, -1), (1, 1)),
+    "none": (),
 }
 
 ROLES = ("anchor", "buffer", "register")
+ATTENTION_PATTERNS = ("global", "cls")
 
 
 def anchor_count(budget: int, alpha: float) -> int:
@@ -85,7 +89,8 @@ def select_hiprune_with_roles(
     alpha: share of the budget for anchors and buffers; k_a = round(budget * alpha / 5) anchors.
     boundary: "clamp" (official: neighbours clamped to [0, N-1], no row-wrap check, so a top-row anchor keeps
         token 0) or "drop" (paper Eq. 5: neighbours outside the grid or on another row are discarded).
-    buffer: neighbour shape, "cross" (4, default), "square" (8), "row" (2) or "column" (2).
+    buffer: neighbour shape, "cross" (4, default), "square" (8), "row" (2), "column" (2); ablations "rot_cross"
+        (the 4 diagonal neighbours) and "none" (anchors without buffers).
 
     Returns (indices, roles): indices [B, budget] int64 sorted ascending; roles maps "anchor", "buffer",
     "register" to [B, budget] bool masks aligned with indices, exactly one True per position. An anchor that is
@@ -236,9 +241,11 @@ class HiPrune(Method):
     object_layer: int = 9
     boundary: str = "clamp"
     buffer: str = "cross"
+    attention: str = "global"  # ablation (paper Table 6a): "cls" scores tokens by the CLS query's attention row
 
     def validate(self) -> None:
         super().validate()
+        _check_name("attention", self.attention, ATTENTION_PATTERNS)
         _check_alpha(self.alpha)
         if not _is_int(self.object_layer) or self.object_layer < 1:
             raise ValueError(f"HiPrune object_layer is a 1-based encoder layer (int >= 1), got {self.object_layer!r}")
@@ -256,6 +263,9 @@ class HiPrune(Method):
 
     def score_layers(self) -> dict[str, int | str]:
         return {"object": self.object_layer, "deep": FEATURE_LAYER}
+
+    def score_queries(self) -> str:
+        return "cls" if self.attention == "cls" else "all"
 
     def select(self, tokens: VisionTokens, budget: int) -> Selection:
         missing = [name for name in ("object", "deep") if name not in tokens.scores]

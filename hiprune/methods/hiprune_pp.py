@@ -81,7 +81,7 @@ class HiPrunePP(HiPrune):
             if self.budget - t < 1:
                 raise ValueError(f"HiPrune++ leaves no HiPrune tokens: budget {self.budget} minus {t} prompt tokens")
             HiPrune(budget=self.budget - t, alpha=self.alpha, object_layer=self.object_layer,
-                    boundary=self.boundary, buffer=self.buffer).validate()
+                    boundary=self.boundary, buffer=self.buffer, attention=self.attention).validate()
         else:
             super().validate()
 
@@ -98,7 +98,7 @@ class HiPrunePP(HiPrune):
         if base + t > tokens.num_tokens:
             raise ValueError(f"HiPrune++ wants {base + t} tokens but the grid has {tokens.num_tokens}")
         hiprune = HiPrune(budget=base, alpha=self.alpha, object_layer=self.object_layer,
-                          boundary=self.boundary, buffer=self.buffer)
+                          boundary=self.boundary, buffer=self.buffer, attention=self.attention)
         first = hiprune.select(tokens, base)
         chosen = torch.zeros(tokens.batch_size, tokens.num_tokens, dtype=torch.bool, device=first.indices.device)
         chosen.scatter_(1, first.indices, True)
