@@ -48,9 +48,9 @@ class RunPlan:
     tasks: list[str]
     include_path: str | None
     record: Path
-
     model_class: type
     loading: dict[str, Any]
+    encoder: dict[str, Any]  # how the adapter presents visual tokens (recorded with the run)
 
     @property
     def model_args(self) -> dict[str, Any]:
@@ -107,7 +107,7 @@ def plan_run(cfg: DictConfig) -> RunPlan:
     if method.needs_prompt and m.local and "text_tower" in loading and not Path(resolved_loading["text_tower"]).exists():
         raise ConfigError(f"local text tower {loading['text_tower']} not found; build it first (make assets)")
     adapter_options = {k: loading[k] for k in model_class.adapter_option_names if k in loading}
-    _check_against_architecture(pretrained, m.revision, method, "text_tower" in loading, adapter_options)
+    encoder = _check_against_architecture(pretrained, m.revision, method, "text_tower" in loading, adapter_options)
 
     include_path = str(repo_path(cfg.benchmark.include_path)) if cfg.benchmark.include_path else None
     tasks = list(cfg.benchmark.tasks)
@@ -131,7 +131,7 @@ def plan_run(cfg: DictConfig) -> RunPlan:
         "lmms_eval_version": metadata.version("lmms-eval"),
     }
     record = record_path(repo_path(cfg.store), identity)
-    return RunPlan(cfg, method, identity, pretrained, tasks, include_path, record, model_class, resolved_loading)
+    return RunPlan(cfg, method, identity, pretrained, tasks, include_path, record, model_class, resolved_loading, encoder)
 
 
 def lmms_model_class(name: str) -> type:
@@ -151,7 +151,7 @@ def lmms_model_class(name: str) -> type:
 
 def _check_against_architecture(
     pretrained: str, revision: str | None, method, has_prompt_encoder: bool, adapter_options: dict[str, Any]
-) -> None:
+) -> dict[str, Any]:
     """Budget vs grid and layers vs encoder, on a weightless (meta) instance of the real architecture."""
     import torch
     from transformers import AutoConfig, AutoModelForImageTextToText
@@ -168,6 +168,7 @@ def _check_against_architecture(
         adapter.tokens_per_image(method)
     except (ValueError, TypeError) as exc:
         raise ConfigError(str(exc)) from exc
+    return adapter.describe_encoder()
 
 
 @functools.lru_cache(maxsize=4)
@@ -296,6 +297,7 @@ def execute(plan: RunPlan) -> dict[str, Any]:
         "metrics": _metrics(results),
         "n_samples": {task: v.get("effective", v.get("original")) for task, v in results.get("n-samples", {}).items()},
         "visual_tokens": model.kept_token_summary(),
+        "encoder": plan.encoder,
         "kept_tokens_by_doc": {f"{t}/{s}": docs for (t, s), docs in model.kept_tokens.items()},
         "kept_digest_by_doc": {f"{t}/{s}": docs for (t, s), docs in model.kept_digests.items()},
         "flops": _flops_summary(model, config),

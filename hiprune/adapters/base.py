@@ -123,6 +123,10 @@ class Adapter:
     def tokens_per_image(self, method: Method) -> int:
         raise NotImplementedError
 
+    def describe_encoder(self) -> dict[str, Any]:
+        """How this family presents visual tokens to methods: grid, CLS, feature layer, merge (recorded per run)."""
+        return {"family": self.family, "layers": self.num_encoder_layers(), "feature_layer": self.feature_layer()}
+
     # --- method plumbing -----------------------------------------------------------------------------------
     def resolve_layers(self, method: Method) -> dict[str, int]:
         """Method's score requests -> 1-based layers, validated against this encoder."""

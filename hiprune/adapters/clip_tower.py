@@ -3,6 +3,8 @@ LLaVA's feature-layer convention, and where the encoder layers live."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from torch import nn
 
 from hiprune.adapters.base import Adapter
@@ -46,3 +48,11 @@ class ClipTowerAdapter(Adapter):
 
     def num_patches(self) -> int:
         return self.grid[0] * self.grid[1]
+
+    def describe_encoder(self) -> dict[str, Any]:
+        return {
+            **super().describe_encoder(),
+            "grid": list(self.grid),
+            "cls": "scored, dropped from the grid (vision_feature_select_strategy=default)",
+            "merge": "none (one token per patch)",
+        }

@@ -168,6 +168,12 @@ class LlavaNextAdapter(ClipTowerAdapter):
         if self.layout not in LAYOUTS:
             raise ValueError(f"unknown LLaVA-NeXT layout {self.layout!r}; choose one of {LAYOUTS}")
 
+    def describe_encoder(self) -> dict[str, Any]:
+        merge = {"official": "spatial: base + crops, no unpadding, no newline tokens",
+                 "native": "spatial_unpad + image_newline (HF)"}[self.layout]
+        return {**super().describe_encoder(), "grids_per_image": "1 base + anyres crops, each its own grid",
+                "layout": self.layout, "merge": merge}
+
     # --- layout --------------------------------------------------------------------------------------------
     def reference_image_size(self) -> list[int]:
         """(height, width) of the image that defines ``tokens_per_image``: one filling the largest anyres grid

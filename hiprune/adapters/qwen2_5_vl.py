@@ -123,10 +123,9 @@ class Qwen25VLAdapter(Adapter):
     def describe_encoder(self) -> dict[str, Any]:
         """What methods see, per family: grid, CLS, feature layer, merge."""
         return {
-            "family": self.family,
+            **super().describe_encoder(),
             "grid": f"per image: (h/{self.merge}, w/{self.merge}) merged tokens of its (h, w) patch grid",
-            "cls": False,
-            "feature_layer": self.feature_layer(),
+            "cls": "none",
             "merge": f"{self.merge}x{self.merge} patches -> 1 token; score = mean of the {self.merge**2} patch scores",
             "full_attention_layers": self.full_attention_layers(),
             "paper_object_layer": PAPER_OBJECT_LAYER,

@@ -74,6 +74,10 @@ class VideoLlavaAdapter(ClipTowerAdapter):
     def attention_module(self, layer: int, kind: str = "image"):
         return self.encoder_layers(self.vision_tower(kind))[layer - 1].self_attn
 
+    def describe_encoder(self) -> dict[str, Any]:
+        return {**super().describe_encoder(), "grids_per_image": f"1; a video: one per frame ({self.num_frames})",
+                "cls": "images: dropped from the grid; video frames: kept in front of each frame, not counted"}
+
     # --- budgets -------------------------------------------------------------------------------------------
     def image_budget(self, method: Method) -> int:
         """The method's budget for one image grid."""
