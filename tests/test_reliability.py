@@ -198,3 +198,33 @@ def test_a_killed_writer_leaves_no_record(tmp_path):
     proc.wait(10)
     assert not path.exists()
     assert list(iter_records(tmp_path)) == []  # the orphaned temporary file is not a record
+
+
+# --- other families: extreme aspect ratios and odd inputs through their lmms-eval models ----------------------
+FAMILY_MODELS = {
+    "llava_next": ("eval.lmms_llava_next:HiPruneLlavaNext", "build_tiny_llava_next", "tiny-llava-next", 320),
+    "qwen2_5_vl": ("eval.lmms_qwen2_5_vl:HiPruneQwen25VL", "build_tiny_qwen2_5_vl", "tiny-qwen2.5-vl", 0.334),
+}
+
+
+@pytest.mark.parametrize("family", sorted(FAMILY_MODELS))
+def test_extreme_aspect_ratios_and_odd_inputs_on_dynamic_resolution_families(family):
+    import importlib
+
+    from tests_support import build_asset
+
+    class_path, script, folder, budget = FAMILY_MODELS[family]
+    module, name = class_path.split(":")
+    cls = getattr(importlib.import_module(module), name)
+    path = build_asset(script, folder)
+    model = cls(pretrained=str(path), method="hiprune", budget=budget, device="cpu", batch_size=3,
+                **({"object_layer": 4} if family == "qwen2_5_vl" else {}))
+    images = _odd_images()
+    samples = [{"images": [images[k]], "question": QUESTION} for k in ("1x1", "10x500", "500x10", "rgba", "16-bit")]
+    samples.append({"images": [], "question": "What is two plus two?"})
+    answers = model.generate_until(_requests(model, samples))
+    assert len(answers) == len(samples) and all(isinstance(a, str) for a in answers)
+    kept = model.kept_tokens[(TASK, SPLIT)]
+    assert all(len(kept[i]) >= 1 and all(k >= 1 for k in kept[i]) for i in range(5))
+    assert kept[5] == []
+    model.close()
