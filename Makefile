@@ -12,6 +12,7 @@ TINY_QWEN := assets/tiny-qwen2.5-vl/build_info.json
 TINY_NEXT := assets/tiny-llava-next/build_info.json
 TINY_VIDEO_LLAVA := assets/tiny-video-llava/build_info.json
 SMOKE_VIDEO := assets/smoke_video/manifest.json
+SCENE_TASKS := assets/scene_tasks/manifest.json
 
 .PHONY: setup assets smoke test test-fast bench bench-scoring tables reproduce-table clean-smoke
 
@@ -24,7 +25,7 @@ $(STAMP): pyproject.toml requirements/constraints.txt
 	$(PY) -m pip install --quiet -c requirements/constraints.txt -e '.[test]'
 	touch $@
 
-assets: $(TINY_LLAVA) $(TINY_CLIP) $(TINY_QWEN) $(TINY_NEXT) $(TINY_VIDEO_LLAVA) $(SMOKE_TASK) $(SMOKE_VIDEO)
+assets: $(TINY_LLAVA) $(TINY_CLIP) $(TINY_QWEN) $(TINY_NEXT) $(TINY_VIDEO_LLAVA) $(SMOKE_TASK) $(SMOKE_VIDEO) $(SCENE_TASKS)
 
 $(TINY_LLAVA): scripts/build_tiny_llava.py | $(STAMP)
 	$(OFFLINE) $(PY) scripts/build_tiny_llava.py
@@ -47,10 +48,23 @@ $(SMOKE_VIDEO): scripts/build_smoke_video_task.py | $(STAMP)
 $(SMOKE_TASK): scripts/build_smoke_task.py | $(STAMP)
 	$(OFFLINE) $(PY) scripts/build_smoke_task.py
 
-# Offline smoke sweep: none / random / hiprune x 3 budgets on the tiny LLaVA and the local POPE-style task.
-smoke: setup assets
+# Scene benchmark data (val + test parquet) for the committed scene model; rebuilt when the generator changes.
+$(SCENE_TASKS): scripts/build_scene_tasks.py scripts/scenes.py | $(STAMP)
+	$(OFFLINE) $(PY) scripts/build_scene_tasks.py --force
+	touch $@
+
+# Run records do not hash local weights or task files: drop the scene model's records when either changed.
+SCENE_RUNS := results/smoke/runs/scene_llava
+$(SCENE_RUNS)/.inputs: $(SCENE_TASKS) models/scene-llava/model.safetensors models/scene-llava/config.json
+	rm -rf $(SCENE_RUNS)
+	mkdir -p $(SCENE_RUNS)
+	touch $@
+
+# Offline smoke sweep: none / random / hiprune x 3 budgets on the trained scene model (models/scene-llava, committed)
+# and the two local scene tasks; the table holds that model's runs only.
+smoke: setup $(SCENE_RUNS)/.inputs
 	$(OFFLINE) $(PY) -m eval.run +experiment=smoke --multirun
-	$(OFFLINE) $(PY) -m eval.tables results/smoke/runs results/smoke/table
+	$(OFFLINE) $(PY) -m eval.tables $(SCENE_RUNS) results/smoke/table
 
 test: setup
 	$(OFFLINE) $(PY) -m pytest -q

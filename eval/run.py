@@ -104,6 +104,8 @@ def plan_run(cfg: DictConfig) -> RunPlan:
         if not (local / "config.json").is_file():
             raise ConfigError(f"local model {local} not found (no config.json); build it first (make assets)")
         pretrained = str(local)
+    if method.needs_prompt and "text_tower" in loading and not loading["text_tower"]:
+        raise ConfigError(f"method {method.name!r} needs model.text_tower (a CLIP checkpoint paired with the tower)")
     if method.needs_prompt and m.local and "text_tower" in loading and not Path(resolved_loading["text_tower"]).exists():
         raise ConfigError(f"local text tower {loading['text_tower']} not found; build it first (make assets)")
     adapter_options = {k: loading[k] for k in model_class.adapter_option_names if k in loading}
