@@ -445,7 +445,8 @@ def test_lmms_inputs_match_lmms_eval_qwen2_5_vl(tiny_qwen_dir, images):
 # --- lmms-eval ---------------------------------------------------------------------------------------------------
 
 @pytest.mark.slow
-def test_lmms_eval_cli_runs_registered_qwen_model_on_local_task(tmp_path, tiny_qwen_dir, smoke_task_dir):
+@pytest.mark.parametrize("method", ["hiprune", "hiprune_pp"])
+def test_lmms_eval_cli_runs_registered_qwen_model_on_local_task(tmp_path, tiny_qwen_dir, smoke_task_dir, method):
     from lmms_eval.models import get_model
 
     from eval.lmms_qwen2_5_vl import HiPruneQwen25VL
@@ -453,7 +454,7 @@ def test_lmms_eval_cli_runs_registered_qwen_model_on_local_task(tmp_path, tiny_q
     assert get_model("hiprune_qwen2_5_vl") is HiPruneQwen25VL
     command = [
         sys.executable, "-m", "lmms_eval", "--model", "hiprune_qwen2_5_vl",
-        "--model_args", f"pretrained={tiny_qwen_dir},method=hiprune,budget=0.334,object_layer=4,device=cpu",
+        "--model_args", f"pretrained={tiny_qwen_dir},method={method},budget=0.334,object_layer=4,device=cpu",
         "--tasks", "hiprune_smoke_pope", "--include_path", str(REPO / "eval" / "tasks"),
         "--limit", "4", "--batch_size", "2", "--output_path", str(tmp_path), "--log_samples",
     ]
