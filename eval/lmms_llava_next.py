@@ -19,7 +19,6 @@ from collections.abc import Sequence
 
 import torch
 
-import hiprune
 from eval.lmms_model import HiPruneLMM
 from hiprune.prompting import (
     IMAGE_PLACEHOLDER,
@@ -95,10 +94,7 @@ class HiPruneLlavaNext(HiPruneLMM):
             raise ValueError(f"unknown prompt_style {prompt_style!r}; choose one of {PROMPT_STYLES}")
         if pinpoint_order not in ("official", "checkpoint"):
             raise ValueError(f"unknown pinpoint_order {pinpoint_order!r}; choose official or checkpoint")
-        if self.method.needs_prompt:
-            self.prompt_encoder = hiprune.ClipPromptEncoder.from_pretrained(
-                text_tower, device=self._device, dtype=self._dtype, pooling=prompt_pooling
-            )
+        self.load_clip_prompt_encoder(text_tower, prompt_pooling)
         processor = AutoProcessor.from_pretrained(pretrained, revision=revision)
         model = LlavaNextForConditionalGeneration.from_pretrained(
             pretrained, revision=revision, dtype=self._dtype, attn_implementation=attn_implementation

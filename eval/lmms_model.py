@@ -114,6 +114,14 @@ class HiPruneLMM(lmms):
         }
 
     # --- family hooks -------------------------------------------------------------------------------------
+    def load_clip_prompt_encoder(self, text_tower: str, prompt_pooling: str) -> None:
+        """CLIP-tower families: load the paired text tower for prompt-aware methods only, on the model's device and
+        dtype (so it is part of the measured cost)."""
+        if self.method.needs_prompt:
+            self.prompt_encoder = hiprune.ClipPromptEncoder.from_pretrained(
+                text_tower, device=self._device, dtype=self._dtype, pooling=prompt_pooling
+            )
+
     def load(self, pretrained: str, revision: str | None, attn_implementation: str, **loading):
         """Return (model, processor) on CPU in ``self._dtype``."""
         raise NotImplementedError
@@ -300,10 +308,7 @@ class HiPruneLlava(HiPruneLMM):
              text_tower, prompt_pooling):
         from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-        if self.method.needs_prompt:  # on the model's device and dtype: part of the measured cost
-            self.prompt_encoder = hiprune.ClipPromptEncoder.from_pretrained(
-                text_tower, device=self._device, dtype=self._dtype, pooling=prompt_pooling
-            )
+        self.load_clip_prompt_encoder(text_tower, prompt_pooling)
 
         processor = AutoProcessor.from_pretrained(pretrained, revision=revision)
         self.inputs = LlavaInputBuilder(

@@ -25,7 +25,6 @@ import numpy as np
 import torch
 from PIL import Image
 
-import hiprune
 from eval.lmms_llava_next import VIDEO_PLACEHOLDER, fill_placeholders, tokenize_with_visuals
 from eval.lmms_model import HiPruneLMM
 from hiprune.adapters.base import PruningError
@@ -90,10 +89,7 @@ class HiPruneVideoLlava(HiPruneLMM):
         self.num_frames = int(num_frames)
         if self.num_frames < 1:
             raise ValueError(f"num_frames must be >= 1, got {num_frames}")
-        if self.method.needs_prompt:
-            self.prompt_encoder = hiprune.ClipPromptEncoder.from_pretrained(
-                text_tower, device=self._device, dtype=self._dtype, pooling=prompt_pooling
-            )
+        self.load_clip_prompt_encoder(text_tower, prompt_pooling)
         processor = AutoProcessor.from_pretrained(pretrained, revision=revision)
         model = VideoLlavaForConditionalGeneration.from_pretrained(
             pretrained, revision=revision, dtype=self._dtype, attn_implementation=attn_implementation
