@@ -66,6 +66,9 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = REPO_ROOT / "configs"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 MEASUREMENTS = ("vision", "prefill", "ttft", "decode", "generate")
+# With cuda_graphs=true (GPU): the same prefill and decode step replayed from a captured CUDA graph, i.e. without
+# the CPU cost of HF's Python and kernel launches; what the kernels alone take, next to the roofline bound.
+GRAPH_MEASUREMENTS = ("prefill_graph", "decode_graph")
 
 
 class ConfigError(ValueError):
@@ -393,7 +396,19 @@ class MemoryProbe:
 
 
 def time_call(fn: Callable[[], Any], device: torch.device) -> tuple[float, Any]:
-    """Seconds of one call: CUDA events + synchronize on GPU, perf_counter on CPU."""
+    """Seconds of one call: CUDA events + synchronize on GPU, perf_counter on CPU. Python's garbage collector is
+    paused during the call (as ``timeit`` does): a collection of the model's object graph would land in one
+    random measurement."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        return _time_call(fn, device)
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def _time_call(fn: Callable[[], Any], device: torch.device) -> tuple[float, Any]:
     if device.type == "cuda":
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         torch.cuda.synchronize(device)
@@ -420,6 +435,39 @@ def summarize(values: list[float]) -> dict[str, float]:
         std = 0.0
     return {"median": statistics.median(ordered), "q1": q1, "q3": q3, "iqr": q3 - q1,
             "mean": statistics.fmean(ordered), "std": std, "min": ordered[0], "max": ordered[-1], "n": len(values)}
+
+
+class CapturedCall:
+    """``fn`` captured into a CUDA graph; ``replay()`` reruns its kernels on the captured inputs and returns the
+    captured outputs. Warm-up runs on a side stream first (lazy initialisations must not happen during capture);
+    ``after_warmup`` undoes a warm-up call's side effects (e.g. a cache that grew by one token)."""
+
+    def __init__(self, fn: Callable[[], Any], warmup: int = 2, after_warmup: Callable[[], None] | None = None,
+                 keep_alive: Any = None):
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(warmup):
+                fn()
+                if after_warmup:
+                    after_warmup()
+        torch.cuda.current_stream().wait_stream(stream)
+        torch.cuda.synchronize()
+        inputs = [t for layer in getattr(keep_alive, "layers", []) for t in (layer.keys, layer.values)]
+        self.graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(self.graph):
+                self.out = fn()
+        except Exception as exc:
+            raise RuntimeError(f"CUDA graph capture failed ({type(exc).__name__}: {exc}); run with "
+                               "cuda_graphs=false to measure without graphs") from exc
+        # The graph reads its inputs' memory at replay: keep everything it captured alive (fn's closure holds the
+        # input tensors, e.g. the decode token; keep_alive the cache whose tensors were read during capture).
+        self._alive = (fn, keep_alive, inputs)
+
+    def replay(self):
+        self.graph.replay()
+        return self.out
 
 
 class Call:
@@ -517,7 +565,10 @@ class Case:
                            "eos_token_id": tc.eos_token_id}
         self.session = None
         self.embeds = self.cache = self.next_token = None
-        self.seconds: dict[str, list[float]] = {name: [] for name in MEASUREMENTS}
+        self.use_graphs = bool(cfg.get("cuda_graphs")) and device.type == "cuda"
+        self.graphs: dict[str, CapturedCall] = {}
+        names = MEASUREMENTS + (GRAPH_MEASUREMENTS if self.use_graphs else ())
+        self.seconds: dict[str, list[float]] = {name: [] for name in names}
         self.memory: dict[str, dict[str, int]] = {}
         self.measured_flops: dict | None = None
 
@@ -575,6 +626,39 @@ class Case:
 
     def drop_cache(self) -> None:
         self.cache = self.next_token = None
+        self.graphs = {}  # frees the graphs' private memory pools (they would inflate other cases' peak memory)
+
+    def capture_graphs(self) -> None:
+        """CUDA graphs of the prefill (on this case's embeddings) and of one decode step after it (untimed).
+
+        Captured without an attention mask: the inputs have no padding, and transformers then skips the mask the
+        same way it does for an all-ones mask (SDPA's causal path), so the kernels are the eager calls' kernels.
+        The replayed prefill's logits are checked against the eager prefill's."""
+        embeds = self.embeds
+
+        def prefill():
+            return self.model(inputs_embeds=embeds, use_cache=True, logits_to_keep=1)
+
+        graph_prefill = CapturedCall(prefill)
+        reference = self._prefill().logits
+        replayed = graph_prefill.replay().logits
+        if not torch.allclose(replayed.float(), reference.float(), rtol=1e-2, atol=1e-2):
+            error = (replayed.float() - reference.float()).abs().max().item()
+            raise RuntimeError(f"{self.label}: CUDA-graph prefill differs from the eager prefill (max |diff| {error:.3g})")
+        first = self._prefill()
+        cache, token = first.cache, first.logits[:, -1:].argmax(-1)
+
+        def decode():
+            return self.model(input_ids=token, cache=cache, use_cache=True, logits_to_keep=1)
+
+        def restore():
+            cache.crop(self.seq_len - cache.get_seq_length())  # a negative count removes that many positions
+            if cache.get_seq_length() != self.seq_len:
+                raise RuntimeError(f"{self.label}: graph decode cache holds {cache.get_seq_length()} positions")
+
+        # The graph reads the prefill cache's tensors as they are at capture time: keep them alive with it.
+        graph_decode = CapturedCall(decode, after_warmup=restore, keep_alive=cache)
+        self.graphs = {"prefill_graph": graph_prefill, "decode_graph": graph_decode}
 
     def setup(self) -> None:
         """Input embeddings with this method's kept visual tokens scattered in, and a decode cache (untimed)."""
@@ -587,8 +671,10 @@ class Case:
             mask = (self.inputs["input_ids"] == self.config.image_token_id).unsqueeze(-1)
             self.embeds = embeds.masked_scatter(mask, features.to(embeds.dtype))
             self.make_cache()
+            if self.use_graphs:
+                self.capture_graphs()
 
-    def calls(self) -> dict[str, Call]:
+    def calls(self, graphs: bool = True) -> dict[str, Call]:
         def ttft():
             self._prompts()
             return self.model.generate(**self.inputs, max_new_tokens=1, **self.gen_kwargs)
@@ -620,6 +706,7 @@ class Case:
             "ttft": Call(ttft, check=check_generated(1)),
             "decode": Call(decode, after=crop),
             "generate": Call(generate, check=check_generated(self.new_tokens)),
+            **({name: Call(graph.replay) for name, graph in self.graphs.items()} if graphs else {}),
         }
 
     # --- phases -----------------------------------------------------------------------------------------------
@@ -638,7 +725,7 @@ class Case:
         """One call of each measurement with a peak-memory window; nothing of another case is held."""
         with self.installed():
             self.make_cache()
-            for name, call in self.calls().items():
+            for name, call in self.calls(graphs=False).items():
                 probe.start()
                 call.run(self.device, timed=False)
                 self.memory[name] = probe.stop()
@@ -745,6 +832,8 @@ def run(cfg: DictConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
     for key in ("warmup", "repeats", "new_tokens", "batch_size"):
         if int(cfg[key]) < (0 if key == "warmup" else 1):
             raise ConfigError(f"{key} must be >= {0 if key == 'warmup' else 1}, got {cfg[key]}")
+    if cfg.get("cuda_graphs") and device.type != "cuda":
+        raise ConfigError(f"cuda_graphs=true needs a CUDA device, got device={device}")
     if int(cfg.text_tokens_before_image) < 1 or int(cfg.text_tokens_after_image) < 0:
         raise ConfigError("text_tokens_before_image must be >= 1 (it holds BOS) and text_tokens_after_image >= 0")
 
@@ -808,7 +897,10 @@ def run(cfg: DictConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
             log(f"  {case.method.name:>10} {case.keep:>4} tokens: vision {t['vision']['median'] * 1e3:8.1f} ms  "
                 f"prefill {t['prefill']['median'] * 1e3:8.1f} ms (bound {bound * 1e3:.1f})  "
                 f"ttft {t['ttft']['median'] * 1e3:8.1f} ms  decode {t['decode']['median'] * 1e3:7.1f} ms  "
-                f"{entry['throughput_tok_s']['median']:.2f} tok/s  peak {entry['memory']['generate']['peak_bytes'] / 2**30:.2f} GiB")
+                f"{entry['throughput_tok_s']['median']:.2f} tok/s  peak {entry['memory']['generate']['peak_bytes'] / 2**30:.2f} GiB"
+                + (f"  | CUDA graph: prefill {t['prefill_graph']['median'] * 1e3:.2f} ms, decode "
+                   f"{t['decode_graph']['median'] * 1e3:.2f} ms (bound {entry['roofline']['decode']['seconds'] * 1e3:.2f})"
+                   if "prefill_graph" in t else ""))
         results.append(entry)
     del planned, model, prompt_encoder
     gc.collect()
@@ -838,6 +930,7 @@ def run(cfg: DictConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
             "warmup": int(cfg.warmup),
             "repeats": int(cfg.repeats),
             "timer": "CUDA events + synchronize" if device.type == "cuda" else "time.perf_counter",
+            "cuda_graphs": bool(cfg.get("cuda_graphs")) and device.type == "cuda",
             "memory": probe.kind,
             "memory_check": memory_check,
             "build_seconds": build_seconds,

@@ -102,6 +102,8 @@ def test_bench_dry_run_real_7b_and_memory_refusal():
                          log=lambda _: None)
     with pytest.raises(bench_module.ConfigError, match="no method config"):
         bench_module.run(_cfg("model=llava15_7b", "dry_run=true", "device=cpu", "only=[fastest]"), log=lambda _: None)
+    with pytest.raises(bench_module.ConfigError, match="cuda_graphs=true needs a CUDA device"):
+        bench_module.run(_cfg("model=llava15_7b", "device=cpu", "cuda_graphs=true", "only=[none]"), log=lambda _: None)
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -148,6 +150,22 @@ def _bench():
              "options": {}},
         ],
     }
+
+
+def test_roofline_table_reports_cuda_graph_replays_against_the_same_bounds():
+    bench = _bench()
+    for case in bench["cases"][:3]:  # graph replays at 60% of the eager prefill, 80% of the eager decode step
+        t = case["timings"]
+        t["prefill_graph"] = _stats(t["prefill"]["median"] * 1e3 * 0.6)
+        t["decode_graph"] = _stats(t["decode"]["median"] * 1e3 * 0.8)
+    roof = roofline_table(bench).set_index("method")
+    # bound = prefill_ms / 2 in _case: eager 2.0x the bound, graph 1.2x (within the 1.3x goal), decode 0.8 * 1.2
+    assert roof.loc["hiprune", "prefill_measured_over_bound"] == pytest.approx(2.0)
+    assert roof.loc["hiprune", "prefill_graph_over_bound"] == pytest.approx(1.2)
+    assert not roof.loc["hiprune", "prefill_within_1.3x_bound"] and roof.loc["hiprune", "prefill_graph_within_1.3x_bound"]
+    assert roof.loc["random", "decode_graph_over_bound"] == pytest.approx(0.96)
+    md = roofline_markdown(roofline_table(bench), bench)
+    assert "CUDA graphs" in md and "| `hiprune` | 192 | 24.00 | 20.00 | 1.20 | yes |" in md
 
 
 def test_efficiency_table_has_paper_columns_and_ratios(tmp_path):

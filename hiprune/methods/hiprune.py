@@ -14,6 +14,7 @@ selection is deterministic and independent of batch composition and device; the 
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from numbers import Integral
@@ -118,7 +119,9 @@ def select_hiprune_with_roles(
     buffer_mask = chosen & ~anchor_mask
 
     chosen_count = chosen.sum(dim=1)  # [B]
-    if bool((chosen_count > budget).any()):
+    # Reading the count back waits for the device; skip it when even the worst case fits (always at the paper's
+    # settings, since HiPrune.validate rejects integer budgets whose worst case does not fit).
+    if max_anchor_and_buffer_count(budget, alpha, buffer) > budget and bool((chosen_count > budget).any()):
         worst = int(chosen_count.max())
         raise ValueError(
             f"HiPrune anchors + buffers exceed the budget: {k_a} anchors with {buffer!r} buffers cover {worst} "
@@ -166,8 +169,7 @@ def _neighbours(
     fixed shape without adding anything.
     """
     n = rows * cols
-    d_row = torch.tensor([dr for dr, _ in offsets], device=anchors.device)
-    d_col = torch.tensor([dc for _, dc in offsets], device=anchors.device)
+    d_row, d_col = _offset_tensors(offsets, anchors.device)
     a = anchors.unsqueeze(-1)  # [B, k_a, 1]
     if boundary == "clamp":
         # Official: flat offsets a + dr*cols + dc, clamped; a left/right neighbour may wrap to the adjacent row.
@@ -178,6 +180,14 @@ def _neighbours(
         inside = (r >= 0) & (r < rows) & (c >= 0) & (c < cols)
         result = torch.where(inside, r * cols + c, a)
     return result.flatten(1)
+
+
+@functools.lru_cache(maxsize=64)
+def _offset_tensors(offsets: tuple[tuple[int, int], ...], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row and column offsets as tensors on ``device``, made once per (shape, device): a host-to-device copy per
+    call would stall the launch queue on GPUs."""
+    return (torch.tensor([dr for dr, _ in offsets], dtype=torch.long, device=device),
+            torch.tensor([dc for _, dc in offsets], dtype=torch.long, device=device))
 
 
 def _is_int(value: object) -> bool:
@@ -225,8 +235,10 @@ def _validate(
     _check_alpha(alpha)
     _check_name("boundary", boundary, BOUNDARIES)
     _check_name("buffer", buffer, tuple(BUFFER_OFFSETS))
-    check_finite(object_scores, "HiPrune object scores")
-    check_finite(deep_scores, "HiPrune deep scores")
+    # One read-back for both score vectors (each waits for the device); the named check only on failure.
+    if not bool(torch.isfinite(object_scores).all() & torch.isfinite(deep_scores).all()):
+        check_finite(object_scores, "HiPrune object scores")
+        check_finite(deep_scores, "HiPrune deep scores")
     return rows, cols
 
 
