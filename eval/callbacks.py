@@ -15,6 +15,7 @@ from __future__ import annotations
 import atexit
 import json
 import math
+import os
 import sys
 import time
 from collections import Counter, OrderedDict
@@ -45,6 +46,12 @@ def planned_jobs(config: DictConfig) -> int | None:
         return math.prod(per_key.values()) if per_key else 1
     except Exception:  # noqa: BLE001 -- glob sweeps, other sweepers: no count, no total in the progress line
         return None
+
+
+def is_main_process() -> bool:
+    """False in the other ranks of a data-parallel run (`accelerate launch` / torchrun set RANK): they run every job
+    in step with rank 0, which alone reports progress and writes the job statuses."""
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def _bar(done: int, total: int, width: int = 20) -> str:
@@ -91,6 +98,8 @@ class SweepSummary(Callback):
 
     # --- multirun (the launching process) --------------------------------------------------------------------
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if not is_main_process():
+            return
         self.sweep_dir = Path(str(config.hydra.sweep.dir))
         self.started = time.time()
         self.planned = planned_jobs(config)
@@ -104,7 +113,7 @@ class SweepSummary(Callback):
 
     # --- every job (wherever it runs) -------------------------------------------------------------------------
     def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
-        if not self.verbose or OmegaConf.select(config, "hydra.mode") is None:
+        if not self.verbose or not is_main_process() or OmegaConf.select(config, "hydra.mode") is None:
             return
         if str(OmegaConf.select(config, "hydra.mode")) != "RunMode.MULTIRUN":
             return
@@ -117,6 +126,8 @@ class SweepSummary(Callback):
         print(f"[hiprune] sweep job {progress}: {overrides}", flush=True)
 
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
+        if not is_main_process():
+            return
         status = self._status(job_return)
         status["num"] = int(OmegaConf.select(config, "hydra.job.num", default=0) or 0)
         status["overrides"] = list(job_return.overrides or [])

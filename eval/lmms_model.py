@@ -12,6 +12,7 @@ Every model_arg that is not a loading/prompting option is a method option (``alp
 from __future__ import annotations
 
 import hashlib
+import os
 from contextlib import ExitStack
 from typing import Any, ClassVar
 
@@ -36,6 +37,26 @@ def resolve_device(device: str) -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     return device
+
+
+def data_parallel_state(device: str = "auto"):
+    """accelerate's state of this process; under a multi-process launcher this sets up the process group.
+
+    accelerate builds a CPU (gloo) group only when asked, so a CPU model asks: device=cpu, no CUDA, or
+    ACCELERATE_USE_CPU (`accelerate launch --cpu`). Otherwise it is nccl with one GPU per process."""
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+
+    on_cpu = parse_flag_from_env("ACCELERATE_USE_CPU") or resolve_device(device) == "cpu"
+    state = PartialState(cpu=on_cpu)
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched > 1 and state.num_processes != launched:
+        raise RuntimeError(
+            f"the launcher started {launched} processes (WORLD_SIZE) but accelerate set up {state.num_processes} "
+            f"(distributed type {state.distributed_type}): CPU processes need device=cpu, and ACCELERATE_USE_CPU=1 "
+            f"where accelerate was set up before the model (lmms-eval's own CLI)"
+        )
+    return state
 
 
 def resolve_dtype(dtype: str, device: str) -> torch.dtype:
@@ -77,8 +98,7 @@ class HiPruneLMM(lmms):
         self.adapter_options = {k: loading[k] for k in self.adapter_option_names}
         # Validate everything cheap before the (possibly multi-GB) model loads.
         self.method = hiprune.build_method(method, **options)
-        self._device = resolve_device(device)
-        self._setup_data_parallel()
+        self._device = self._setup_data_parallel(device)
         self._dtype = resolve_dtype(dtype, self._device)
         self.batch_size_per_gpu = int(batch_size)
         if self.batch_size_per_gpu < 1:
@@ -130,18 +150,27 @@ class HiPruneLMM(lmms):
         """Model inputs for a batch, and the visual tokens each image must keep (checked after generation)."""
         raise NotImplementedError
 
-    def _setup_data_parallel(self) -> None:
-        """Under `accelerate launch` (one process per GPU), lmms-eval shards requests by rank and gathers results
-        through ``self.accelerator``; each process holds a full model copy on its own GPU."""
+    def _setup_data_parallel(self, requested_device: str) -> str:
+        """The device this process's model copy goes to.
+
+        Under a multi-process launcher (`accelerate launch`, torchrun: one process per device) lmms-eval shards the
+        requests by rank and gathers results through ``self.accelerator``; each process holds a full model copy on
+        its own device: cuda:<local rank>, or the CPU for a CPU model (gloo process group)."""
         from accelerate import Accelerator
 
+        state = data_parallel_state(requested_device)
         self.accelerator = Accelerator()
-        if self.accelerator.num_processes > 1:
-            if not self._device.startswith("cuda"):
-                raise ValueError("data-parallel evaluation needs one CUDA device per process")
-            self._device = f"cuda:{self.accelerator.local_process_index}"
-            self._rank = self.accelerator.process_index
-            self._world_size = self.accelerator.num_processes
+        if state.num_processes == 1:
+            return resolve_device(requested_device)
+        wanted = state.device.type if requested_device == "auto" else torch.device(resolve_device(requested_device)).type
+        if wanted != state.device.type:
+            raise ValueError(
+                f"data-parallel process {state.process_index} of {state.num_processes} runs on {state.device} but the "
+                f"model was asked for device={requested_device!r}; use device=auto (or device=cpu for CPU processes)"
+            )
+        self._rank = state.process_index
+        self._world_size = state.num_processes
+        return str(state.device)
 
     # --- lmms interface -----------------------------------------------------------------------------------
     @property

@@ -3,6 +3,7 @@
     hiprune-eval model=llava15_7b method=hiprune budget=192 benchmark=pope
     hiprune-eval --multirun method=none,random,hiprune budget=192,128,64
     hiprune-eval +experiment=smoke --multirun
+    accelerate launch --num_processes 8 -m eval.run model=llava15_7b benchmark=pope   # one run, data parallel
 
 Everything that can be checked without model weights (method options, budget against the model's grid, layers
 against its encoder, task names, local paths) is checked before the model loads; a bad config exits non-zero and
@@ -13,9 +14,11 @@ from __future__ import annotations
 
 import datetime as dt
 import functools
+import os
 import platform
 import sys
 import time
+import traceback
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -37,6 +40,50 @@ class ConfigError(ValueError):
 def repo_path(path: str | Path) -> Path:
     path = Path(path)
     return path if path.is_absolute() else REPO_ROOT / path
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """This process's place in a data-parallel run (`accelerate launch` / torchrun start one process per device and
+    lmms-eval shards the requests by rank). A plain process is rank 0 of 1, where every collective is a no-op."""
+
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def broadcast(self, value: Any) -> Any:
+        """The main process's ``value``, on every rank."""
+        if self.world_size == 1:
+            return value
+        import torch.distributed as dist
+
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def gather(self, value: Any) -> list[Any] | None:
+        """Every rank's ``value`` in rank order, on the main process; None elsewhere."""
+        if self.world_size == 1:
+            return [value]
+        import torch.distributed as dist
+
+        gathered = [None] * self.world_size if self.is_main else None
+        dist.gather_object(value, gathered, dst=0)
+        return gathered
+
+
+def current_ranks(device: str) -> Ranks:
+    """Ranks of this process; under a multi-process launcher this joins the process group (before the model
+    loads, so that the resume decision can be shared)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return Ranks()
+    from eval.lmms_model import data_parallel_state
+
+    state = data_parallel_state(device)
+    return Ranks(state.process_index, state.num_processes)
 
 
 @dataclass
@@ -267,8 +314,52 @@ def _flops_summary(model, config) -> dict[str, Any]:
     }
 
 
-def execute(plan: RunPlan) -> dict[str, Any]:
-    """Run lmms-eval in-process and write the record; returns it."""
+DOC_LOGS = ("kept_tokens", "kept_digests", "prefill_tokens")  # the model's per-doc logs, {(task, split): {doc: ...}}
+
+
+def merge_doc_logs(model, ranks: Ranks) -> list[int] | None:
+    """Replace the model's per-doc logs by those of every rank, merged in doc order, on the main process; returns
+    the number of docs each rank answered (None on the other ranks).
+
+    Collective: every rank must call it. Doc order also in a single process, so that a sharded run and a
+    single-process run give the same record (the FLOPs means then sum in the same order too)."""
+    gathered = ranks.gather({name: getattr(model, name) for name in DOC_LOGS})
+    if gathered is None:
+        return None
+    for name in DOC_LOGS:
+        merged: dict[tuple[str, str], dict[int, Any]] = {}
+        for rank, logs in enumerate(gathered):
+            for key, docs in logs[name].items():
+                into = merged.setdefault(key, {})
+                for doc_id, value in docs.items():
+                    # lmms-eval shards by doc, so a doc seen twice (rank padding repeats a doc) must agree
+                    if doc_id in into and into[doc_id] != value:
+                        raise RuntimeError(f"{name} of {key[0]}/{key[1]} doc {doc_id} differ between ranks "
+                                           f"({into[doc_id]!r} vs {value!r} on rank {rank})")
+                    into[doc_id] = value
+        setattr(model, name, {key: dict(sorted(docs.items())) for key, docs in sorted(merged.items())})
+    return [sum(len(docs) for docs in logs["kept_tokens"].values()) for logs in gathered]
+
+
+def _samples_in_doc_order(samples: dict[str, list[dict]] | None) -> dict[str, list[dict]] | None:
+    """lmms-eval's logged samples per task in single-process order: per filter (a doc's k-th row belongs to the k-th
+    filter), then by doc id. A sharded run concatenates the ranks' shards instead."""
+    if not samples:
+        return samples
+    ordered = {}
+    for task, rows in samples.items():
+        seen: dict[Any, int] = {}
+        keyed = []
+        for row in rows:
+            occurrence = seen[row["doc_id"]] = seen.get(row["doc_id"], -1) + 1
+            keyed.append(((occurrence, row["doc_id"]), row))
+        ordered[task] = [row for _, row in sorted(keyed, key=lambda pair: pair[0])]
+    return ordered
+
+
+def execute(plan: RunPlan, ranks: Ranks = Ranks()) -> dict[str, Any] | None:
+    """Run lmms-eval in-process and write the record; returns it (on the main process; None on the others,
+    which shard the requests and write nothing)."""
     from lmms_eval.evaluator import simple_evaluate
 
     cfg = plan.cfg
@@ -291,6 +382,9 @@ def execute(plan: RunPlan) -> dict[str, Any]:
         )
     finally:
         model.close()
+    docs_per_rank = merge_doc_logs(model, ranks)
+    if not ranks.is_main:
+        return None
     if results is None:
         raise RuntimeError("lmms-eval returned no results")
     record = {
@@ -303,13 +397,15 @@ def execute(plan: RunPlan) -> dict[str, Any]:
         "kept_tokens_by_doc": {f"{t}/{s}": docs for (t, s), docs in model.kept_tokens.items()},
         "kept_digest_by_doc": {f"{t}/{s}": docs for (t, s), docs in model.kept_digests.items()},
         "flops": _flops_summary(model, config),
+        # not part of the identity: a sharded run gives the same result
+        "data_parallel": {"processes": ranks.world_size, "docs_per_rank": docs_per_rank},
         "versions": _versions(),
         "command": " ".join(sys.argv),
         "timestamp": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "wall_seconds": round(time.time() - started, 3),
     }
     if cfg.log_samples:
-        record["samples"] = results.get("samples")
+        record["samples"] = _samples_in_doc_order(results.get("samples"))
     write_record(plan.record, record)
     return record
 
@@ -342,12 +438,27 @@ def run(cfg: DictConfig) -> Path | None:
         LAST_OUTCOME.update(status="not implemented", record=None, message=notice)
         return None
     plan = plan_run(cfg)
-    if plan.record.exists() and not cfg.force:
-        print(f"[hiprune] skip {plan.record.relative_to(REPO_ROOT) if plan.record.is_relative_to(REPO_ROOT) else plan.record} (exists; force=true reruns)")
+    ranks = current_ranks(str(cfg.device))
+    # the main process decides for all ranks: they must run (and take part in every collective) or skip together
+    if ranks.broadcast(plan.record.exists() and not cfg.force):
+        if ranks.is_main:
+            print(f"[hiprune] skip {plan.record.relative_to(REPO_ROOT) if plan.record.is_relative_to(REPO_ROOT) else plan.record} (exists; force=true reruns)")
         LAST_OUTCOME.update(status="skipped", record=str(plan.record), message="record exists")
         return plan.record
-    record = execute(plan)
+    try:
+        record = execute(plan, ranks)
+    except Exception:
+        if ranks.world_size == 1:
+            raise
+        # End this process, not just the job: a Hydra multirun would go on to the next job while the other ranks
+        # wait in this one's collectives. The launcher then stops every rank; no record is written.
+        print(f"[hiprune] rank {ranks.rank} of {ranks.world_size} failed:", file=sys.stderr)
+        traceback.print_exc()
+        sys.stderr.flush()
+        raise SystemExit(1) from None
     LAST_OUTCOME.update(status="ran", record=str(plan.record), message="")
+    if not ranks.is_main:
+        return plan.record
     summary = ", ".join(
         f"{k}={v:.4g}" for m in record["metrics"].values() for k, v in m.items() if "_stderr" not in k
     )
