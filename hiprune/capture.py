@@ -31,7 +31,7 @@ CAPTURE_IMPLEMENTATION = "hiprune_capture"
 _MAX_CHUNK_ELEMENTS = 64 * 2**20
 
 
-QUERY_MODES = ("all", "cls")
+QUERY_MODES = ("all", "cls", "last")
 
 
 @dataclass
@@ -51,7 +51,7 @@ def key_scores(
     """Mean attention each key receives: [B, H, Tq, Dh] x [B, Hk, Tk, Dh] -> [B, Tk] (float32).
 
     Equal to ``global_attention(softmax(q k^T * scaling + mask), skip_cls=False)`` without holding all heads'
-    maps at once.
+    maps at once. ``attention_mask`` is additive (eager: 0 / large negative) or boolean (SDPA: True = attend).
     """
     if key.shape[1] != query.shape[1]:  # grouped-query attention: each key head serves several query heads
         key = key.repeat_interleave(query.shape[1] // key.shape[1], dim=1)
@@ -64,7 +64,11 @@ def key_scores(
         k = key[:, start : start + chunk].float()
         logits = torch.matmul(q, k.transpose(-1, -2))
         if attention_mask is not None:
-            logits = logits + attention_mask[..., : k.shape[2]].float()
+            mask = attention_mask[..., : k.shape[2]]
+            if mask.dtype == torch.bool:  # SDPA-style mask: True where a query may attend
+                logits = logits.masked_fill(~mask, float("-inf"))
+            else:  # additive mask (eager): 0 or a large negative value
+                logits = logits + mask.float()
         total += torch.softmax(logits, dim=-1).sum(dim=(1, 2))
     return total / (heads * q_len)
 
@@ -88,6 +92,9 @@ def _capture_attention(module: nn.Module, query, key, value, attention_mask, *ar
     if route.queries == "cls":  # the CLS token's attention row only (token 0), as CLS-attention pruning methods use
         query = query[:, :, :1]
         attention_mask = attention_mask[..., :1, :] if attention_mask is not None else None
+    elif route.queries == "last":  # the last token's row only (FastV: the last prompt token of a left-padded batch)
+        query = query[:, :, -1:]
+        attention_mask = attention_mask[..., -1:, :] if attention_mask is not None else None
     with torch.no_grad():
         route.sink.record(route.name, key_scores(query, key, attention_mask, scaling))
     return output
@@ -109,7 +116,8 @@ class AttentionScores:
     def __init__(self, modules: Mapping[str, nn.Module], queries: str = "all"):
         if queries not in QUERY_MODES:
             raise ValueError(f"unknown attention query mode {queries!r}; expected one of {QUERY_MODES}")
-        self.queries = queries  # "all": mean over every query (global attention); "cls": the CLS query's row
+        # "all": mean over every query (global attention); "cls": the CLS query's row; "last": the last query's row
+        self.queries = queries
         self.modules = dict(modules)
         self.scores: dict[str, torch.Tensor] = {}
         self._parts: dict[str, list[torch.Tensor]] = {}

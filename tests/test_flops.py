@@ -284,6 +284,45 @@ def test_measured_decode_steps_match_exact(tiny_model):
     assert rel(steps[0], one) < 0.01 and rel(steps[1], two - one) < 0.01
 
 
+def test_measured_matches_exact_fastv(tiny_model):
+    # LLM-side pruning: FastV at K = 1 keeps 64 of 576 visual tokens from decoder layer 1 on. flops_exact takes the
+    # per-layer visual counts the session recorded from the forward that actually ran.
+    import hiprune
+
+    inputs, n_text = sample(576)  # FastV's LLM input holds every visual token
+    with hiprune.apply(tiny_model, hiprune.build_method("fastv", budget=64, layer=1)) as session:
+        measured = flops_measured(tiny_model, inputs)
+    [record] = session.layer_records
+    assert record.tokens == [583, 71] and record.visual == [576, 64]
+    exact = flops_exact(tiny_model.config, n_text, record.visual)
+    assert_parts_agree(measured, exact)
+    # The one matmul the exact count leaves out: layer 0's last query scored against its 583 keys (QK^T, 4 heads
+    # of dim 16); the layers' own attention and projections agree exactly.
+    assert measured["total"] - exact["total"] == 2 * 4 * 583 * 16
+    assert measured["attention_scores"] == exact["attention_scores"]
+
+
+def test_measured_decode_steps_match_exact_fastv(tiny_model):
+    # After a FastV prefill, decode steps attend to 583 + i keys in layer 0 but only 71 + i in layer 1.
+    import hiprune
+
+    inputs, n_text = sample(576)
+    with hiprune.apply(tiny_model, hiprune.build_method("fastv", budget=64, layer=1)) as session:
+        with torch.no_grad():
+            out = tiny_model(**inputs, use_cache=True, logits_to_keep=1)
+        cache, next_token = out.cache, out.logits[:, -1:].argmax(-1)
+        steps = []
+        for _ in range(2):
+            step = flops_measured(tiny_model, {"input_ids": next_token, "cache": cache, "logits_to_keep": 1})
+            steps.append(step["language_model"] + step["lm_head"])
+    visual = session.layer_records[0].visual
+    one = flops_exact(tiny_model.config, n_text, visual, decode_tokens=1)["decode"]
+    two = flops_exact(tiny_model.config, n_text, visual, decode_tokens=2)["decode"]
+    assert steps[0] == one and steps[1] == two - one
+    unpruned = flops_exact(tiny_model.config, n_text, 576, decode_tokens=1)["decode"]
+    assert steps[0] < unpruned  # the shortened cache is what layer 1 attends to
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # real architectures (configs/arch) and the paper's numbers
 # ------------------------------------------------------------------------------------------------------------------

@@ -28,16 +28,33 @@ class GridRecord:
 
 
 @dataclass
+class LayerRecord:
+    """One LLM prefill under an LLM-side method (FastV): what each decoder layer processed, the same for every row.
+
+    tokens: sequence positions per row that each decoder layer ran on (text, padding and visual tokens).
+    visual: visual tokens per row among them, at each decoder layer (``eval.flops.flops_exact`` takes this list).
+    indices: [rows * images per row, kept] visual-token indices kept of each image (CPU, long, sorted), in batch
+        order, or None when the forward pruned nothing.
+    """
+
+    tokens: list[int]
+    visual: list[int]
+    indices: torch.Tensor | None
+
+
+@dataclass
 class PruningSession:
     """Handle yielded by ``hiprune.apply``: what was installed and what it did.
 
     records: one list per vision forward pass (a ``generate`` call makes one), one GridRecord per grid.
+    layer_records: one LayerRecord per LLM prefill that an LLM-side method pruned (empty for other methods).
     """
 
     method: Method
     adapter: Adapter
     prompt_encoder: Any = None
     records: list[list[GridRecord]] = field(default_factory=list)
+    layer_records: list[LayerRecord] = field(default_factory=list)
     last_selection: Selection | None = None
     _prompts: list[str] | None = None
 
@@ -62,6 +79,10 @@ class PruningSession:
 
     def pop_records(self) -> list[list[GridRecord]]:
         out, self.records = self.records, []
+        return out
+
+    def pop_layer_records(self) -> list[LayerRecord]:
+        out, self.layer_records = self.layer_records, []
         return out
 
 

@@ -5,10 +5,14 @@ features into those positions. The adapter wraps ``LlavaModel.get_image_features
 features (raster order), and makes the processor emit exactly that many placeholders. The LLM then sees a plain,
 shorter sequence: HF's own generate, KV cache, left padding and contiguous position ids (the official LLaVA
 behaviour) work unchanged, and a count mismatch is caught by HF's own placeholder check.
+
+LLM-side methods (FastV) get every visual token at the LLM's input; ``LlavaModel.forward`` is wrapped so that the
+decoder plumbing of ``hiprune.adapters.llm_pruning`` knows where the image tokens of each forward are.
 """
 
 from __future__ import annotations
 
+import inspect
 from contextlib import ExitStack
 from typing import Any
 
@@ -24,6 +28,7 @@ from hiprune.adapters.base import (
     stable_ids,
 )
 from hiprune.adapters.clip_tower import ClipTowerAdapter
+from hiprune.adapters.llm_pruning import VisualTokenDrop, check_llm_method
 from hiprune.capture import AttentionScores
 from hiprune.methods.base import Method, VisionTokens, resolve_budget
 
@@ -34,9 +39,17 @@ class LlavaAdapter(ClipTowerAdapter):
     model_types = (LlavaForConditionalGeneration,)
 
     def tokens_per_image(self, method: Method) -> int:
+        if method.stage == "llm":
+            resolve_budget(method.budget, self.num_patches())  # validates the budget against the grid
         if method.stage != "vision":
-            return self.num_patches()
+            return self.num_patches()  # the LLM's input holds every visual token; LLM-side methods drop them later
         return method.kept_count(resolve_budget(method.budget, self.num_patches()))
+
+    def check_supported(self, method: Method, prompt_encoder: Any = None) -> None:
+        if method.stage != "llm":
+            super().check_supported(method, prompt_encoder)
+            return
+        check_llm_method(method, self.config.text_config, self.family)
 
     # --- installation --------------------------------------------------------------------------------------
     def install(self, stack: ExitStack, session: PruningSession, processor: Any | None) -> None:
@@ -60,8 +73,43 @@ class LlavaAdapter(ClipTowerAdapter):
             return out
 
         patch_attribute(stack, self.inner, "get_image_features", get_image_features)
+        if method.stage == "llm":
+            self._install_llm_pruning(stack, session)
         if processor is not None:
             self._patch_processor(stack, processor, keep)
+
+    def _install_llm_pruning(self, stack: ExitStack, session: PruningSession) -> None:
+        drop = VisualTokenDrop(session, self.inner.language_model.layers, self.num_patches())
+        drop.install(stack)
+        original = self.inner.forward  # bound method of the class
+        signature = inspect.signature(original)
+        image_token_id = self.config.image_token_id
+
+        def forward(*args, **kwargs):
+            bound = signature.bind_partial(*args, **kwargs).arguments
+            input_ids, inputs_embeds = bound.get("input_ids"), bound.get("inputs_embeds")
+            images = bound.get("pixel_values") is not None or bound.get("mm_encoder_outputs") is not None
+            if input_ids is not None:
+                image_mask = input_ids == image_token_id
+            elif inputs_embeds is not None and images:  # HF's own rule: placeholders hold the image token's embedding
+                token = torch.tensor(image_token_id, device=inputs_embeds.device)
+                image_mask = (inputs_embeds == self.inner.get_input_embeddings()(token)).all(-1)
+            else:
+                image_mask = None
+                extra = bound.get("kwargs") or {}
+                cache = bound.get("cache", extra.get("past_key_values"))
+                prefill = cache is None or cache.get_seq_length() == 0
+                if inputs_embeds is not None and inputs_embeds.shape[1] > 1 and prefill:
+                    # Embeddings with the image features already scattered in: nothing says where the images are,
+                    # and running unpruned would be a silent fallback.
+                    raise PruningError(
+                        f"{session.method.name} needs input_ids (or pixel_values with placeholder embeddings) to "
+                        "locate the image tokens; a prefill from pre-merged inputs_embeds cannot be pruned"
+                    )
+            with drop.forward(image_mask, bound.get("attention_mask")):
+                return original(*args, **kwargs)
+
+        patch_attribute(stack, self.inner, "forward", forward)
 
     def _select(self, session, out, scores, pixel_values, budget, keep):
         features = torch.stack(list(out.pooler_output))  # [B, N, D]

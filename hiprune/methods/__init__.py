@@ -6,12 +6,13 @@ import dataclasses
 from typing import Any
 
 from hiprune.methods.base import FEATURE_LAYER, Method, Selection, VisionTokens, resolve_budget
+from hiprune.methods.fastv import FastV, select_fastv
 from hiprune.methods.hiprune import HiPrune, select_hiprune
 from hiprune.methods.hiprune_pp import HiPrunePP
 from hiprune.methods.none import NoPrune
 from hiprune.methods.random import RandomPrune
 
-METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (NoPrune, RandomPrune, HiPrune, HiPrunePP)}
+METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (NoPrune, RandomPrune, HiPrune, HiPrunePP, FastV)}
 
 
 def build_method(name: str, **options: Any) -> Method:
@@ -31,6 +32,7 @@ def build_method(name: str, **options: Any) -> Method:
 __all__ = [
     "FEATURE_LAYER",
     "METHODS",
+    "FastV",
     "HiPrune",
     "HiPrunePP",
     "Method",
@@ -40,5 +42,6 @@ __all__ = [
     "VisionTokens",
     "build_method",
     "resolve_budget",
+    "select_fastv",
     "select_hiprune",
 ]
