@@ -447,7 +447,9 @@ def test_method_defaults_and_score_layers():
         "boundary": "clamp",
         "buffer": "cross",
         "attention": "global",
+        "registers": "deep",
     }
+    assert HiPrune(budget=64, registers="none").score_layers() == {"object": 9}  # no deep layer captured
     assert method.score_queries() == "all" and HiPrune(budget=64, attention="cls").score_queries() == "cls"
     with pytest.raises(ValueError, match="attention"):
         HiPrune(budget=64, attention="max").validate()
@@ -463,6 +465,7 @@ def test_method_defaults_and_score_layers():
         (dict(budget=192, object_layer=9.0), "object_layer"),
         (dict(budget=192, boundary="reflect"), "boundary"),
         (dict(budget=192, buffer="ring"), "buffer"),
+        (dict(budget=192, registers="random"), "registers"),
         # 10 tokens, alpha 1 -> 2 anchors, square -> up to 2 * 9 = 18 > 10.
         (dict(budget=10, alpha=1.0, buffer="square"), "can exceed the budget"),
     ],
@@ -515,3 +518,83 @@ def test_ablation_buffer_shapes_by_hand():
     indices, roles = select_hiprune_with_roles(object_scores, deep_scores, (5, 5), 10, alpha=0.5, buffer="none")
     assert indices[0][roles["anchor"][0]].tolist() == [12] and not roles["buffer"].any()
     assert indices[0][roles["register"][0]].tolist() == [16, 17, 18, 19, 20, 21, 22, 23, 24]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Ablation "w/o Register" (registers="none"): anchors with their buffers fill the whole budget
+
+
+def test_without_registers_by_hand_on_a_4x4_grid():
+    # Object ranking 5, 10, 0, 15, then the rest by index. Cross offsets in order left, right, up, down:
+    # group of 5 -> 5, 4, 6, 1, 9; group of 10 -> 10, 9 (seen), 11, 6 (seen), 14; group of 0 -> 0, 0, 1, 0, 4 (clamped).
+    obj = one_hot_scores(16, [5, 10, 0, 15])
+    deep = high_index_first(16)  # must play no part
+    indices, roles = select_hiprune_with_roles(obj, deep, (4, 4), 7, registers="none")
+    # 5 tokens of the first group, then 10 and 11: the second group is cut after its first new buffer
+    assert as_list(indices) == [1, 4, 5, 6, 9, 10, 11]
+    assert kept(indices, roles, "anchor") == {5, 10}
+    assert kept(indices, roles, "buffer") == {1, 4, 6, 9, 11}
+    assert not roles["register"].any()
+    # budget 8 completes group 2 (14); 9 starts group 3 with anchor 0 (already 1, 4 are in)
+    assert as_list(select_hiprune(obj, deep, (4, 4), 8, registers="none")) == [1, 4, 5, 6, 9, 10, 11, 14]
+    nine, nine_roles = select_hiprune_with_roles(obj, deep, (4, 4), 9, registers="none")
+    assert as_list(nine) == [0, 1, 4, 5, 6, 9, 10, 11, 14] and kept(nine, nine_roles, "anchor") == {0, 5, 10}
+    # alpha is irrelevant without registers
+    assert torch.equal(select_hiprune(obj, deep, (4, 4), 7, alpha=0.0, registers="none"), indices)
+
+
+def test_without_registers_drop_boundary_uses_only_grid_neighbours():
+    obj = one_hot_scores(16, [0, 15])
+    # group of 0 (drop): 0, right 1, down 4 -> 3 tokens; group of 15: 15, left 14, up 11
+    indices, roles = select_hiprune_with_roles(obj, obj, (4, 4), 5, boundary="drop", registers="none")
+    assert as_list(indices) == [0, 1, 4, 14, 15] and kept(indices, roles, "anchor") == {0, 15}
+
+
+def reference_without_registers(obj, rows, cols, budget, boundary, buffer):
+    """Plain-Python "w/o Register" for one row: (sorted kept list, anchors set)."""
+    n = rows * cols
+    chosen, anchors = [], set()
+    for a in sorted(range(n), key=lambda i: (-obj[i], i)):
+        if len(chosen) == budget:
+            break
+        anchors.add(a)
+        r, c = divmod(a, cols)
+        group = [a]
+        for dr, dc in BUFFER_OFFSETS[buffer]:
+            if boundary == "clamp":
+                group.append(min(max(a + dr * cols + dc, 0), n - 1))
+            elif 0 <= r + dr < rows and 0 <= c + dc < cols:
+                group.append((r + dr) * cols + (c + dc))
+        for token in group:
+            if token not in chosen and len(chosen) < budget:
+                chosen.append(token)
+    return sorted(chosen), anchors
+
+
+@PROPERTY_SETTINGS
+@given(hiprune_cases())
+def test_property_without_registers_matches_greedy_reading(case):
+    obj, deep, grid, budget, alpha, boundary, buffer = case
+    indices, roles = select_hiprune_with_roles(obj, deep, grid, budget, alpha, boundary, buffer, registers="none")
+    assert indices.shape == (obj.shape[0], budget)
+    assert (roles["anchor"].int() + roles["buffer"].int() == 1).all() and not roles["register"].any()
+    for row in range(obj.shape[0]):
+        expected, anchors = reference_without_registers(obj[row].tolist(), *grid, budget, boundary, buffer)
+        assert indices[row].tolist() == expected
+        assert set(indices[row][roles["anchor"][row]].tolist()) == anchors
+        alone = select_hiprune(obj[row : row + 1], torch.zeros_like(obj[row : row + 1]), grid, budget, alpha,
+                               boundary, buffer, registers="none")
+        assert torch.equal(alone[0], indices[row])  # deep scores and the rest of the batch play no part
+
+
+def test_method_without_registers_selects_from_object_scores_only():
+    features = torch.randn(1, 16, 3)
+    obj = one_hot_scores(16, [5, 10, 0, 15])
+    tokens = VisionTokens(features=features, scores={"object": obj}, grid=(4, 4))
+    method = HiPrune(budget=7, registers="none", alpha=0.0)
+    method.validate()
+    selection = method.select(tokens, 7)
+    assert as_list(selection.indices) == [1, 4, 5, 6, 9, 10, 11]
+    assert torch.equal(selection.features, features[:, [1, 4, 5, 6, 9, 10, 11]])
+    with pytest.raises(ValueError, match=r"needs scores \['deep'\]"):
+        HiPrune(budget=7).select(tokens, 7)

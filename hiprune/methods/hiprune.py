@@ -7,7 +7,10 @@ Per grid of N = rows x cols patch tokens and a budget N':
   4. keep      - all of them, sorted, so kept tokens stay in raster order.
 
 Defaults reproduce the authors' evaluation code ("official"): clamped cross-shaped buffers. ``boundary="drop"``
-follows the paper's Eq. 5 instead. Ties in a score are broken towards the lower token index (stable sort), so a
+follows the paper's Eq. 5 instead. ``registers="none"`` is the token-type ablation "w/o Register" (paper Table 6b),
+whose spending of the freed budget the paper does not state; the harness's reading: the whole budget goes to anchors
+with their buffers, anchors taken in object-score order until N' tokens are chosen (see
+:func:`_fill_with_anchors_and_buffers`). Ties in a score are broken towards the lower token index (stable sort), so a
 selection is deterministic and independent of batch composition and device; the official code uses
 ``torch.topk``, whose tie order is unspecified (ties do not occur in practice with real attention scores).
 """
@@ -39,6 +42,7 @@ BUFFER_OFFSETS: dict[str, tuple[tuple[int, int], ...]] = {
 }
 
 ROLES = ("anchor", "buffer", "register")
+REGISTER_MODES = ("deep", "none")
 ATTENTION_PATTERNS = ("global", "cls")
 
 
@@ -64,12 +68,14 @@ def select_hiprune(
     alpha: float = 0.1,
     boundary: str = "clamp",
     buffer: str = "cross",
+    registers: str = "deep",
 ) -> torch.Tensor:
     """Kept token indices [B, budget] (int64, sorted ascending, distinct per row).
 
     Arguments and errors as in :func:`select_hiprune_with_roles`.
     """
-    indices, _ = select_hiprune_with_roles(object_scores, deep_scores, grid, budget, alpha, boundary, buffer)
+    indices, _ = select_hiprune_with_roles(object_scores, deep_scores, grid, budget, alpha, boundary, buffer,
+                                           registers)
     return indices
 
 
@@ -81,6 +87,7 @@ def select_hiprune_with_roles(
     alpha: float = 0.1,
     boundary: str = "clamp",
     buffer: str = "cross",
+    registers: str = "deep",
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """HiPrune selection for B grids at once; every row is computed independently of the others.
 
@@ -92,6 +99,9 @@ def select_hiprune_with_roles(
         token 0) or "drop" (paper Eq. 5: neighbours outside the grid or on another row are discarded).
     buffer: neighbour shape, "cross" (4, default), "square" (8), "row" (2), "column" (2); ablations "rot_cross"
         (the 4 diagonal neighbours) and "none" (anchors without buffers).
+    registers: "deep" (default: the rest of the budget by deep score) or "none" (ablation "w/o Register": no deep
+        score is used, alpha is ignored, and anchors with their buffers fill the whole budget, see
+        :func:`_fill_with_anchors_and_buffers`).
 
     Returns (indices, roles): indices [B, budget] int64 sorted ascending; roles maps "anchor", "buffer",
     "register" to [B, budget] bool masks aligned with indices, exactly one True per position. An anchor that is
@@ -100,11 +110,14 @@ def select_hiprune_with_roles(
     Raises ValueError on malformed input, and when a row's anchors and buffers alone exceed the budget.
     """
     rows, cols = _validate(object_scores, deep_scores, grid, budget, alpha, boundary, buffer)
+    _check_name("registers", registers, REGISTER_MODES)
     batch, n = object_scores.shape
     device = object_scores.device
     # Compare in float32 so half-precision scores rank the same way on every device.
     object_scores = object_scores.float()
     deep_scores = deep_scores.float()
+    if registers == "none":
+        return _fill_with_anchors_and_buffers(object_scores, rows, cols, budget, boundary, BUFFER_OFFSETS[buffer])
 
     # 1. Anchors: top-k_a object scores.
     k_a = anchor_count(budget, alpha)
@@ -148,6 +161,36 @@ def select_hiprune_with_roles(
         "register": register_mask.gather(1, indices),
     }
     return indices, roles
+
+
+def _fill_with_anchors_and_buffers(
+    object_scores: torch.Tensor, rows: int, cols: int, budget: int, boundary: str,
+    offsets: tuple[tuple[int, int], ...],
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """"w/o Register": anchors in object-score order, each followed by its buffers, until ``budget`` distinct tokens.
+
+    The candidate sequence is a1, buffers(a1), a2, buffers(a2), ... over every token ranked by object score (ties
+    to the lower index); a token counts at its first appearance, and the first ``budget`` distinct tokens are kept.
+    So every anchor whose group starts before the budget runs out is kept with all of its buffers, except that the
+    last group may be cut after some of its buffers (in the shape's offset order). Roles: anchors are the tokens
+    ranked among the groups that were started, buffers the other kept tokens.
+    """
+    batch, n = object_scores.shape
+    device = object_scores.device
+    group = 1 + len(offsets)
+    order = _sort_descending(object_scores)  # [B, N]: every token, by object score
+    neighbours = _neighbours(order, rows, cols, boundary, offsets).view(batch, n, len(offsets))
+    sequence = torch.cat([order.unsqueeze(-1), neighbours], dim=-1).flatten(1)  # [B, N * group]
+    slot = torch.arange(sequence.shape[1], device=device).expand(batch, -1)
+    first = torch.full((batch, n), sequence.shape[1], dtype=torch.long, device=device)
+    first.scatter_reduce_(1, sequence, slot, reduce="amin")  # first slot of every token (each is someone's anchor)
+    kept_by_slot = first.sort(dim=1).indices[:, :budget]  # tokens in order of first appearance; slots are distinct
+    last_slot = first.gather(1, kept_by_slot).max(dim=1).values  # [B]
+    groups_started = last_slot // group + 1  # anchors whose group began within the kept slots
+    rank = torch.empty_like(order).scatter_(1, order, torch.arange(n, device=device).expand(batch, -1))
+    indices = kept_by_slot.sort(dim=1).values
+    anchor = rank.gather(1, indices) < groups_started.unsqueeze(1)
+    return indices, {"anchor": anchor, "buffer": ~anchor, "register": torch.zeros_like(anchor)}
 
 
 def _top_k(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -254,17 +297,20 @@ class HiPrune(Method):
     boundary: str = "clamp"
     buffer: str = "cross"
     attention: str = "global"  # ablation (paper Table 6a): "cls" scores tokens by the CLS query's attention row
+    registers: str = "deep"  # ablation (paper Table 6b "w/o Register"): "none" fills the budget with anchors + buffers
 
     def validate(self) -> None:
         super().validate()
         _check_name("attention", self.attention, ATTENTION_PATTERNS)
+        _check_name("registers", self.registers, REGISTER_MODES)
         _check_alpha(self.alpha)
         if not _is_int(self.object_layer) or self.object_layer < 1:
             raise ValueError(f"HiPrune object_layer is a 1-based encoder layer (int >= 1), got {self.object_layer!r}")
         _check_name("boundary", self.boundary, BOUNDARIES)
         _check_name("buffer", self.buffer, tuple(BUFFER_OFFSETS))
-        # A ratio budget is only known per image; select_hiprune checks the real count then.
-        if isinstance(self.budget, int):
+        # A ratio budget is only known per image; select_hiprune checks the real count then. Without registers the
+        # anchors fill the budget, so alpha plays no part.
+        if isinstance(self.budget, int) and self.registers == "deep":
             worst = max_anchor_and_buffer_count(self.budget, self.alpha, self.buffer)
             if worst > self.budget:
                 raise ValueError(
@@ -274,23 +320,27 @@ class HiPrune(Method):
                 )
 
     def score_layers(self) -> dict[str, int | str]:
+        if self.registers == "none":  # no deep score needed: only the object layer is captured
+            return {"object": self.object_layer}
         return {"object": self.object_layer, "deep": FEATURE_LAYER}
 
     def score_queries(self) -> str:
         return "cls" if self.attention == "cls" else "all"
 
     def select(self, tokens: VisionTokens, budget: int) -> Selection:
-        missing = [name for name in ("object", "deep") if name not in tokens.scores]
+        missing = [name for name in self.score_layers() if name not in tokens.scores]
         if missing:
             raise ValueError(f"HiPrune needs scores {missing} in VisionTokens.scores, got {sorted(tokens.scores)}")
+        object_scores = tokens.scores["object"]
         indices, roles = select_hiprune_with_roles(
-            tokens.scores["object"],
-            tokens.scores["deep"],
+            object_scores,
+            tokens.scores.get("deep", object_scores),  # registers="none" ranks nothing by the deep score
             tokens.grid,
             budget,
             alpha=self.alpha,
             boundary=self.boundary,
             buffer=self.buffer,
+            registers=self.registers,
         )
         device = tokens.features.device
         indices = indices.to(device)

@@ -18,7 +18,7 @@ against merged visual tokens.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import ClassVar
 
 import torch
@@ -80,10 +80,14 @@ class HiPrunePP(HiPrune):
             t = text_token_count(self.budget, self.beta, self.count)
             if self.budget - t < 1:
                 raise ValueError(f"HiPrune++ leaves no HiPrune tokens: budget {self.budget} minus {t} prompt tokens")
-            HiPrune(budget=self.budget - t, alpha=self.alpha, object_layer=self.object_layer,
-                    boundary=self.boundary, buffer=self.buffer, attention=self.attention).validate()
+            self._hiprune(self.budget - t).validate()
         else:
             super().validate()
+
+    def _hiprune(self, budget: int) -> HiPrune:
+        """The HiPrune part, with every HiPrune option of this method (so none can be silently dropped)."""
+        options = {f.name: getattr(self, f.name) for f in fields(HiPrune) if f.init}
+        return HiPrune(**{**options, "budget": budget})
 
     def kept_count(self, budget: int) -> int:
         if self.mode == "additive":
@@ -97,9 +101,7 @@ class HiPrunePP(HiPrune):
         base = budget - t if self.mode == "within_budget" else budget
         if base + t > tokens.num_tokens:
             raise ValueError(f"HiPrune++ wants {base + t} tokens but the grid has {tokens.num_tokens}")
-        hiprune = HiPrune(budget=base, alpha=self.alpha, object_layer=self.object_layer,
-                          boundary=self.boundary, buffer=self.buffer, attention=self.attention)
-        first = hiprune.select(tokens, base)
+        first = self._hiprune(base).select(tokens, base)
         chosen = torch.zeros(tokens.batch_size, tokens.num_tokens, dtype=torch.bool, device=first.indices.device)
         chosen.scatter_(1, first.indices, True)
         added = select_by_prompt(tokens.token_embeds, tokens.prompt_embeds, chosen.to(tokens.token_embeds.device), t)
