@@ -15,7 +15,10 @@ Per (method, budget) -- a "case" -- inside ``hiprune.apply(model, method)`` (ins
 
   vision    vision tower + projector + the method's scoring and selection (``get_image_features``)
   prefill   LLM forward only (decoder + lm_head on the last position, building the KV cache, as generate's prefill
-            does) on precomputed input embeddings: what the paper times
+            does) on precomputed input embeddings: what the paper times. LLM-side methods (FastV) must see where the
+            image tokens are: their prefill takes input_ids and the precomputed image features (HF's
+            ``mm_encoder_outputs``), so the token-embedding lookup and the feature scatter (a few MB of copies) are
+            timed with it
   ttft      ``generate(max_new_tokens=1)`` end to end (vision, selection, prefill, first token)
   decode    one cached single-token step (the cache is cropped back after each call)
   generate  ``generate(max_new_tokens=K, min_new_tokens=K)``; throughput = batch x K / wall time
@@ -36,7 +39,12 @@ calflops convention (a full forward's linear layers only: what Table 5 prints), 
 one real forward. Roofline: peak FLOP/s (matmul) and bandwidth (copy) measured in this run (eval/roofline.py), at
 its start and its end; the bound of the prefill is max(FLOPs / peak, bytes / bandwidth) with the faster of the two
 measurements of each peak (the tighter bound), FLOPs counted for a causal kernel ("triangular") and bytes from
-:func:`eval.roofline.prefill_bytes`.
+:func:`eval.roofline.prefill_bytes`. Every count takes the visual tokens of each decoder layer: the kept ones in every
+layer for methods that prune before the LLM; for LLM-side methods (FastV) all N visual tokens in layers 0..K-1 and
+the R kept from layer K on, as recorded by every pruned prefill of the case (``session.layer_records``, checked
+against [N] * K + [R] * (L - K)). CUDA graphs (``cuda_graphs=true``) are off for LLM-side methods, with the reason in
+the log and in bench.json (meta ``cuda_graphs_off``): their prefill finds the image tokens and kept positions with
+data-dependent shapes and host-side checks, which a graph capture cannot hold.
 
 Writes ``<out_dir>/<model>-<device>-<dtype>/bench.json`` and the tables of eval/efficiency_table.py.
 """
@@ -53,7 +61,7 @@ import platform
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -159,6 +167,7 @@ def plan_cases(cfg: DictConfig, skeleton) -> list[dict[str, Any]]:
     import hiprune
 
     adapter = hiprune.adapter_for(skeleton)
+    n_layers = skeleton.config.text_config.num_hidden_layers
     budgets = list(cfg.budgets)
     cases = []
     for spec in method_specs(cfg):
@@ -186,13 +195,41 @@ def plan_cases(cfg: DictConfig, skeleton) -> list[dict[str, Any]]:
             try:
                 adapter.resolve_layers(method)
                 keep = adapter.tokens_per_image(method)
+                visual_per_layer = visual_tokens_per_layer(method, keep, n_layers)
             except (ValueError, TypeError) as exc:
                 raise ConfigError(f"method {name!r} budget {budget}: {exc}") from exc
-            cases.append({**spec, "budget": budget, "method": method, "keep": keep, "status": "planned",
-                          "reason": ""})
+            cases.append({**spec, "budget": budget, "method": method, "keep": keep,
+                          "visual_per_layer": visual_per_layer, "status": "planned", "reason": ""})
     if not any(c["status"] == "planned" for c in cases):
         raise ConfigError("nothing to run: " + "; ".join(f"{c['name']}: {c['reason']}" for c in cases))
     return cases
+
+
+def visual_tokens_per_layer(method, keep: int, n_layers: int) -> list[int]:
+    """Visual tokens of one sequence (one image) at each decoder layer: ``keep`` (the LLM's input) in every layer,
+    except for LLM-side methods (FastV), which drop to their budget R from decoder layer K = ``method.layer`` on."""
+    if method.stage != "llm":
+        return [keep] * n_layers
+    from hiprune.methods import resolve_budget
+
+    kept = resolve_budget(method.budget, keep)
+    return [keep] * method.layer + [kept] * (n_layers - method.layer)
+
+
+def tokens_label(keep: int, visual_per_layer: list[int]) -> str:
+    """'64' for a method that prunes before the LLM; '576>64@2' (576 visual tokens, 64 from layer 2 on) for FastV."""
+    if all(v == keep for v in visual_per_layer):
+        return str(keep)
+    layer = next(i for i, v in enumerate(visual_per_layer) if v != keep)
+    return f"{keep}>{visual_per_layer[layer]}@{layer}"
+
+
+def cuda_graphs_off_reason(method) -> str | None:
+    """Why the CUDA-graph replays are not measured for ``method`` (None: they are)."""
+    if method.stage == "llm":
+        return (f"{method.name} prunes inside the LLM: its prefill finds the image tokens and the kept positions with "
+                "data-dependent shapes (nonzero) and checks them on the host, which a CUDA graph capture cannot hold")
+    return None
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -489,22 +526,27 @@ class Call:
 # ------------------------------------------------------------------------------------------------------------------
 # FLOPs and roofline per case
 # ------------------------------------------------------------------------------------------------------------------
-def case_flops(config, n_text: int, keep: int, batch: int, score_layers: int, new_tokens: int,
+def case_flops(config, n_text: int, visual: int | Sequence[int], batch: int, score_layers: int, new_tokens: int,
                prompt: dict[str, int] | None = None) -> dict[str, Any]:
-    """FLOPs of one case (whole batch), from eval.flops; ``prompt``: a prompt encoder's FLOPs
+    """FLOPs of one case (whole batch), from eval.flops; ``visual``: visual tokens per sequence, one count for every
+    decoder layer or one per layer (LLM-side methods); ``prompt``: a prompt encoder's FLOPs
     (:func:`prompt_encoder_flops`), added to the whole-model counts (not to the LLM's)."""
     from eval.flops import fastv_tokens_per_layer, flops_exact, tflops_fastv
 
     tc = config.text_config
-    prefill = flops_exact(config, n_text, keep, logits_to_keep=1, score_layers=score_layers)
-    prefill_tri = flops_exact(config, n_text, keep, logits_to_keep=1, score_layers=score_layers,
+    if isinstance(visual, Sequence):
+        visual = [int(v) for v in visual]
+        tokens = [n_text + v for v in visual]
+    else:
+        tokens = fastv_tokens_per_layer(tc.num_hidden_layers, n_text, visual)
+    prefill = flops_exact(config, n_text, visual, logits_to_keep=1, score_layers=score_layers)
+    prefill_tri = flops_exact(config, n_text, visual, logits_to_keep=1, score_layers=score_layers,
                               attention="triangular")
-    generate = flops_exact(config, n_text, keep, decode_tokens=max(new_tokens - 1, 0), logits_to_keep=1,
+    generate = flops_exact(config, n_text, visual, decode_tokens=max(new_tokens - 1, 0), logits_to_keep=1,
                            score_layers=score_layers)
-    one_step = flops_exact(config, n_text, keep, decode_tokens=1, logits_to_keep=1)["decode"]
-    full_forward = flops_exact(config, n_text, keep)  # logits at every position, no scoring: what calflops sees
-    fastv = tflops_fastv(tc.num_hidden_layers, tc.hidden_size, tc.intermediate_size,
-                         fastv_tokens_per_layer(tc.num_hidden_layers, n_text, keep))
+    one_step = flops_exact(config, n_text, visual, decode_tokens=1, logits_to_keep=1)["decode"]
+    full_forward = flops_exact(config, n_text, visual)  # logits at every position, no scoring: what calflops sees
+    fastv = tflops_fastv(tc.num_hidden_layers, tc.hidden_size, tc.intermediate_size, tokens)
     extra, extra_linear = (prompt["total"], prompt["linear"]) if prompt else (0, 0)
     return {
         "tflops_fastv": batch * fastv,
@@ -525,7 +567,10 @@ def adapter_patches(model) -> int:
     return hiprune.adapter_for(model).num_patches()
 
 
-def case_roofline(config, n_tokens: int, batch: int, dtype: torch.dtype, flops: dict, peaks: dict) -> dict:
+def case_roofline(config, n_tokens: int | Sequence[int], batch: int, dtype: torch.dtype, flops: dict,
+                  peaks: dict) -> dict:
+    """Roofline bounds of the prefill and of one decode step; ``n_tokens``: tokens per sequence, one count or one
+    per decoder layer (LLM-side methods: each layer's KV cache and activations have that layer's length)."""
     from eval.roofline import decode_bytes, prefill_bytes, roofline_bound
 
     width = torch.finfo(dtype).bits // 8
@@ -542,9 +587,9 @@ def case_roofline(config, n_tokens: int, batch: int, dtype: torch.dtype, flops: 
 # one case
 # ------------------------------------------------------------------------------------------------------------------
 class Case:
-    """One (method, budget) on the shared model: its inputs, precomputed LLM input embeddings, a KV cache for the
-    decode step, and the five measured calls. The method is installed (``hiprune.apply``) only around calls, so
-    cases can be interleaved."""
+    """One (method, budget) on the shared model: its inputs, precomputed LLM input embeddings (LLM-side methods: the
+    precomputed image features), a KV cache for the decode step, and the five measured calls. The method is installed
+    (``hiprune.apply``) only around calls, so cases can be interleaved."""
 
     def __init__(self, model, spec: dict, cfg: DictConfig, device: torch.device, dtype: torch.dtype,
                  prompt_encoder=None):
@@ -556,6 +601,9 @@ class Case:
         self.n_text = int(cfg.text_tokens_before_image) + int(cfg.text_tokens_after_image)
         self.new_tokens = int(cfg.new_tokens)
         self.keep = spec["keep"]
+        # visual tokens per sequence at each decoder layer; LLM-side methods: checked against every pruned prefill
+        self.visual_per_layer = list(spec["visual_per_layer"])
+        self.llm_side = self.method.stage == "llm"
         self.inputs = make_inputs(self.config, self.keep, self.batch, int(cfg.text_tokens_before_image),
                                   int(cfg.text_tokens_after_image), int(cfg.seed), device, dtype)
         self.seq_len = self.inputs["input_ids"].shape[1]
@@ -564,8 +612,10 @@ class Case:
                            "pad_token_id": tc.pad_token_id or getattr(self.config, "pad_token_id", None) or 0,
                            "eos_token_id": tc.eos_token_id}
         self.session = None
-        self.embeds = self.cache = self.next_token = None
-        self.use_graphs = bool(cfg.get("cuda_graphs")) and device.type == "cuda"
+        self.embeds = self.image_outputs = self.cache = self.next_token = None
+        graphs_asked = bool(cfg.get("cuda_graphs")) and device.type == "cuda"
+        self.graphs_off = cuda_graphs_off_reason(self.method) if graphs_asked else None
+        self.use_graphs = graphs_asked and self.graphs_off is None
         self.graphs: dict[str, CapturedCall] = {}
         names = MEASUREMENTS + (GRAPH_MEASUREMENTS if self.use_graphs else ())
         self.seconds: dict[str, list[float]] = {name: [] for name in names}
@@ -574,7 +624,7 @@ class Case:
 
     @property
     def label(self) -> str:
-        return f"{self.method.name} {self.keep}"
+        return f"{self.method.name} {tokens_label(self.keep, self.visual_per_layer)}"
 
     @contextlib.contextmanager
     def installed(self):
@@ -596,15 +646,28 @@ class Case:
         if self.method.needs_prompt:
             self.session.set_prompts([PROMPT] * self.batch)
 
-    def _check_records(self, _out=None) -> None:
+    def _check_records(self, _out=None, vision: bool = True, prefill: bool = False) -> None:
+        """What the last call did: one vision pass (``vision``) or none, and, for LLM-side methods, one pruned
+        prefill (``prefill``) or none, with this case's visual tokens per decoder layer."""
         import hiprune
 
         records = self.session.pop_records()
         grids = [g for forward in records for g in forward]
-        if len(records) != 1 or len(grids) != self.batch or any(g.tokens_kept != self.keep for g in grids):
+        if (len(records) != int(vision) or len(grids) != self.batch * int(vision)
+                or any(g.tokens_kept != self.keep for g in grids)):
             raise hiprune.PruningError(
-                f"{self.label}: expected one vision pass of {self.batch} image(s) keeping {self.keep} tokens, got "
-                f"{[[g.tokens_kept for g in f] for f in records]}"
+                f"{self.label}: expected {'one vision pass' if vision else 'no vision pass'} of {self.batch} "
+                f"image(s) keeping {self.keep} tokens, got {[[g.tokens_kept for g in f] for f in records]}"
+            )
+        layer_records = self.session.pop_layer_records()
+        expected = int(prefill and self.llm_side)
+        if len(layer_records) != expected or any(
+            r.visual != self.visual_per_layer or r.indices is None or r.indices.shape[0] != self.batch
+            for r in layer_records
+        ):
+            raise hiprune.PruningError(
+                f"{self.label}: expected {expected} pruned prefill(s) with {self.visual_per_layer} visual tokens per "
+                f"decoder layer for {self.batch} image(s), got {[r.visual for r in layer_records]}"
             )
 
     def _vision(self):
@@ -614,12 +677,21 @@ class Case:
             vision_feature_select_strategy=self.config.vision_feature_select_strategy)
 
     def _prefill(self):
+        if self.llm_side:
+            # Pre-merged embeddings would hide the image tokens from the method: input_ids + the precomputed image
+            # features instead, which HF scatters into the token embeddings (inside the timed call).
+            return self.model(input_ids=self.inputs["input_ids"], attention_mask=self.inputs["attention_mask"],
+                              mm_encoder_outputs={"image": self.image_outputs}, use_cache=True, logits_to_keep=1)
         return self.model(inputs_embeds=self.embeds, attention_mask=self.inputs["attention_mask"], use_cache=True,
                           logits_to_keep=1)
+
+    def _check_prefill(self, _out=None) -> None:
+        self._check_records(vision=False, prefill=True)
 
     def make_cache(self) -> None:
         """A prefill's KV cache and its next token, for the decode step (untimed)."""
         first = self._prefill()
+        self._check_prefill()
         self.cache, self.next_token = first.cache, first.logits[:, -1:].argmax(-1)
         self.step_mask = torch.ones(self.batch, self.seq_len + 1, dtype=self.inputs["attention_mask"].dtype,
                                     device=self.device)
@@ -661,11 +733,20 @@ class Case:
         self.graphs = {"prefill_graph": graph_prefill, "decode_graph": graph_decode}
 
     def setup(self) -> None:
-        """Input embeddings with this method's kept visual tokens scattered in, and a decode cache (untimed)."""
+        """Input embeddings with this method's kept visual tokens scattered in (LLM-side methods: the image features
+        alone), and a decode cache (untimed)."""
+        from transformers.modeling_outputs import BaseModelOutputWithPooling
+
         with self.installed():
             self.session.pop_records()
-            features = torch.cat(list(self._vision().pooler_output), dim=0)
+            self.session.pop_layer_records()
+            image_outputs = self._vision()
             self._check_records()
+            if self.llm_side:
+                self.image_outputs = BaseModelOutputWithPooling(pooler_output=list(image_outputs.pooler_output))
+                self.make_cache()
+                return
+            features = torch.cat(list(image_outputs.pooler_output), dim=0)
             inner = self.model.model
             embeds = inner.get_input_embeddings()(self.inputs["input_ids"])
             mask = (self.inputs["input_ids"] == self.config.image_token_id).unsqueeze(-1)
@@ -686,7 +767,7 @@ class Case:
 
         def check_generated(n: int):
             def check(out):
-                self._check_records()
+                self._check_records(prefill=True)
                 if out.shape != (self.batch, self.seq_len + n):
                     raise RuntimeError(f"{self.label}: generate made {out.shape[1] - self.seq_len} tokens, expected {n}")
             return check
@@ -700,11 +781,14 @@ class Case:
             if self.cache.get_seq_length() != self.seq_len:
                 raise RuntimeError(f"{self.label}: decode cache holds {self.cache.get_seq_length()} positions")
 
+        def check_decode(_out):
+            self._check_records(vision=False, prefill=False)
+
         return {
             "vision": Call(self._vision, check=self._check_records),
-            "prefill": Call(self._prefill),
+            "prefill": Call(self._prefill, check=self._check_prefill),
             "ttft": Call(ttft, check=check_generated(1)),
-            "decode": Call(decode, after=crop),
+            "decode": Call(decode, check=check_decode, after=crop),
             "generate": Call(generate, check=check_generated(self.new_tokens)),
             **({name: Call(graph.replay) for name, graph in self.graphs.items()} if graphs else {}),
         }
@@ -737,13 +821,14 @@ class Case:
         with self.installed():
             self._prompts()
             self.measured_flops = flops_measured(self.model, {**self.inputs, "logits_to_keep": 1})
-            self._check_records()
+            self._check_records(prefill=True)
 
     def result(self, peaks: dict) -> dict[str, Any]:
         method = self.method
         score_layers = len(method.score_layers()) if method.stage == "vision" else 0
         prompt = prompt_encoder_flops(self.encoder, adapter_patches(self.model), self.batch) if self.encoder else None
-        flops = case_flops(self.config, self.n_text, self.keep, self.batch, score_layers, self.new_tokens, prompt)
+        visual = self.visual_per_layer  # LLM-side methods: what every pruned prefill of this case recorded
+        flops = case_flops(self.config, self.n_text, visual, self.batch, score_layers, self.new_tokens, prompt)
         measured = self.measured_flops
         if measured is not None:
             flops["tflops_measured"] = measured["total"] / 1e12
@@ -751,11 +836,14 @@ class Case:
             flops["sdpa_ops"] = sorted(op for op in measured["by_op"] if "scaled_dot_product" in op)
             flops["measured_vs_exact"] = measured["total"] / (flops["tflops_exact"] * 1e12) - 1
         return {
-            "visual_tokens": self.keep, "n_text": self.n_text, "seq_len": self.seq_len,
+            "visual_tokens": self.keep, "visual_tokens_per_layer": visual, "n_text": self.n_text,
+            "seq_len": self.seq_len,
+            **({"cuda_graphs_off": self.graphs_off} if self.graphs_off else {}),
             "timings": {k: summarize(v) for k, v in self.seconds.items()},
             "throughput_tok_s": summarize([self.batch * self.new_tokens / t for t in self.seconds["generate"]]),
             "memory": self.memory, "seconds": self.seconds, "flops": flops,
-            "roofline": case_roofline(self.config, self.n_text + self.keep, self.batch, self.dtype, flops, peaks),
+            "roofline": case_roofline(self.config, [self.n_text + v for v in visual], self.batch, self.dtype, flops,
+                                      peaks),
         }
 
 
@@ -779,7 +867,7 @@ def run_cases(cases: list[Case], cfg: DictConfig, probe: MemoryProbe, log: Calla
         case.measure_memory(probe)
         if cfg.flops_measured:
             case.count_flops()
-        case.embeds = None
+        case.embeds = case.image_outputs = None
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -876,6 +964,9 @@ def run(cfg: DictConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
         f"{cfg.warmup} warm-up + {cfg.repeats} timed calls per measurement, {cfg.new_tokens} generated tokens")
 
     planned = [Case(model, c, cfg, device, dtype, prompt_encoder) for c in cases if c["status"] == "planned"]
+    graphs_off = {case.label: case.graphs_off for case in planned if case.graphs_off}
+    for label, reason in graphs_off.items():
+        log(f"[bench] {label}: CUDA graphs off ({reason})")
     run_cases(planned, cfg, probe, log)
 
     peaks_end = measure_peaks(device, dtype, **roof_args).to_dict()
@@ -894,7 +985,8 @@ def run(cfg: DictConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
         else:
             entry.update(status="ran", method_settings=case.method.describe(), **case.result(used))
             t, bound = entry["timings"], entry["roofline"]["prefill"]["seconds"]
-            log(f"  {case.method.name:>10} {case.keep:>4} tokens: vision {t['vision']['median'] * 1e3:8.1f} ms  "
+            tokens = tokens_label(case.keep, case.visual_per_layer)
+            log(f"  {case.method.name:>10} {tokens:>4} tokens: vision {t['vision']['median'] * 1e3:8.1f} ms  "
                 f"prefill {t['prefill']['median'] * 1e3:8.1f} ms (bound {bound * 1e3:.1f})  "
                 f"ttft {t['ttft']['median'] * 1e3:8.1f} ms  decode {t['decode']['median'] * 1e3:7.1f} ms  "
                 f"{entry['throughput_tok_s']['median']:.2f} tok/s  peak {entry['memory']['generate']['peak_bytes'] / 2**30:.2f} GiB"
@@ -931,6 +1023,7 @@ def run(cfg: DictConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
             "repeats": int(cfg.repeats),
             "timer": "CUDA events + synchronize" if device.type == "cuda" else "time.perf_counter",
             "cuda_graphs": bool(cfg.get("cuda_graphs")) and device.type == "cuda",
+            "cuda_graphs_off": graphs_off,  # case -> why its graph replays were not measured
             "memory": probe.kind,
             "memory_check": memory_check,
             "build_seconds": build_seconds,
@@ -971,12 +1064,14 @@ def dry_run(cfg: DictConfig, config, source: str, cases: list[dict], n_params: i
             method = case["method"]
             score_layers = len(method.score_layers()) if method.stage == "vision" else 0
             entry["visual_tokens"] = case["keep"]
+            entry["visual_tokens_per_layer"] = case["visual_per_layer"]
             patches = (config.vision_config.image_size // config.vision_config.patch_size) ** 2
             prompt = (prompt_encoder_flops(prompt_encoder, patches, int(cfg.batch_size))
                       if method.needs_prompt and prompt_encoder is not None else None)
-            entry["flops"] = case_flops(config, n_text, case["keep"], int(cfg.batch_size), score_layers,
+            entry["flops"] = case_flops(config, n_text, case["visual_per_layer"], int(cfg.batch_size), score_layers,
                                         int(cfg.new_tokens), prompt)
-            log(f"  {case['name']:>10} {case['keep']:>4} tokens: TFLOPs paper convention "
+            tokens = tokens_label(case["keep"], case["visual_per_layer"])
+            log(f"  {case['name']:>10} {tokens:>4} tokens: TFLOPs paper convention "
                 f"{entry['flops']['tflops_paper_convention']:.2f}, exact {entry['flops']['tflops_exact']:.2f}, "
                 f"FastV {entry['flops']['tflops_fastv']:.2f}")
         else:

@@ -24,6 +24,8 @@ from PIL import Image
 from tqdm import tqdm
 
 import hiprune
+from hiprune.adapters.base import GridRecord
+from hiprune.methods import resolve_budget
 from hiprune.prompting import IMAGE_PLACEHOLDER, LlavaInputBuilder
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -121,6 +123,9 @@ class HiPruneLMM(lmms):
         self.kept_digests: dict[tuple[str, str], dict[int, str]] = {}
         # doc ids per (task, split) -> tokens the LLM prefilled (text + visual), for FLOPs accounting
         self.prefill_tokens: dict[tuple[str, str], dict[int, int]] = {}
+        # LLM-side methods (FastV) only: doc ids per (task, split) -> visual tokens of that sample at each decoder
+        # layer of its prefill (all of them before layer K, the kept ones from K on), for FLOPs accounting
+        self.llm_visual_per_layer: dict[tuple[str, str], dict[int, list[int]]] = {}
         self.settings = {
             "family": self.family,
             "pretrained": pretrained,
@@ -261,12 +266,14 @@ class HiPruneLMM(lmms):
             if gen_kwargs.get("top_p") is not None:
                 generation["top_p"] = float(gen_kwargs["top_p"])
         self.session.pop_records()
+        self.session.pop_layer_records()
         if self.method.needs_prompt:  # each image is compared with the question of its own sample
             questions = [context.replace(IMAGE_PLACEHOLDER, "").strip() for context in contexts]
             self.session.set_prompts([q for q, sample in zip(questions, images) for _ in sample])
         with torch.inference_mode():
             output = self._model.generate(**batch, **generation)
         self._log_kept_tokens(task, split, doc_ids, expected)
+        self._log_llm_pruning(task, split, doc_ids, expected, batch["input_ids"].shape[1])
         new_tokens = output[:, batch["input_ids"].shape[1] :]
         answers = self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
         if until:
@@ -305,11 +312,74 @@ class HiPruneLMM(lmms):
             digests[doc_id] = selection_digest(sample_grids)
             log[doc_id] = kept
 
+    def _log_llm_pruning(self, task, split, doc_ids, expected: list[list[int]], sequence_length: int) -> None:
+        """LLM-side methods (FastV): log what the decoder processed, from the one pruned prefill of this batch.
+
+        The LLM's input holds every visual token (``expected``, checked by :meth:`_log_kept_tokens`); the method drops
+        them at decoder layer K. Per doc this replaces the kept count by the tokens kept per image from layer K on,
+        the digest by one of those kept indices, and logs the visual tokens at each decoder layer. Vision-side
+        methods make no decoder records; one that did would be a plumbing error."""
+        records = self.session.pop_layer_records()
+        name = self.method.name
+        if self.method.stage != "llm":
+            if records:
+                raise hiprune.PruningError(f"method {name!r} prunes before the LLM but {len(records)} decoder-side "
+                                           "pruning records appeared")
+            return
+        n_layers = int(self._model.config.text_config.num_hidden_layers)
+        visual_log = self.llm_visual_per_layer.setdefault((task, split), {})
+        images_per_doc = {len(sample) for sample in expected}
+        if images_per_doc == {0}:  # text only: nothing to prune, and the plumbing must not have pruned
+            if records:
+                raise hiprune.PruningError(f"{name}: a batch without images made {len(records)} pruned prefill(s)")
+            visual_log.update((doc_id, [0] * n_layers) for doc_id in doc_ids)
+            return
+        if len(records) != 1:
+            raise hiprune.PruningError(
+                f"{name}: a batch with images must make exactly one pruned prefill (generate with use_cache=True), "
+                f"got {len(records)}"
+            )
+        [record] = records
+        inputs = {sum(sample) for sample in expected}
+        if len(images_per_doc) != 1 or len(inputs) != 1:
+            raise hiprune.PruningError(f"{name}: every sample of a batch needs the same images, got {expected}")
+        [images], [visual_in] = images_per_doc, inputs
+        indices = record.indices
+        if (indices is None or indices.dim() != 2 or len(record.visual) != n_layers or record.visual[0] != visual_in
+                or record.tokens[0] != sequence_length or record.visual[-1] != images * indices.shape[1]):
+            raise hiprune.PruningError(
+                f"{name}: the prefill record (visual tokens per layer {record.visual}, tokens {record.tokens}, kept "
+                f"indices {None if indices is None else tuple(indices.shape)}) does not match a batch of "
+                f"{len(doc_ids)} samples x {images} image(s), {visual_in} visual tokens each, length {sequence_length}"
+            )
+        rows, remainder = divmod(indices.shape[0], images)
+        copies = rows // len(doc_ids)  # generate expands every sample into num_beams rows (repeat_interleave)
+        if remainder or copies < 1 or rows != copies * len(doc_ids):
+            raise hiprune.PruningError(f"{name}: {indices.shape[0]} kept-index rows for {len(doc_ids)} samples x "
+                                       f"{images} image(s)")
+        kept = int(indices.shape[1])
+        log = self.kept_tokens.setdefault((task, split), {})
+        digests = self.kept_digests.setdefault((task, split), {})
+        per_image_in = visual_in // images
+        for row, doc_id in enumerate(doc_ids):
+            start = row * copies * images
+            doc_indices = indices[start : start + images]
+            for beam in range(1, copies):  # the copies of one sample share its prefill input, hence its selection
+                if not torch.equal(indices[start + beam * images : start + (beam + 1) * images], doc_indices):
+                    raise hiprune.PruningError(f"{name}: doc {doc_id}: the {copies} beams of one sample kept "
+                                               "different visual tokens")
+            log[doc_id] = [kept] * images
+            digests[doc_id] = selection_digest([GridRecord(per_image_in, kept, image) for image in doc_indices])
+            visual_log[doc_id] = list(record.visual)
+
     def kept_token_summary(self) -> dict:
-        """Visual tokens per image actually given to the LLM, over every sample answered so far."""
+        """Visual tokens per image actually given to the LLM, over every sample answered so far.
+
+        LLM-side methods (FastV): the tokens kept per image from decoder layer K on ("per_image_target" is the
+        method's budget there); "llm_input_per_image" is what the LLM's input held (every visual token)."""
         counts = [c for per_doc in self.kept_tokens.values() for kept in per_doc.values() for c in kept]
         no_image = sum(1 for per_doc in self.kept_tokens.values() for kept in per_doc.values() if not kept)
-        return {
+        summary = {
             "per_image_target": getattr(self, "tokens_per_image", None),
             "images": len(counts),
             "samples_without_image": no_image,
@@ -317,6 +387,11 @@ class HiPruneLMM(lmms):
             "min_kept_per_image": min(counts) if counts else None,
             "max_kept_per_image": max(counts) if counts else None,
         }
+        if self.method.stage == "llm":
+            llm_input = summary["per_image_target"]
+            summary["per_image_target"] = resolve_budget(self.method.budget, llm_input)
+            summary.update(llm_input_per_image=llm_input, pruned_from_layer=self.method.layer)
+        return summary
 
 
 class HiPruneLlava(HiPruneLMM):

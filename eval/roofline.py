@@ -197,29 +197,49 @@ def _activation_elements_per_token_layer(t: dict[str, int]) -> int:
     return projections + attention + mlp
 
 
-def prefill_bytes(config: Any, n_tokens: int, dtype_bytes: int, batch: int = 1) -> dict[str, int]:
-    """Bytes one LLM prefill over ``n_tokens`` (per sequence) must move, as modelled here:
+def _per_layer(n_tokens: int | Sequence[int], layers: int) -> list[int]:
+    """One token count per decoder layer: an int is the same in every layer (pruning before the LLM); a sequence
+    gives each layer's own (LLM-side pruning such as FastV shortens the layers from K on)."""
+    if isinstance(n_tokens, Sequence):
+        tokens = [int(n) for n in n_tokens]
+        if len(tokens) != layers:
+            raise ValueError(f"{len(tokens)} per-layer token counts for {layers} decoder layers")
+    else:
+        tokens = [int(n_tokens)] * layers
+    if any(n < 0 for n in tokens):
+        raise ValueError(f"token counts must be >= 0, got {tokens}")
+    return tokens
+
+
+def prefill_bytes(config: Any, n_tokens: int | Sequence[int], dtype_bytes: int, batch: int = 1) -> dict[str, int]:
+    """Bytes one LLM prefill over ``n_tokens`` (per sequence; one count, or one per decoder layer n_l) must move, as
+    modelled here:
 
     - weights: every decoder weight and the lm_head read once (:func:`decoder_weight_elements`);
-    - kv_cache: keys and values of every layer written once (2 x layers x n x kv_heads x head_dim);
-    - activations: :func:`_activation_elements_per_token_layer` x n x layers, plus the inputs_embeds read and the
-      final hidden state written.
-    Attention itself is assumed to run in a fused kernel (flash / SDPA: scores never reach memory).
+    - kv_cache: keys and values of every layer written once (2 x sum_l n_l x kv_heads x head_dim);
+    - activations: :func:`_activation_elements_per_token_layer` x sum_l n_l, plus the inputs_embeds read (n_0
+      tokens) and the final hidden state written (n_{L-1} tokens).
+    Attention itself is assumed to run in a fused kernel (flash / SDPA: scores never reach memory). The gather that
+    shortens the sequence inside an LLM-side method (FastV: n_K x hidden elements once) is not counted.
     """
     t = _text_dims(config)
+    tokens = _per_layer(n_tokens, t["layers"])
     weights = decoder_weight_elements(config) * dtype_bytes
-    kv_cache = 2 * t["layers"] * n_tokens * t["kv_heads"] * t["head_dim"] * dtype_bytes * batch
-    activations = (_activation_elements_per_token_layer(t) * t["layers"] + 2 * t["d"]) * n_tokens * dtype_bytes * batch
+    kv_cache = 2 * sum(tokens) * t["kv_heads"] * t["head_dim"] * dtype_bytes * batch
+    activations = (_activation_elements_per_token_layer(t) * sum(tokens) + t["d"] * (tokens[0] + tokens[-1])) \
+        * dtype_bytes * batch
     return {"weights": weights, "kv_cache": kv_cache, "activations": activations,
             "total": weights + kv_cache + activations}
 
 
-def decode_bytes(config: Any, n_cached: int, dtype_bytes: int, batch: int = 1) -> dict[str, int]:
+def decode_bytes(config: Any, n_cached: int | Sequence[int], dtype_bytes: int, batch: int = 1) -> dict[str, int]:
     """Bytes of one cached single-token decode step: all decoder weights and the lm_head read once, the whole KV
-    cache (``n_cached`` positions) read once and one new position written, the token's activations."""
+    cache (``n_cached`` positions; one count, or one per decoder layer) read once and one new position written per
+    layer, the token's activations."""
     t = _text_dims(config)
+    cached = _per_layer(n_cached, t["layers"])
     weights = decoder_weight_elements(config) * dtype_bytes
-    kv_cache = 2 * t["layers"] * (n_cached + 1) * t["kv_heads"] * t["head_dim"] * dtype_bytes * batch
+    kv_cache = 2 * sum(n + 1 for n in cached) * t["kv_heads"] * t["head_dim"] * dtype_bytes * batch
     activations = (_activation_elements_per_token_layer(t) * t["layers"] + 2 * t["d"]) * dtype_bytes * batch
     return {"weights": weights, "kv_cache": kv_cache, "activations": activations,
             "total": weights + kv_cache + activations}

@@ -285,36 +285,46 @@ def _flops_summary(model, config) -> dict[str, Any]:
 
     tflops_fastv: the FastV/VisionZip convention (LLM prefill only); flops_exact: 2 x MACs of everything that ran
     (vision tower, projector, LLM prefill, lm_head at the last position as in generate), see eval/flops.py.
+    Both count every decoder layer with the tokens it processed: the kept tokens in every layer for methods that
+    prune before the LLM; for LLM-side methods (FastV) the per-layer visual counts logged from the prefill (all
+    visual tokens before layer K, the kept ones from K on). "mean_visual_tokens" is what the LLM's input held.
     """
     from eval.flops import flops_exact, tflops_fastv
 
-    samples = []
+    text = config.text_config
+    n_layers = text.num_hidden_layers
+    llm_side = model.method.stage == "llm"
+    samples = []  # (text tokens, visual tokens at each decoder layer)
     for key, kept_by_doc in model.kept_tokens.items():
         for doc_id, kept in kept_by_doc.items():
             if len(kept) == 1:
-                total = model.prefill_tokens[key][doc_id]
-                samples.append((total - kept[0], kept[0]))
+                visual = list(model.llm_visual_per_layer[key][doc_id]) if llm_side else [kept[0]] * n_layers
+                samples.append((model.prefill_tokens[key][doc_id] - visual[0], visual))
     if not samples:
         return {"note": "no single-image samples"}
-    text = config.text_config
     try:
-        exact = [flops_exact(config, n_text, n_visual, logits_to_keep=1)["total"] for n_text, n_visual in samples]
+        exact = [flops_exact(config, n_text, visual, logits_to_keep=1)["total"] for n_text, visual in samples]
     except NotImplementedError as exc:
         return {"note": f"not counted for this architecture: {exc}"}
     fastv = [
-        tflops_fastv(text.num_hidden_layers, text.hidden_size, text.intermediate_size, [n_text + n_visual] * text.num_hidden_layers)
-        for n_text, n_visual in samples
+        tflops_fastv(n_layers, text.hidden_size, text.intermediate_size, [n_text + v for v in visual])
+        for n_text, visual in samples
     ]
-    return {
+    summary = {
         "samples": len(samples),
         "mean_text_tokens": sum(t for t, _ in samples) / len(samples),
-        "mean_visual_tokens": sum(v for _, v in samples) / len(samples),
+        "mean_visual_tokens": sum(v[0] for _, v in samples) / len(samples),
         "tflops_fastv": sum(fastv) / len(fastv),
         "tflops_exact": sum(exact) / len(exact) / 1e12,
     }
+    if llm_side:
+        per_layer = zip(*(visual for _, visual in samples))
+        summary["mean_visual_tokens_per_layer"] = [sum(layer) / len(samples) for layer in per_layer]
+    return summary
 
 
-DOC_LOGS = ("kept_tokens", "kept_digests", "prefill_tokens")  # the model's per-doc logs, {(task, split): {doc: ...}}
+# the model's per-doc logs, {(task, split): {doc: ...}} (llm_visual_per_layer: LLM-side methods only, else empty)
+DOC_LOGS = ("kept_tokens", "kept_digests", "prefill_tokens", "llm_visual_per_layer")
 
 
 def merge_doc_logs(model, ranks: Ranks) -> list[int] | None:
@@ -396,6 +406,9 @@ def execute(plan: RunPlan, ranks: Ranks = Ranks()) -> dict[str, Any] | None:
         "encoder": plan.encoder,
         "kept_tokens_by_doc": {f"{t}/{s}": docs for (t, s), docs in model.kept_tokens.items()},
         "kept_digest_by_doc": {f"{t}/{s}": docs for (t, s), docs in model.kept_digests.items()},
+        # LLM-side methods (FastV): visual tokens per decoder layer of each doc's prefill (absent for the others)
+        **({"llm_visual_per_layer_by_doc": {f"{t}/{s}": docs for (t, s), docs in model.llm_visual_per_layer.items()}}
+           if plan.method.stage == "llm" else {}),
         "flops": _flops_summary(model, config),
         # not part of the identity: a sharded run gives the same result
         "data_parallel": {"processes": ranks.world_size, "docs_per_rank": docs_per_rank},

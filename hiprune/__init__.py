@@ -7,7 +7,18 @@
 """
 
 from hiprune.adapters import PruningError, PruningSession, adapter_for, apply
-from hiprune.methods import METHODS, HiPrune, HiPrunePP, Method, NoPrune, RandomPrune, build_method, select_hiprune
+from hiprune.methods import (
+    METHODS,
+    FastV,
+    HiPrune,
+    HiPrunePP,
+    Method,
+    NoPrune,
+    RandomPrune,
+    build_method,
+    select_fastv,
+    select_hiprune,
+)
 from hiprune.scores import global_attention
 from hiprune.text_encoders import ClipPromptEncoder
 
@@ -16,6 +27,7 @@ __version__ = "0.1.0"
 __all__ = [
     "METHODS",
     "ClipPromptEncoder",
+    "FastV",
     "HiPrune",
     "HiPrunePP",
     "Method",
@@ -27,5 +39,6 @@ __all__ = [
     "apply",
     "build_method",
     "global_attention",
+    "select_fastv",
     "select_hiprune",
 ]

@@ -56,6 +56,16 @@ def test_roofline_bound_and_bytes_by_hand():
     assert b["weights"] == 2544 and b["kv_cache"] == 2 * 2 * 5 * 4 * 2 and b["activations"] == 3200
     assert b["total"] == 2544 + 160 + 3200
     assert decode_bytes(cfg, 5, 2)["kv_cache"] == 2 * 2 * 6 * 4 * 2
+    # one count per decoder layer (LLM-side pruning: 5 tokens in layer 0, 3 from layer 1 on); equal counts are the int
+    assert prefill_bytes(cfg, [5, 5], 2) == b
+    per_layer = prefill_bytes(cfg, [5, 3], 2)
+    # kv: 2 (k, v) * (5 + 3) positions * 4 (1 kv head x 4) * 2 bytes = 128; activations: (152 * (5 + 3) + 8 * (5 in
+    # + 3 out)) * 2 bytes = 2560
+    assert per_layer["kv_cache"] == 128 and per_layer["activations"] == 2560 and per_layer["weights"] == 2544
+    assert decode_bytes(cfg, [5, 3], 2)["kv_cache"] == 2 * (6 + 4) * 4 * 2
+    assert decode_bytes(cfg, [5, 5], 2) == decode_bytes(cfg, 5, 2)
+    with pytest.raises(ValueError, match="2 decoder layers"):
+        prefill_bytes(cfg, [5, 3, 1], 2)
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -89,6 +99,81 @@ def test_bench_command_runs_on_tiny_model(tmp_path, tiny_llava_dir, tiny_clip_di
     for name in ("table5.csv", "table5.md", "roofline.csv", "roofline.md", "measurements.csv"):
         assert (folder / name).is_file()
     assert "configuration error" not in done.stderr
+
+
+@pytest.mark.slow
+def test_bench_runs_fastv_with_per_layer_counts(tmp_path, tiny_llava_dir):
+    # FastV at K = 1 on the 2-layer tiny model: 576 visual tokens in layer 0, 64 in layer 1
+    command = [
+        sys.executable, "-m", "eval.bench", "model=tiny_llava", "only=[none,fastv]", "+method@methods.fastv=fastv",
+        "methods.fastv.options.layer=1", "threads=1", "warmup=1", "repeats=1", "new_tokens=2", "budgets=[64]",
+        "roofline.sizes=[128]", "roofline.copy_mib=4", "roofline.repeats=1", f"out_dir={tmp_path}",
+        f"hydra.run.dir={tmp_path}/hydra",
+    ]
+    done = subprocess.run(command, check=False, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
+    bench = json.loads((tmp_path / "tiny_llava-cpu-float32" / "bench.json").read_text())
+    ran = {c["method"]: c for c in bench["cases"] if c["status"] == "ran"}
+    assert set(ran) == {"none", "fastv"} and ran["fastv"]["method_settings"] == {"name": "fastv", "budget": 64, "layer": 1}
+    fastv, none = ran["fastv"], ran["none"]
+    assert fastv["visual_tokens"] == 576 and fastv["seq_len"] == 49 + 576  # the LLM's input holds every token
+    assert fastv["visual_tokens_per_layer"] == [576, 64] and none["visual_tokens_per_layer"] == [576, 576]
+    assert "576>64@1 tokens" in done.stdout
+
+    from transformers import AutoConfig
+
+    from eval.flops import flops_exact
+
+    config = AutoConfig.from_pretrained(tiny_llava_dir)
+    exact = flops_exact(config, 49, [576, 64], logits_to_keep=1)
+    assert fastv["flops"]["tflops_exact"] == pytest.approx(exact["total"] / 1e12, rel=1e-12)
+    assert fastv["flops"]["llm_prefill_flops"] == exact["llm_prefill"] + exact["lm_head"]
+    d, m = config.text_config.hidden_size, config.text_config.intermediate_size
+    assert fastv["flops"]["tflops_fastv"] == pytest.approx(
+        sum(4 * n * d * d + 2 * n * n * d + 2 * n * d * m for n in (625, 113)) / 1e12, rel=1e-12)
+    # FlopCounterMode over a real FastV forward agrees (it also counts the last query's scores in layer 0)
+    assert 0 < fastv["flops"]["measured_vs_exact"] < 0.01 and none["flops"]["measured_vs_exact"] == 0
+    assert fastv["flops"]["tflops_exact"] < none["flops"]["tflops_exact"]
+    assert fastv["roofline"]["prefill"]["bytes"] == prefill_bytes(config, [625, 113], 4)
+    assert fastv["roofline"]["decode"]["bytes"] == decode_bytes(config, [625, 113], 4)
+    assert set(fastv["timings"]) == {"vision", "prefill", "ttft", "decode", "generate"}
+    assert bench["meta"]["cuda_graphs"] is False and bench["meta"]["cuda_graphs_off"] == {}
+
+
+def test_bench_plans_fastv_where_the_adapter_supports_it(tiny_llava_dir):
+    from transformers import AutoConfig
+
+    from eval.flops import fastv_layer_flops, flops_exact
+
+    # LLaVA-1.5-7B, K = 2 (configs/method/fastv.yaml): [576] * 2 + [R] * 30 visual tokens, 49 text tokens
+    plan = bench_module.run(_cfg("model=llava15_7b", "dry_run=true", "device=cpu", "only=[none,fastv]"),
+                            log=lambda _: None)
+    config = AutoConfig.from_pretrained(REPO / "configs" / "arch" / "llava-1.5-7b-hf")
+    cases = {(c["method"], c["budget"]): c for c in plan["cases"]}
+    assert cases[("none", None)]["flops"]["tflops_exact"] == flops_exact(config, 49, 576, logits_to_keep=1)["total"] / 1e12
+    for budget in (192, 128, 64):
+        case = cases[("fastv", budget)]
+        assert case["visual_tokens_per_layer"] == [576] * 2 + [budget] * 30
+        by_hand = 2 * fastv_layer_flops(625, 4096, 11008) + 30 * fastv_layer_flops(49 + budget, 4096, 11008)
+        assert case["flops"]["tflops_fastv"] == pytest.approx(by_hand / 1e12, rel=1e-12)
+        per_layer = flops_exact(config, 49, [576] * 2 + [budget] * 30, logits_to_keep=1)["total"]
+        assert case["flops"]["tflops_exact"] == per_layer / 1e12
+        assert per_layer > flops_exact(config, 49, budget, logits_to_keep=1)["total"]  # layers 0, 1 hold all 576
+
+    # the tiny model's LLM has 2 layers: K = 2 prunes nothing, so the adapter refuses and the case is skipped
+    skeleton = bench_module.weightless(AutoConfig.from_pretrained(tiny_llava_dir))
+    planned = bench_module.plan_cases(_cfg("model=tiny_llava", "only=[none,fastv]", "budgets=[64]"), skeleton)
+    [skipped] = [c for c in planned if c["name"] == "fastv"]
+    assert skipped["status"] == "unsupported" and "layer must lie in 1..1" in skipped["reason"]
+
+
+def test_cuda_graphs_are_off_for_llm_side_methods_with_a_reason():
+    import hiprune
+
+    assert bench_module.cuda_graphs_off_reason(hiprune.build_method("hiprune", budget=64)) is None
+    assert "prunes inside the LLM" in bench_module.cuda_graphs_off_reason(hiprune.build_method("fastv", budget=64))
+    assert bench_module.tokens_label(576, [576, 576, 576]) == "576"
+    assert bench_module.tokens_label(576, [576, 576, 64]) == "576>64@2"
 
 
 def test_bench_dry_run_real_7b_and_memory_refusal():

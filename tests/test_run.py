@@ -30,7 +30,7 @@ def test_run_writes_one_complete_record_and_resumes(tmp_path, tiny_llava_dir, sm
     assert found == path
     assert record["identity"]["method"] == {
         "name": "hiprune", "budget": 64, "alpha": 0.1, "object_layer": 9, "boundary": "clamp", "buffer": "cross",
-        "attention": "global",
+        "attention": "global", "registers": "deep",
     }
     metrics = record["metrics"]["hiprune_smoke_pope"]
     assert 0.0 <= metrics["pope_accuracy"] <= 1.0 and "pope_f1_score" in metrics
@@ -97,7 +97,7 @@ def test_cli_sweep_and_cli_error(tmp_path, tiny_llava_dir, smoke_task_dir):
     base = ["model=tiny_llava", "benchmark=smoke_pope", "device=cpu", f"store={tmp_path}", "limit=4"]
     sweep = subprocess.run(
         [sys.executable, "-m", "eval.run", "--multirun", *base, "method=none,random", "budget=32", f"hydra.sweep.dir={tmp_path}/hydra"],
-        cwd=run_module.REPO_ROOT, capture_output=True, text=True, timeout=300,
+        check=False, cwd=run_module.REPO_ROOT, capture_output=True, text=True, timeout=300,
     )
     assert sweep.returncode == 0, sweep.stderr[-3000:]
     records = [record for _, record in iter_records(tmp_path / "tiny_llava")]
@@ -105,7 +105,8 @@ def test_cli_sweep_and_cli_error(tmp_path, tiny_llava_dir, smoke_task_dir):
         ("none", 576), ("random", 32)
     ]
 
-    bad = subprocess.run([sys.executable, "-m", "eval.run", *base, "method=hiprune", "budget=-3"], cwd=run_module.REPO_ROOT, capture_output=True, text=True, timeout=300)
+    bad = subprocess.run([sys.executable, "-m", "eval.run", *base, "method=hiprune", "budget=-3"], check=False,
+                         cwd=run_module.REPO_ROOT, capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2
     assert "configuration error: budget must be >= 1" in bad.stderr
     assert len(list(iter_records(tmp_path / "tiny_llava"))) == 2
