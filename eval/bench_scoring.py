@@ -1,11 +1,15 @@
-"""Benchmark "scoring overhead": what HiPrune's attention scores cost on top of the vision tower LLaVA runs anyway.
+"""Benchmark "scoring overhead": what HiPrune's attention scores cost on top of the vision tower the VLM runs anyway.
 
     python -m eval.bench_scoring                          # CLIP ViT-L/14-336 at real shape, random weights
+    python -m eval.bench_scoring --shape qwen2.5-vl-3b    # Qwen2.5-VL-3B vision tower, one 448 x 448 image
     python -m eval.bench_scoring --device cuda --repeats 30 --json results/bench_scoring.json
-    python -m eval.bench_scoring --shape tiny --repeats 1 --warmup 0   # smoke run (seconds)
+    python -m eval.bench_scoring --shape tiny --repeats 1 --warmup 0        # smoke runs (seconds)
+    python -m eval.bench_scoring --shape qwen-tiny --repeats 1 --warmup 0
 
-Three variants run on one random-weight CLIP vision tower, in one process, interleaved round by round (the order
-rotates every round so no variant always runs first, e.g. on warm caches):
+Three variants run on one random-weight vision tower, in one process, interleaved round by round (the order rotates
+every round so no variant always runs first, e.g. on warm caches).
+
+CLIP shapes (``clip-l-336``: LLaVA-1.5's tower; ``tiny``):
 
   plain      the tower under SDPA, requesting the feature layer's hidden state the way transformers' LLaVA
              ``get_image_features`` does (``output_hidden_states=vision_feature_layer``; hidden_states[-2]).
@@ -17,18 +21,48 @@ rotates every round so no variant always runs first, e.g. on warm caches):
              hidden state as the others (the official code asks for all 25; that adds references, not compute), so
              the three calls differ only in how the scores are obtained.
 
+Qwen2.5-VL shapes (``qwen2.5-vl-3b``: the 3B checkpoint's vision tower, configs/arch/qwen2.5-vl-3b-instruct: 32 blocks,
+hidden 1280, 16 heads, patch 14, 2 x 2 merge, 112-pixel windows, full attention in blocks 8, 16, 24, 32; ``qwen-tiny``):
+one square image of ``--image-size`` pixels, default 448 x 448 = 32 x 32 patches -> 16 x 16 = 256 merged tokens. That is
+lmms-eval's ``min_pixels`` (256 * 28 * 28), the smallest image the evaluation feeds the model: larger images only make
+the dense reference relatively dearer (its maps grow with the square of the patch count). Budget: round(256 * 0.334)
+= 86 merged tokens (the paper's 33.4 %, half to even as ``resolve_budget``); object block 16, deep block 32 (the last,
+whose output the merger reads); both are full-attention blocks.
+
+  plain      ``Qwen2_5_VisionTransformerPretrainedModel`` under SDPA, merged features (``pooler_output``): what
+             Qwen2.5-VL's ``get_image_features`` runs without pruning.
+  ours       the same call with the object and deep blocks' attention rerouted by the adapter's own
+             ``ChunkScores`` (``hiprune.adapters.qwen2_5_vl``); per-chunk scores -> per-merged-token raster scores by
+             the adapter's ``_merged_scores`` (window order undone, mean of each 2 x 2 group); ``select_hiprune``.
+  reference  the authors' Qwen code: every one of the 32 blocks computes its attention densely over the whole packed
+             sequence, H x T x T probabilities with the block's window / image chunks as an additive mask (the
+             official eager path), and each block's map is reduced to per-key scores right after the block (the
+             official code keeps the 32 reduced vectors, not the maps); blocks 16 and 32 feed ``select_hiprune``.
+             transformers' Qwen vision tower cannot return attention maps (``output_attentions=True`` records the
+             attention modules' outputs), so every block is routed through a registered attention function that
+             builds the mask and calls the modeling file's own ``eager_attention_forward``. Its name contains "flash"
+             on purpose: only such implementations receive the whole packed sequence with ``cu_seqlens`` in one
+             call; any other is called once per window, which cannot materialise the block's full map.
+
 Reported: per-round ratios ours/plain and reference/plain (median and IQR over the repeats after warm-up), the
 absolute times, and the peak memory of each variant. The goal is ours/plain <= 1.05 (median).
 
 Correctness is checked on every call, outside the timed region: ours and reference must keep identical indices
-(a RuntimeError otherwise, so the benchmark never times two different computations), and the hidden state of ours
-is compared bit-for-bit with plain's (capture must not change the model's output).
+(a RuntimeError otherwise, so the benchmark never times two different computations), and the features of ours
+(hidden state for CLIP, merged features for Qwen) are compared bit-for-bit with plain's (capture must not change the
+model's output).
 
-Weights: ``CLIPVisionModel(config)`` with transformers' own random init, then the query and key projections scaled
-by ``--qk-gain``. With the stock init (std 0.02-ish) the attention of a random CLIP is almost uniform (max row
-probability ~1/577), so per-key scores differ by ~1e-7 relative and the top-k ranking is decided by rounding noise;
-the gain makes attention peaked (as in a trained CLIP) so that the index check compares rankings, not noise. It
-changes no shape, kernel or FLOP count; weights never touch denormal range at the default gain.
+Weights: the model class on its config with transformers' own random init, then the query and key projections (for Qwen
+the query and key rows of the fused qkv projection) scaled by ``--qk-gain``. With the stock init the attention of a
+random tower is almost uniform (max row probability ~1/T), so per-key scores differ by ~1e-7 relative and the top-k
+ranking is decided by rounding noise; the gain makes attention peaked (as in a trained tower) so that the index check
+compares rankings, not noise. Each shape's default gives attention logits of std ~3 for unit-RMS inputs: 12 for CLIP
+(q/k init std ~0.0045), 2.4 for Qwen2.5-VL-3B (std 0.02, hidden 1280; the logit std grows with gain^2). Too large a gain
+makes a deep random tower chaotic: at gain 12 (logit std ~74) the Qwen-3B reference, whose attention differs from SDPA's
+only by rounding, ends with merged features as far from plain's as they are large (max |diff| 6.0 of 6.9, float32) and
+keeps other tokens than ours. The gain changes no shape, kernel or FLOP count; weights never touch denormal range at the
+defaults. The CLIP tower is built on the CPU in float32 and moved; the Qwen tower (670 M parameters at 3B shape) is
+built on the device in the benchmark's dtype.
 
 Memory:
   CUDA: in process, ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``, per variant; reported
@@ -43,6 +77,7 @@ Memory:
 from __future__ import annotations
 
 import argparse
+import copy
 import ctypes
 import gc
 import json
@@ -53,22 +88,32 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from types import SimpleNamespace
+from typing import Any, ClassVar
 
 import torch
+from transformers import AttentionInterface
 
 GOAL_RATIO = 1.05
 VARIANTS = ("plain", "ours", "reference")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-DEFAULT_QK_GAIN = 12.0
 _PROBE_MARKER = "BENCH_SCORING_MEMORY "
+# Registered attention function of the Qwen reference (see the module docstring for the "flash" in its name).
+DENSE_REFERENCE_ATTENTION = "hiprune_bench_dense_eager_via_flash_call_path"
 
 
+class IndicesMismatch(RuntimeError):
+    """Ours and the reference kept different tokens: the benchmark would compare two different computations."""
+
+
+# --- shapes ----------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
-class Shape:
+class ClipShape:
     """A CLIP vision tower and the HiPrune settings that go with it."""
+
+    family: ClassVar[str] = "clip"
 
     hidden_size: int
     intermediate_size: int
@@ -79,6 +124,7 @@ class Shape:
     object_layer: int  # 1-based encoder layer of the object score
     vision_feature_layer: int  # hidden_states index LLaVA passes on (-2: output of layer L - 1)
     budget: int
+    default_qk_gain: float = 12.0  # attention-logit std ~3 on CLIP's init (see the module docstring)
 
     @property
     def side(self) -> int:
@@ -93,6 +139,16 @@ class Shape:
         return self.side * self.side
 
     @property
+    def scored_tokens(self) -> int:
+        """Tokens HiPrune chooses from per image (the patches; CLS is dropped)."""
+        return self.num_patches
+
+    @property
+    def tokens(self) -> int:
+        """Sequence length per image in the tower: patches + CLS."""
+        return self.num_patches + 1
+
+    @property
     def deep_layer(self) -> int:
         """1-based encoder layer whose output is hidden_states[vision_feature_layer] (hidden_states[0] = embeddings)."""
         k = self.vision_feature_layer
@@ -105,53 +161,239 @@ class Shape:
         if not 1 <= self.budget <= self.num_patches:
             raise ValueError(f"budget {self.budget} must be in [1, {self.num_patches}]")
 
+    def with_budget(self, budget: int) -> ClipShape:
+        return replace(self, budget=budget)
 
-SHAPES: dict[str, Shape] = {
+    def with_image_size(self, image_size: int) -> ClipShape:
+        raise ValueError("--image-size applies to the Qwen2.5-VL shapes (dynamic resolution); CLIP's is fixed")
+
+    def describe(self) -> dict:
+        fields = asdict(self)
+        del fields["default_qk_gain"]  # the gain used is the config's qk_gain
+        return {
+            "family": self.family,
+            **fields,
+            "deep_layer": self.deep_layer,
+            "grid": list(self.grid),
+            "tokens": self.tokens,
+            "scored_tokens": self.scored_tokens,
+        }
+
+    def build_tower(self, dtype: torch.dtype, device: torch.device, seed: int, qk_gain: float):
+        from transformers import CLIPVisionConfig, CLIPVisionModel
+
+        config = CLIPVisionConfig(
+            hidden_size=self.hidden_size,
+            intermediate_size=self.intermediate_size,
+            num_hidden_layers=self.num_layers,
+            num_attention_heads=self.num_heads,
+            image_size=self.image_size,
+            patch_size=self.patch_size,
+            attn_implementation="sdpa",
+        )
+        torch.manual_seed(seed)
+        tower = CLIPVisionModel(config).eval()
+        with torch.no_grad():
+            for layer in tower.encoder.layers:  # transformers >= 5.2x: no .vision_model level
+                layer.self_attn.q_proj.weight.mul_(qk_gain)
+                layer.self_attn.k_proj.weight.mul_(qk_gain)
+        tower = tower.to(device=device, dtype=dtype)
+        if tower.config._attn_implementation != "sdpa":
+            raise RuntimeError(f"expected the tower under SDPA, got {tower.config._attn_implementation!r}")
+        return tower
+
+    def make_inputs(self, batch_size: int, dtype: torch.dtype, device: torch.device, seed: int) -> dict:
+        g = torch.Generator().manual_seed(seed + 1)
+        pixels = torch.randn(batch_size, 3, self.image_size, self.image_size, generator=g)
+        return {"pixel_values": pixels.to(device=device, dtype=dtype)}
+
+    def make_variants(self, tower) -> dict[str, Variant]:
+        return {cls.name: cls(tower, self) for cls in (Plain, Ours, Reference)}
+
+
+@dataclass(frozen=True)
+class QwenShape:
+    """A Qwen2.5-VL vision tower (windowed and full-attention blocks, 2 x 2 merger), one square image size, HiPrune."""
+
+    family: ClassVar[str] = "qwen2_5_vl"
+
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int  # vision_config.depth
+    num_heads: int
+    out_hidden_size: int  # merger output = the LLM's hidden size
+    patch_size: int
+    spatial_merge_size: int
+    window_size: int  # pixels
+    full_attention_layers: tuple[int, ...]  # 1-based blocks with full attention (fullatt_block_indexes + 1)
+    image_size: int  # pixels per side of the square image
+    object_layer: int  # 1-based block of the object score; the deep score comes from the last block
+    budget_ratio: float  # kept share of the merged tokens, N' = round(n * ratio) half to even
+    budget_count: int | None = None  # --budget: an absolute count instead of the ratio
+    default_qk_gain: float = 2.4  # attention-logit std ~3 at hidden 1280 on the 0.02 init (module docstring)
+
+    @property
+    def patch_side(self) -> int:
+        return self.image_size // self.patch_size
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        """The merged-token grid HiPrune selects on."""
+        side = self.patch_side // self.spatial_merge_size
+        return (side, side)
+
+    @property
+    def scored_tokens(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+    @property
+    def tokens(self) -> int:
+        """Sequence length per image in the tower: patches (merged only after the last block)."""
+        return self.patch_side * self.patch_side
+
+    @property
+    def deep_layer(self) -> int:
+        return self.num_layers  # the merger reads the last block's output
+
+    @property
+    def budget(self) -> int:
+        from hiprune.methods.base import resolve_budget
+
+        return resolve_budget(
+            self.budget_count if self.budget_count is not None else self.budget_ratio, self.scored_tokens
+        )
+
+    def validate(self) -> None:
+        unit = self.patch_size * self.spatial_merge_size
+        if self.image_size % unit:
+            raise ValueError(f"image size {self.image_size} must be a multiple of patch x merge = {unit} pixels")
+        for name, layer in (("object", self.object_layer), ("deep", self.deep_layer)):
+            if not 1 <= layer <= self.num_layers:
+                raise ValueError(f"{name} block {layer} is outside the tower's blocks 1..{self.num_layers}")
+        if self.object_layer == self.deep_layer:
+            raise ValueError(f"object and deep block are both {self.deep_layer}; HiPrune scores two different blocks")
+        if not all(1 <= layer <= self.num_layers for layer in self.full_attention_layers):
+            raise ValueError(f"full-attention blocks {self.full_attention_layers} outside 1..{self.num_layers}")
+        if not 1 <= self.budget <= self.scored_tokens:
+            raise ValueError(f"budget {self.budget} must be in [1, {self.scored_tokens}]")
+
+    def with_budget(self, budget: int) -> QwenShape:
+        return replace(self, budget_count=budget)
+
+    def with_image_size(self, image_size: int) -> QwenShape:
+        return replace(self, image_size=image_size)
+
+    def describe(self) -> dict:
+        fields = asdict(self)
+        del fields["default_qk_gain"]  # the gain used is the config's qk_gain
+        return {
+            "family": self.family,
+            **fields,
+            "full_attention_layers": list(self.full_attention_layers),
+            "deep_layer": self.deep_layer,
+            "budget": self.budget,
+            "patch_grid": [self.patch_side, self.patch_side],
+            "grid": list(self.grid),
+            "tokens": self.tokens,
+            "scored_tokens": self.scored_tokens,
+        }
+
+    def vision_config(self, attn_implementation: str = "sdpa"):
+        from transformers import Qwen2_5_VLVisionConfig
+
+        return Qwen2_5_VLVisionConfig(
+            depth=self.num_layers,
+            hidden_size=self.hidden_size,
+            intermediate_size=self.intermediate_size,
+            num_heads=self.num_heads,
+            out_hidden_size=self.out_hidden_size,
+            patch_size=self.patch_size,
+            spatial_merge_size=self.spatial_merge_size,
+            temporal_patch_size=2,
+            in_channels=3,
+            window_size=self.window_size,
+            fullatt_block_indexes=[layer - 1 for layer in self.full_attention_layers],
+            attn_implementation=attn_implementation,
+        )
+
+    def build_tower(self, dtype: torch.dtype, device: torch.device, seed: int, qk_gain: float):
+        from transformers import Qwen2_5_VisionTransformerPretrainedModel
+
+        torch.manual_seed(seed)
+        with torch.device(device):  # 670 M parameters at 3B shape: initialise in place, no float32 CPU copy
+            tower = Qwen2_5_VisionTransformerPretrainedModel._from_config(self.vision_config(), dtype=dtype).eval()
+        with torch.no_grad():
+            for block in tower.blocks:
+                # fused qkv: output rows [0, dim) are the queries, [dim, 2 dim) the keys
+                block.attn.qkv.weight[: 2 * self.hidden_size].mul_(qk_gain)
+                block.attn.qkv.bias[: 2 * self.hidden_size].mul_(qk_gain)
+        if tower.config._attn_implementation != "sdpa":
+            raise RuntimeError(f"expected the tower under SDPA, got {tower.config._attn_implementation!r}")
+        full = [i + 1 for i in tower.fullatt_block_indexes]
+        if full != list(self.full_attention_layers):
+            raise RuntimeError(
+                f"tower has full attention in blocks {full}, expected {list(self.full_attention_layers)}"
+            )
+        return tower
+
+    def make_inputs(self, batch_size: int, dtype: torch.dtype, device: torch.device, seed: int) -> dict:
+        """``batch_size`` images of the shape's size, as the Qwen2.5-VL processor packs them: one row per patch of
+        3 x 2 (temporal) x 14 x 14 values, all images' patches concatenated, and one (t, h, w) grid row per image."""
+        g = torch.Generator().manual_seed(seed + 1)
+        patch_values = 3 * 2 * self.patch_size * self.patch_size
+        pixels = torch.randn(batch_size * self.tokens, patch_values, generator=g)
+        grid_thw = torch.tensor([[1, self.patch_side, self.patch_side]] * batch_size, dtype=torch.long)
+        return {"pixel_values": pixels.to(device=device, dtype=dtype), "grid_thw": grid_thw.to(device)}
+
+    def make_variants(self, tower) -> dict[str, Variant]:
+        return {cls.name: cls(tower, self) for cls in (QwenPlain, QwenOurs, QwenReference)}
+
+
+SHAPES: dict[str, ClipShape | QwenShape] = {
     # openai/clip-vit-large-patch14-336 as LLaVA-1.5 uses it: 24 x 24 patches + CLS, object layer 9, feature layer -2.
-    "clip-l-336": Shape(1024, 4096, 24, 16, 336, 14, object_layer=9, vision_feature_layer=-2, budget=192),
+    "clip-l-336": ClipShape(1024, 4096, 24, 16, 336, 14, object_layer=9, vision_feature_layer=-2, budget=192),
     # Smoke shape: 8 x 8 patches; budget 32 -> round(32 * 0.1 / 5) = 1 anchor.
-    "tiny": Shape(64, 256, 6, 4, 112, 14, object_layer=3, vision_feature_layer=-2, budget=32),
+    "tiny": ClipShape(64, 256, 6, 4, 112, 14, object_layer=3, vision_feature_layer=-2, budget=32),
+    # Qwen2.5-VL-3B's vision tower (configs/arch/qwen2.5-vl-3b-instruct/config.json), one 448 x 448 image:
+    # 32 x 32 patches -> 16 x 16 = 256 merged tokens, budget round(256 * 0.334) = 86, object block 16, deep block 32.
+    "qwen2.5-vl-3b": QwenShape(
+        hidden_size=1280,
+        intermediate_size=3420,
+        num_layers=32,
+        num_heads=16,
+        out_hidden_size=2048,
+        patch_size=14,
+        spatial_merge_size=2,
+        window_size=112,
+        full_attention_layers=(8, 16, 24, 32),
+        image_size=448,
+        object_layer=16,
+        budget_ratio=0.334,
+    ),
+    # Smoke shape: 280 px -> 20 x 20 patches -> 10 x 10 = 100 merged tokens in 4 x 4-token windows (edge windows are
+    # smaller, so undoing the window order is exercised); full attention in blocks 2 and 4 (object, deep); budget
+    # round(100 * 0.334) = 33 -> 1 anchor.
+    "qwen-tiny": QwenShape(
+        hidden_size=64,
+        intermediate_size=128,
+        num_layers=4,
+        num_heads=4,
+        out_hidden_size=32,
+        patch_size=14,
+        spatial_merge_size=2,
+        window_size=112,
+        full_attention_layers=(2, 4),
+        image_size=280,
+        object_layer=2,
+        budget_ratio=0.334,
+        default_qk_gain=12.0,  # logit std ~3.7 at hidden 64
+    ),
 }
-
-
-class IndicesMismatch(RuntimeError):
-    """Ours and the reference kept different tokens: the benchmark would compare two different computations."""
-
-
-# --- model -----------------------------------------------------------------------------------------------------
-def build_tower(shape: Shape, dtype: torch.dtype, device: torch.device, seed: int, qk_gain: float):
-    from transformers import CLIPVisionConfig, CLIPVisionModel
-
-    config = CLIPVisionConfig(
-        hidden_size=shape.hidden_size,
-        intermediate_size=shape.intermediate_size,
-        num_hidden_layers=shape.num_layers,
-        num_attention_heads=shape.num_heads,
-        image_size=shape.image_size,
-        patch_size=shape.patch_size,
-        attn_implementation="sdpa",
-    )
-    torch.manual_seed(seed)
-    tower = CLIPVisionModel(config).eval()
-    with torch.no_grad():
-        for layer in tower.encoder.layers:  # transformers >= 5.2x: no .vision_model level
-            layer.self_attn.q_proj.weight.mul_(qk_gain)
-            layer.self_attn.k_proj.weight.mul_(qk_gain)
-    tower = tower.to(device=device, dtype=dtype)
-    if tower.config._attn_implementation != "sdpa":
-        raise RuntimeError(f"expected the tower under SDPA, got {tower.config._attn_implementation!r}")
-    return tower
-
-
-def make_pixels(shape: Shape, batch_size: int, dtype: torch.dtype, device: torch.device, seed: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed + 1)
-    pixels = torch.randn(batch_size, 3, shape.image_size, shape.image_size, generator=g)
-    return pixels.to(device=device, dtype=dtype)
 
 
 # --- the three variants ----------------------------------------------------------------------------------------
 class Variant:
-    """One way to get LLaVA's visual features (and, for pruning variants, the kept indices) from pixels.
+    """One way to get the VLM's visual features (and, for pruning variants, the kept indices) from the inputs.
 
     ``setup``/``teardown`` run outside the timed region (they model a load-time choice: the official code loads
     the tower in eager mode once); ``__call__`` is what is timed.
@@ -160,7 +402,7 @@ class Variant:
     name: str
     description: str
 
-    def __init__(self, tower, shape: Shape):
+    def __init__(self, tower, shape):
         self.tower = tower
         self.shape = shape
 
@@ -170,30 +412,32 @@ class Variant:
     def teardown(self) -> None:
         pass
 
-    def __call__(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
+    def __call__(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
-    def _forward(self, pixels: torch.Tensor, **kwargs) -> tuple[Any, torch.Tensor]:
+
+class ClipVariant(Variant):
+    def _forward(self, inputs: dict[str, torch.Tensor], **kwargs) -> tuple[Any, torch.Tensor]:
         k = self.shape.vision_feature_layer
         # transformers' LLaVA get_image_features: output_hidden_states=vision_feature_layer selects that state only.
-        out = self.tower(pixel_values=pixels, output_hidden_states=k, **kwargs)
+        out = self.tower(pixel_values=inputs["pixel_values"], output_hidden_states=k, **kwargs)
         return out, out.hidden_states[k][:, 1:]  # vision_feature_select_strategy "default": drop CLS
 
 
-class Plain(Variant):
+class Plain(ClipVariant):
     name = "plain"
     description = "SDPA tower, hidden_states[feature layer] only (what LLaVA runs without pruning)"
 
-    def __call__(self, pixels):
-        _, features = self._forward(pixels)
+    def __call__(self, inputs):
+        _, features = self._forward(inputs)
         return {"features": features}
 
 
-class Ours(Variant):
+class Ours(ClipVariant):
     name = "ours"
     description = "SDPA tower + AttentionScores on the object and deep layers + select_hiprune"
 
-    def __call__(self, pixels):
+    def __call__(self, inputs):
         from hiprune.capture import AttentionScores
         from hiprune.methods.hiprune import select_hiprune
 
@@ -203,14 +447,14 @@ class Ours(Variant):
             "deep": layers[self.shape.deep_layer - 1].self_attn,
         }
         with AttentionScores(modules) as capture:
-            _, features = self._forward(pixels)
+            _, features = self._forward(inputs)
             scores = capture.collect()
         object_scores, deep_scores = scores["object"][:, 1:], scores["deep"][:, 1:]  # drop the CLS key column
         indices = select_hiprune(object_scores, deep_scores, self.shape.grid, self.shape.budget)
         return {"features": features, "indices": indices, "object": object_scores, "deep": deep_scores}
 
 
-class Reference(Variant):
+class Reference(ClipVariant):
     name = "reference"
     description = "eager tower with output_attentions=True (all layers) + global_attention + select_hiprune"
 
@@ -222,11 +466,11 @@ class Reference(Variant):
     def teardown(self):
         self.tower.set_attn_implementation("sdpa")
 
-    def __call__(self, pixels):
+    def __call__(self, inputs):
         from hiprune.methods.hiprune import select_hiprune
         from hiprune.scores import global_attention
 
-        out, features = self._forward(pixels, output_attentions=True)
+        out, features = self._forward(inputs, output_attentions=True)
         if len(out.attentions) != self.shape.num_layers:
             raise RuntimeError(f"expected {self.shape.num_layers} attention maps, got {len(out.attentions)}")
         object_scores = global_attention(out.attentions[self.shape.object_layer - 1], skip_cls=True)
@@ -235,12 +479,132 @@ class Reference(Variant):
         return {"features": features, "indices": indices, "object": object_scores, "deep": deep_scores}
 
 
-def make_variants(tower, shape: Shape) -> dict[str, Variant]:
-    return {cls.name: cls(tower, shape) for cls in (Plain, Ours, Reference)}
+class QwenVariant(Variant):
+    def __init__(self, tower, shape: QwenShape):
+        super().__init__(tower, shape)
+        from hiprune.adapters.qwen2_5_vl import Qwen25VLAdapter
+
+        # The adapter reads only ``.model.visual`` and ``.config.vision_config`` of a Qwen2_5_VLForConditionalGeneration
+        # for its block lookup and score merging; this tower-only stand-in runs that code without a language model.
+        stand_in = SimpleNamespace(
+            model=SimpleNamespace(visual=tower), config=SimpleNamespace(vision_config=tower.config)
+        )
+        self.adapter = Qwen25VLAdapter(stand_in)
+
+    def _forward(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        # Qwen2_5_VLModel.get_image_features: the merged features, raster order, all images concatenated.
+        return self.tower(hidden_states=inputs["pixel_values"], grid_thw=inputs["grid_thw"]).pooler_output
+
+    def _select(self, object_chunks, deep_chunks, grid_thw) -> dict[str, torch.Tensor]:
+        from hiprune.methods.hiprune import select_hiprune
+
+        object_scores = torch.stack(self.adapter._merged_scores(object_chunks, grid_thw))  # [images, merged tokens]
+        deep_scores = torch.stack(self.adapter._merged_scores(deep_chunks, grid_thw))
+        indices = select_hiprune(object_scores, deep_scores, self.shape.grid, self.shape.budget)
+        return {"indices": indices, "object": object_scores, "deep": deep_scores}
+
+
+class QwenPlain(QwenVariant):
+    name = "plain"
+    description = "SDPA vision tower, merged features (what Qwen2.5-VL runs without pruning)"
+
+    def __call__(self, inputs):
+        return {"features": self._forward(inputs)}
+
+
+class QwenOurs(QwenVariant):
+    name = "ours"
+    description = "SDPA vision tower + the adapter's ChunkScores on the object and deep blocks + select_hiprune"
+
+    def __call__(self, inputs):
+        from hiprune.adapters.qwen2_5_vl import ChunkScores
+
+        modules = {
+            "object": self.adapter.attention_module(self.shape.object_layer),
+            "deep": self.adapter.attention_module(self.shape.deep_layer),
+        }
+        with ChunkScores(modules) as capture:
+            features = self._forward(inputs)
+        selected = self._select(capture.chunks.get("object"), capture.chunks.get("deep"), inputs["grid_thw"])
+        return {"features": features, **selected}
+
+
+def _dense_masked_eager_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+    """The official Qwen eager attention of one block: all chunks of the packed sequence in one H x T x T map.
+
+    Called once per block with the whole packed sequence (the module's flash call path, see the module docstring);
+    the block's image / window chunks become an additive finfo.min mask as in the authors' code, the output comes
+    from transformers' own ``eager_attention_forward``, and the map is reduced to per-key scores at once.
+    """
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import eager_attention_forward
+
+    from hiprune.scores import global_attention
+
+    cu_seqlens = kwargs.get("cu_seq_lens_q")
+    if cu_seqlens is None:
+        raise RuntimeError(
+            "the dense reference attention was called without cu_seqlens: transformers' Qwen vision attention no "
+            "longer sends the whole packed sequence to implementations named *flash*; the reference cannot build "
+            "each block's full map this way"
+        )
+    length = query.shape[2]
+    chunk_lengths = cu_seqlens.diff().long()
+    chunk_of_token = torch.repeat_interleave(torch.arange(len(chunk_lengths), device=query.device), chunk_lengths)
+    if chunk_of_token.numel() != length:
+        raise RuntimeError(f"cu_seqlens cover {chunk_of_token.numel()} tokens, the block has {length}")
+    same_chunk = chunk_of_token[:, None] == chunk_of_token[None, :]
+    mask = torch.zeros(length, length, dtype=query.dtype, device=query.device)
+    mask.masked_fill_(~same_chunk, torch.finfo(query.dtype).min)
+    output, probabilities = eager_attention_forward(module, query, key, value, mask, scaling=scaling, dropout=dropout)
+    # global_attention averages over all T queries; a key is only attended by its own chunk's queries (the others'
+    # probabilities are exactly 0), so rescale to the mean over that chunk, which is what the capture records.
+    per_key = global_attention(probabilities, skip_cls=False) * (
+        length / chunk_lengths.repeat_interleave(chunk_lengths)
+    )
+    module._bench_block_scores.append(per_key)
+    return output, probabilities
+
+
+AttentionInterface.register(DENSE_REFERENCE_ATTENTION, _dense_masked_eager_attention)
+
+
+class QwenReference(QwenVariant):
+    name = "reference"
+    description = (
+        "every block: dense masked eager H x T x T map, reduced per block (official Qwen code) + select_hiprune"
+    )
+
+    def setup(self):
+        self.block_scores: list[torch.Tensor] = []
+        self._saved_configs = []
+        for block in self.tower.blocks:
+            private = copy.copy(block.attn.config)  # only these modules switch; the shared config stays on SDPA
+            private._attn_implementation_internal = DENSE_REFERENCE_ATTENTION
+            self._saved_configs.append((block.attn, block.attn.config))
+            block.attn.config = private
+            block.attn._bench_block_scores = self.block_scores
+
+    def teardown(self):
+        for module, config in self._saved_configs:
+            module.config = config
+            del module._bench_block_scores
+        self._saved_configs.clear()
+
+    def __call__(self, inputs):
+        self.block_scores.clear()
+        features = self._forward(inputs)
+        scores = list(self.block_scores)
+        self.block_scores.clear()
+        if len(scores) != self.shape.num_layers:
+            raise RuntimeError(f"expected one attention map per block ({self.shape.num_layers}), got {len(scores)}")
+        selected = self._select(
+            [scores[self.shape.object_layer - 1]], [scores[self.shape.deep_layer - 1]], inputs["grid_thw"]
+        )
+        return {"features": features, **selected}
 
 
 # --- timing ----------------------------------------------------------------------------------------------------
-def timed_call(variant: Variant, pixels: torch.Tensor, device: torch.device) -> tuple[float, dict]:
+def timed_call(variant: Variant, inputs: dict[str, torch.Tensor], device: torch.device) -> tuple[float, dict]:
     """Seconds for one call of the variant, and its outputs. GC is off while timing (as in timeit)."""
     variant.setup()
     gc_was_enabled = gc.isenabled()
@@ -251,13 +615,13 @@ def timed_call(variant: Variant, pixels: torch.Tensor, device: torch.device) -> 
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 torch.cuda.synchronize(device)
                 start.record()
-                out = variant(pixels)
+                out = variant(inputs)
                 end.record()
                 torch.cuda.synchronize(device)
                 seconds = start.elapsed_time(end) / 1000.0
             else:
                 t0 = time.perf_counter()
-                out = variant(pixels)
+                out = variant(inputs)
                 seconds = time.perf_counter() - t0
     finally:
         if gc_was_enabled:
@@ -307,7 +671,9 @@ def _mismatch_report(ours: dict, ref: dict) -> str:
         scale = ref[name].float().abs().max()
         lines.append(f"  {name} scores: max |diff| {float(diff.max()):.3e} (max score {float(scale):.3e})")
     lines.append(
-        "  Near-tied scores at the budget boundary flip under low precision; try --dtype float32 or a larger --qk-gain."
+        "  Near-tied scores at the budget boundary flip under low precision; try --dtype float32. --qk-gain: too small "
+        "leaves near-ties; too large makes a deep random tower chaotic, so rounding differences between the "
+        "reference's eager attention and SDPA grow into different hidden states."
     )
     return "\n".join(lines)
 
@@ -320,13 +686,13 @@ def _quartiles(values: list[float]) -> dict:
     return {"median": med, "q1": q1, "q3": q3, "iqr": q3 - q1, "values": values}
 
 
-def run_timing(variants: dict[str, Variant], pixels, device, repeats: int, warmup: int, checker: Checker) -> dict:
+def run_timing(variants: dict[str, Variant], inputs, device, repeats: int, warmup: int, checker: Checker) -> dict:
     times: dict[str, list[float]] = {name: [] for name in VARIANTS}
     for round_ in range(warmup + repeats):
         order = VARIANTS[round_ % 3 :] + VARIANTS[: round_ % 3]  # rotate: every variant runs first in turn
         outs = {}
         for name in order:
-            seconds, outs[name] = timed_call(variants[name], pixels, device)
+            seconds, outs[name] = timed_call(variants[name], inputs, device)
             if round_ >= warmup:
                 times[name].append(seconds)
         checker.check(outs)  # outside the timed region; also during warm-up
@@ -350,17 +716,17 @@ def _malloc_trim() -> None:
         pass
 
 
-def probe_cpu_memory(variant: Variant, pixels: torch.Tensor) -> dict:
+def probe_cpu_memory(variant: Variant, inputs: dict[str, torch.Tensor]) -> dict:
     """In this (fresh) process: peak RSS the variant's call adds, after one warm-up call. Linux only."""
     device = torch.device("cpu")
-    _, out = timed_call(variant, pixels, device)  # warm-up: lazy inits, thread pools, kernel caches
+    _, out = timed_call(variant, inputs, device)  # warm-up: lazy inits, thread pools, kernel caches
     del out
     gc.collect()
     _malloc_trim()
     before_kb = _proc_status_kb("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset VmHWM (peak RSS) to the current RSS
-    _, out = timed_call(variant, pixels, device)
+    _, out = timed_call(variant, inputs, device)
     peak_kb = _proc_status_kb("VmHWM")
     del out
     return {
@@ -399,6 +765,8 @@ def measure_cpu_memory(args: argparse.Namespace) -> dict:
         ]
         if args.budget is not None:
             cmd += ["--budget", str(args.budget)]
+        if args.image_size is not None:
+            cmd += ["--image-size", str(args.image_size)]
         repo = Path(__file__).resolve().parents[1]
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=repo, check=False)
         lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(_PROBE_MARKER)]
@@ -412,7 +780,7 @@ def measure_cpu_memory(args: argparse.Namespace) -> dict:
     }
 
 
-def measure_cuda_memory(variants: dict[str, Variant], pixels: torch.Tensor, device: torch.device) -> dict:
+def measure_cuda_memory(variants: dict[str, Variant], inputs: dict[str, torch.Tensor], device: torch.device) -> dict:
     results = {}
     for name in VARIANTS:
         gc.collect()
@@ -420,7 +788,7 @@ def measure_cuda_memory(variants: dict[str, Variant], pixels: torch.Tensor, devi
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
         before = torch.cuda.memory_allocated(device)
-        _, out = timed_call(variants[name], pixels, device)
+        _, out = timed_call(variants[name], inputs, device)
         torch.cuda.synchronize(device)
         peak = torch.cuda.max_memory_allocated(device)
         del out
@@ -446,14 +814,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=None, help="untimed rounds first (default: 1 on CPU, 5 on CUDA)")
     p.add_argument("--shape", choices=tuple(SHAPES), default="clip-l-336")
     p.add_argument(
-        "--budget", type=int, default=None, help="tokens kept per image (default: the shape's, 192 for CLIP-L)"
+        "--budget",
+        type=int,
+        default=None,
+        help="tokens kept per image (default: the shape's, 192 for CLIP-L, round(n * 0.334) for Qwen2.5-VL)",
+    )
+    p.add_argument(
+        "--image-size",
+        type=int,
+        default=None,
+        help="Qwen2.5-VL shapes only: pixels per side of the square image, a multiple of 28 (default: the shape's)",
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--qk-gain",
         type=float,
-        default=DEFAULT_QK_GAIN,
-        help="scale of the random query/key projections (peaked attention, see the module docstring)",
+        default=None,
+        help="scale of the random query/key projections (peaked attention, see the module docstring; default: the "
+        "shape's, 12 for CLIP, 2.4 for Qwen2.5-VL-3B)",
     )
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     p.add_argument("--json", type=Path, default=None, help="write the results here (temp file + rename)")
@@ -465,6 +843,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("--device cuda but torch.cuda.is_available() is False")
     on_cpu = args.device == "cpu"
     args.dtype = args.dtype or ("float32" if on_cpu else "float16")
+    args.qk_gain = args.qk_gain if args.qk_gain is not None else SHAPES[args.shape].default_qk_gain
     args.repeats = args.repeats if args.repeats is not None else (7 if on_cpu else 30)
     args.warmup = args.warmup if args.warmup is not None else (1 if on_cpu else 5)
     if args.batch_size < 1 or args.repeats < 1 or args.warmup < 0:
@@ -472,10 +851,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def resolve_shape(args: argparse.Namespace) -> Shape:
+def resolve_shape(args: argparse.Namespace) -> ClipShape | QwenShape:
     shape = SHAPES[args.shape]
+    if args.image_size is not None:
+        shape = shape.with_image_size(args.image_size)
     if args.budget is not None:
-        shape = Shape(**{**asdict(shape), "budget": args.budget})
+        shape = shape.with_budget(args.budget)
     shape.validate()
     return shape
 
@@ -519,11 +900,14 @@ def print_report(results: dict, out=None) -> None:
         print(line, file=out)
 
     w(
-        f"scoring overhead: {cfg['shape']} ({cfg['num_layers']} layers, {cfg['tokens']} tokens), batch {cfg['batch_size']}, "
-        f"{cfg['dtype']} on {cfg['device']} ({results['environment']['device_name']}, "
+        f"scoring overhead: {cfg['shape']} ({cfg['num_layers']} layers, {cfg['tokens']} tokens per image), "
+        f"batch {cfg['batch_size']}, {cfg['dtype']} on {cfg['device']} ({results['environment']['device_name']}, "
         f"{results['environment']['torch_threads']} threads), {cfg['repeats']} rounds after {cfg['warmup']} warm-up"
     )
-    w(f"object layer {cfg['object_layer']}, deep layer {cfg['deep_layer']}, budget {cfg['budget']}")
+    w(
+        f"object layer {cfg['object_layer']}, deep layer {cfg['deep_layer']}, budget {cfg['budget']} of "
+        f"{cfg['scored_tokens']} tokens ({cfg['grid'][0]} x {cfg['grid'][1]} grid)"
+    )
     env = results["environment"]
     if env.get("load_average_at_start") and env.get("load_average_at_end"):
         w(
@@ -564,18 +948,18 @@ def main(argv: list[str] | None = None) -> dict:
     shape = resolve_shape(args)
     device = torch.device(args.device)
     dtype = DTYPES[args.dtype]
-    tower = build_tower(shape, dtype, device, args.seed, args.qk_gain)
-    pixels = make_pixels(shape, args.batch_size, dtype, device, args.seed)
-    variants = make_variants(tower, shape)
+    tower = shape.build_tower(dtype, device, args.seed, args.qk_gain)
+    inputs = shape.make_inputs(args.batch_size, dtype, device, args.seed)
+    variants = shape.make_variants(tower)
 
     if args.memory_probe is not None:  # child process of measure_cpu_memory
-        result = probe_cpu_memory(variants[args.memory_probe], pixels)
+        result = probe_cpu_memory(variants[args.memory_probe], inputs)
         print(_PROBE_MARKER + json.dumps(result), flush=True)
         return result
 
     environment = _environment(device)
     checker = Checker()
-    times = run_timing(variants, pixels, device, args.repeats, args.warmup, checker)
+    times = run_timing(variants, inputs, device, args.repeats, args.warmup, checker)
     ratios = {
         f"{name}/plain": _quartiles([t / p for t, p in zip(times[name], times["plain"])])
         for name in ("ours", "reference")
@@ -584,10 +968,7 @@ def main(argv: list[str] | None = None) -> dict:
         "benchmark": "scoring_overhead",
         "config": {
             "shape": args.shape,
-            **asdict(shape),
-            "deep_layer": shape.deep_layer,
-            "grid": list(shape.grid),
-            "tokens": shape.num_patches + 1,
+            **shape.describe(),
             "batch_size": args.batch_size,
             "dtype": args.dtype,
             "device": args.device,
@@ -613,9 +994,9 @@ def main(argv: list[str] | None = None) -> dict:
     }
     if not args.no_memory:
         if device.type == "cuda":
-            results["memory"] = measure_cuda_memory(variants, pixels, device)
+            results["memory"] = measure_cuda_memory(variants, inputs, device)
         else:
-            del tower, variants, pixels
+            del tower, variants, inputs
             gc.collect()
             results["memory"] = measure_cpu_memory(args)
     results["environment"]["load_average_at_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
