@@ -13,6 +13,8 @@ TINY_NEXT := assets/tiny-llava-next/build_info.json
 TINY_VIDEO_LLAVA := assets/tiny-video-llava/build_info.json
 SMOKE_VIDEO := assets/smoke_video/manifest.json
 SCENE_TASKS := assets/scene_tasks/manifest.json
+# Shared by every asset builder below: a change to it rebuilds (or re-checks) each asset.
+ASSET_BUILD := scripts/asset_build.py
 
 .PHONY: setup assets smoke test test-fast bench bench-scoring tables reproduce-table clean-smoke
 
@@ -27,29 +29,29 @@ $(STAMP): pyproject.toml requirements/constraints.txt
 
 assets: $(TINY_LLAVA) $(TINY_CLIP) $(TINY_QWEN) $(TINY_NEXT) $(TINY_VIDEO_LLAVA) $(SMOKE_TASK) $(SMOKE_VIDEO) $(SCENE_TASKS)
 
-$(TINY_LLAVA): scripts/build_tiny_llava.py | $(STAMP)
+$(TINY_LLAVA): scripts/build_tiny_llava.py $(ASSET_BUILD) | $(STAMP)
 	$(OFFLINE) $(PY) scripts/build_tiny_llava.py
 
-$(TINY_CLIP): scripts/build_tiny_clip.py $(TINY_LLAVA) | $(STAMP)
+$(TINY_CLIP): scripts/build_tiny_clip.py $(ASSET_BUILD) $(TINY_LLAVA) | $(STAMP)
 	$(OFFLINE) $(PY) scripts/build_tiny_clip.py
 
-$(TINY_QWEN): scripts/build_tiny_qwen2_5_vl.py | $(STAMP)
+$(TINY_QWEN): scripts/build_tiny_qwen2_5_vl.py $(ASSET_BUILD) | $(STAMP)
 	$(OFFLINE) $(PY) scripts/build_tiny_qwen2_5_vl.py
 
-$(TINY_NEXT): scripts/build_tiny_llava_next.py | $(STAMP)
+$(TINY_NEXT): scripts/build_tiny_llava_next.py $(ASSET_BUILD) | $(STAMP)
 	$(OFFLINE) $(PY) scripts/build_tiny_llava_next.py
 
-$(TINY_VIDEO_LLAVA): scripts/build_tiny_video_llava.py | $(STAMP)
+$(TINY_VIDEO_LLAVA): scripts/build_tiny_video_llava.py $(ASSET_BUILD) | $(STAMP)
 	$(OFFLINE) $(PY) scripts/build_tiny_video_llava.py
 
-$(SMOKE_VIDEO): scripts/build_smoke_video_task.py | $(STAMP)
+$(SMOKE_VIDEO): scripts/build_smoke_video_task.py $(ASSET_BUILD) | $(STAMP)
 	$(OFFLINE) $(PY) scripts/build_smoke_video_task.py
 
-$(SMOKE_TASK): scripts/build_smoke_task.py | $(STAMP)
+$(SMOKE_TASK): scripts/build_smoke_task.py $(ASSET_BUILD) | $(STAMP)
 	$(OFFLINE) $(PY) scripts/build_smoke_task.py
 
 # Scene benchmark data (val + test parquet) for the committed scene model; rebuilt when the generator changes.
-$(SCENE_TASKS): scripts/build_scene_tasks.py scripts/scenes.py | $(STAMP)
+$(SCENE_TASKS): scripts/build_scene_tasks.py scripts/scenes.py $(ASSET_BUILD) | $(STAMP)
 	$(OFFLINE) $(PY) scripts/build_scene_tasks.py --force
 	touch $@
 

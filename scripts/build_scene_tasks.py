@@ -21,18 +21,16 @@ manifest.json records parameters, counts and sha256 of each file; an up-to-date 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import io
 import json
-import os
 import sys
-import tempfile
 from collections import Counter
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+import asset_build
 import scenes
 
 REPO_ROOT = HERE.parent
@@ -78,15 +76,7 @@ def _write(table: dict, features: dict, path: Path) -> None:
         }
     )
     ds = datasets.Dataset.from_dict(table, features=feats)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".parquet.tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        ds.to_parquet(tmp)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    asset_build.write_file_atomically(path, lambda tmp: ds.to_parquet(str(tmp)))
 
 
 def write_eval_split(rows: list[dict], path: Path) -> dict:
@@ -130,14 +120,6 @@ def write_train(n: int, path: Path) -> dict:
     return {"rows": n}
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def params_for(split: str) -> dict:
     p = {"format_version": FORMAT_VERSION, "image_size": scenes.IMAGE_SIZE}
     if split == "train":
@@ -166,7 +148,7 @@ def build(out: Path = DEFAULT_OUT, splits: tuple[str, ...] = ("val", "test"), fo
                 path = out / f"{kind}_{split}.parquet"
                 written[path.name] = write_eval_split(rows_for(split, kind, n), path)
         for name, entry in written.items():
-            entry["sha256"] = _sha256(out / name)
+            entry["sha256"] = asset_build.sha256_file(out / name)
         manifest[split] = {"params": params, "files": written}
         manifest_path.write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
         print(f"[build_scene_tasks] {split}: wrote {', '.join(written)} to {out}")

@@ -38,16 +38,16 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import hashlib
 import io
 import json
 import math
-import os
 import random
 import sys
-import tempfile
 from collections import Counter
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # scripts/ is no package: import the shared helpers by name
+import asset_build
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPO_ROOT / "assets" / "smoke_pope"
@@ -232,14 +232,6 @@ def write_parquet(rows: list[dict], path: Path) -> None:
     ds.to_parquet(str(path))
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def build(out: Path, n: int, seed: int, force: bool = False) -> Path:
     out = Path(out).resolve()
     parquet = out / PARQUET_NAME
@@ -267,23 +259,14 @@ def build(out: Path, n: int, seed: int, force: bool = False) -> Path:
 
     rows = build_rows(n, seed)
     out.mkdir(parents=True, exist_ok=True)
-    # Atomic write: build in a temp file in the same dir, then rename.
-    fd, tmp = tempfile.mkstemp(prefix=".test.", suffix=".parquet.tmp", dir=out)
-    os.close(fd)
-    try:
-        write_parquet(rows, Path(tmp))
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, parquet)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    asset_build.write_file_atomically(parquet, lambda tmp: write_parquet(rows, tmp))
 
     counts = Counter((r["category"], r["answer"]) for r in rows)
     info = {
         "params": params,
         "file": PARQUET_NAME,
         "split": "test",
-        "sha256": _sha256(parquet),
+        "sha256": asset_build.sha256_file(parquet),
         "columns": FEATURES_SPEC,
         "counts": {f"{c}/{a}": counts[(c, a)] for c in CATEGORIES for a in ("yes", "no")},
         "samples": [

@@ -17,12 +17,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
-import shutil
 import sys
-import tempfile
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # scripts/ is no package: import the shared helpers by name
+import asset_build
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO_ROOT / "assets" / "smoke_video"
@@ -66,12 +66,7 @@ def build(out: Path = DEFAULT_OUT, n: int = 8, frames: int = 16, seed: int = 0, 
         except ValueError:
             pass
     rng = random.Random(seed)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(work, 0o777 & ~umask)  # mkdtemp makes it 0700
-    try:
+    with asset_build.staged_directory(out) as work:
         (work / "videos").mkdir()
         docs = []
         for i in range(n):
@@ -90,12 +85,6 @@ def build(out: Path = DEFAULT_OUT, n: int = 8, frames: int = 16, seed: int = 0, 
         with open(work / "test.jsonl", "w") as handle:
             handle.writelines(json.dumps(doc) + "\n" for doc in docs)
         (work / "manifest.json").write_text(json.dumps({"params": params, "docs": len(docs)}, indent=2) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        work.rename(out)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
     return out
 
 

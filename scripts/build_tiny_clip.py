@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
-import tempfile
+import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # scripts/ is no package: import the shared helpers by name
+import asset_build
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO_ROOT / "assets" / "tiny-clip"
@@ -47,18 +49,10 @@ def build_tiny_clip(out_dir: Path = DEFAULT_OUT, llava_dir: Path = DEFAULT_LLAVA
     )
     torch.manual_seed(seed)
     model = CLIPModel(config).eval()
-    work = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent if out_dir.parent.exists() else None))
-    try:
+    with asset_build.staged_directory(out_dir) as work:
         model.save_pretrained(work)
         tokenizer.save_pretrained(work)
         (work / MARKER).write_text(json.dumps({"seed": seed, "llava": str(llava_dir.name)}, indent=2) + "\n")
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        work.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
     return out_dir
 
 

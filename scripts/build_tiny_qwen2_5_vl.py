@@ -31,48 +31,23 @@ place; ``build_info.json`` marks a complete build; re-running with the same para
 
 from __future__ import annotations
 
-import argparse
-import importlib.util
-import json
-import os
 import random
-import shutil
 import sys
-import tempfile
-import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # scripts/ is no package: import the shared helpers by name
+import asset_build
+from asset_build import CLIP_MEAN, CLIP_STD  # OpenAI CLIP normalisation, as Qwen2.5-VL's preprocessor_config.json
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO_ROOT / "assets" / "tiny-qwen2.5-vl"
 
-
-def _load_llava_builder():
-    """scripts/build_tiny_llava.py (corpus, quiet logging, hashing helpers); scripts/ is not a package."""
-    name = "scripts_build_tiny_llava"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parent / "build_tiny_llava.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-_llava = _load_llava_builder()
-
 # Bump when the build recipe changes so stale builds are rebuilt automatically.
 BUILDER_VERSION = 1
-BUILD_INFO = "build_info.json"
 
 SYSTEM_PROMPT = "You are a helpful assistant."
-# OpenAI CLIP normalisation, as Qwen2.5-VL's preprocessor_config.json.
-CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
-CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 
 # Qwen's special tokens, in the checkpoint's order (there: ids 151643..151656).
 SPECIAL_TOKENS = [
@@ -164,13 +139,10 @@ def build_tokenizer(bpe_vocab_size: int, corpus: list[str], model_max_length: in
     # The chat scaffolding is part of the corpus so "system", "user", "assistant" become single pieces.
     # Answers start a line in Qwen's template ("<|im_start|>assistant\nyes"): "yes" / "no" without a leading space.
     scaffold = [f"system\n{SYSTEM_PROMPT}", "user\n", "assistant\n", "yes", "no", "Yes", "No"] * 10
-    tok.train_from_iterator(corpus + scaffold, trainer=trainer)
-    trained = json.loads(tok.to_str())["model"]
-    vocab = dict(sorted(trained["vocab"].items(), key=lambda kv: kv[1]))
-    merges = [tuple(m) if isinstance(m, (list, tuple)) else tuple(m.split(" ")) for m in trained["merges"]]
+    vocab, merges = asset_build.train_bpe(tok, trainer, corpus + scaffold)
 
     tokenizer = Qwen2Tokenizer(
-        vocab=vocab,
+        vocab=dict(vocab),
         merges=merges,
         unk_token=None,
         bos_token=None,
@@ -267,19 +239,12 @@ def _prompt(processor, question: str, n_images: int = 1) -> str:
 
 
 def _yes_no_answerer(model, tokenizer, processor, seed: int) -> None:
-    """Greedy decoding answers "yes" or "no" (from the image, through the random network), then <|im_end|>.
-
-    As scripts/build_tiny_llava.py: the yes/no logits are +-s * (h . r), r the direction along which the final
-    hidden state h varies most over a few calibration images (made orthogonal to the mean h); "yes"/"no" embeddings
-    carry a marker direction that the <|im_end|> row reads, so the answer is followed by the end of the turn.
-    """
+    """Greedy decoding answers "yes" or "no" from the image, then <|im_end|> (asset_build.install_yes_no_head),
+    calibrated on 16 random images of four sizes, one at a time (their prompts differ in length)."""
     import torch
     from PIL import Image
 
-    yes, no = (_llava._single_token_id(tokenizer, w) for w in ("yes", "no"))
-    eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
     gen = torch.Generator().manual_seed(seed)
-    width = model.lm_head.weight.shape[1]
     prompt = _prompt(processor, "Is there a red circle in the image?\nAnswer the question using a single word or phrase.")
     sizes = [(84, 112), (112, 84), (140, 84), (112, 112)] * 4
     images = [
@@ -287,27 +252,10 @@ def _yes_no_answerer(model, tokenizer, processor, seed: int) -> None:
     ]
     with torch.no_grad():
         hidden = []
-        for image in images:  # one at a time: images of different sizes give prompts of different lengths
+        for image in images:
             batch = processor(text=[prompt], images=[image], return_tensors="pt")
-            hidden.append(model.model(**batch).last_hidden_state[0, -1].float())
-        hidden = torch.stack(hidden)
-        mean = hidden.mean(0)
-        _, _, vh = torch.linalg.svd(hidden - mean, full_matrices=False)
-        r = vh[0] - (vh[0] @ mean) / (mean @ mean) * mean
-        r = r / r.norm()
-        marker = torch.randn(width, generator=gen)
-        marker = marker - (marker @ r) * r
-        marker = marker / marker.norm()
-        spread = (hidden - mean) @ r
-        scale = 8.0 / spread.abs().median().clamp_min(1e-6)
-        head = model.lm_head.weight
-        head.zero_()
-        head[yes] = r * scale
-        head[no] = -r * scale
-        head[eos] = marker * 4.0
-        embeddings = model.get_input_embeddings().weight
-        for token in (yes, no):
-            embeddings[token] = marker * 50.0 + 0.1 * torch.randn(width, generator=gen)
+            hidden.append(model.model(**batch).last_hidden_state[0, -1])
+    asset_build.install_yes_no_head(model, tokenizer, torch.stack(hidden), gen)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -316,54 +264,26 @@ def _yes_no_answerer(model, tokenizer, processor, seed: int) -> None:
 
 
 def _params(seed: int, overrides: dict[str, Any]) -> dict[str, Any]:
-    unknown = set(overrides) - set(DEFAULTS)
-    if unknown:
-        raise TypeError(f"unknown override(s) {sorted(unknown)}; valid: {sorted(DEFAULTS)}")
-    p = {**DEFAULTS, **overrides}
+    p = asset_build.build_params(DEFAULTS, seed, overrides)
     if any(not 0 <= i < p["vision_depth"] for i in p["fullatt_block_indexes"]):
         raise ValueError(f"fullatt_block_indexes {p['fullatt_block_indexes']} must lie in [0, {p['vision_depth']})")
     if p["window_size"] % (2 * p["patch_size"]):
         raise ValueError("window_size must be a multiple of 2 * patch_size (whole merged tokens per window)")
-    return {"seed": seed, **p}
-
-
-def _recipe(params: dict[str, Any]) -> dict[str, Any]:
-    from importlib.metadata import version
-
-    return {
-        "builder_version": BUILDER_VERSION,
-        "params": {k: v for k, v in params.items() if k != "verify"},
-        "transformers": version("transformers"),
-        "tokenizers": version("tokenizers"),
-        "torch": version("torch").split("+")[0],
-    }
+    return p
 
 
 def is_complete_build(out_dir: Path, seed: int = 0, **overrides) -> bool:
     """True if ``out_dir`` holds a finished build made with the same recipe."""
-    info_path = Path(out_dir) / BUILD_INFO
-    if not info_path.is_file():
-        return False
-    try:
-        info = json.loads(info_path.read_text())
-    except (OSError, ValueError):
-        return False
-    if info.get("recipe") != _recipe(_params(seed, overrides)):
-        return False
-    return bool(info.get("files")) and all((Path(out_dir) / f).is_file() for f in info["files"])
+    return asset_build.is_complete_build(out_dir, asset_build.build_recipe(BUILDER_VERSION, _params(seed, overrides)))
 
 
 def verify_build(out_dir: Path, verbose: bool = True) -> dict[str, Any]:
     """Reload from disk (offline) and answer one image question with ``generate``."""
     import numpy as np
-    import torch
     from PIL import Image
-    from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
+    from transformers import Qwen2_5_VLForConditionalGeneration
 
-    out_dir = Path(out_dir)
-    with _llava._quiet_transformers():
-        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(out_dir, local_files_only=True).eval()
-        processor = AutoProcessor.from_pretrained(out_dir, local_files_only=True)
+    model, processor = asset_build.load_checkpoint(Qwen2_5_VLForConditionalGeneration, Path(out_dir))
     rng = np.random.default_rng(0)
     image = Image.fromarray(rng.integers(0, 256, size=(120, 200, 3), dtype=np.uint8))  # non-square on purpose
     prompt = _prompt(processor, "Is there a red circle in the image?")
@@ -372,9 +292,7 @@ def verify_build(out_dir: Path, verbose: bool = True) -> dict[str, Any]:
     grid = inputs["image_grid_thw"][0].tolist()
     if n_image_tokens != grid[0] * grid[1] * grid[2] // 4:
         raise RuntimeError(f"processor emitted {n_image_tokens} image tokens for a {grid} patch grid")
-    with torch.no_grad():
-        out = model.generate(**inputs, max_new_tokens=4, do_sample=False)
-    new_tokens = out[0, inputs["input_ids"].shape[1] :]
+    new_tokens = asset_build.generate_new_tokens(model, inputs, max_new_tokens=4)
     result = {
         "prompt": prompt,
         "input_len": int(inputs["input_ids"].shape[1]),
@@ -387,8 +305,7 @@ def verify_build(out_dir: Path, verbose: bool = True) -> dict[str, Any]:
         print(f"[verify] prompt={prompt!r}")
         print(f"[verify] input_len={result['input_len']} image tokens={n_image_tokens} grid_thw={grid}")
         print(f"[verify] generated ids={result['new_token_ids']} decoded={result['decoded']!r}")
-    if out.shape[1] <= inputs["input_ids"].shape[1]:
-        raise RuntimeError("verification failed: generate() returned no new tokens")
+    asset_build.require_new_tokens(new_tokens)
     return result
 
 
@@ -399,94 +316,41 @@ def build_tiny_qwen2_5_vl(
 
     ``overrides`` may change any key of ``DEFAULTS``. Deterministic for a given seed, overrides and library versions.
     """
-    out_dir = Path(out_dir).resolve()
     params = _params(seed, overrides)
-    if not force and is_complete_build(out_dir, seed, **overrides):
-        if verbose:
-            print(f"[build] {out_dir} already holds a complete build (seed={seed}); skipping (use --force to rebuild)")
-        return out_dir
 
-    import torch
-    from transformers import GenerationConfig, Qwen2_5_VLForConditionalGeneration
+    def make(work: Path) -> dict[str, Any]:
+        import torch
+        from transformers import Qwen2_5_VLForConditionalGeneration
 
-    t0 = time.perf_counter()
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(work, 0o777 & ~umask)
-    try:
         random.seed(seed)
         torch.manual_seed(seed)
-        corpus = _llava.build_corpus(params["corpus_sentences"], seed)
+        corpus = asset_build.build_corpus(params["corpus_sentences"], seed)
         tokenizer = build_tokenizer(params["bpe_vocab_size"], corpus, params["max_position_embeddings"])
         config = _make_config(params, tokenizer)
-        with _llava._quiet_transformers():
+        with asset_build.quiet_transformers():
             torch.manual_seed(seed)
             model = Qwen2_5_VLForConditionalGeneration(config).to(getattr(torch, params["torch_dtype"])).eval()
             processor = _build_processor(tokenizer, params)
             _yes_no_answerer(model, tokenizer, processor, seed)
-            model.generation_config = GenerationConfig(
+            model.generation_config = asset_build.greedy_generation_config(
+                tokenizer,
                 bos_token_id=config.text_config.bos_token_id,
-                eos_token_id=[tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.convert_tokens_to_ids("<|endoftext|>")],
-                pad_token_id=tokenizer.pad_token_id,
-                do_sample=False,
-                max_new_tokens=16,
+                eos_token_id=[tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")],
             )
-            model.save_pretrained(work)
-            processor.save_pretrained(work)
-            n_params = sum(t.numel() for t in model.parameters())
-            result = verify_build(work, verbose=verbose) if params["verify"] else None
+            verify = partial(verify_build, verbose=verbose) if params["verify"] else None
+            info = asset_build.save_and_verify(
+                work, model, processor, tokenizer, verify, ("input_len", "n_image_tokens", "new_token_ids")
+            )
+        return {**info, "image_token_id": config.image_token_id}
 
-        files = sorted(str(f.relative_to(work)) for f in work.rglob("*") if f.is_file())
-        info = {
-            "recipe": _recipe(params),
-            "n_parameters": n_params,
-            "vocab_size": len(tokenizer),
-            "image_token_id": config.image_token_id,
-            "pad_token_id": tokenizer.pad_token_id,
-            "files": files,
-            "sha256": {f: _llava._sha256(work / f) for f in files},
-            "verify": result and {k: result[k] for k in ("input_len", "n_image_tokens", "new_token_ids")},
-        }
-        (work / BUILD_INFO).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
-
-        if not force and is_complete_build(out_dir, seed, **overrides):
-            shutil.rmtree(work, ignore_errors=True)  # another process finished the same build meanwhile
-            return out_dir
-        if out_dir.exists():
-            backup = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-            out_dir.rename(backup)
-            work.rename(out_dir)
-            shutil.rmtree(backup, ignore_errors=True)
-        else:
-            work.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
-
-    if verbose:
-        size = sum(f.stat().st_size for f in out_dir.rglob("*") if f.is_file())
-        print(f"[build] wrote {out_dir} ({size / 1e6:.2f} MB, {n_params:,} params) in {time.perf_counter() - t0:.1f}s")
-        for f in sorted(out_dir.iterdir()):
-            print(f"        {f.name:32s} {f.stat().st_size:>10,d} B")
-    return out_dir
+    recipe = asset_build.build_recipe(BUILDER_VERSION, params)
+    return asset_build.build_atomically(out_dir, recipe, make, force, verbose)
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output directory (default: {DEFAULT_OUT})")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--force", action="store_true", help="rebuild even if a complete build exists")
-    ap.add_argument("--verify-existing", action="store_true", help="when skipping, still run the reload/generate check")
-    args = ap.parse_args(argv)
-    t0 = time.perf_counter()
-    skipped = not args.force and is_complete_build(args.out, args.seed)
-    out = build_tiny_qwen2_5_vl(args.out, seed=args.seed, force=args.force, verbose=True)
-    if skipped and args.verify_existing:
-        verify_build(out, verbose=True)
-    print(f"[build] done in {time.perf_counter() - t0:.1f}s -> {out}")
-    return 0
+    return asset_build.run_builder_cli(
+        argv, __doc__.split("\n\n")[0], DEFAULT_OUT, build_tiny_qwen2_5_vl, is_complete_build, verify_build
+    )
 
 
 if __name__ == "__main__":

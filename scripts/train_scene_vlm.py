@@ -55,6 +55,7 @@ REPO_ROOT = SCRIPTS.parent
 sys.path.insert(0, str(SCRIPTS))
 sys.path.insert(0, str(REPO_ROOT))
 
+import asset_build
 import build_tiny_llava as tiny
 import scenes
 
@@ -129,47 +130,24 @@ def build_processor(tokenizer):
     from transformers import LlavaProcessor
     from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
 
-    size = ARCH["image_size"]
     image_processor = LlavaImageProcessorPil(
-        do_resize=True,
-        size={"shortest_edge": size},
-        resample=3,  # PIL bicubic, as CLIPImageProcessor
-        do_center_crop=True,
-        crop_size={"height": size, "width": size},
-        do_rescale=True,
-        rescale_factor=1 / 255,
-        do_normalize=True,
-        image_mean=tiny.CLIP_MEAN,
-        image_std=tiny.CLIP_STD,
-        do_convert_rgb=True,
+        **asset_build.clip_image_processor_kwargs(ARCH["image_size"]),
         do_pad=True,  # pad to square with the mean colour, as the official LLaVA-1.5 evaluation (and this training)
     )
-    return LlavaProcessor(
-        image_processor=image_processor,
-        tokenizer=tokenizer,
-        patch_size=ARCH["patch_size"],
-        vision_feature_select_strategy="default",
-        chat_template=tiny.CHAT_TEMPLATE,
-        image_token="<image>",
-        num_additional_image_tokens=1,
+    return asset_build.llava_style_processor(
+        LlavaProcessor, tokenizer, ARCH["patch_size"], tiny.CHAT_TEMPLATE, image_processor=image_processor
     )
 
 
 def build_model(tokenizer, seed: int):
-    from transformers import GenerationConfig, LlavaForConditionalGeneration
+    from transformers import LlavaForConditionalGeneration
 
     p = {**tiny.DEFAULTS, **{k: v for k, v in ARCH.items() if k in tiny.DEFAULTS}}
     config = tiny._make_configs(p, tokenizer)
     config.vision_config.attention_dropout = 0.0
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(config)
-    model.generation_config = GenerationConfig(
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        do_sample=False,
-        max_new_tokens=8,
-    )
+    model.generation_config = asset_build.greedy_generation_config(tokenizer, max_new_tokens=8)
     return model
 
 
