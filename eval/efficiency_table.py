@@ -253,6 +253,11 @@ def _num(value, digits: int = 2) -> str:
     return "—" if value is None or pd.isna(value) else _fixed(value, digits)
 
 
+def _yes_no(value) -> str:
+    """A goal check; "—" where the case has no such measurement (NaN would read as true)."""
+    return "—" if value is None or pd.isna(value) else ("yes" if value else "no")
+
+
 def _fixed(value: float, digits: int) -> str:
     """Fixed point, or 3 significant digits for values too small to show (tiny test models)."""
     return f"{value:.3g}" if value and abs(value) < 10 ** -digits else f"{value:.{digits}f}"
@@ -383,7 +388,7 @@ def roofline_markdown(frame: pd.DataFrame, bench: dict) -> str:
         for _, r in frame.iterrows():
             cells = [f"`{r['method']}`", str(int(r["budget"])), _num(r["prefill_graph_ms"], 2),
                      _num(r["prefill_bound_ms"], 2), _num(r["prefill_graph_over_bound"], 2),
-                     "yes" if r[f"prefill_graph_within_{goal:g}x_bound"] else "no", _num(r["decode_graph_ms"], 2),
+                     _yes_no(r[f"prefill_graph_within_{goal:g}x_bound"]), _num(r["decode_graph_ms"], 2),
                      _num(r["decode_bound_ms"], 2), _num(r["decode_graph_over_bound"], 2)]
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

@@ -46,8 +46,10 @@ def evaluate_once(model, tasks: list[str], manager, limit: int | None, batch_siz
     from lmms_eval.evaluator import simple_evaluate
 
     model.batch_size_per_gpu = int(batch_size)
-    model.kept_digests.clear()
-    model.kept_tokens.clear()
+    from eval.run import DOC_LOGS
+
+    for name in DOC_LOGS:  # every per-doc log starts empty, so each batch size is compared on its own answers
+        getattr(model, name).clear()
     spent = {"generate_s": 0.0}
     original = model.generate_until
 

@@ -62,14 +62,18 @@ def key_scores(
     for start in range(0, heads, chunk):
         q = query[:, start : start + chunk].float() * scaling  # scale the (smaller) queries, not the T x T logits
         k = key[:, start : start + chunk].float()
+        # One T x T buffer per chunk, worked on in place: softmax = exp(x - row max) / row sum, and the column
+        # sums of the probabilities are one product with the reciprocal row sums, so no second T x T buffer.
         logits = torch.matmul(q, k.transpose(-1, -2))
         if attention_mask is not None:
             mask = attention_mask[..., : k.shape[2]]
             if mask.dtype == torch.bool:  # SDPA-style mask: True where a query may attend
-                logits = logits.masked_fill(~mask, float("-inf"))
+                logits.masked_fill_(~mask, float("-inf"))
             else:  # additive mask (eager): 0 or a large negative value
-                logits = logits + mask.float()
-        total += torch.softmax(logits, dim=-1).sum(dim=(1, 2))
+                logits.add_(mask.float())
+        weights = logits.sub_(logits.amax(dim=-1, keepdim=True)).exp_()
+        inverse_row_sums = weights.sum(dim=-1, keepdim=True).reciprocal_()  # [B, h, Tq, 1]
+        total += torch.matmul(inverse_row_sums.transpose(-1, -2), weights).sum(dim=1).squeeze(1)  # [B, Tk]
     return total / (heads * q_len)
 
 

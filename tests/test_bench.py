@@ -251,6 +251,10 @@ def test_roofline_table_reports_cuda_graph_replays_against_the_same_bounds():
     assert roof.loc["random", "decode_graph_over_bound"] == pytest.approx(0.96)
     md = roofline_markdown(roofline_table(bench), bench)
     assert "CUDA graphs" in md and "| `hiprune` | 192 | 24.00 | 20.00 | 1.20 | yes |" in md
+    # an LLM-side case runs without graphs: its goal cell is empty, not "yes"
+    del bench["cases"][2]["timings"]["prefill_graph"], bench["cases"][2]["timings"]["decode_graph"]
+    md = roofline_markdown(roofline_table(bench), bench)
+    assert "| `random` | 64 | — | 10.00 | — | — | — |" in md
 
 
 def test_efficiency_table_has_paper_columns_and_ratios(tmp_path):

@@ -511,3 +511,16 @@ def test_other_families_reject_fastv_clearly(folder):
         model = cls(config)
     with pytest.raises(ValueError, match="prunes inside the LLM"):
         hiprune.adapter_for(model).check_supported(hiprune.build_method("fastv", budget=8, layer=1))
+
+
+def test_decode_step_that_generates_the_image_token_id_is_a_plain_decode_step(scene):
+    # A model can generate the image placeholder's id; without images in the call it is text, not a new prefill.
+    model, _ = scene
+    ids, pixels = _single_input(model, 64)
+    image_token = torch.tensor([[model.config.image_token_id]])
+    with hiprune.apply(model, hiprune.build_method("fastv", budget=8)) as session, torch.no_grad():
+        out = model(input_ids=ids, pixel_values=pixels, use_cache=True)
+        pruned_prefills = len(session.pop_layer_records())
+        step = model(input_ids=image_token, cache=out.cache, use_cache=True).logits
+        assert session.pop_layer_records() == []  # the decode step pruned nothing
+    assert pruned_prefills == 1 and step.shape[1] == 1 and torch.isfinite(step).all()

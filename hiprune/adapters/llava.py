@@ -89,7 +89,7 @@ class LlavaAdapter(ClipTowerAdapter):
             bound = signature.bind_partial(*args, **kwargs).arguments
             input_ids, inputs_embeds = bound.get("input_ids"), bound.get("inputs_embeds")
             images = bound.get("pixel_values") is not None or bound.get("mm_encoder_outputs") is not None
-            if input_ids is not None:
+            if input_ids is not None and images:  # a decode step may generate the image token's id: not an image
                 image_mask = input_ids == image_token_id
             elif inputs_embeds is not None and images:  # HF's own rule: placeholders hold the image token's embedding
                 token = torch.tensor(image_token_id, device=inputs_embeds.device)
