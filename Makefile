@@ -55,7 +55,8 @@ $(SCENE_TASKS): scripts/build_scene_tasks.py scripts/scenes.py $(ASSET_BUILD) | 
 	$(OFFLINE) $(PY) scripts/build_scene_tasks.py --force
 	touch $@
 
-# Run records do not hash local weights or task files: drop the scene model's records when either changed.
+# Records of a rebuilt scene model or task get new names (their bytes are in the identity); drop the old ones so the
+# smoke table holds the current inputs only.
 SCENE_RUNS := results/smoke/runs/scene_llava
 $(SCENE_RUNS)/.inputs: $(SCENE_TASKS) models/scene-llava/model.safetensors models/scene-llava/config.json
 	rm -rf $(SCENE_RUNS)

@@ -27,6 +27,7 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from eval.fingerprint import local_inputs
 from eval.store import record_path, write_record
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -179,6 +180,11 @@ def plan_run(cfg: DictConfig) -> RunPlan:
         "harness_version": hiprune.__version__,
         "lmms_eval_version": metadata.version("lmms-eval"),
     }
+    # Local model folders and local task data are identified by their bytes too: a rebuilt asset gets new records.
+    local = local_inputs(Path(pretrained) if m.local else None, resolved_loading.get("text_tower") if m.local else None,
+                         tasks, Path(include_path) if include_path else None)
+    if local:
+        identity["local_inputs_sha256"] = local
     record = record_path(repo_path(cfg.store), identity)
     return RunPlan(cfg, method, identity, pretrained, tasks, include_path, record, model_class, resolved_loading, encoder)
 
