@@ -71,6 +71,7 @@ class HiPruneLlavaNext(HiPruneLMM):
     """LLaVA-NeXT (HF ``LlavaNextForConditionalGeneration``), prompted like the official evaluation."""
 
     family = "llava_next"
+    kept_unit = "crop (the base image and each anyres crop)"
     default_pretrained = "llava-hf/llava-v1.6-vicuna-7b-hf"
     adapter_option_names = ("layout",)
     loading_options = {

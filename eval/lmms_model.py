@@ -76,6 +76,9 @@ class HiPruneLMM(lmms):
     every other keyword argument is a method option.
     """
 
+    # The unit each kept-token count of the per-doc logs refers to (each pruned grid is counted on its own).
+    kept_unit: ClassVar[str] = "image"
+
     is_simple = True
     family: ClassVar[str] = ""
     default_pretrained: ClassVar[str] = ""
@@ -381,6 +384,8 @@ class HiPruneLMM(lmms):
         no_image = sum(1 for per_doc in self.kept_tokens.values() for kept in per_doc.values() if not kept)
         summary = {
             "per_image_target": getattr(self, "tokens_per_image", None),
+            # what one count is: a whole image (LLaVA-1.5, Qwen2.5-VL), a crop (LLaVA-NeXT), an image or a frame
+            "counted_per": self.kept_unit,
             "images": len(counts),
             "samples_without_image": no_image,
             "mean_kept_per_image": (sum(counts) / len(counts)) if counts else None,

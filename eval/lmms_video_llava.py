@@ -68,6 +68,7 @@ class HiPruneVideoLlava(HiPruneLMM):
     """Video-LLaVA (HF ``VideoLlavaForConditionalGeneration``) on image and video tasks."""
 
     family = "video_llava"
+    kept_unit = "image or video frame"
     default_pretrained = "LanguageBind/Video-LLaVA-7B-hf"
     adapter_option_names = ("num_frames",)
     loading_options = {

@@ -227,4 +227,9 @@ def test_extreme_aspect_ratios_and_odd_inputs_on_dynamic_resolution_families(fam
     kept = model.kept_tokens[(TASK, SPLIT)]
     assert all(len(kept[i]) >= 1 and all(k >= 1 for k in kept[i]) for i in range(5))
     assert kept[5] == []
+    summary = model.kept_token_summary()
+    # counts are per pruned grid: every crop of a NeXT image, one per Qwen image; the summary says which
+    assert summary["images"] == sum(len(kept[i]) for i in range(6))
+    assert summary["counted_per"] == {"llava_next": "crop (the base image and each anyres crop)",
+                                      "qwen2_5_vl": "image"}[family]
     model.close()
