@@ -215,6 +215,14 @@ def _method_identity(row: Row, budget: Any, spec: Spec, model: ModelSpec) -> dic
         return None
 
 
+def _family_runs(model: ModelSpec, row: Row) -> bool:
+    """False when the model's family cannot run the row's method at all (e.g. an LLM-side method on Qwen2.5-VL):
+    eval.run skips such runs with a notice, and the cells read 'not run'."""
+    from eval.run import unsupported_reason
+
+    return row.method == "none" or unsupported_reason(str(model.settings["lmms_model"]), row.method) is None
+
+
 def _hydra_value(value: Any) -> str:
     if isinstance(value, bool):
         return str(value).lower()
@@ -312,19 +320,20 @@ def collect_cells(spec: Spec, results: pd.DataFrame | None = None) -> pd.DataFra
             for label, budget in model.budgets.items():
                 entries.append((row, label, budget))
         for row, budget_label, budget in entries:
-            method_id = _method_identity(row, budget, spec, model) if model.implemented else None
+            runnable = row.implemented and model.implemented and _family_runs(model, row)
+            method_id = _method_identity(row, budget, spec, model) if runnable else None
             paper_row = {}
             if row.paper is not None and model.reference_table is not None:
                 paper_row = P.row_values(reference, model.reference_table, model.paper, row.paper, budget_label)
             is_vanilla = row is vanilla
-            if not is_vanilla and not paper_row and not (row.implemented and model.implemented):
+            if not is_vanilla and not paper_row and not runnable:
                 continue  # neither in the paper at this budget nor runnable here
             for bench in spec.benchmarks:
                 bench_config = spec.benchmark_configs.get(bench, bench)
                 found = find_result(results, model, bench_config, method_id, spec.limit) if method_id else None
                 if found is not None:
                     status = "ok"
-                elif not model.implemented or not row.implemented:
+                elif not runnable:
                     status = "not run"
                 else:
                     status = "pending"
@@ -503,8 +512,9 @@ def build_table(spec: Spec, cells: pd.DataFrame) -> Rendered:
                     lines.extend(("row", g) for g in group_lines)
 
     notes = list(dict.fromkeys(notes))
-    notes.insert(0, "Cells: ours (paper, ours − paper). 'not run': the harness lacks the method or model, the "
-                    "paper's number is shown; 'pending': runnable here but no record yet; —: no number.")
+    notes.insert(0, "Cells: ours (paper, ours − paper). 'not run': the harness lacks the method or model, or the "
+                    "model's family cannot run the method (an LLM-side method outside LLaVA-1.5); the paper's number "
+                    "is shown; 'pending': runnable here but no record yet; —: no number.")
     baseline = "the vanilla model" if spec.avg_baseline == "vanilla" else f"the default setting ({spec.avg_baseline})"
     notes.append(f"Avg: mean over the benchmarks present of value / value of {baseline} × 100 (ours against our own "
                  "run of it, the paper's against the paper's row, recomputed from the paper's cells), MME raw, missing "

@@ -430,13 +430,30 @@ def execute(plan: RunPlan, ranks: Ranks = Ranks()) -> dict[str, Any] | None:
 
 
 def not_implemented_notice(cfg: DictConfig) -> str | None:
-    """A notice if the config names a model or method marked ``implemented: false`` (default true), else None."""
+    """A notice if the config names a model or method marked ``implemented: false`` (default true), or a method
+    whose stage the model family's adapter cannot run (e.g. FastV on Qwen2.5-VL); else None."""
     for group in ("model", "method"):
         node = cfg.get(group)
         if node is not None and not node.get("implemented", True):
             return (f"{group} {node.get('name')} is not implemented in the harness; skipped — the table shows the "
                     f"paper's numbers marked 'not run'")
+    reason = unsupported_reason(str(cfg.model.lmms_model), str(cfg.method.name))
+    if reason:
+        return f"{reason}; skipped — the table shows the paper's numbers marked 'not run'"
     return None
+
+
+def unsupported_reason(lmms_model: str, method: str) -> str | None:
+    """Why the family of ``lmms_model`` cannot run ``method`` at all (its pruning stage), or None."""
+    import hiprune
+    from hiprune.adapters.base import family_supports_stage, unsupported_stage_message
+
+    if method not in hiprune.METHODS:
+        return None  # an unknown method fails later, in plan_run, with its own message
+    family = lmms_model_class(lmms_model).family
+    if family_supports_stage(family, hiprune.METHODS[method].stage):
+        return None
+    return unsupported_stage_message(method, family)
 
 
 # Summary hook for eval.callbacks.SweepSummary: what the last run() in this process did.

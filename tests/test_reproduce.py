@@ -157,3 +157,18 @@ def test_sweep_summary_counts_and_planned_jobs():
     cfg = OmegaConf.create({"hydra": {"sweeper": {"params": {"method": "none,hiprune", "budget": "192,128,64"}},
                                       "overrides": {"task": ["budget=64", "benchmark=pope,gqa"]}}})
     assert planned_jobs(cfg) == 2 * 1 * 2  # the command line wins over the sweeper params per key
+
+
+def test_a_method_the_family_cannot_run_is_not_run_and_skipped_with_a_notice(tmp_path):
+    from eval.run import not_implemented_notice, unsupported_reason
+
+    assert unsupported_reason("hiprune_qwen2_5_vl", "fastv") is not None
+    assert unsupported_reason("hiprune_llava", "fastv") is None
+    assert unsupported_reason("hiprune_qwen2_5_vl", "hiprune") is None
+    notice = not_implemented_notice(_cfg("model=qwen25vl_3b", "method=fastv", "budget=0.334"))
+    assert "prunes inside the LLM" in notice and "qwen2_5_vl" in notice
+    spec = R.load_spec("4", [f"store={tmp_path / 'empty'}"])
+    cells = R.collect_cells(spec)
+    fastv = cells[cells["method"] == "fastv"]
+    assert len(fastv) and set(fastv["status"]) == {"not run"}
+    assert set(cells[cells["method"] == "hiprune"]["status"]) <= {"pending", "ok"}

@@ -118,6 +118,8 @@ class Adapter:
     """
 
     family: ClassVar[str] = ""
+    # Where this family's plumbing lets a method prune: "vision" (before the LLM), "llm" (inside the decoder).
+    stages: ClassVar[tuple[str, ...]] = ("none", "vision")
     model_types: ClassVar[tuple[type, ...]] = ()
     # CLIP-tower families compare prompts through an external text tower; others use their own LLM embeddings.
     needs_prompt_encoder: ClassVar[bool] = True
@@ -171,16 +173,26 @@ class Adapter:
                 "prompt encoder, e.g. apply(model, method, processor, "
                 "prompt_encoder=hiprune.ClipPromptEncoder.from_pretrained('openai/clip-vit-large-patch14-336'))"
             )
-        if method.stage == "llm":
-            raise ValueError(
-                f"method {method.name!r} prunes inside the LLM, which the {self.family} adapter does not support yet"
-            )
+        if method.stage not in self.stages:
+            raise ValueError(unsupported_stage_message(method.name, self.family))
 
     def install(self, stack: ExitStack, session: PruningSession, processor: Any | None) -> None:
         raise NotImplementedError
 
 
+def unsupported_stage_message(method: str, family: str) -> str:
+    return f"method {method!r} prunes inside the LLM, which the {family} adapter does not support yet"
+
+
 _ADAPTERS: list[type[Adapter]] = []
+
+
+def family_supports_stage(family: str, stage: str) -> bool:
+    """Whether the registered adapter of ``family`` can run methods of ``stage`` (decidable without a model)."""
+    matching = [cls for cls in _ADAPTERS if cls.family == family]
+    if not matching:
+        raise ValueError(f"no adapter is registered for the model family {family!r}")
+    return all(stage in cls.stages for cls in matching)
 
 
 def register_adapter(cls: type[Adapter]) -> type[Adapter]:

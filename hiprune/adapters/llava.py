@@ -37,6 +37,7 @@ from hiprune.methods.base import Method, VisionTokens, resolve_budget
 class LlavaAdapter(ClipTowerAdapter):
     family = "llava"
     model_types = (LlavaForConditionalGeneration,)
+    stages = ("none", "vision", "llm")  # LLM-side methods (FastV) through hiprune.adapters.llm_pruning
 
     def tokens_per_image(self, method: Method) -> int:
         if method.stage == "llm":
