@@ -191,7 +191,9 @@ def flops_exact(
     conv = 2 * patches * dv * (channels * patch * patch)
     vision_linear_layer = 2 * seq * dv * (4 * dv) + 2 * seq * dv * iv * 2  # q,k,v,o + fc1,fc2
     vision_attn_layer = _sdpa_flops(1, 1, dv, dv, _attention_pairs(seq, seq, False, attention))
-    scoring = n_images * score_layers * 2 * seq * seq * dv  # one extra QK^T (all heads) per scored layer
+    # per scored layer: one extra QK^T (all heads), then the column sums of the softmax as one product with the
+    # reciprocal row sums (hiprune.capture.key_scores): 2 * seq * seq * (head_dim + 1) per head
+    scoring = n_images * score_layers * 2 * seq * seq * (dv + vc.num_attention_heads)
     vision_attn = n_images * lv * vision_attn_layer
     vision = n_images * (conv + lv * (vision_linear_layer + vision_attn_layer)) + scoring
 

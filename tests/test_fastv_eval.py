@@ -117,7 +117,7 @@ def test_fastv_run_records_per_layer_tokens_and_flops(tmp_path, monkeypatch):
     assert record["llm_visual_per_layer_by_doc"][key] == {d: [64, 64, 16] for d in docs}
     assert record["kept_tokens_by_doc"][key] == {d: [16] for d in docs}
     assert record["visual_tokens"] == {
-        "per_image_target": 16, "images": 6, "samples_without_image": 0, "mean_kept_per_image": 16.0,
+        "per_image_target": 16, "counted_per": "image", "images": 6, "samples_without_image": 0, "mean_kept_per_image": 16.0,
         "min_kept_per_image": 16, "max_kept_per_image": 16, "llm_input_per_image": 64, "pruned_from_layer": 2,
     }
     digests = record["kept_digest_by_doc"][key]

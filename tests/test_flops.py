@@ -187,10 +187,12 @@ def test_exact_tiny_options_by_hand():
     #   step 1: linear 147,456; attention 2 * 2*4*585*32 = 2 * 149,760; lm_head 38,400
     #   decode = 2*(147,456 + 38,400) + 299,008 + 299,520 = 970,240
     assert flops_exact(cfg, 7, 576, decode_tokens=2)["decode"] == 970_240
-    # HiPrune's scoring: one extra QK^T over 577 tokens per scored layer: 2 * 577^2 * 32 = 21,307,456
+    # HiPrune's scoring per scored layer over 577 tokens: one extra QK^T (2 * 577^2 * 32 = 21,307,456) and the
+    # softmax column sums as a product with the reciprocal row sums, one MAC per pair and head
+    # (2 * 577^2 * 4 = 2,663,432): 23,970,888
     scored = flops_exact(cfg, 7, 64, score_layers=2)
-    assert scored["scoring"] == 2 * 21_307_456
-    assert scored["vision"] == 646_497_792 + 2 * 21_307_456
+    assert scored["scoring"] == 2 * 23_970_888
+    assert scored["vision"] == 646_497_792 + 2 * 23_970_888
     # pruning after the projector leaves the vision and projector counts alone
     assert flops_exact(cfg, 7, 64)["projector"] == 7_077_888
     # per-layer visual counts (LLM-side pruning): 583 tokens in layer 0, 7 + 100 = 107 in layer 1
@@ -296,9 +298,10 @@ def test_measured_matches_exact_fastv(tiny_model):
     assert record.tokens == [583, 71] and record.visual == [576, 64]
     exact = flops_exact(tiny_model.config, n_text, record.visual)
     assert_parts_agree(measured, exact)
-    # The one matmul the exact count leaves out: layer 0's last query scored against its 583 keys (QK^T, 4 heads
-    # of dim 16); the layers' own attention and projections agree exactly.
-    assert measured["total"] - exact["total"] == 2 * 4 * 583 * 16
+    # The scoring the exact count leaves out: layer 0's last query against its 583 keys (QK^T, 4 heads of dim 16)
+    # and the softmax's column sum as a product (hiprune.capture.key_scores: one MAC per key and head); the layers'
+    # own attention and projections agree exactly.
+    assert measured["total"] - exact["total"] == 2 * 4 * 583 * 16 + 2 * 4 * 583
     assert measured["attention_scores"] == exact["attention_scores"]
 
 
