@@ -99,8 +99,9 @@ def _scene_fastv(store, batch_size):
 
 @pytest.mark.slow
 def test_fastv_run_records_per_layer_tokens_and_flops(tmp_path, monkeypatch):
-    if not (SCENE_DIR / "config.json").is_file() or not (REPO / "assets" / "scene_tasks").is_dir():
-        pytest.skip("models/scene-llava or assets/scene_tasks missing (make assets)")
+    from conftest import load_script
+
+    load_script("build_scene_tasks").build(REPO / "assets" / "scene_tasks", splits=("test",))  # if missing
     captured = {}
     summarize = run_module._flops_summary
 
