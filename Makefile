@@ -38,10 +38,10 @@ $(TINY_CLIP): scripts/build_tiny_clip.py $(ASSET_BUILD) $(TINY_LLAVA) | $(STAMP)
 $(TINY_QWEN): scripts/build_tiny_qwen2_5_vl.py $(ASSET_BUILD) | $(STAMP)
 	$(OFFLINE) $(PY) scripts/build_tiny_qwen2_5_vl.py
 
-$(TINY_NEXT): scripts/build_tiny_llava_next.py $(ASSET_BUILD) | $(STAMP)
+$(TINY_NEXT): scripts/build_tiny_llava_next.py scripts/build_tiny_llava.py $(ASSET_BUILD) | $(STAMP)
 	$(OFFLINE) $(PY) scripts/build_tiny_llava_next.py
 
-$(TINY_VIDEO_LLAVA): scripts/build_tiny_video_llava.py $(ASSET_BUILD) | $(STAMP)
+$(TINY_VIDEO_LLAVA): scripts/build_tiny_video_llava.py scripts/build_tiny_llava.py $(ASSET_BUILD) | $(STAMP)
 	$(OFFLINE) $(PY) scripts/build_tiny_video_llava.py
 
 $(SMOKE_VIDEO): scripts/build_smoke_video_task.py $(ASSET_BUILD) | $(STAMP)
@@ -80,11 +80,13 @@ test-fast: setup
 # in BENCH_ARGS, e.g. BENCH_ARGS="model=llava15_7b bench_profile=gpu" on a GPU.
 bench: setup
 	$(OFFLINE) $(PY) -m eval.bench $(BENCH_ARGS)
-	$(OFFLINE) $(PY) -m eval.bench_scoring
+	$(MAKE) bench-scoring
 
-# Scoring overhead alone, on a random-weight CLIP ViT-L/14-336 (ratios measured in one run).
+# Scoring overhead alone, on random-weight vision towers at real shapes (ratios measured in one run per shape):
+# CLIP ViT-L/14-336 and the Qwen2.5-VL-3B tower (one 448x448 image; minutes on a CPU).
+SCORING_SHAPES ?= clip-l-336 qwen2.5-vl-3b
 bench-scoring: setup
-	$(OFFLINE) $(PY) -m eval.bench_scoring
+	for shape in $(SCORING_SHAPES); do $(OFFLINE) $(PY) -m eval.bench_scoring --shape $$shape || exit 1; done
 
 # The paper's tables (README: Reproducing the paper's tables). TABLE: 2 3 4 5 7 8 10 6a 6b 6c 11 object_layer alpha
 # smoke (python -m eval.reproduce list). Runs the table's sweep with Hydra multirun -- finished runs are skipped, so

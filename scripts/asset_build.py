@@ -167,6 +167,19 @@ def write_file_atomically(path: Path, write: Callable[[Path], None]) -> None:
             os.unlink(tmp)
 
 
+def _single_threaded(make: Callable[[Path], dict], work: Path) -> dict:
+    """``make(work)`` with one torch thread: multi-threaded reductions sum in a varying order, which made two builds
+    of the same seed differ in the last bits of some weights."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return make(work)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def build_atomically(
     out_dir: Path, recipe: dict[str, Any], make: Callable[[Path], dict], force: bool = False, verbose: bool = False
 ) -> Path:
@@ -187,7 +200,7 @@ def build_atomically(
     t0 = time.perf_counter()
     # keep_existing: another process may have finished the same build while this one was working; keep theirs
     with staged_directory(out_dir, keep_existing=lambda: not force and is_complete_build(out_dir, recipe)) as work:
-        extra = make(work)
+        extra = _single_threaded(make, work)
         files = sorted(str(f.relative_to(work)) for f in work.rglob("*") if f.is_file())
         info = {"recipe": recipe, **extra, "files": files, "sha256": {f: sha256_file(work / f) for f in files}}
         # NB: no timestamps -> the whole folder is byte-for-byte reproducible.
