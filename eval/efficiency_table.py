@@ -103,6 +103,7 @@ def table5(bench: dict, paper: pd.DataFrame | None = None) -> pd.DataFrame:
         t, f = case["timings"], case["flops"]
         row.update({
             "visual_tokens": case["visual_tokens"],
+            "tokens_label": _tokens_label(case),
             "tflops_paper_convention": f["tflops_paper_convention"],
             "tflops_exact": f["tflops_exact"],
             "tflops_fastv": f["tflops_fastv"],
@@ -128,7 +129,7 @@ def table5(bench: dict, paper: pd.DataFrame | None = None) -> pd.DataFrame:
             "paper_vram_gb": p["vram_gb"],
         })
     frame = pd.DataFrame(list(rows.values()))
-    ours_cols = ["visual_tokens", "tflops_paper_convention", "tflops_exact", "tflops_fastv", "tflops_measured",
+    ours_cols = ["visual_tokens", "tokens_label", "tflops_paper_convention", "tflops_exact", "tflops_fastv", "tflops_measured",
                  "vision_ms", "prefill_ms", "prefill_iqr_ms", "ttft_ms", "decode_ms", "decode_iqr_ms",
                  "throughput_tok_s", "throughput_iqr", "memory_gb"]
     paper_cols = ["paper_tflops", "paper_prefill_ms", "paper_prefill_std", "paper_decode_ms", "paper_decode_std",
@@ -217,6 +218,16 @@ def roofline_table(bench: dict) -> pd.DataFrame:
     frame["dtype"] = meta["dtype"]
     frame["attention"] = attention_label(meta)
     return frame.reset_index(drop=True)
+
+
+def _tokens_label(case: dict) -> str:
+    """Visual tokens the LLM processed: "576" for vision-side methods; "576→64 from layer 2" when an LLM-side
+    method (FastV) drops tokens inside the decoder (0-based layer, as FastV's K)."""
+    per_layer = case.get("visual_tokens_per_layer") or [case["visual_tokens"]]
+    if len(set(per_layer)) == 1:
+        return str(per_layer[0])
+    layer = next(i for i, v in enumerate(per_layer) if v != per_layer[0])
+    return f"{per_layer[0]}→{per_layer[-1]} from layer {layer}"
 
 
 def _graph_columns(case: dict, prefill_bound: float, decode_bound: float, goal: float) -> dict:
@@ -321,7 +332,7 @@ def table5_markdown(frame: pd.DataFrame, bench: dict) -> str:
         cells = [
             f"{name} (`{r['method']}`)" if r["paper_method"] else f"`{r['method']}`",
             str(int(r["budget"])),
-            _num(r["visual_tokens"], 0),
+            r["tokens_label"] if isinstance(r["tokens_label"], str) else _num(r["visual_tokens"], 0),
             _with_ratio(r["tflops_paper_convention"], r["tflops_ratio"], 3),
             _with_ratio(r["paper_tflops"], r["paper_tflops_ratio"]),
             _num(r["tflops_exact"], 3),

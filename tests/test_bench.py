@@ -313,3 +313,14 @@ def test_eval_throughput_identical_answers_across_batch_sizes(tiny_llava_dir, sm
     paths = write(result, tmp_path / "tp")
     assert "identical answers and kept-token selections across batch sizes: **yes**" in markdown(result)
     assert all(p.is_file() for p in paths)
+
+
+def test_table5_shows_where_an_llm_side_method_drops_tokens():
+    bench = _bench()
+    fastv = _case("fastv", 64, 576, 50.0, tflops=2.0)
+    fastv["visual_tokens_per_layer"] = [576, 576] + [64] * 30
+    bench["cases"].append(fastv)
+    frame = table5(bench).set_index(["method", "budget"])
+    assert frame.loc[("fastv", 64), "tokens_label"] == "576→64 from layer 2"
+    assert frame.loc[("hiprune", 192), "tokens_label"] == "192"
+    assert "| `fastv` | 64 | 576→64 from layer 2 |" in table5_markdown(table5(bench), bench)
