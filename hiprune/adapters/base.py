@@ -11,7 +11,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from hiprune.methods.base import FEATURE_LAYER, Method, Selection
+from hiprune.methods.base import FEATURE_LAYER, Method, Selection, VisionTokens
 
 
 class PruningError(RuntimeError):
@@ -108,6 +108,24 @@ def stable_ids(pixel_values: torch.Tensor) -> list[int]:
         digest = hashlib.blake2b(row.numpy().tobytes(), digest_size=8).digest()
         ids.append(int.from_bytes(digest, "little") >> 1)
     return ids
+
+
+def derived_id(base: int, index: int | str) -> int:
+    """A 63-bit id for part ``index`` (a crop, a frame) of the visual whose :func:`stable_ids` id is ``base``."""
+    digest = hashlib.blake2b(f"{base}:{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def select_checked(method: Method, tokens: VisionTokens, budget: int, keep: int, unit: str) -> Selection:
+    """``method.select`` on ``tokens``, failing loudly unless it returns ``keep`` indices and features per row."""
+    selection = method.select(tokens, budget)
+    rows = tokens.features.shape[0]
+    if selection.indices.shape != (rows, keep) or selection.features.shape[:2] != (rows, keep):
+        raise PruningError(
+            f"method {method.name!r} returned {tuple(selection.indices.shape)} indices and features "
+            f"{tuple(selection.features.shape)}; expected {keep} tokens for each of {rows} {unit}"
+        )
+    return selection
 
 
 class Adapter:

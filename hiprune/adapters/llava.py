@@ -25,6 +25,7 @@ from hiprune.adapters.base import (
     PruningSession,
     patch_attribute,
     register_adapter,
+    select_checked,
     stable_ids,
 )
 from hiprune.adapters.clip_tower import ClipTowerAdapter
@@ -129,12 +130,7 @@ class LlavaAdapter(ClipTowerAdapter):
             tokens.prompt_embeds = session.prompt_encoder.encode_prompts(session.take_prompts(n_images))
             tower = self.inner.vision_tower
             tokens.token_embeds = session.prompt_encoder.encode_patches(out.last_hidden_state, tower.post_layernorm)
-        selection = session.method.select(tokens, budget)
-        if selection.indices.shape != (n_images, keep) or selection.features.shape[:2] != (n_images, keep):
-            raise PruningError(
-                f"method {session.method.name!r} returned {tuple(selection.indices.shape)} indices and features "
-                f"{tuple(selection.features.shape)}; expected {keep} tokens for each of {n_images} images"
-            )
+        selection = select_checked(session.method, tokens, budget, keep, "images")
         session.last_selection = selection
         indices = selection.indices.detach().cpu()
         session.records.append([GridRecord(n_tokens, keep, row) for row in indices])

@@ -41,7 +41,6 @@ grid the method saw (native: the crop's unpadded rectangle, raster order).
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -55,8 +54,10 @@ from hiprune.adapters.base import (
     GridRecord,
     PruningError,
     PruningSession,
+    derived_id,
     patch_attribute,
     register_adapter,
+    select_checked,
     stable_ids,
 )
 from hiprune.adapters.clip_tower import ClipTowerAdapter
@@ -147,11 +148,6 @@ def _size_list(image_size: Any) -> list[int]:
     if hasattr(image_size, "tolist"):
         image_size = image_size.tolist()
     return [int(x) for x in image_size]
-
-
-def _derived_id(base: int, index: int) -> int:
-    digest = hashlib.blake2b(f"{base}:{index}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") >> 1
 
 
 @register_adapter
@@ -339,7 +335,7 @@ class LlavaNextAdapter(ClipTowerAdapter):
                 embeds = None
                 if token_embeds is not None:
                     embeds = token_embeds[offset + grid.crop].view(side, side, -1)[window].reshape(grid.tokens, -1)
-                items.append((i, grid, feats, grid_scores, _derived_id(image_id, grid.crop), embeds))
+                items.append((i, grid, feats, grid_scores, derived_id(image_id, grid.crop), embeds))
             offset += features.shape[0]
 
         # Run the method once per group of grids of equal shape and budget (rows are independent of each other).
@@ -359,12 +355,7 @@ class LlavaNextAdapter(ClipTowerAdapter):
                 if prompt_embeds is not None:
                     tokens.prompt_embeds = prompt_embeds[[items[k][0] for k in members]]
                     tokens.token_embeds = torch.stack([items[k][5] for k in members])
-                selection = method.select(tokens, budget)
-                if selection.indices.shape != (len(members), keep) or selection.features.shape[:2] != (len(members), keep):
-                    raise PruningError(
-                        f"method {method.name!r} returned {tuple(selection.indices.shape)} indices and features "
-                        f"{tuple(selection.features.shape)}; expected {keep} tokens for each of {len(members)} grids"
-                    )
+                selection = select_checked(method, tokens, budget, keep, "grids")
                 session.last_selection = selection
                 for row, k in enumerate(members):
                     kept[k] = (selection.indices[row], selection.features[row])

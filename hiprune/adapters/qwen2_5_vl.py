@@ -66,6 +66,7 @@ from hiprune.adapters.base import (
     PruningSession,
     patch_attribute,
     register_adapter,
+    select_checked,
     stable_ids,
 )
 from hiprune.capture import AttentionScores
@@ -270,12 +271,7 @@ class Qwen25VLAdapter(Adapter):
             if prompts is not None:
                 tokens.prompt_embeds = prompts[members]
                 tokens.token_embeds = stacked  # merged visual tokens live in the LLM's embedding space
-            selection = method.select(tokens, budget)
-            if selection.indices.shape != (len(members), keep) or selection.features.shape[:2] != (len(members), keep):
-                raise PruningError(
-                    f"method {method.name!r} returned {tuple(selection.indices.shape)} indices and features "
-                    f"{tuple(selection.features.shape)}; expected {keep} tokens for each of {len(members)} images"
-                )
+            selection = select_checked(method, tokens, budget, keep, "images")
             selections.append(selection)
             for row, i in enumerate(members):
                 kept[i] = selection.indices[row]

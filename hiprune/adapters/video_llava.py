@@ -21,7 +21,6 @@ answers for an image when the budget fits one, else for a video of ``num_frames`
 
 from __future__ import annotations
 
-import hashlib
 from contextlib import ExitStack
 from typing import Any
 
@@ -32,8 +31,10 @@ from hiprune.adapters.base import (
     GridRecord,
     PruningError,
     PruningSession,
+    derived_id,
     patch_attribute,
     register_adapter,
+    select_checked,
     stable_ids,
 )
 from hiprune.adapters.clip_tower import ClipTowerAdapter
@@ -49,11 +50,6 @@ class Forward(list):
     def __init__(self, kind: str, records):
         super().__init__(records)
         self.kind = kind
-
-
-def _derived_id(base: int, index: int) -> int:
-    digest = hashlib.blake2b(f"{base}:{index}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") >> 1
 
 
 @register_adapter
@@ -176,7 +172,7 @@ class VideoLlavaAdapter(ClipTowerAdapter):
                 session.records.append(Forward("video", [GridRecord(grids, grids, None)] * (videos * frames)))
                 return out
             ids = [
-                _derived_id(video_id, f)
+                derived_id(video_id, f)
                 for video_id in stable_ids(pixel_values_videos.reshape(videos, -1))
                 for f in range(frames)
             ]
@@ -207,7 +203,6 @@ class VideoLlavaAdapter(ClipTowerAdapter):
 
     def _select(self, session, features, scores, ids, budget, last_hidden_state, kind, prompts_per_row):
         method = session.method
-        rows = features.shape[0]
         keep = method.kept_count(budget)
         tokens = VisionTokens(
             features=features.contiguous(),
@@ -221,12 +216,7 @@ class VideoLlavaAdapter(ClipTowerAdapter):
             tokens.prompt_embeds = prompts[prompts_per_row]
             tower = getattr(self.vision_tower(kind), "vision_model", self.vision_tower(kind))
             tokens.token_embeds = session.prompt_encoder.encode_patches(last_hidden_state, tower.post_layernorm)
-        selection = method.select(tokens, budget)
-        if selection.indices.shape != (rows, keep) or selection.features.shape[:2] != (rows, keep):
-            raise PruningError(
-                f"method {method.name!r} returned {tuple(selection.indices.shape)} indices and features "
-                f"{tuple(selection.features.shape)}; expected {keep} tokens for each of {rows} {kind} grids"
-            )
+        selection = select_checked(method, tokens, budget, keep, f"{kind} grids")
         session.last_selection = selection
         indices = selection.indices.detach().cpu()
         return selection.features, [GridRecord(self.num_patches(), keep, row) for row in indices]
