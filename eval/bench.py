@@ -218,10 +218,10 @@ def visual_tokens_per_layer(method, keep: int, n_layers: int) -> list[int]:
 
 def tokens_label(keep: int, visual_per_layer: list[int]) -> str:
     """'64' for a method that prunes before the LLM; '576>64@2' (576 visual tokens, 64 from layer 2 on) for FastV."""
-    if all(v == keep for v in visual_per_layer):
-        return str(keep)
-    layer = next(i for i, v in enumerate(visual_per_layer) if v != keep)
-    return f"{keep}>{visual_per_layer[layer]}@{layer}"
+    from eval.efficiency_table import token_drop
+
+    drop = token_drop([keep, *visual_per_layer])  # the LLM's input first, so layer i of the list is i - 1
+    return str(keep) if drop is None else f"{keep}>{drop[1]}@{drop[2] - 1}"
 
 
 def cuda_graphs_off_reason(method) -> str | None:

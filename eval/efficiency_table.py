@@ -220,14 +220,18 @@ def roofline_table(bench: dict) -> pd.DataFrame:
     return frame.reset_index(drop=True)
 
 
+def token_drop(visual_per_layer: list[int]) -> tuple[int, int, int] | None:
+    """(tokens in, tokens after, first decoder layer with fewer, 0-based as FastV's K) when an LLM-side method drops
+    visual tokens inside the decoder; None when every layer sees the same count."""
+    first = visual_per_layer[0]
+    layer = next((i for i, v in enumerate(visual_per_layer) if v != first), None)
+    return None if layer is None else (first, visual_per_layer[layer], layer)
+
+
 def _tokens_label(case: dict) -> str:
-    """Visual tokens the LLM processed: "576" for vision-side methods; "576→64 from layer 2" when an LLM-side
-    method (FastV) drops tokens inside the decoder (0-based layer, as FastV's K)."""
-    per_layer = case.get("visual_tokens_per_layer") or [case["visual_tokens"]]
-    if len(set(per_layer)) == 1:
-        return str(per_layer[0])
-    layer = next(i for i, v in enumerate(per_layer) if v != per_layer[0])
-    return f"{per_layer[0]}→{per_layer[-1]} from layer {layer}"
+    """Visual tokens the LLM processed: "576" for vision-side methods, "576→64 from layer 2" for FastV."""
+    drop = token_drop(case.get("visual_tokens_per_layer") or [case["visual_tokens"]])
+    return str(case["visual_tokens"]) if drop is None else f"{drop[0]}→{drop[1]} from layer {drop[2]}"
 
 
 def _graph_columns(case: dict, prefill_bound: float, decode_bound: float, goal: float) -> dict:

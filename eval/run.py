@@ -443,6 +443,7 @@ def not_implemented_notice(cfg: DictConfig) -> str | None:
     return None
 
 
+@functools.lru_cache(maxsize=None)  # asked per table cell by eval.reproduce; the answer depends on the names only
 def unsupported_reason(lmms_model: str, method: str) -> str | None:
     """Why the family of ``lmms_model`` cannot run ``method`` at all (its pruning stage), or None."""
     import hiprune
