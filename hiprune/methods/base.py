@@ -68,6 +68,17 @@ class Selection:
     roles: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
+def rank_descending(scores: torch.Tensor) -> torch.Tensor:
+    """[B, N] -> indices of every row's scores from highest to lowest; equal scores by index (a stable sort of the
+    negated scores), so selections are deterministic, unlike ``torch.topk`` whose tie order is unspecified."""
+    return torch.sort(-scores, dim=1, stable=True).indices
+
+
+def top_k(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the k highest scores per row, best first; ties go to the lower index."""
+    return rank_descending(scores)[:, :k]
+
+
 def gather_tokens(features: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     """features [B, N, D], indices [B, K] -> [B, K, D]."""
     return torch.gather(features, 1, indices.unsqueeze(-1).expand(-1, -1, features.shape[-1]))

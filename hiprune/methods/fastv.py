@@ -30,7 +30,7 @@ from typing import ClassVar
 
 import torch
 
-from hiprune.methods.base import Method, Stage
+from hiprune.methods.base import Method, Stage, top_k
 from hiprune.scores import check_finite
 
 
@@ -53,9 +53,7 @@ def select_fastv(last_query_attention: torch.Tensor, budget: int) -> torch.Tenso
     if isinstance(budget, bool) or not isinstance(budget, Integral) or not 1 <= budget <= n:
         raise ValueError(f"budget must be an int in [1, {n}] (visual tokens of this image), got {budget!r}")
     scores = check_finite(last_query_attention.float(), "FastV last-query attention")
-    # A stable sort of the negated scores ranks equal scores by index (torch.topk's order is unspecified).
-    ranked = torch.sort(-scores, dim=1, stable=True).indices
-    return ranked[:, : int(budget)].sort(dim=1).values
+    return top_k(scores, int(budget)).sort(dim=1).values
 
 
 @dataclass

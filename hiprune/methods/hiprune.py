@@ -25,7 +25,16 @@ from typing import ClassVar
 
 import torch
 
-from hiprune.methods.base import FEATURE_LAYER, Method, Selection, Stage, VisionTokens, gather_tokens
+from hiprune.methods.base import (
+    FEATURE_LAYER,
+    Method,
+    Selection,
+    Stage,
+    VisionTokens,
+    gather_tokens,
+    rank_descending,
+    top_k,
+)
 from hiprune.scores import check_finite
 
 BOUNDARIES = ("clamp", "drop")
@@ -121,7 +130,7 @@ def select_hiprune_with_roles(
 
     # 1. Anchors: top-k_a object scores.
     k_a = anchor_count(budget, alpha)
-    anchors = _top_k(object_scores, k_a)  # [B, k_a]
+    anchors = top_k(object_scores, k_a)  # [B, k_a]
     anchor_mask = torch.zeros(batch, n, dtype=torch.bool, device=device)
     anchor_mask.scatter_(1, anchors, True)
 
@@ -144,7 +153,7 @@ def select_hiprune_with_roles(
     # 3. Registers: the best deep scores among tokens not yet chosen. -inf (not "score - 1") keeps chosen tokens
     #    out for any score range; scores are finite, so only unchosen tokens can rank before them.
     n_registers = budget - chosen_count  # [B], differs per row when neighbours overlap or are dropped
-    ranked = _sort_descending(deep_scores.masked_fill(chosen, -math.inf))  # [B, N]
+    ranked = rank_descending(deep_scores.masked_fill(chosen, -math.inf))  # [B, N]
     take = torch.arange(n, device=device).unsqueeze(0) < n_registers.unsqueeze(1)  # first n_r ranks per row
     register_mask = torch.zeros_like(chosen)
     register_mask.scatter_(1, ranked, take)
@@ -178,7 +187,7 @@ def _fill_with_anchors_and_buffers(
     batch, n = object_scores.shape
     device = object_scores.device
     group = 1 + len(offsets)
-    order = _sort_descending(object_scores)  # [B, N]: every token, by object score
+    order = rank_descending(object_scores)  # [B, N]: every token, by object score
     neighbours = _neighbours(order, rows, cols, boundary, offsets).view(batch, n, len(offsets))
     sequence = torch.cat([order.unsqueeze(-1), neighbours], dim=-1).flatten(1)  # [B, N * group]
     slot = torch.arange(sequence.shape[1], device=device).expand(batch, -1)
@@ -191,16 +200,6 @@ def _fill_with_anchors_and_buffers(
     indices = kept_by_slot.sort(dim=1).values
     anchor = rank.gather(1, indices) < groups_started.unsqueeze(1)
     return indices, {"anchor": anchor, "buffer": ~anchor, "register": torch.zeros_like(anchor)}
-
-
-def _top_k(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Indices of the k highest scores per row; ties go to the lower index."""
-    return _sort_descending(scores)[:, :k]
-
-
-def _sort_descending(scores: torch.Tensor) -> torch.Tensor:
-    # A stable sort of the negated scores orders equal scores by index, unlike torch.topk.
-    return torch.sort(-scores, dim=1, stable=True).indices
 
 
 def _neighbours(

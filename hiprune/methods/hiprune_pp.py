@@ -23,7 +23,7 @@ from typing import ClassVar
 
 import torch
 
-from hiprune.methods.base import Selection, VisionTokens, gather_tokens
+from hiprune.methods.base import Selection, VisionTokens, gather_tokens, top_k
 from hiprune.methods.hiprune import HiPrune
 
 COUNTS = ("prose", "pseudocode")
@@ -55,7 +55,7 @@ def select_by_prompt(
     if not torch.isfinite(similarity).all():
         raise ValueError("HiPrune++ prompt similarities contain NaN or inf")
     similarity = similarity.masked_fill(chosen, -math.inf)
-    return torch.sort(-similarity, dim=1, stable=True).indices[:, :count]
+    return top_k(similarity, count)
 
 
 @dataclass
