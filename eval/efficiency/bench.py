@@ -83,6 +83,7 @@ from eval.efficiency.measure import (
 )
 from eval.efficiency.roofline import decode_bytes, measure_peaks, prefill_bytes, roofline_bound
 from eval.efficiency.tables import token_drop, write_tables
+from eval.running.methods import build_from_config, is_implemented, stage_of
 from hiprune.methods import resolve_budget
 
 MEASUREMENTS = ("vision", "prefill", "ttft", "decode", "generate")
@@ -134,12 +135,12 @@ def architecture_config(model_cfg: DictConfig):
 
 
 def method_specs(cfg: DictConfig) -> list[dict[str, Any]]:
-    """[{name, options, implemented, source}] in run order: ``methods`` entries, then registered extras."""
+    """[{name, options, source}] in run order: ``methods`` entries, then registered extras."""
     specs = []
     for key, node in (cfg.get("methods") or {}).items():
         node = OmegaConf.to_container(node, resolve=True)
         specs.append({"name": node.get("name", key), "options": node.get("options") or {},
-                      "implemented": node.get("implemented", True), "source": f"methods.{key}"})
+                      "source": f"methods.{key}"})
     if cfg.get("include_registered", True):
         listed = {s["name"] for s in specs}
         for name in hiprune.METHODS:
@@ -150,8 +151,7 @@ def method_specs(cfg: DictConfig) -> list[dict[str, Any]]:
             if path.is_file():
                 merged = OmegaConf.merge({"seed": cfg.seed}, {"m": OmegaConf.load(path)})
                 node = OmegaConf.to_container(merged.m, resolve=True)
-            specs.append({"name": name, "options": node.get("options") or {},
-                          "implemented": node.get("implemented", True), "source": "hiprune.METHODS"})
+            specs.append({"name": name, "options": node.get("options") or {}, "source": "hiprune.METHODS"})
     only = cfg.get("only")
     if only:
         unknown = sorted(set(only) - {s["name"] for s in specs})
@@ -169,20 +169,14 @@ def plan_cases(cfg: DictConfig, skeleton) -> list[dict[str, Any]]:
     cases = []
     for spec in method_specs(cfg):
         name = spec["name"]
-        if not spec["implemented"]:
-            cases.append({**spec, "budget": None, "method": None, "status": "not implemented",
-                          "reason": f"configs/method/{name}.yaml is marked implemented: false"})
-            continue
-        if name not in hiprune.METHODS:
+        if not is_implemented(name):
             cases.append({**spec, "budget": None, "method": None, "status": "not implemented",
                           "reason": f"{name!r} is not registered in hiprune.METHODS"})
             continue
-        stage = hiprune.METHODS[name].stage
-        for budget in [None] if stage == "none" else budgets:
-            kwargs = dict(spec["options"]) if budget is None else {"budget": budget, **spec["options"]}
+        for budget in [None] if stage_of(name) == "none" else budgets:
             try:
-                method = hiprune.build_method(name, **kwargs)
-            except (ValueError, TypeError) as exc:
+                method = build_from_config(spec, budget)
+            except ConfigError as exc:
                 raise ConfigError(f"method {name!r}: {exc}") from exc
             try:  # a prompt encoder is built for prompt-aware methods (build_prompt_encoder)
                 adapter.check_supported(method, object() if method.needs_prompt else None)

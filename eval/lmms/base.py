@@ -79,7 +79,8 @@ class HiPruneLMM(lmms):
     """A VLM family evaluated with a token-pruning method; subclasses load the family and build its inputs.
 
     Subclasses set ``loading_options`` (name -> default) and implement :meth:`load` and :meth:`build_inputs`;
-    every other keyword argument is a method option.
+    every other keyword argument is a method option. ``method`` is a registered method's name, or a method the
+    harness already built and validated from its config (eval.running.methods), which then takes no options.
     """
 
     # The unit each kept-token count of the per-doc logs refers to (each pruned grid is counted on its own).
@@ -95,7 +96,7 @@ class HiPruneLMM(lmms):
     def __init__(
         self,
         pretrained: str | None = None,
-        method: str = "hiprune",
+        method: str | hiprune.Method = "hiprune",
         revision: str | None = None,
         device: str = "auto",
         dtype: str = "auto",
@@ -108,7 +109,12 @@ class HiPruneLMM(lmms):
         loading = {k: options.pop(k, default) for k, default in self.loading_options.items()}
         self.adapter_options = {k: loading[k] for k in self.adapter_option_names}
         # Validate everything cheap before the (possibly multi-GB) model loads.
-        self.method = hiprune.build_method(method, **options)
+        if isinstance(method, hiprune.Method):
+            if options:
+                raise ValueError(f"options {sorted(options)} given with an already built method {method.name!r}")
+            self.method = method
+        else:
+            self.method = hiprune.build_method(method, **options)
         self._device = self._setup_data_parallel(device)
         self._dtype = resolve_dtype(dtype, self._device)
         self.batch_size_per_gpu = int(batch_size)

@@ -7,9 +7,9 @@ collects; drawn by ``python -m eval.report.reproduce render`` (and ``... plots``
    fewest TFLOPs) of ours and of the paper's. TFLOPs per point come from the caller's ``tflops`` (reproduce: flops_exact
    of eval/efficiency/flops.py on the model's architecture config, calflops convention: linear layers, attention
    scores excluded, ``n_text`` text tokens); where that cannot be computed, from the paper's Table 5
-   (paper_efficiency.csv: LLaVA-1.5-7B only); the plot names its source. Methods that prune inside the LLM
-   (``stage: llm``: FastV, PyramidDrop, SparseVLM) keep all tokens in their first layers, so their x value is a nominal
-   one (the budget's count in every layer): drawn with an x marker and said in the legend.
+   (paper_efficiency.csv: LLaVA-1.5-7B only); the plot names its source. Methods that prune inside the LLM (stage
+   "llm" in hiprune.METHODS, e.g. FastV) keep all tokens in their first layers, so their x value is a nominal one (the
+   budget's count in every layer): drawn with an x marker and said in the legend.
 """
 
 from __future__ import annotations
@@ -24,10 +24,9 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import pandas as pd
-from omegaconf import OmegaConf
 
-from eval.config import CONFIG_DIR
 from eval.report import paper as P
+from eval.running.methods import stage_of
 
 # (table model, visual tokens, text tokens) -> (TFLOPs of one forward or None, where the number comes from)
 TflopsOf = Callable[[Any, int, int], tuple[float | None, str]]
@@ -141,11 +140,6 @@ def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]
     return front
 
 
-def _stage(method: str) -> str:
-    path = CONFIG_DIR / "method" / f"{method}.yaml"
-    return str(OmegaConf.load(path).get("stage", "vision")) if path.is_file() else "vision"
-
-
 def pareto(spec, averages: pd.DataFrame, out_dir: Path, tflops: TflopsOf) -> dict[str, Path]:
     """Avg (``averages``: reproduce's row averages) against TFLOPs per (method, budget), with both Pareto fronts."""
     out = {}
@@ -161,7 +155,7 @@ def pareto(spec, averages: pd.DataFrame, out_dir: Path, tflops: TflopsOf) -> dic
         plotted_labels = set()
         for row, rc in av.groupby("row", sort=False):
             colour = "black" if row == "Vanilla" else _colour(spec, row)
-            nominal = _stage(methods.get(row, "none")) == "llm"
+            nominal = stage_of(methods.get(row, "none")) == "llm"
             for r in rc.itertuples():
                 n_visual = int(model.vanilla) if row == "Vanilla" else int(r.budget_label)
                 x = lookup(n_visual)

@@ -15,8 +15,8 @@ the config the renderer reads (store=..., limit=..., batch_size=..., hydra/launc
 
 ``run`` launches, per model, one multirun for the vanilla model (method=none, every benchmark) and one per group of
 rows (methods without options together, each row with options on its own) over budgets x benchmarks. Finished
-records are skipped, so an interrupted ``run`` resumes where it stopped; methods or models marked
-``implemented: false`` are skipped by eval.running.run with a notice.
+records are skipped, so an interrupted ``run`` resumes where it stopped; methods the harness does not implement
+(not in ``hiprune.METHODS``) and models marked ``implemented: false`` are skipped by eval.running.run with a notice.
 
 Every cell of the rendered table reads "ours (paper, delta)". Avg is the paper's relative score (eval.report.paper:
 mean of method / baseline x 100 over the benchmarks present, raw MME, missing cells skipped), for ours against our
@@ -42,12 +42,11 @@ import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 from transformers import AutoConfig
 
-import hiprune
-from eval.config import CONFIG_DIR, REPO_ROOT, compose_config, repo_path
+from eval.config import CONFIG_DIR, REPO_ROOT, ConfigError, compose_config, repo_path
 from eval.efficiency.flops import flops_exact
 from eval.report import paper as P
 from eval.report import plots as plotting
-from eval.running.run import unsupported_reason
+from eval.running.methods import build_from_config, is_implemented, unsupported_reason
 from eval.running.store import iter_records
 
 EXPERIMENT_DIR = CONFIG_DIR / "experiment"
@@ -99,8 +98,11 @@ class Row:
     method: str
     options: dict[str, Any] = field(default_factory=dict)
     paper: str | None = None  # method name in the paper's data (None: a harness-only row)
-    implemented: bool = True
-    describe: dict[str, Any] | None = None  # method identity without budget, when implemented
+
+    @property
+    def implemented(self) -> bool:
+        """The harness implements the row's method (registered in hiprune.METHODS)."""
+        return is_implemented(self.method)
 
 
 @dataclass
@@ -133,13 +135,6 @@ class Spec:
     overrides: list[str]
 
 
-def _method_config(name: str) -> DictConfig:
-    path = CONFIG_DIR / "method" / f"{name}.yaml"
-    if not path.is_file():
-        raise SystemExit(f"method config {path} is missing")
-    return OmegaConf.load(path)
-
-
 def load_spec(table: str, overrides: Sequence[str] = ()) -> Spec:
     experiment = experiment_name(table)
     cfg = compose(experiment, overrides)
@@ -160,10 +155,10 @@ def load_spec(table: str, overrides: Sequence[str] = ()) -> Spec:
         )
     rows = []
     for r in block["rows"]:
+        if not (CONFIG_DIR / "method" / f"{r['method']}.yaml").is_file():
+            raise SystemExit(f"method config {CONFIG_DIR / 'method' / (r['method'] + '.yaml')} is missing")
         paper = str(r["label"]) if "paper" not in r else (None if r["paper"] is None else str(r["paper"]))
-        row = Row(label=str(r["label"]), method=r["method"], options=dict(r.get("options") or {}), paper=paper)
-        row.implemented = bool(_method_config(row.method).get("implemented", True))
-        rows.append(row)
+        rows.append(Row(label=str(r["label"]), method=r["method"], options=dict(r.get("options") or {}), paper=paper))
     benchmark_configs = {**P.BENCHMARK_CONFIGS, **(block.get("benchmark_configs") or {})}
     return Spec(
         experiment=experiment,
@@ -185,26 +180,22 @@ def load_spec(table: str, overrides: Sequence[str] = ()) -> Spec:
 
 
 @functools.lru_cache(maxsize=256)
-def _method_options(experiment: str, overrides: tuple[str, ...], model: str, method: str,
-                    options: tuple) -> tuple[str, str]:
-    """(method name, JSON of its resolved options) as the composed run config would hold them."""
+def _method_config(experiment: str, overrides: tuple[str, ...], model: str, method: str, options: tuple) -> str:
+    """JSON of the method config (name + resolved options) as the composed run config would hold it."""
     cfg = compose(experiment, [*overrides, f"model={model}", f"method={method}",
                                *[f"method.options.{k}={_hydra_value(v)}" for k, v in options]])
-    return str(cfg.method.name), json.dumps(OmegaConf.to_container(cfg.method.options, resolve=True) or {})
+    return json.dumps(OmegaConf.to_container(cfg.method, resolve=True))
 
 
 def _method_identity(row: Row, budget: Any, spec: Spec, model: ModelSpec) -> dict[str, Any] | None:
     """The method dict a record of this row at this budget carries (identity['method']), or None if not buildable."""
     if not row.implemented:
         return None
-    name, options = _method_options(spec.experiment, tuple(spec.overrides), model.config, row.method,
-                                    tuple(sorted(row.options.items())))
-    options = json.loads(options)
+    method_cfg = json.loads(_method_config(spec.experiment, tuple(spec.overrides), model.config, row.method,
+                                           tuple(sorted(row.options.items()))))
     try:
-        if name == "none":
-            return hiprune.build_method("none", **options).describe()
-        return hiprune.build_method(name, budget=budget, **options).describe()
-    except (ValueError, TypeError):
+        return build_from_config(method_cfg, budget).describe()
+    except ConfigError:
         return None
 
 
@@ -633,7 +624,7 @@ def render_efficiency(spec: Spec) -> tuple[pd.DataFrame, str, str, pd.DataFrame]
         ref = reference[(reference["model"] == model.paper) & (reference["method"] == paper_method)
                         & (reference["budget"] == str(budget_label))]
         ref = ref.iloc[0] if len(ref) else None
-        implemented = method == "none" or bool(_method_config(method).get("implemented", True))
+        implemented = method == "none" or is_implemented(method)
         ours, source = tflops(model, n_visual, n_text) if implemented else (None, source)
         cells = [model.paper if method == "none" else label]
         for key, _ in metrics:

@@ -29,14 +29,15 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 from matplotlib.patches import Patch, Rectangle
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from PIL import Image
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
 import hiprune
-from eval.config import REPO_ROOT, compose_config, repo_path
+from eval.config import REPO_ROOT, ConfigError, compose_config, repo_path
 from eval.lmms.base import resolve_device, resolve_dtype
 from eval.lmms.prompting import LlavaInputBuilder
+from eval.running.methods import build_from_config
 
 OWN_KEYS = ("image", "prompt", "out")
 DEFAULT_PROMPT = "Describe the image."
@@ -69,15 +70,6 @@ def load_vlm(cfg: DictConfig):
         pretrained, revision=m.revision, dtype=dtype, attn_implementation=m.attn_implementation
     ).to(device).eval()
     return model, processor, device
-
-
-def build_method(cfg: DictConfig):
-    if not cfg.method.get("implemented", True):
-        raise SystemExit(f"method {cfg.method.name} is not implemented in the harness")
-    options = OmegaConf.to_container(cfg.method.options, resolve=True) or {}
-    if cfg.method.name == "none":
-        return hiprune.build_method("none", **options)
-    return hiprune.build_method(cfg.method.name, budget=cfg.budget, **options)
 
 
 def input_builder(processor, model_cfg: DictConfig | dict):
@@ -200,7 +192,10 @@ def main(argv: list[str] | None = None) -> list[Path]:
     if not image_path.is_file():
         raise SystemExit(f"image {image_path} not found")
     cfg = compose_config(overrides)
-    method = build_method(cfg)  # validated before the model loads
+    try:
+        method = build_from_config(cfg.method, cfg.budget)  # validated before the model loads
+    except ConfigError as exc:
+        raise SystemExit(f"configuration error: {exc}") from exc
     model, processor, _ = load_vlm(cfg)
     with Image.open(image_path) as handle:
         image = handle.copy()

@@ -33,15 +33,15 @@ from eval.config import CONFIG_DIR, REPO_ROOT, ConfigError, repo_path
 from eval.efficiency.flops import flops_exact, tflops_fastv
 from eval.lmms.base import lmms_model_class
 from eval.running.fingerprint import local_inputs
+from eval.running.methods import build_from_config, not_implemented_notice
 from eval.running.parallel import Ranks, current_ranks, merge_doc_logs, samples_in_doc_order
 from eval.running.store import record_path, write_record
-from hiprune.adapters.base import family_supports_stage, unsupported_stage_message
 
 
 @dataclass
 class RunPlan:
     cfg: DictConfig
-    method: Any
+    method: hiprune.Method  # built and validated from cfg.method (eval.running.methods.build_from_config)
     identity: dict[str, Any]
     pretrained: str
     tasks: list[str]
@@ -53,6 +53,7 @@ class RunPlan:
 
     @property
     def model_args(self) -> dict[str, Any]:
+        """The lmms-eval model's arguments; the method goes in as built (and validated) by plan_run."""
         m = self.cfg.model
         return {
             "pretrained": self.pretrained,
@@ -62,16 +63,8 @@ class RunPlan:
             "batch_size": self.cfg.batch_size,
             "attn_implementation": m.attn_implementation,
             **self.loading,
-            "method": self.method.name,
-            **self.method_options,
+            "method": self.method,
         }
-
-    @property
-    def method_options(self) -> dict[str, Any]:
-        options = {k: v for k, v in self.method.describe().items() if k != "name"}
-        if self.method.stage == "none":
-            options.pop("budget", None)
-        return options
 
 
 def plan_run(cfg: DictConfig) -> RunPlan:
@@ -85,15 +78,7 @@ def plan_run(cfg: DictConfig) -> RunPlan:
         k: str(repo_path(v)) if isinstance(v, str) and not Path(v).is_absolute() and repo_path(v).exists() else v
         for k, v in loading.items()
     }
-    options = OmegaConf.to_container(cfg.method.options, resolve=True) or {}
-    budget = cfg.budget
-    try:
-        if cfg.method.name == "none":
-            method = hiprune.build_method("none", **options)
-        else:
-            method = hiprune.build_method(cfg.method.name, budget=budget, **options)
-    except (ValueError, TypeError) as exc:
-        raise ConfigError(str(exc)) from exc
+    method = build_from_config(cfg.method, cfg.budget)
 
     pretrained = str(m.pretrained)
     if m.local:
@@ -310,31 +295,6 @@ def execute(plan: RunPlan, ranks: Ranks = Ranks()) -> dict[str, Any] | None:
         record["samples"] = samples_in_doc_order(results.get("samples"))
     write_record(plan.record, record)
     return record
-
-
-def not_implemented_notice(cfg: DictConfig) -> str | None:
-    """A notice if the config names a model or method marked ``implemented: false`` (default true), or a method
-    whose stage the model family's adapter cannot run (e.g. FastV on Qwen2.5-VL); else None."""
-    for group in ("model", "method"):
-        node = cfg.get(group)
-        if node is not None and not node.get("implemented", True):
-            return (f"{group} {node.get('name')} is not implemented in the harness; skipped — the table shows the "
-                    f"paper's numbers marked 'not run'")
-    reason = unsupported_reason(str(cfg.model.lmms_model), str(cfg.method.name))
-    if reason:
-        return f"{reason}; skipped — the table shows the paper's numbers marked 'not run'"
-    return None
-
-
-@functools.lru_cache(maxsize=None)  # asked per table cell by eval.report.reproduce; the answer depends on the names only
-def unsupported_reason(lmms_model: str, method: str) -> str | None:
-    """Why the family of ``lmms_model`` cannot run ``method`` at all (its pruning stage), or None."""
-    if method not in hiprune.METHODS:
-        return None  # an unknown method fails later, in plan_run, with its own message
-    family = lmms_model_class(lmms_model).family
-    if family_supports_stage(family, hiprune.METHODS[method].stage):
-        return None
-    return unsupported_stage_message(method, family)
 
 
 # Summary hook for eval.running.callbacks.SweepSummary: what the last run() in this process did.
