@@ -1,9 +1,21 @@
-"""What every model adapter provides, and the session object that ``hiprune.apply`` yields."""
+"""The pipeline between methods and model families, written once, and the session that ``hiprune.apply`` yields.
+
+A family adapter (one file per family) states only its geometry and layout: where the encoder's layers are, how one
+forward's visual tokens split into grids (images, anyres crops, video frames, merged patch grids) and how a budget
+splits over them, and how the passed-on tokens are laid out for its LLM (positions, M-RoPE, newline tokens). This
+module does the rest, for every family:
+
+    capture (the method's requests)  ->  checks of what was captured  ->  grids  ->  VisionTokens
+    ->  method.select  ->  checks of what it returned  ->  records  ->  the family puts the tokens back
+    ->  the processor emits the matching number of placeholder tokens
+
+See docs/extending.md for adding a family.
+"""
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -11,7 +23,8 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from hiprune.methods.base import FEATURE_LAYER, Method, Selection, VisionTokens
+from hiprune.capture import Capture, Tap
+from hiprune.methods.base import FEATURE_LAYER, Method, Selection, VisionTokens, resolve_budget
 
 
 class PruningError(RuntimeError):
@@ -24,7 +37,48 @@ class GridRecord:
 
     tokens_in: int
     tokens_kept: int
-    indices: torch.Tensor | None  # kept indices (CPU, long), None when nothing was pruned
+    indices: torch.Tensor | None  # kept (or representative) indices (CPU, long), None when nothing was pruned
+    sources: torch.Tensor | None = None  # merging methods: [tokens_in] output slot of every token (-1: dropped)
+
+
+class ForwardRecord(list):
+    """The GridRecords of one vision forward, in grid order; ``kind`` says which visuals ("image" or "video")."""
+
+    def __init__(self, kind: str, records=()):
+        super().__init__(records)
+        self.kind = kind
+
+
+@dataclass
+class GridInput:
+    """One grid of one vision forward as its family cut it out: what the pipeline hands to the method.
+
+    shape: (rows, cols) of the grid, raster order. features: [rows * cols, D] tokens that would be passed on.
+    captured: request name -> [rows * cols] attention scores or [rows * cols, d] keys / hidden states.
+    budget: the method's budget for this grid; keep: tokens the LLM receives from it (``method.kept_count``).
+    sample_id: seeds random methods (stable per image / crop / frame, independent of batching).
+    visual: which image or video of the forward the grid belongs to (its prompt, for prompt-aware methods).
+    token_embeds: [rows * cols, E] the grid's tokens in the prompt embedding's space (prompt-aware methods only).
+    """
+
+    shape: tuple[int, int]
+    features: torch.Tensor
+    captured: dict[str, torch.Tensor]
+    budget: int
+    keep: int
+    sample_id: int
+    visual: int = 0
+    token_embeds: torch.Tensor | None = None
+
+
+@dataclass
+class GridOutput:
+    """What the method passed on from one grid: ``indices`` [keep] grid indices (kept tokens, or a merged
+    token's representative), ``features`` [keep, D], ``sources`` [N] output slot per grid token or None."""
+
+    indices: torch.Tensor
+    features: torch.Tensor
+    sources: torch.Tensor | None = None
 
 
 @dataclass
@@ -46,8 +100,11 @@ class LayerRecord:
 class PruningSession:
     """Handle yielded by ``hiprune.apply``: what was installed and what it did.
 
-    records: one list per vision forward pass (a ``generate`` call makes one), one GridRecord per grid.
+    records: one ForwardRecord per vision forward pass (a ``generate`` call makes one), one GridRecord per grid.
     layer_records: one LayerRecord per LLM prefill that an LLM-side method pruned (empty for other methods).
+    last_selection: what the method returned in the last vision forward, one row per grid in record order (the
+        grids of all its ``select`` calls together); None when those grids kept different counts (images of
+        different sizes on Qwen2.5-VL, LLaVA-NeXT's native layout): ``records`` has every grid then.
     """
 
     method: Method
@@ -128,11 +185,90 @@ def select_checked(method: Method, tokens: VisionTokens, budget: int, keep: int,
     return selection
 
 
-class Adapter:
-    """Plumbing for one model family. Subclasses set ``model_types`` and implement ``install``.
+def spread_budget(budget: int, capacities: Sequence[int]) -> list[int]:
+    """Split ``budget`` tokens over grids of the given sizes as equally as they allow (water-filling).
 
-    An adapter resolves a method's layer requests against its encoder, computes exactly those scores, hands the
-    method a :class:`VisionTokens` per grid and puts the kept tokens back into the model's own data flow.
+    Every round gives each open grid int(remaining / open grids); a grid that cannot take its share keeps all its
+    tokens and leaves the rest to the others. What int() rounds off is not handed out (as the official
+    int(N' / crops)). Raises when a grid would keep nothing.
+    """
+    keep = [0] * len(capacities)
+    open_grids = [i for i, c in enumerate(capacities) if c > 0]
+    remaining = budget
+    first = True
+    while open_grids:
+        share = remaining // len(open_grids)
+        if share == 0:
+            if first:
+                raise ValueError(
+                    f"budget {budget} cannot give every one of the image's {len(open_grids)} grids a token"
+                )
+            break
+        first = False
+        small = [i for i in open_grids if capacities[i] <= share]
+        if not small:
+            for i in open_grids:
+                keep[i] = share
+            break
+        for i in small:
+            keep[i] = capacities[i]
+            remaining -= capacities[i]
+        open_grids = [i for i in open_grids if i not in small]
+    return keep
+
+
+SPLITS = ("equal", "fill")
+
+
+def split_budget(
+    budget: int | float, capacities: Sequence[int], unit: str = "grid", rule: str = "equal", why: str = ""
+) -> list[int]:
+    """The budget of one visual (image or video) per grid, for grids of ``capacities`` tokens -- the one rule every
+    family uses.
+
+    A float budget is a ratio of each grid (round(n * ratio), :func:`resolve_budget`). An int budget N' over one
+    grid is N'; over g grids, ``rule`` "equal" gives every grid int(N' / g) (the official LLaVA-NeXT crops and
+    Video-LLaVA frames; ``why`` explains it in errors), "fill" spreads it by water-filling (:func:`spread_budget`).
+    """
+    if rule not in SPLITS:
+        raise ValueError(f"unknown budget split {rule!r}; expected one of {SPLITS}")
+    if isinstance(budget, float):
+        return [resolve_budget(budget, c) for c in capacities]
+    if len(capacities) == 1:
+        return [resolve_budget(budget, capacities[0])]
+    if rule == "fill":
+        return spread_budget(int(budget), capacities)
+    parts = len(capacities)
+    share = int(budget) // parts
+    note = f" ({why})" if why else ""
+    if share < 1:
+        raise ValueError(
+            f"budget {budget} gives int({budget} / {parts} {unit}s) = 0 tokens per {unit}{note}; "
+            f"use a budget of at least {parts}"
+        )
+    if share > min(capacities):
+        raise ValueError(
+            f"budget {budget} asks for int({budget} / {parts} {unit}s) = {share} tokens per {unit} but a {unit} "
+            f"has only {min(capacities)}"
+        )
+    return [share] * parts
+
+
+def check_captured(captured: dict[str, torch.Tensor], expected: tuple[int, ...], unit: str = "") -> None:
+    """Captured tensors must have the leading shape ``expected`` and be finite (else PruningError)."""
+    for name, value in captured.items():
+        if tuple(value.shape[: len(expected)]) != expected:
+            raise PruningError(
+                f"{unit + ' ' if unit else ''}capture {name!r} has shape {tuple(value.shape)}, expected {expected}"
+            )
+        if not torch.isfinite(value).all():
+            raise PruningError(f"attention score {name!r} contains NaN or inf")
+
+
+class Adapter:
+    """Plumbing for one model family: its geometry and layout. Subclasses set ``model_types`` and implement
+    ``install_model`` (wrap the model's encoder call so that it cuts grids, runs :meth:`select_grids` and puts the
+    result back) and ``placeholder_counts`` (what the processor emits).
     """
 
     family: ClassVar[str] = ""
@@ -141,6 +277,8 @@ class Adapter:
     model_types: ClassVar[tuple[type, ...]] = ()
     # CLIP-tower families compare prompts through an external text tower; others use their own LLM embeddings.
     needs_prompt_encoder: ClassVar[bool] = True
+    # Whether the encoder has a CLS token (Request queries="cls" needs one).
+    has_cls: ClassVar[bool] = True
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -157,8 +295,12 @@ class Adapter:
         """1-based encoder layer whose output feeds the LLM."""
         raise NotImplementedError
 
-    def attention_module(self, layer: int) -> nn.Module:
-        """Attention module of 1-based encoder layer ``layer``."""
+    def layer_module(self, layer: int, tower: str = "image") -> nn.Module:
+        """1-based encoder layer ``layer`` of ``tower`` (its output: Request kind "hidden")."""
+        raise NotImplementedError
+
+    def attention_module(self, layer: int, tower: str = "image") -> nn.Module:
+        """Attention module of 1-based encoder layer ``layer`` of ``tower`` (Request kinds "attention", "keys")."""
         raise NotImplementedError
 
     def tokens_per_image(self, method: Method) -> int:
@@ -173,7 +315,8 @@ class Adapter:
         """Method's score requests -> 1-based layers, validated against this encoder."""
         resolved = {}
         n_layers = self.num_encoder_layers()
-        for name, layer in method.score_layers().items():
+        for name, request in method.requests().items():
+            layer = request.layer
             index = self.feature_layer() if layer == FEATURE_LAYER else layer
             if not isinstance(index, int) or not 1 <= index <= n_layers:
                 raise ValueError(
@@ -193,9 +336,141 @@ class Adapter:
             )
         if method.stage not in self.stages:
             raise ValueError(unsupported_stage_message(method.name, self.family))
+        if method.stage == "vision":
+            self.resolve_layers(method)
+        if not self.has_cls and any(r.queries == "cls" for r in method.requests().values()):
+            raise ValueError(
+                f"method {method.name!r} scores by the CLS token's attention; the {self.family} encoder has none"
+            )
 
+    def capture(self, method: Method, tower: str = "image") -> Capture:
+        """A capture of exactly the method's requests on ``tower`` (nothing for methods outside the vision stage)."""
+        taps: dict[nn.Module, list[Tap]] = {}
+        if method.stage == "vision":
+            layers = self.resolve_layers(method)
+            for name, request in method.requests().items():
+                if request.kind == "hidden":
+                    module = self.layer_module(layers[name], tower)
+                else:
+                    module = self.attention_module(layers[name], tower)
+                taps.setdefault(module, []).append(Tap(name, request.kind, request.queries))
+        return Capture(taps)
+
+    # --- the pipeline ----------------------------------------------------------------------------------------
+    def embed_prompts(self, session: PruningSession, prompts: list[str]) -> torch.Tensor:
+        """[n, E] one embedding per prompt (default: the session's prompt encoder)."""
+        return session.prompt_encoder.encode_prompts(prompts)
+
+    def select_grids(
+        self, session: PruningSession, grids: list[GridInput], n_visuals: int, kind: str = "image"
+    ) -> list[GridOutput]:
+        """Run the method on every grid of one vision forward and record what it kept.
+
+        Grids of equal shape, budget and kept count share one ``select`` call (rows are independent). Fails loudly
+        on non-finite captures and on a selection of the wrong size; appends one ForwardRecord to the session.
+        """
+        method = session.method
+        for grid in grids:
+            check_captured(grid.captured, (grid.shape[0] * grid.shape[1],))
+        prompt_embeds = self.embed_prompts(session, session.take_prompts(n_visuals)) if method.needs_prompt else None
+        groups: dict[tuple[tuple[int, int], int, int], list[int]] = {}
+        for k, grid in enumerate(grids):
+            groups.setdefault((grid.shape, grid.budget, grid.keep), []).append(k)
+        outputs: list[GridOutput | None] = [None] * len(grids)
+        selections: list[Selection | None] = [None] * len(grids)
+        for (shape, budget, keep), members in groups.items():
+            first = grids[members[0]]
+            tokens = VisionTokens(
+                features=torch.stack([grids[k].features for k in members]),
+                grid=shape,
+                sample_ids=[grids[k].sample_id for k in members],
+            )
+            for name in first.captured:
+                stacked = torch.stack([grids[k].captured[name] for k in members])
+                (tokens.scores if stacked.dim() == 2 else tokens.states)[name] = stacked
+            if prompt_embeds is not None:
+                tokens.prompt_embeds = prompt_embeds[[grids[k].visual for k in members]]
+                tokens.token_embeds = torch.stack([grids[k].token_embeds for k in members])
+            selection = select_checked(method, tokens, budget, keep, f"{kind} grids")
+            for row, k in enumerate(members):
+                sources = selection.sources[row] if selection.sources is not None else None
+                outputs[k] = GridOutput(selection.indices[row], selection.features[row], sources)
+                selections[k] = selection_row(selection, row)
+        session.records.append(ForwardRecord(kind, [
+            GridRecord(
+                grid.shape[0] * grid.shape[1], grid.keep, out.indices.detach().cpu(),
+                None if out.sources is None else out.sources.detach().cpu(),
+            )
+            for grid, out in zip(grids, outputs)
+        ]))
+        session.last_selection = stack_selections(selections)
+        return outputs
+
+    def record_unpruned(self, session: PruningSession, counts: Sequence[int], kind: str = "image") -> None:
+        """Record a vision forward that passed every token on (method ``none``, or one that prunes in the LLM)."""
+        session.records.append(ForwardRecord(kind, [GridRecord(n, n, None) for n in counts]))
+
+    # --- installation ----------------------------------------------------------------------------------------
     def install(self, stack: ExitStack, session: PruningSession, processor: Any | None) -> None:
+        self.install_model(stack, session)
+        if processor is not None:
+            patch_processor(stack, processor, self.placeholder_counts(session.method))
+
+    def install_model(self, stack: ExitStack, session: PruningSession) -> None:
+        """Wrap the model's own calls (restored by ``stack``) so the method runs on every vision forward."""
         raise NotImplementedError
+
+    def placeholder_counts(self, method: Method) -> dict[str, Callable[[dict, int], int]]:
+        """Visual kind ("image", "video") -> (processor outputs, index) -> placeholder tokens the processor emits."""
+        raise NotImplementedError
+
+
+def selection_row(selection: Selection, row: int) -> Selection:
+    """Row ``row`` of a selection, as a one-row Selection."""
+    return Selection(
+        selection.indices[row : row + 1],
+        selection.features[row : row + 1],
+        {name: mask[row : row + 1] for name, mask in selection.roles.items()},
+        None if selection.sources is None else selection.sources[row : row + 1],
+    )
+
+
+def stack_selections(rows: list[Selection]) -> Selection | None:
+    """One Selection of all rows, or None when they kept different counts (``sources`` only where every row has
+    them over grids of one size)."""
+    if not rows or len({row.indices.shape[1] for row in rows}) != 1:
+        return None
+    sources = [row.sources for row in rows]
+    stackable = all(s is not None for s in sources) and len({s.shape[1] for s in sources}) == 1
+    return Selection(
+        torch.cat([row.indices for row in rows]),
+        torch.cat([row.features for row in rows]),
+        {name: torch.cat([row.roles[name] for row in rows]) for name in rows[0].roles},
+        torch.cat(sources) if stackable else None,
+    )
+
+
+# Visual kind -> the processor's replacement hook, its index keyword, and its placeholder token attribute.
+PLACEHOLDERS = {
+    "image": ("replace_image_token", "image_idx", "image_token"),
+    "video": ("replace_video_token", "video_idx", "video_token"),
+}
+
+
+def patch_processor(stack: ExitStack, processor: Any, counts: dict[str, Callable[[dict, int], int]]) -> None:
+    """Make ``processor`` emit ``counts[kind](inputs, index)`` placeholder tokens per visual of each kind."""
+    for kind in counts:
+        replace, _, token = PLACEHOLDERS[kind]
+        if not (hasattr(processor, replace) and hasattr(processor, token)):
+            raise TypeError(f"cannot set the {' / '.join(counts)} token count of {type(processor).__name__}")
+    for kind, count in counts.items():
+        replace, index_name, token = PLACEHOLDERS[kind]
+
+        def replacement(inputs: dict, *args, _count=count, _index=index_name, _token=token, **kwargs) -> str:
+            index = args[0] if args else kwargs[_index]
+            return getattr(processor, _token) * _count(inputs, index)
+
+        patch_attribute(stack, processor, replace, replacement)
 
 
 def unsupported_stage_message(method: str, family: str) -> str:

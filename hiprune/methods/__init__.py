@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from hiprune.methods.base import FEATURE_LAYER, Method, Selection, VisionTokens, resolve_budget
+from hiprune.methods.base import FEATURE_LAYER, Method, Request, Selection, VisionTokens, resolve_budget
 from hiprune.methods.fastv import FastV, select_fastv
 from hiprune.methods.hiprune import HiPrune, select_hiprune
 from hiprune.methods.hiprune_pp import HiPrunePP
@@ -38,6 +38,7 @@ __all__ = [
     "Method",
     "NoPrune",
     "RandomPrune",
+    "Request",
     "Selection",
     "VisionTokens",
     "build_method",

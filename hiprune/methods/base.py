@@ -1,21 +1,48 @@
 """The interface every token-reduction method implements.
 
-A method sees tensors only: the visual tokens of one grid per batch row, the attention scores it asked for, and
-(for prompt-aware methods) a prompt embedding. It returns which tokens to keep. It knows nothing about any model:
-adapters (``hiprune.adapters``) turn a model's internals into a :class:`VisionTokens` and put the result back.
+A method sees tensors only: the visual tokens of one grid per batch row, what it requested from the encoder
+(:class:`Request`: attention scores, keys or hidden states of named layers) and, for prompt-aware methods, a prompt
+embedding. It returns which tokens to pass on. It knows nothing about any model: the pipeline in
+``hiprune.adapters.base`` fulfils the requests, turns a model's internals into a :class:`VisionTokens` per grid and
+puts the result back, through one adapter per model family.
+
+Stages (``Method.stage``, declared by the class):
+- "none": the unmodified model.
+- "vision": select or merge tokens of each grid after the vision encoder, before the LLM (:meth:`Method.select`).
+- "llm": drop visual tokens at one or more decoder layers (:meth:`Method.drop_schedule`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import ClassVar, Literal
 
 import torch
 
 Stage = Literal["none", "vision", "llm"]
+RequestKind = Literal["attention", "keys", "hidden"]
+Queries = Literal["all", "cls", "last"]
 
 # Names a method may use in ``score_layers`` for layers whose index depends on the model.
 FEATURE_LAYER = "feature"  # the encoder layer whose output feeds the LLM (LLaVA: vision_feature_layer)
+
+
+@dataclass(frozen=True)
+class Request:
+    """Something a method needs from one vision-encoder layer, fulfilled by the pipeline for every grid.
+
+    kind: "attention" -- a score per token: the attention it receives, mean over heads, then over the ``queries``
+            rows ("all": global attention; "cls": the CLS token's row; only encoders with a CLS token have one);
+          "keys" -- the layer's attention keys, mean over heads ([N, head_dim] per grid);
+          "hidden" -- the layer's output hidden states ([N, hidden] per grid).
+    layer: 1-based encoder layer, or FEATURE_LAYER (the layer whose output feeds the LLM).
+    Grid tensors never include a CLS token. On encoders that merge patches before the LLM (Qwen2.5-VL's 2x2
+    merger) every value is the mean over the patches of one merged token.
+    """
+
+    kind: RequestKind
+    layer: int | str
+    queries: Queries = "all"
 
 
 @dataclass
@@ -24,7 +51,8 @@ class VisionTokens:
 
     features: [B, N, D] tokens that would be passed on (LLaVA: projected features of the feature layer).
     grid: (rows, cols) with rows * cols == N, raster order.
-    scores: name -> [B, N] per-token scores the method requested through ``score_layers`` (CLS column removed).
+    scores: name -> [B, N] attention scores the method requested (``Request(kind="attention")``), CLS removed.
+    states: name -> [B, N, d] keys or hidden states the method requested (``Request(kind="keys" | "hidden")``).
     prompt_embeds: [B, E] prompt embedding for prompt-aware methods, else None.
     token_embeds: [B, N, E] visual tokens in the prompt embedding's space, for prompt-aware methods, else None.
     sample_ids: one id per row (used to seed random methods per sample, so results do not depend on batching).
@@ -33,6 +61,7 @@ class VisionTokens:
     features: torch.Tensor
     grid: tuple[int, int]
     scores: dict[str, torch.Tensor] = field(default_factory=dict)
+    states: dict[str, torch.Tensor] = field(default_factory=dict)
     prompt_embeds: torch.Tensor | None = None
     token_embeds: torch.Tensor | None = None
     sample_ids: list[int] | None = None
@@ -57,15 +86,28 @@ class VisionTokens:
 class Selection:
     """What a vision-side method returns for a batch of grids.
 
-    indices: [B, K] sorted kept token indices into the grid (raster order preserved).
-    features: [B, K, D] tokens passed on; usually features[indices], but merging methods may change them.
+    indices: [B, K] for every token passed on, the grid token it stands at: the kept token itself, or for a merged
+        token its representative (e.g. the merge target). Sorted unless the method defines another order. Families
+        derive positions from it (M-RoPE, LLaVA-NeXT's stitched grid), so merged tokens get one in every family.
+    features: [B, K, D] tokens passed on; features[indices] for a pure selection, changed by merging methods.
     roles: optional name -> [B, K] bool masks telling why a token was kept (e.g. anchor / buffer / register),
         used by visualisation and tests.
+    sources: optional [B, N] long: for every grid token, the slot (0..K-1) of the token it went into, -1 if it was
+        dropped. None for a pure selection (then token indices[b, k] alone went into slot k): see :meth:`merge_map`.
     """
 
     indices: torch.Tensor
     features: torch.Tensor
     roles: dict[str, torch.Tensor] = field(default_factory=dict)
+    sources: torch.Tensor | None = None
+
+    def merge_map(self, num_tokens: int) -> torch.Tensor:
+        """[B, N] slot of every grid token in the output (-1: dropped); derived from ``indices`` when not merged."""
+        if self.sources is not None:
+            return self.sources
+        slots = torch.full((self.indices.shape[0], num_tokens), -1, dtype=torch.long, device=self.indices.device)
+        order = torch.arange(self.indices.shape[1], device=self.indices.device).expand_as(self.indices)
+        return slots.scatter_(1, self.indices, order)
 
 
 def rank_descending(scores: torch.Tensor) -> torch.Tensor:
@@ -113,22 +155,22 @@ class Method:
         if isinstance(b, int) and b < 1:
             raise ValueError(f"budget must be >= 1 token, got {b}")
 
-    def score_layers(self) -> dict[str, int | str]:
-        """Attention scores this method needs: name -> encoder layer (1-based int, or FEATURE_LAYER).
+    def requests(self) -> dict[str, Request]:
+        """What this method needs from the vision encoder: name -> :class:`Request`.
 
-        The adapter computes the "global attention" score (mean over heads and queries, CLS key dropped) of
-        exactly these layers, and no others, and passes them in ``VisionTokens.scores`` under the same names.
+        The pipeline captures exactly these, and nothing else (every other layer keeps its fast attention kernel),
+        and passes them in ``VisionTokens.scores`` (attention) / ``VisionTokens.states`` (keys, hidden) under the
+        same names.
         """
         return {}
+
+    def score_layers(self) -> dict[str, int | str]:
+        """The attention requests' layers: name -> encoder layer (what FLOPs counting needs to know)."""
+        return {name: r.layer for name, r in self.requests().items() if r.kind == "attention"}
 
     def kept_count(self, budget: int) -> int:
         """Tokens per grid the LLM receives for a resolved budget (methods that add tokens on top override it)."""
         return budget
-
-    def score_queries(self) -> str:
-        """Which attention queries the requested scores average: "all" (global attention, the default) or "cls"
-        (the CLS token's row; only encoders with a CLS token can provide it)."""
-        return "all"
 
     def select(self, tokens: VisionTokens, budget: int) -> Selection:
         """Choose ``kept_count(budget)`` tokens of each grid. Vision-side methods override this."""
@@ -136,8 +178,6 @@ class Method:
 
     def describe(self) -> dict:
         """Flat dict of the method's settings, recorded with every result."""
-        from dataclasses import asdict
-
         return {"name": self.name, **asdict(self)}
 
 

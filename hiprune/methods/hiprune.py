@@ -28,6 +28,7 @@ import torch
 from hiprune.methods.base import (
     FEATURE_LAYER,
     Method,
+    Request,
     Selection,
     Stage,
     VisionTokens,
@@ -318,16 +319,15 @@ class HiPrune(Method):
                     f"use a smaller alpha (now {self.alpha}) or a larger budget"
                 )
 
-    def score_layers(self) -> dict[str, int | str]:
-        if self.registers == "none":  # no deep score needed: only the object layer is captured
-            return {"object": self.object_layer}
-        return {"object": self.object_layer, "deep": FEATURE_LAYER}
-
-    def score_queries(self) -> str:
-        return "cls" if self.attention == "cls" else "all"
+    def requests(self) -> dict[str, Request]:
+        queries = "cls" if self.attention == "cls" else "all"
+        wanted = {"object": Request("attention", self.object_layer, queries)}
+        if self.registers != "none":  # registers="none" ranks nothing by the deep score: it is not captured
+            wanted["deep"] = Request("attention", FEATURE_LAYER, queries)
+        return wanted
 
     def select(self, tokens: VisionTokens, budget: int) -> Selection:
-        missing = [name for name in self.score_layers() if name not in tokens.scores]
+        missing = [name for name in self.requests() if name not in tokens.scores]
         if missing:
             raise ValueError(f"HiPrune needs scores {missing} in VisionTokens.scores, got {sorted(tokens.scores)}")
         object_scores = tokens.scores["object"]
