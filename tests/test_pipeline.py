@@ -166,3 +166,89 @@ def test_stacked_selections_need_equal_counts():
     stacked = stack_selections([a, b])
     assert stacked.indices.tolist() == [[0, 2], [1, 4]] and stacked.roles["x"].tolist() == [[True, False], [False, False]]
     assert stack_selections([a, c]) is None and stack_selections([]) is None
+
+
+# --- encoder stage: merging between vision-encoder layers ------------------------------------------------------------
+@dataclass
+class MergeNeighbours(Method):
+    """Test encoder-stage method: in each layer, patch tokens (2i, 2i+1) merge for i < merges; the rest follow."""
+
+    name: ClassVar[str] = "merge_neighbours"
+    stage: ClassVar[str] = "encoder"
+    slots_override: object = None
+
+    def merge_schedule(self, num_patches, budget, layers):
+        total = num_patches - budget
+        return [total // layers + (1 if i < total % layers else 0) for i in range(layers)]
+
+    def merge(self, tokens, merges):
+        if self.slots_override is not None:
+            return self.slots_override
+        batch, length = tokens.sizes.shape
+        p = tokens.protected
+        j = torch.arange(length - p)
+        slot = torch.where(j < 2 * merges, j // 2, j - merges) + p
+        return torch.cat([torch.arange(p), slot]).expand(batch, length)
+
+
+def test_encoder_merging_step_is_a_size_weighted_mean_with_proportional_attention():
+    from hiprune.adapters.base import EncoderMerging
+
+    merging = EncoderMerging(MergeNeighbours(budget=2), num_patches=4, layers=2, protected=1)
+    merging.expect(2)
+    assert merging.schedule == [1, 1] and merging.attention_bias(torch.float32) is None
+    hidden = torch.tensor([[[9.0], [1.0], [3.0], [5.0], [7.0]]])  # CLS, p0..p3
+    out = merging.step(1, hidden, keys=torch.zeros(1, 5, 1))  # p0+p1 -> slot 1 (mean 2), p2 -> 2, p3 -> 3
+    assert out.tolist() == [[[9.0], [2.0], [5.0], [7.0]]]
+    assert merging.sizes.tolist() == [[1.0, 2.0, 1.0, 1.0]]
+    bias = merging.attention_bias(torch.float32)
+    assert torch.allclose(bias, torch.tensor([1.0, 2.0, 1.0, 1.0]).log().view(1, 1, 1, 4))
+    out = merging.step(2, out, keys=torch.zeros(1, 4, 1))  # (p0+p1) with size 2 and p2: (2*2 + 5) / 3 = 3
+    assert out.tolist() == [[[9.0], [3.0], [7.0]]] and merging.sizes.tolist() == [[1.0, 3.0, 1.0]]
+    (first,) = merging.finish()
+    assert first.indices.tolist() == [0, 3] and first.sources.tolist() == [0, 0, 0, 1]
+
+
+def test_encoder_merging_rejects_bad_slots_and_schedules():
+    from hiprune.adapters.base import EncoderMerging, PruningError
+
+    bad = MergeNeighbours(budget=2, slots_override=torch.tensor([[1, 0, 2, 3, 3]]))  # CLS moved
+    merging = EncoderMerging(bad, num_patches=4, layers=2, protected=1)
+    merging.expect(2)
+    with pytest.raises(PruningError, match="protected"):
+        merging.step(1, torch.zeros(1, 5, 1), torch.zeros(1, 5, 1))
+    empty = MergeNeighbours(budget=2, slots_override=torch.tensor([[0, 1, 1, 1, 1]]))
+    merging = EncoderMerging(empty, num_patches=4, layers=2, protected=1)
+    merging.expect(2)
+    with pytest.raises(PruningError, match="empty"):
+        merging.step(1, torch.zeros(1, 5, 1), torch.zeros(1, 5, 1))
+
+    class Short(MergeNeighbours):
+        def merge_schedule(self, num_patches, budget, layers):
+            return [1] * layers
+
+    with pytest.raises(ValueError, match="summing to 4 - 1"):
+        EncoderMerging(Short(budget=1), num_patches=4, layers=2, protected=1).expect(1)
+
+
+def test_encoder_merging_in_llava_passes_exactly_the_budget_and_batches_agree(tiny_llava, shape_images):
+    model, processor = tiny_llava
+    pixels = processor.image_processor(shape_images, return_tensors="pt")["pixel_values"]
+    method = MergeNeighbours(budget=64)
+    with torch.no_grad(), hiprune.apply(model, method, processor) as session:
+        assert session.tokens_per_image() == 64
+        batched = model.model.get_image_features(pixels).pooler_output
+        singles = [model.model.get_image_features(pixels[i : i + 1]).pooler_output[0] for i in range(3)]
+        text = processor(text="USER: <image>\nWhat is it? ASSISTANT:", images=shape_images[0], return_tensors="pt")
+        assert int((text["input_ids"] == model.config.image_token_id).sum()) == 64
+        answer = model.generate(**text, max_new_tokens=3, min_new_tokens=3, do_sample=False, pad_token_id=0)
+    assert answer.shape[1] == text["input_ids"].shape[1] + 3
+    for row, single in zip(batched, singles):
+        assert row.shape[0] == 64
+        torch.testing.assert_close(row, single, rtol=1e-4, atol=1e-5)
+    record = session.records[0]
+    assert [(r.tokens_in, r.tokens_kept) for r in record] == [(576, 64)] * 3
+    for r in record:  # the schedule merges neighbour pairs: every output token stands for >= 1 patch
+        assert sorted(set(r.sources.tolist())) == list(range(64))
+        assert torch.equal(r.indices, torch.stack([torch.nonzero(r.sources == k)[0, 0] for k in range(64)]))
+    assert "forward" not in vars(hiprune.adapter_for(model).layer_module(1))  # restored

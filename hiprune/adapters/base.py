@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from hiprune.capture import Capture, Tap
-from hiprune.methods.base import FEATURE_LAYER, Method, Selection, VisionTokens, resolve_budget
+from hiprune.methods.base import FEATURE_LAYER, EncoderTokens, Method, Selection, VisionTokens, resolve_budget
 
 
 class PruningError(RuntimeError):
@@ -396,15 +396,19 @@ class Adapter:
                 sources = selection.sources[row] if selection.sources is not None else None
                 outputs[k] = GridOutput(selection.indices[row], selection.features[row], sources)
                 selections[k] = selection_row(selection, row)
-        session.records.append(ForwardRecord(kind, [
-            GridRecord(
-                grid.shape[0] * grid.shape[1], grid.keep, out.indices.detach().cpu(),
-                None if out.sources is None else out.sources.detach().cpu(),
-            )
-            for grid, out in zip(grids, outputs)
-        ]))
+        self.record_outputs(session, [grid.shape[0] * grid.shape[1] for grid in grids], outputs, kind)
         session.last_selection = stack_selections(selections)
         return outputs
+
+    def record_outputs(
+        self, session: PruningSession, tokens_in: Sequence[int], outputs: Sequence[GridOutput], kind: str = "image"
+    ) -> None:
+        """Record what one vision forward passed on from each of its grids."""
+        session.records.append(ForwardRecord(kind, [
+            GridRecord(n, out.indices.shape[0], out.indices.detach().cpu(),
+                       None if out.sources is None else out.sources.detach().cpu())
+            for n, out in zip(tokens_in, outputs)
+        ]))
 
     def record_unpruned(self, session: PruningSession, counts: Sequence[int], kind: str = "image") -> None:
         """Record a vision forward that passed every token on (method ``none``, or one that prunes in the LLM)."""
@@ -423,6 +427,98 @@ class Adapter:
     def placeholder_counts(self, method: Method) -> dict[str, Callable[[dict, int], int]]:
         """Visual kind ("image", "video") -> (processor outputs, index) -> placeholder tokens the processor emits."""
         raise NotImplementedError
+
+
+class EncoderMerging:
+    """The bookkeeping of an ``encoder``-stage method over one vision-encoder forward, for any family.
+
+    A family calls :meth:`expect` with the budget before the encoder runs, :meth:`step` between attention and MLP of
+    every layer up to the feature layer (it asks the method for the merge and applies it: size-weighted means, sizes,
+    where every original patch went), passes :meth:`attention_bias` (proportional attention: + log size of every
+    key) to each layer's attention, and reads :meth:`finish` after the encoder ran.
+    """
+
+    def __init__(self, method: Method, num_patches: int, layers: int, protected: int):
+        self.method = method
+        self.num_patches = num_patches
+        self.layers = layers  # merging layers 1..layers (the feature layer)
+        self.protected = protected
+        self.schedule: list[int] | None = None
+        self.sizes: torch.Tensor | None = None  # [B, T]
+        self.where: torch.Tensor | None = None  # [B, N] current token of every original patch
+
+    def schedule_for(self, budget: int) -> list[int]:
+        """The method's merges per layer for ``budget`` patch tokens after the feature layer, validated."""
+        schedule = [int(r) for r in self.method.merge_schedule(self.num_patches, budget, self.layers)]
+        if len(schedule) != self.layers or any(r < 0 for r in schedule) or sum(schedule) != self.num_patches - budget:
+            raise ValueError(
+                f"method {self.method.name!r} merge schedule {schedule} must give each of the {self.layers} layers "
+                f"up to the feature layer a count >= 0, summing to {self.num_patches} - {budget}"
+            )
+        return schedule
+
+    def expect(self, budget: int) -> None:
+        self.schedule = self.schedule_for(budget)
+        self.sizes = self.where = None
+
+    def attention_bias(self, dtype: torch.dtype) -> torch.Tensor | None:
+        """[B, 1, 1, T] log sizes once a token stands for several patches (else None: the kernel runs unmasked)."""
+        if self.sizes is None or bool((self.sizes == 1).all()):
+            return None
+        return self.sizes.log().to(dtype)[:, None, None, :]
+
+    def step(self, layer: int, hidden: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        """Merge the tokens of 1-based ``layer`` as the method says; returns the shorter hidden states."""
+        if self.schedule is None:
+            raise PruningError(f"encoder layer {layer} ran, but no budget was set for this forward (expect())")
+        batch, length = hidden.shape[:2]
+        if layer == 1:
+            if length != self.protected + self.num_patches:
+                raise PruningError(f"encoder layer 1 got {length} tokens, expected {self.protected + self.num_patches}")
+            self.sizes = torch.ones(batch, length, device=hidden.device)
+            patches = torch.arange(self.protected, length, device=hidden.device)
+            self.where = patches.expand(batch, -1).clone()
+        merges = self.schedule[layer - 1]
+        if merges == 0:
+            return hidden
+        tokens = EncoderTokens(hidden, keys, self.sizes, self.protected, layer)
+        slots = self.method.merge(tokens, merges)
+        out = length - merges
+        self._check_slots(slots, batch, length, out, layer)
+        weights = self.sizes.to(hidden.dtype).unsqueeze(-1)
+        index = slots.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])
+        summed = hidden.new_zeros(batch, out, hidden.shape[-1]).scatter_add_(1, index, hidden * weights)
+        self.sizes = self.sizes.new_zeros(batch, out).scatter_add_(1, slots, self.sizes)
+        self.where = slots.gather(1, self.where)
+        return summed / self.sizes.to(hidden.dtype).unsqueeze(-1)
+
+    def _check_slots(self, slots: torch.Tensor, batch: int, length: int, out: int, layer: int) -> None:
+        name = self.method.name
+        if not isinstance(slots, torch.Tensor) or slots.shape != (batch, length) or slots.dtype != torch.long:
+            shape = tuple(slots.shape) if isinstance(slots, torch.Tensor) else type(slots).__name__
+            raise PruningError(f"method {name!r} returned merge slots {shape}, expected long [{batch}, {length}]")
+        if int(slots.min()) < 0 or int(slots.max()) >= out:
+            raise PruningError(f"method {name!r} merge slots at layer {layer} leave [0, {out})")
+        used = torch.zeros(batch, out, dtype=torch.bool, device=slots.device).scatter_(1, slots, True)
+        if not bool(used.all()):
+            raise PruningError(f"method {name!r} left merge slots empty at layer {layer}: {length} tokens -> {out}")
+        p = self.protected
+        if p and not (torch.equal(slots[:, :p], torch.arange(p, device=slots.device).expand(batch, p))
+                      and bool((slots[:, p:] >= p).all())):
+            raise PruningError(f"method {name!r} merged a protected token (CLS) at layer {layer}")
+
+    def finish(self) -> list[GridOutput]:
+        """Per row: the patch tokens after the feature layer -- each one's representative (its lowest original
+        patch), and the slot every original patch went into. Features are the family's to attach."""
+        if self.where is None:
+            raise PruningError("the vision encoder did not run the merging layers in this forward")
+        where = self.where - self.protected
+        count = int(self.sizes.shape[1]) - self.protected
+        patches = torch.arange(self.num_patches, device=where.device).expand_as(where)
+        representative = torch.full((where.shape[0], count), self.num_patches, dtype=torch.long, device=where.device)
+        representative.scatter_reduce_(1, where, patches, reduce="amin")
+        self.schedule = self.sizes = self.where = None
+        return [GridOutput(representative[b], torch.empty(0), where[b]) for b in range(where.shape[0])]
 
 
 def selection_row(selection: Selection, row: int) -> Selection:

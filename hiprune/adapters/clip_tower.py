@@ -3,12 +3,14 @@ row (an image, an anyres crop or a video frame), LLaVA's feature-layer conventio
 
 from __future__ import annotations
 
+from contextlib import ExitStack
 from typing import Any
 
 import torch
 from torch import nn
 
-from hiprune.adapters.base import Adapter, PruningError, PruningSession
+from hiprune.adapters.base import Adapter, EncoderMerging, PruningError, PruningSession, patch_attribute
+from hiprune.capture import Capture, Tap
 
 
 class ClipTowerAdapter(Adapter):
@@ -83,3 +85,35 @@ class ClipTowerAdapter(Adapter):
         """[rows, N, E] patch tokens in the prompt encoder's space (prompt-aware methods)."""
         post_layernorm = self.vision_model(self.vision_tower(tower)).post_layernorm
         return session.prompt_encoder.encode_patches(last_hidden_state, post_layernorm)
+
+    # --- encoder-stage methods (merging between CLIP layers) ----------------------------------------------
+    def install_merging(self, stack: ExitStack, session: PruningSession, tower: str = "image") -> EncoderMerging:
+        """Run an encoder-stage method inside ``tower``: every layer up to the feature layer merges between its
+        attention and its MLP (CLIP's pre-norm layer: x + attn(ln1(x)), merge, then + mlp(ln2(.))), and every
+        such layer attends with proportional attention (+ log size per key, as an additive mask: SDPA stays)."""
+        layers = self.encoder_layers(self.vision_tower(tower))[: self.feature_layer()]
+        merging = EncoderMerging(session.method, self.num_patches(), len(layers), protected=1)
+        for index, layer in enumerate(layers, start=1):
+            patch_attribute(stack, layer, "forward", _merging_forward(layer, index, merging))
+        return merging
+
+
+def _merging_forward(layer: nn.Module, index: int, merging: EncoderMerging):
+    implementation = layer.self_attn.config._attn_implementation
+    if implementation not in ("eager", "sdpa"):
+        raise ValueError(f"merging inside the vision encoder needs eager or SDPA attention, not {implementation!r}")
+
+    def forward(hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
+        bias = merging.attention_bias(hidden_states.dtype)
+        if bias is not None:
+            attention_mask = bias if attention_mask is None else attention_mask + bias
+        residual = hidden_states
+        with Capture({layer.self_attn: [Tap("keys", "keys")]}) as capture:
+            attended, _ = layer.self_attn(
+                hidden_states=layer.layer_norm1(hidden_states), attention_mask=attention_mask, **kwargs
+            )
+            keys = capture.collect()["keys"]
+        hidden_states = merging.step(index, residual + attended, keys)
+        return hidden_states + layer.mlp(layer.layer_norm2(hidden_states))
+
+    return forward

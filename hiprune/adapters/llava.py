@@ -27,22 +27,24 @@ from hiprune.adapters.base import (
     register_adapter,
     split_budget,
     stable_ids,
+    stack_selections,
 )
 from hiprune.adapters.clip_tower import ClipTowerAdapter
 from hiprune.adapters.llm_pruning import VisualTokenDrop, check_llm_method
-from hiprune.methods.base import Method, resolve_budget
+from hiprune.methods.base import Method, Selection, resolve_budget
 
 
 @register_adapter
 class LlavaAdapter(ClipTowerAdapter):
     family = "llava"
     model_types = (LlavaForConditionalGeneration,)
-    stages = ("none", "vision", "llm")  # LLM-side methods (FastV) through hiprune.adapters.llm_pruning
+    # encoder: merging inside the CLIP tower (ClipTowerAdapter.install_merging); llm: hiprune.adapters.llm_pruning
+    stages = ("none", "vision", "encoder", "llm")
 
     def tokens_per_image(self, method: Method) -> int:
         if method.stage == "llm":
             resolve_budget(method.budget, self.num_patches())  # validates the budget against the grid
-        if method.stage != "vision":
+        if method.stage not in ("vision", "encoder"):
             return self.num_patches()  # the LLM's input holds every visual token; LLM-side methods drop them later
         return method.kept_count(resolve_budget(method.budget, self.num_patches()))
 
@@ -56,10 +58,26 @@ class LlavaAdapter(ClipTowerAdapter):
     def install_model(self, stack: ExitStack, session: PruningSession) -> None:
         method = session.method
         keep = self.tokens_per_image(method)  # validates the budget against the grid before anything runs
-        budget = split_budget(method.budget, [self.num_patches()])[0] if method.stage == "vision" else None
+        budget = split_budget(method.budget, [self.num_patches()])[0] if method.stage in ("vision", "encoder") else None
         original = self.inner.get_image_features  # bound method of the class
+        merging = self.install_merging(stack, session) if method.stage == "encoder" else None
+        if merging is not None:
+            merging.schedule_for(budget)  # validates the method's schedule before anything runs
 
         def get_image_features(pixel_values: torch.Tensor, *args, **kwargs):
+            if merging is not None:
+                merging.expect(budget)
+                out = original(pixel_values, *args, **kwargs)
+                outputs = merging.finish()
+                for output, features in zip(outputs, out.pooler_output):
+                    output.features = features
+                    if features.shape[0] != keep:
+                        raise PruningError(f"the merging encoder passed {features.shape[0]} tokens on, expected {keep}")
+                self.record_outputs(session, [self.num_patches()] * len(outputs), outputs)
+                session.last_selection = stack_selections(
+                    [Selection(o.indices[None], o.features[None], sources=o.sources[None]) for o in outputs]
+                )
+                return out
             with self.capture(method) as capture:
                 out = original(pixel_values, *args, **kwargs)
                 captured = capture.collect()

@@ -9,6 +9,7 @@ puts the result back, through one adapter per model family.
 Stages (``Method.stage``, declared by the class):
 - "none": the unmodified model.
 - "vision": select or merge tokens of each grid after the vision encoder, before the LLM (:meth:`Method.select`).
+- "encoder": merge tokens between the vision encoder's layers (:meth:`Method.merge_schedule`, :meth:`Method.merge`).
 - "llm": drop visual tokens at one or more decoder layers (:meth:`Method.drop_schedule`).
 """
 
@@ -19,7 +20,7 @@ from typing import ClassVar, Literal
 
 import torch
 
-Stage = Literal["none", "vision", "llm"]
+Stage = Literal["none", "vision", "encoder", "llm"]
 RequestKind = Literal["attention", "keys", "hidden"]
 Queries = Literal["all", "cls", "last"]
 
@@ -110,6 +111,25 @@ class Selection:
         return slots.scatter_(1, self.indices, order)
 
 
+@dataclass
+class EncoderTokens:
+    """The tokens of one vision-encoder layer between its attention and its MLP, as an ``encoder``-stage method sees
+    them (every row of the batch is one grid: an image, a crop or a frame; all rows have the same length).
+
+    hidden: [B, T, D] the layer's hidden states after the attention residual.
+    keys: [B, T, d] the layer's attention keys, mean over heads.
+    sizes: [B, T] how many original patches each token stands for (1 before any merge).
+    protected: leading tokens that must pass unmerged and stay in front (1 for a CLS token, else 0).
+    layer: 1-based encoder layer.
+    """
+
+    hidden: torch.Tensor
+    keys: torch.Tensor
+    sizes: torch.Tensor
+    protected: int
+    layer: int
+
+
 def rank_descending(scores: torch.Tensor) -> torch.Tensor:
     """[B, N] -> indices of every row's scores from highest to lowest; equal scores by index (a stable sort of the
     negated scores), so selections are deterministic, unlike ``torch.topk`` whose tie order is unspecified."""
@@ -175,6 +195,17 @@ class Method:
     def select(self, tokens: VisionTokens, budget: int) -> Selection:
         """Choose ``kept_count(budget)`` tokens of each grid. Vision-side methods override this."""
         raise NotImplementedError(f"method {self.name!r} (stage {self.stage!r}) does not select vision tokens")
+
+    def merge_schedule(self, num_patches: int, budget: int, layers: int) -> list[int]:
+        """Encoder-stage methods: merges per encoder layer 1..``layers`` (the feature layer), summing to
+        ``num_patches - budget``, so that exactly ``budget`` patch tokens leave the feature layer."""
+        raise NotImplementedError(f"method {self.name!r} (stage {self.stage!r}) has no encoder merge schedule")
+
+    def merge(self, tokens: EncoderTokens, merges: int) -> torch.Tensor:
+        """Encoder-stage methods: [B, T] the output slot of every token (T - ``merges`` slots, numbered in output
+        order; tokens that share a slot merge into their size-weighted mean; protected tokens keep slots
+        0..protected-1). The pipeline does the merging, sizes and merge maps."""
+        raise NotImplementedError(f"method {self.name!r} (stage {self.stage!r}) does not merge encoder tokens")
 
     def describe(self) -> dict:
         """Flat dict of the method's settings, recorded with every result."""
