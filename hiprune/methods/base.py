@@ -212,6 +212,18 @@ class Method:
         return {"name": self.name, **asdict(self)}
 
 
+# name -> method class; filled by @register_method as hiprune.methods imports every module of its package.
+METHODS: dict[str, type[Method]] = {}
+
+
+def register_method(cls: type[Method]) -> type[Method]:
+    """Class decorator: make a method buildable by its ``name`` (``hiprune.build_method``, Hydra ``method=``)."""
+    if cls.name in METHODS and METHODS[cls.name] is not cls:
+        raise ValueError(f"two methods are registered as {cls.name!r}: {METHODS[cls.name]} and {cls}")
+    METHODS[cls.name] = cls
+    return cls
+
+
 def resolve_budget(budget: int | float, num_tokens: int) -> int:
     """Turn a budget (int count, or float ratio in (0, 1]) into a token count for a grid of ``num_tokens``.
 

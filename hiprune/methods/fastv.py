@@ -30,7 +30,7 @@ from typing import ClassVar
 
 import torch
 
-from hiprune.methods.base import Method, Stage, top_k
+from hiprune.methods.base import Method, Stage, register_method, top_k
 from hiprune.scores import check_finite
 
 
@@ -56,6 +56,7 @@ def select_fastv(last_query_attention: torch.Tensor, budget: int) -> torch.Tenso
     return top_k(scores, int(budget)).sort(dim=1).values
 
 
+@register_method
 @dataclass
 class FastV(Method):
     """FastV: keep ``budget`` visual tokens per image from decoder layer ``layer`` (K) on.

@@ -34,6 +34,7 @@ from hiprune.methods.base import (
     VisionTokens,
     gather_tokens,
     rank_descending,
+    register_method,
     top_k,
 )
 from hiprune.scores import check_finite
@@ -285,6 +286,7 @@ def _validate(
     return rows, cols
 
 
+@register_method
 @dataclass
 class HiPrune(Method):
     """HiPrune with official defaults: alpha 0.1, object layer 9 (1-based, CLIP ViT-L), clamped cross buffers."""
