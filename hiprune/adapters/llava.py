@@ -51,7 +51,7 @@ class LlavaAdapter(ClipTowerAdapter):
         if method.stage != "llm":
             super().check_supported(method, prompt_encoder)
             return
-        check_llm_method(method, self.config.text_config, self.family)
+        check_llm_method(method, self.config.text_config, self.family, self.num_patches())
 
     # --- installation --------------------------------------------------------------------------------------
     def install(self, stack: ExitStack, session: PruningSession, processor: Any | None) -> None:
