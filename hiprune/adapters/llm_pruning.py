@@ -42,6 +42,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
+from itertools import pairwise
 from numbers import Integral
 from typing import Any
 
@@ -62,35 +63,42 @@ _PRUNED_PREFILL = "_hiprune_pruned_prefill"
 _ANY_IMAGE = 2**31 - 1
 
 
-def check_schedule(schedule: Sequence[DropStage], visual_tokens: int, decoder_layers: int, name: str) -> list[DropStage]:
+def check_schedule(
+    schedule: Sequence[DropStage], visual_tokens: int, decoder_layers: int, name: str = ""
+) -> list[DropStage]:
     """Raise ValueError unless ``schedule`` can run on a decoder of ``decoder_layers`` layers for images of
     ``visual_tokens`` tokens: one or more DropStage's with strictly increasing layers in 1..L-1 and strictly
-    decreasing keep counts >= 1, the first at most ``visual_tokens``. Returns the schedule as a list."""
+    decreasing keep counts >= 1, the first at most ``visual_tokens``. Returns the schedule as a list.
+
+    name: the method's name, for the messages. This is the one validation of a schedule (the plumbing, the adapters'
+    checks and the eval side's per-layer counts all go through it).
+    """
+    who = f"method {name!r}" if name else "the drop schedule"
     if isinstance(schedule, (str, bytes)) or not isinstance(schedule, Sequence) or not schedule:
-        raise ValueError(f"method {name!r}: a drop schedule is a non-empty list of DropStage's, got {schedule!r}")
+        raise ValueError(f"{who}: a drop schedule is a non-empty list of DropStage's, got {schedule!r}")
     stages = list(schedule)
     for stage in stages:
         if not isinstance(stage, DropStage):
-            raise ValueError(f"method {name!r}: drop schedule entries must be DropStage's, got {stage!r}")
+            raise ValueError(f"{who}: drop schedule entries must be DropStage's, got {stage!r}")
         for what, value in (("layer", stage.layer), ("keep", stage.keep)):
             if isinstance(value, bool) or not isinstance(value, Integral):
-                raise ValueError(f"method {name!r}: drop stage {what} must be an int, got {value!r} in {stage}")
+                raise ValueError(f"{who}: drop stage {what} must be an int, got {value!r} in {stage}")
         if not 1 <= stage.layer < decoder_layers:
             raise ValueError(
-                f"method {name!r} prunes from decoder layer {stage.layer} (0-based), but this LLM has "
+                f"{who} prunes from decoder layer {stage.layer} (0-based), but this LLM has "
                 f"{decoder_layers} layers: layer must lie in 1..{decoder_layers - 1}"
             )
         if stage.keep < 1:
-            raise ValueError(f"method {name!r}: drop stage {stage} keeps no visual token (keep must be >= 1)")
-    for before, after in zip(stages, stages[1:]):
+            raise ValueError(f"{who}: drop stage {stage} keeps no visual token (keep must be >= 1)")
+    for before, after in pairwise(stages):
         if after.layer <= before.layer or after.keep >= before.keep:
             raise ValueError(
-                f"method {name!r}: drop stages must have strictly increasing layers and strictly decreasing keep "
+                f"{who}: drop stages must have strictly increasing layers and strictly decreasing keep "
                 f"counts, got {before} then {after}"
             )
     if stages[0].keep > visual_tokens:
         raise ValueError(
-            f"method {name!r} keeps {stages[0].keep} visual tokens per image from decoder layer {stages[0].layer}, "
+            f"{who} keeps {stages[0].keep} visual tokens per image from decoder layer {stages[0].layer}, "
             f"but an image has only {visual_tokens}"
         )
     return stages
@@ -98,14 +106,15 @@ def check_schedule(schedule: Sequence[DropStage], visual_tokens: int, decoder_la
 
 def resolve_schedule(method: Method, visual_tokens: int, decoder_layers: int) -> list[DropStage]:
     """``method.drop_schedule`` for images of ``visual_tokens`` tokens at the LLM's input, validated."""
-    return check_schedule(method.drop_schedule(visual_tokens, decoder_layers), visual_tokens, decoder_layers,
-                          method.name)
+    return check_schedule(
+        method.drop_schedule(visual_tokens, decoder_layers), visual_tokens, decoder_layers, method.name
+    )
 
 
 def visual_per_layer(schedule: Sequence[DropStage], visual_tokens: int, decoder_layers: int) -> list[int]:
     """Visual tokens of one image at each decoder layer under ``schedule`` (validated here):
     ``visual_tokens`` before the first stage, each stage's ``keep`` from its layer on."""
-    stages = check_schedule(schedule, visual_tokens, decoder_layers, "schedule")
+    stages = check_schedule(schedule, visual_tokens, decoder_layers)
     counts = [int(visual_tokens)] * decoder_layers
     for stage in stages:
         counts[stage.layer :] = [int(stage.keep)] * (decoder_layers - stage.layer)
@@ -217,7 +226,9 @@ class VisualTokenDrop:
                 image_positions=image_positions,
                 length=image_mask.shape[1],
                 captures=[
-                    captures.enter_context(AttentionScores({"last": self.layers[s.layer - 1].self_attn}, queries="last"))
+                    captures.enter_context(
+                        AttentionScores({"last": self.layers[s.layer - 1].self_attn}, queries="last")
+                    )
                     for s in self.schedule
                 ],
             )
@@ -351,8 +362,9 @@ class VisualTokenDrop:
         else:
             sequence = prefill.held.to(hidden.device)
             current = torch.searchsorted(sequence, original)
-            if bool((current >= length).any()) or not torch.equal(sequence.gather(1, current.clamp(max=length - 1)),
-                                                                  original):
+            if bool((current >= length).any()) or not torch.equal(
+                sequence.gather(1, current.clamp(max=length - 1)), original
+            ):
                 raise PruningError(f"stage at layer {stage.layer}: an image token kept so far is not in the sequence")
 
         image_scores = scores.gather(1, current).view(rows, held)
@@ -360,10 +372,18 @@ class VisualTokenDrop:
             kept = self.method.select_from_attention(image_scores, stage.keep)
         except ValueError as exc:
             raise PruningError(f"{self.method.name} selection failed: {exc}") from exc
-        if (not isinstance(kept, torch.Tensor) or kept.shape != (rows, stage.keep) or kept.dtype != torch.int64
-                or kept.min() < 0 or kept.max() >= held):
-            got = (f"{tuple(kept.shape)} {kept.dtype} in [{int(kept.min())}, {int(kept.max())}]"
-                   if isinstance(kept, torch.Tensor) else type(kept).__name__)
+        if (
+            not isinstance(kept, torch.Tensor)
+            or kept.shape != (rows, stage.keep)
+            or kept.dtype != torch.int64
+            or kept.min() < 0
+            or kept.max() >= held
+        ):
+            got = (
+                f"{tuple(kept.shape)} {kept.dtype} in [{int(kept.min())}, {int(kept.max())}]"
+                if isinstance(kept, torch.Tensor)
+                else type(kept).__name__
+            )
             raise PruningError(
                 f"{self.method.name} returned indices {got}; expected {stage.keep} of {held} per image (int64)"
             )
