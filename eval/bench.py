@@ -40,9 +40,9 @@ one real forward. Roofline: peak FLOP/s (matmul) and bandwidth (copy) measured i
 its start and its end; the bound of the prefill is max(FLOPs / peak, bytes / bandwidth) with the faster of the two
 measurements of each peak (the tighter bound), FLOPs counted for a causal kernel ("triangular") and bytes from
 :func:`eval.roofline.prefill_bytes`. Every count takes the visual tokens of each decoder layer: the kept ones in every
-layer for methods that prune before the LLM; for LLM-side methods (FastV) all N visual tokens in layers 0..K-1 and
-the R kept from layer K on, as recorded by every pruned prefill of the case (``session.layer_records``, checked
-against [N] * K + [R] * (L - K)). CUDA graphs (``cuda_graphs=true``) are off for LLM-side methods, with the reason in
+layer for methods that prune before the LLM; for LLM-side methods the counts their drop schedule leaves at each layer
+(FastV: all N visual tokens in layers 0..K-1 and the R kept from layer K on), as recorded by every pruned prefill of
+the case (``session.layer_records``, checked against the schedule: [N] * K + [R] * (L - K) for FastV). CUDA graphs (``cuda_graphs=true``) are off for LLM-side methods, with the reason in
 the log and in bench.json (meta ``cuda_graphs_off``): their prefill finds the image tokens and kept positions with
 data-dependent shapes and host-side checks, which a graph capture cannot hold.
 
@@ -207,21 +207,21 @@ def plan_cases(cfg: DictConfig, skeleton) -> list[dict[str, Any]]:
 
 def visual_tokens_per_layer(method, keep: int, n_layers: int) -> list[int]:
     """Visual tokens of one sequence (one image) at each decoder layer: ``keep`` (the LLM's input) in every layer,
-    except for LLM-side methods (FastV), which drop to their budget R from decoder layer K = ``method.layer`` on."""
+    except for LLM-side methods, which drop at the stages of their drop schedule (FastV: to R from layer K on)."""
     if method.stage != "llm":
         return [keep] * n_layers
-    from hiprune.methods import resolve_budget
+    from hiprune.adapters.llm_pruning import resolve_schedule, visual_per_layer
 
-    kept = resolve_budget(method.budget, keep)
-    return [keep] * method.layer + [kept] * (n_layers - method.layer)
+    return visual_per_layer(resolve_schedule(method, keep, n_layers), keep, n_layers)
 
 
 def tokens_label(keep: int, visual_per_layer: list[int]) -> str:
-    """'64' for a method that prunes before the LLM; '576>64@2' (576 visual tokens, 64 from layer 2 on) for FastV."""
-    from eval.efficiency_table import token_drop
+    """'64' for a method that prunes before the LLM; '576>64@2' (576 visual tokens, 64 from layer 2 on) for FastV;
+    '576>288@2>144@8' for a drop schedule of two stages."""
+    from eval.efficiency_table import token_drops
 
-    drop = token_drop([keep, *visual_per_layer])  # the LLM's input first, so layer i of the list is i - 1
-    return str(keep) if drop is None else f"{keep}>{drop[1]}@{drop[2] - 1}"
+    drops = token_drops([keep, *visual_per_layer])  # the LLM's input first, so layer i of the list is i - 1
+    return str(keep) + "".join(f">{after}@{layer - 1}" for layer, after in drops)
 
 
 def cuda_graphs_off_reason(method) -> str | None:

@@ -50,6 +50,9 @@ from typing import Any
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from hiprune.adapters.llm_pruning import visual_per_layer
+from hiprune.methods.base import DropStage
+
 __all__ = [
     "fastv_layer_flops",
     "fastv_tokens_per_layer",
@@ -75,8 +78,8 @@ def tflops_fastv(n_layers: int, hidden: int, ffn_intermediate: int, tokens_per_l
     """FastV / VisionZip / DivPrune-convention prefill TFLOPs of the LLM: sum over layers of
     ``4*n_l*d^2 + 2*n_l^2*d + 2*n_l*d*m`` / 1e12, with ``n_l`` = tokens (text + visual) at decoder layer ``l``.
 
-    ``tokens_per_layer`` has one entry per decoder layer, so LLM-side methods that drop tokens after layer K
-    (FastV) are expressed directly; a method that prunes before the LLM (HiPrune, VisionZip) has the same count
+    ``tokens_per_layer`` has one entry per decoder layer, so LLM-side methods that drop tokens inside the decoder
+    (FastV after layer K, or any drop schedule) are expressed directly; a method that prunes before the LLM (HiPrune, VisionZip) has the same count
     at every layer (see :func:`fastv_tokens_per_layer`).
     """
     tokens = list(tokens_per_layer)
@@ -90,11 +93,24 @@ def tflops_fastv(n_layers: int, hidden: int, ffn_intermediate: int, tokens_per_l
 
 
 def fastv_tokens_per_layer(
-    n_layers: int, n_text: int, n_visual: int, prune_after: int | None = None, n_visual_after: int | None = None
+    n_layers: int,
+    n_text: int,
+    n_visual: int,
+    prune_after: int | None = None,
+    n_visual_after: int | None = None,
+    schedule: Sequence[DropStage] | None = None,
 ) -> list[int]:
-    """Token count per decoder layer: ``n_text + n_visual`` in layers ``< prune_after`` and
-    ``n_text + n_visual_after`` from layer ``prune_after`` on (FastV's K and R). Without ``prune_after``, the same
-    count in every layer (pruning before the LLM)."""
+    """Token count per decoder layer: ``n_text`` plus the visual tokens at that layer.
+
+    schedule: an LLM-side method's drop schedule (``method.drop_schedule(n_visual, n_layers)``, any number of
+        stages): ``n_visual`` before its first stage, each stage's ``keep`` from its layer on.
+    prune_after, n_visual_after: one drop, ``n_text + n_visual`` in layers ``< prune_after`` and
+        ``n_text + n_visual_after`` from layer ``prune_after`` on (FastV's K and R).
+    With neither, the same count in every layer (pruning before the LLM)."""
+    if schedule is not None:
+        if prune_after is not None or n_visual_after is not None:
+            raise ValueError("give either a drop schedule or prune_after / n_visual_after, not both")
+        return [n_text + v for v in visual_per_layer(schedule, n_visual, n_layers)]
     if prune_after is None:
         return [n_text + n_visual] * n_layers
     if n_visual_after is None or not 0 <= prune_after <= n_layers:

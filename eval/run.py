@@ -292,8 +292,9 @@ def _flops_summary(model, config) -> dict[str, Any]:
     tflops_fastv: the FastV/VisionZip convention (LLM prefill only); flops_exact: 2 x MACs of everything that ran
     (vision tower, projector, LLM prefill, lm_head at the last position as in generate), see eval/flops.py.
     Both count every decoder layer with the tokens it processed: the kept tokens in every layer for methods that
-    prune before the LLM; for LLM-side methods (FastV) the per-layer visual counts logged from the prefill (all
-    visual tokens before layer K, the kept ones from K on). "mean_visual_tokens" is what the LLM's input held.
+    prune before the LLM; for LLM-side methods the per-layer visual counts logged from the prefill (as the stages
+    of the method's drop schedule left them; FastV: all visual tokens before layer K, the kept ones from K on).
+    "mean_visual_tokens" is what the LLM's input held.
     """
     from eval.flops import flops_exact, tflops_fastv
 

@@ -83,17 +83,21 @@ class GridOutput:
 
 @dataclass
 class LayerRecord:
-    """One LLM prefill under an LLM-side method (FastV): what each decoder layer processed, the same for every row.
+    """One LLM prefill under an LLM-side method: what each decoder layer processed, the same for every row.
 
     tokens: sequence positions per row that each decoder layer ran on (text, padding and visual tokens).
     visual: visual tokens per row among them, at each decoder layer (``eval.flops.flops_exact`` takes this list).
-    indices: [rows * images per row, kept] visual-token indices kept of each image (CPU, long, sorted), in batch
-        order, or None when the forward pruned nothing.
+    indices: [rows * images per row, kept] visual-token indices of each image kept by the last stage of the drop
+        schedule (indices into the image's original tokens; CPU, long, sorted), in batch order, or None when the
+        forward pruned nothing.
+    stages: every stage of the schedule that ran, in order: (first decoder layer on the shortened sequence, kept
+        indices [rows * images per row, kept], as ``indices``); the last one's indices are ``indices``.
     """
 
     tokens: list[int]
     visual: list[int]
     indices: torch.Tensor | None
+    stages: list[tuple[int, torch.Tensor]] = field(default_factory=list)
 
 
 @dataclass

@@ -52,7 +52,7 @@ class LlavaAdapter(ClipTowerAdapter):
         if method.stage != "llm":
             super().check_supported(method, prompt_encoder)
             return
-        check_llm_method(method, self.config.text_config, self.family)
+        check_llm_method(method, self.config.text_config, self.family, self.num_patches())
 
     # --- installation --------------------------------------------------------------------------------------
     def install_model(self, stack: ExitStack, session: PruningSession) -> None:

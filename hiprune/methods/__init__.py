@@ -13,6 +13,7 @@ from typing import Any
 from hiprune.methods.base import (
     FEATURE_LAYER,
     METHODS,
+    DropStage,
     EncoderTokens,
     Method,
     Request,
@@ -49,6 +50,7 @@ def build_method(name: str, **options: Any) -> Method:
 __all__ = [
     "FEATURE_LAYER",
     "METHODS",
+    "DropStage",
     "EncoderTokens",
     "FastV",
     "HiPrune",

@@ -207,6 +207,20 @@ class Method:
         0..protected-1). The pipeline does the merging, sizes and merge maps."""
         raise NotImplementedError(f"method {self.name!r} (stage {self.stage!r}) does not merge encoder tokens")
 
+    def drop_schedule(self, visual_tokens: int, decoder_layers: int) -> list[DropStage]:
+        """LLM-side methods: where visual tokens are dropped inside the decoder and how many each image keeps.
+
+        visual_tokens: visual tokens of one image at the LLM's input; decoder_layers: layers of the LLM. Returns the
+        stages in order (see :class:`DropStage`); ``hiprune.adapters.llm_pruning`` validates and runs them.
+        """
+        raise NotImplementedError(f"method {self.name!r} (stage {self.stage!r}) has no decoder drop schedule")
+
+    def select_from_attention(self, scores: torch.Tensor, keep: int) -> torch.Tensor:
+        """LLM-side methods, once per stage of :meth:`drop_schedule`: scores [B, N] (the attention the last prompt
+        token pays each of one image's N current visual tokens, heads averaged) -> [B, keep] kept indices into
+        those N tokens."""
+        raise NotImplementedError(f"method {self.name!r} (stage {self.stage!r}) does not select from attention")
+
     def describe(self) -> dict:
         """Flat dict of the method's settings, recorded with every result."""
         return {"name": self.name, **asdict(self)}
@@ -238,3 +252,16 @@ def resolve_budget(budget: int | float, num_tokens: int) -> int:
     if count < 1:
         raise ValueError(f"budget {budget} keeps no token of {num_tokens}")
     return count
+
+
+@dataclass(frozen=True)
+class DropStage:
+    """One stage of an LLM-side method's drop schedule (:meth:`Method.drop_schedule`).
+
+    layer: 0-based index of the first decoder layer that runs on the shortened sequence; the visual tokens are
+        ranked by layer ``layer - 1``'s last-query attention (as FastV's K).
+    keep: visual tokens per image kept from that layer on (until the next stage drops more).
+    """
+
+    layer: int
+    keep: int
