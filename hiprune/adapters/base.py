@@ -283,6 +283,8 @@ class Adapter:
     needs_prompt_encoder: ClassVar[bool] = True
     # Whether the encoder has a CLS token (Request queries="cls" needs one).
     has_cls: ClassVar[bool] = True
+    # Why a stage this family does not support cannot run here (said before anything loads), where it is by design.
+    stage_limits: ClassVar[dict[str, str]] = {}
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -339,7 +341,7 @@ class Adapter:
                 "prompt_encoder=hiprune.ClipPromptEncoder.from_pretrained('openai/clip-vit-large-patch14-336'))"
             )
         if method.stage not in self.stages:
-            raise ValueError(unsupported_stage_message(method.name, self.family))
+            raise ValueError(unsupported_stage_message(method.name, self.family, method.stage))
         if method.stage == "vision":
             self.resolve_layers(method)
         if not self.has_cls and any(r.queries == "cls" for r in method.requests().values()):
@@ -467,7 +469,7 @@ class EncoderMerging:
 
     def attention_bias(self, dtype: torch.dtype) -> torch.Tensor | None:
         """[B, 1, 1, T] log sizes once a token stands for several patches (else None: the kernel runs unmasked)."""
-        if self.sizes is None or bool((self.sizes == 1).all()):
+        if not self.method.uses_proportional_attention() or self.sizes is None or bool((self.sizes == 1).all()):
             return None
         return self.sizes.log().to(dtype)[:, None, None, :]
 
@@ -573,8 +575,18 @@ def patch_processor(stack: ExitStack, processor: Any, counts: dict[str, Callable
         patch_attribute(stack, processor, replace, replacement)
 
 
-def unsupported_stage_message(method: str, family: str) -> str:
-    return f"method {method!r} prunes inside the LLM, which the {family} adapter does not support yet"
+STAGE_ACTIONS = {
+    "vision": "prunes before the LLM",
+    "encoder": "merges inside the vision encoder",
+    "llm": "prunes inside the LLM",
+}
+
+
+def unsupported_stage_message(method: str, family: str, stage: str = "llm") -> str:
+    """Why ``family`` cannot run a method of ``stage``: the adapter's own reason (``stage_limits``) where it has one."""
+    reasons = [cls.stage_limits[stage] for cls in _ADAPTERS if cls.family == family and stage in cls.stage_limits]
+    because = f" ({reasons[0]})" if reasons else " yet"
+    return f"method {method!r} {STAGE_ACTIONS.get(stage, stage)}, which the {family} adapter does not support{because}"
 
 
 _ADAPTERS: list[type[Adapter]] = []

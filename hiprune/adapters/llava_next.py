@@ -52,6 +52,7 @@ from transformers.models.llava_next.modeling_llava_next import get_anyres_image_
 
 from hiprune.adapters.base import (
     GridInput,
+    GridOutput,
     PruningError,
     PruningSession,
     derived_id,
@@ -67,6 +68,7 @@ from hiprune.methods.base import Method
 __all__ = ["LAYOUTS", "CropGrid", "ImageLayout", "LlavaNextAdapter", "spread_budget"]
 
 LAYOUTS = ("official", "native")
+REDUCING = ("vision", "encoder")  # stages whose tokens leave the encoder already reduced, per crop
 @dataclass(frozen=True)
 class CropGrid:
     """The token grid of one crop that a method sees."""
@@ -124,6 +126,7 @@ def _size_list(image_size: Any) -> list[int]:
 class LlavaNextAdapter(ClipTowerAdapter):
     family = "llava_next"
     model_types = (LlavaNextForConditionalGeneration,)
+    stages = ("none", "vision", "encoder")
 
     def __init__(self, model: LlavaNextForConditionalGeneration, layout: str = "official"):
         super().__init__(model)
@@ -173,7 +176,7 @@ class LlavaNextAdapter(ClipTowerAdapter):
                 if bottom > top and right > left:
                     grids.append(CropGrid(c, bottom - top, right - left, top - i * side, left - j * side))
         budgets = self._grid_budgets(method, [g.tokens for g in grids], 1 + nph * npw)
-        keep = budgets if method.stage != "vision" else [method.kept_count(b) for b in budgets]
+        keep = [method.kept_count(b) for b in budgets] if method.stage in REDUCING else budgets
         for grid, b, k in zip(grids, budgets, keep):
             if k > grid.tokens:
                 raise ValueError(
@@ -184,7 +187,7 @@ class LlavaNextAdapter(ClipTowerAdapter):
         return ImageLayout(self.layout, (nph, npw), side, grids, unpadded, newlines)
 
     def _grid_budgets(self, method: Method, capacities: list[int], crops: int) -> list[int]:
-        if method.stage != "vision":
+        if method.stage not in REDUCING:
             return list(capacities)
         if self.layout == "official":
             return split_budget(method.budget, capacities, "crop", "equal",
@@ -196,6 +199,14 @@ class LlavaNextAdapter(ClipTowerAdapter):
         size = self.reference_image_size() if image_size is None else image_size
         return self.image_layout(size, method).total
 
+    def check_supported(self, method: Method, prompt_encoder: Any = None) -> None:
+        super().check_supported(method, prompt_encoder)
+        if method.stage == "encoder" and self.layout != "official":
+            raise ValueError(
+                f"method {method.name!r} merges inside the vision encoder, crop by crop: it runs the official "
+                "'spatial' layout only (layout=official), not the unpadded native layout"
+            )
+
     # --- installation --------------------------------------------------------------------------------------
     def install_model(self, stack: ExitStack, session: PruningSession) -> None:
         method = session.method
@@ -204,8 +215,11 @@ class LlavaNextAdapter(ClipTowerAdapter):
         original_pack = self.inner.pack_image_features
         passthrough = self.layout == "native" and method.stage != "vision"  # HF's own layout, untouched
         pending: dict[str, Any] = {}
+        merging = self.install_merging(stack, session) if method.stage == "encoder" else None
 
         def get_image_features(pixel_values: torch.Tensor, image_sizes: torch.Tensor, *args, **kwargs):
+            if merging is not None:
+                return merged_image_features(pixel_values, image_sizes, *args, **kwargs)
             crops = self._crops_per_image(pixel_values, image_sizes)
             with self.capture(method) as capture:
                 pending["active"] = True
@@ -233,6 +247,38 @@ class LlavaNextAdapter(ClipTowerAdapter):
             # Stash the per-crop features; get_image_features lays them out once the tower's outputs are at hand.
             pending.update(features=image_features, newline=image_newline)
             return list(image_features), torch.zeros(len(image_features), dtype=torch.long)
+
+        def merged_image_features(pixel_values: torch.Tensor, image_sizes: torch.Tensor, *args, **kwargs):
+            """Encoder-stage methods: every crop leaves the tower with its budget; images whose crops have different
+            budgets (int(N' / crops) depends on the crop count) run through the tower in separate calls."""
+            layouts = [self.image_layout(size, method) for size in image_sizes]
+            groups: dict[int, list[int]] = {}
+            for i, layout in enumerate(layouts):
+                groups.setdefault(layout.grids[0].budget, []).append(i)
+            per_image: list[tuple[torch.Tensor, list[GridOutput]] | None] = [None] * len(layouts)
+            out = None
+            for budget, members in groups.items():
+                merging.expect(budget)
+                pending["active"] = True
+                try:
+                    out = original_features(pixel_values[members], image_sizes[members], *args, **kwargs)
+                    packed = dict(pending)
+                finally:
+                    pending.clear()
+                outputs = iter(merging.finish())
+                for i, features in zip(members, packed["features"]):  # [crops, keep, D] per image
+                    rows = [next(outputs) for _ in range(features.shape[0])]
+                    for row, crop_features in zip(rows, features):
+                        row.features = crop_features
+                    per_image[i] = (features.reshape(-1, features.shape[-1]), rows)
+            self.record_outputs(session, [self.side * self.side] * sum(len(rows) for _, rows in per_image),
+                                [row for _, rows in per_image for row in rows])
+            for i, (tokens, layout) in enumerate(zip(per_image, layouts)):
+                if tokens[0].shape[0] != layout.total:
+                    raise PruningError(f"image {i}: {tokens[0].shape[0]} merged visual tokens, expected {layout.total}")
+            # base crop first, then the sub-image crops in crop order, each in the method's own token order
+            out.pooler_output = [tokens for tokens, _ in per_image]
+            return out
 
         patch_attribute(stack, self.inner, "get_image_features", get_image_features)
         patch_attribute(stack, self.inner, "pack_image_features", pack_image_features)

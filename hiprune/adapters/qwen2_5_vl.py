@@ -85,6 +85,8 @@ class Qwen25VLAdapter(Adapter):
     # HiPrune++ on Qwen2.5-VL: mean LLM input embedding of the prompt vs the merged visual tokens (same space).
     needs_prompt_encoder = False
     has_cls = False
+    stage_limits = {"encoder": "its windowed attention and 2x2 patch merger leave no token pairs to merge; use a "
+                               "method that prunes before the LLM"}
 
     def __init__(self, model: Qwen2_5_VLForConditionalGeneration, positions: str = "original"):
         super().__init__(model)

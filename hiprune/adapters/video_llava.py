@@ -47,6 +47,7 @@ DEFAULT_FRAMES = 8  # Video-LLaVA samples 8 frames per video
 class VideoLlavaAdapter(ClipTowerAdapter):
     family = "video_llava"
     model_types = (VideoLlavaForConditionalGeneration,)
+    stages = ("none", "vision", "encoder")
 
     def __init__(self, model: VideoLlavaForConditionalGeneration, num_frames: int = DEFAULT_FRAMES):
         super().__init__(model)
@@ -80,13 +81,13 @@ class VideoLlavaAdapter(ClipTowerAdapter):
 
     def image_tokens(self, method: Method) -> int:
         """Visual tokens the LLM receives per image."""
-        if method.stage != "vision":
+        if method.stage not in ("vision", "encoder"):
             return self.num_patches()
         return self._kept(method, self.image_budget(method))
 
     def frame_tokens(self, method: Method, num_frames: int) -> int:
         """Patch tokens the LLM receives per frame (the frame's CLS comes on top)."""
-        if method.stage != "vision":
+        if method.stage not in ("vision", "encoder"):
             return self.num_patches()
         return self._kept(method, self.frame_budget(method, num_frames))
 
@@ -111,12 +112,19 @@ class VideoLlavaAdapter(ClipTowerAdapter):
         self.tokens_per_image(method)  # validates the budget before anything is patched
         original_image = self.inner.get_image_features
         original_video = self.inner.get_video_features
+        merging = {tower: self.install_merging(stack, session, tower) for tower in ("image", "video")} \
+            if method.stage == "encoder" else None
 
         # generate() picks this function's inputs by the names in its signature: both spellings must be there.
         def get_image_features(pixel_values: torch.Tensor | None = None, pixel_values_images: torch.Tensor | None = None,
                                *args, **kwargs):
             if pixel_values is None:
                 pixel_values = pixel_values_images
+            if merging is not None:
+                merging["image"].expect(self.image_budget(method))
+                out = original_image(pixel_values, *args, **kwargs)
+                self._record_merged(session, merging["image"], out.pooler_output, "image")
+                return out
             with self.capture(method, "image") as capture:
                 out = original_image(pixel_values, *args, **kwargs)
                 captured = capture.collect()
@@ -133,6 +141,11 @@ class VideoLlavaAdapter(ClipTowerAdapter):
 
         def get_video_features(pixel_values_videos: torch.Tensor, *args, **kwargs):
             videos, frames = pixel_values_videos.shape[:2]
+            if merging is not None:
+                merging["video"].expect(self.frame_budget(method, frames))
+                out = original_video(pixel_values_videos, *args, **kwargs)
+                self._record_merged(session, merging["video"], out.pooler_output[:, 1:], "video")  # CLS in front
+                return out
             with self.capture(method, "video") as capture:
                 out = original_video(pixel_values_videos, *args, **kwargs)
                 captured = capture.collect()
@@ -161,6 +174,12 @@ class VideoLlavaAdapter(ClipTowerAdapter):
             "image": lambda inputs, index: self.image_tokens(method),
             "video": lambda inputs, index: self.video_tokens(method, len(inputs["pixel_values_videos"][index])),
         }
+
+    def _record_merged(self, session, merging, features: torch.Tensor, kind: str) -> None:
+        outputs = merging.finish()
+        for output, row in zip(outputs, features):
+            output.features = row
+        self.record_outputs(session, [self.num_patches()] * len(outputs), outputs, kind)
 
     def _check(self, features: torch.Tensor, rows: int, kind: str) -> None:
         n = self.num_patches()

@@ -201,6 +201,10 @@ class Method:
         ``num_patches - budget``, so that exactly ``budget`` patch tokens leave the feature layer."""
         raise NotImplementedError(f"method {self.name!r} (stage {self.stage!r}) has no encoder merge schedule")
 
+    def uses_proportional_attention(self) -> bool:
+        """Encoder-stage methods: whether every key's attention logit gets + log(size) once tokens have merged."""
+        return True
+
     def merge(self, tokens: EncoderTokens, merges: int) -> torch.Tensor:
         """Encoder-stage methods: [B, T] the output slot of every token (T - ``merges`` slots, numbered in output
         order; tokens that share a slot merge into their size-weighted mean; protected tokens keep slots
