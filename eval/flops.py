@@ -161,6 +161,7 @@ def flops_exact(
     logits_to_keep: int = 0,
     attention: str = "dense",
     score_layers: int = 0,
+    encoder_merges: Sequence[int] | None = None,
 ) -> dict[str, int]:
     """FLOPs (2 x MACs) of one sample through a LLaVA-1.5-style model (HF ``LlavaConfig``: CLIP vision tower,
     2-layer MLP projector, Llama-style LLM), as the HF implementation runs it.
@@ -182,6 +183,10 @@ def flops_exact(
     attention: "dense" or "triangular" for causal LLM prefill attention; see the module docstring.
     score_layers: vision layers whose attention map is recomputed for token scoring (HiPrune: 2, the object and
         deep layers; each costs one extra QK^T, 2 * T^2 * hidden). Included in "vision", also shown as "scoring".
+    encoder_merges: encoder-stage methods (ToMe): tokens merged in each encoder layer, from the first (the merge
+        schedule that ran). Layer l's attention runs on its t_l input tokens and its MLP on t_l - r_l; the
+        bipartite matching costs 2 * ceil(t_l / 2) * floor(t_l / 2) * head_dim (in "scoring"); the projector runs
+        on what leaves the feature layer. The LLM still sees ``n_visual_kept``.
 
     Returns FLOPs (not T) for "vision", "projector", "llm_prefill" (decoder layers), "lm_head" (prefill logits),
     "decode" (decoder layers and lm_head of all decode steps) and their sum "total"; plus two informational
@@ -205,20 +210,31 @@ def flops_exact(
     patches = n_visual_encoder if n_visual_encoder is not None else (vc.image_size // patch) ** 2
     seq = patches + 1  # CLS
     conv = 2 * patches * dv * (channels * patch * patch)
-    vision_linear_layer = 2 * seq * dv * (4 * dv) + 2 * seq * dv * iv * 2  # q,k,v,o + fc1,fc2
-    vision_attn_layer = _sdpa_flops(1, 1, dv, dv, _attention_pairs(seq, seq, False, attention))
+    merges = [int(r) for r in (encoder_merges or [])] + [0] * (lv - len(encoder_merges or []))
+    if len(merges) != lv or any(r < 0 for r in merges) or sum(merges) > patches:
+        raise ValueError(f"encoder_merges must give at most {lv} layers a count >= 0, summing to <= {patches}")
+    head_dim_v = dv // vc.num_attention_heads
+    vision_layers = vision_attn = matching = 0
+    t = seq
+    for r in merges:
+        attn_layer = _sdpa_flops(1, 1, dv, dv, _attention_pairs(t, t, False, attention))
+        vision_layers += 2 * t * dv * (4 * dv) + 2 * (t - r) * dv * iv * 2 + attn_layer  # q,k,v,o | fc1,fc2 | attn
+        vision_attn += attn_layer
+        if r:
+            matching += 2 * ((t + 1) // 2) * (t // 2) * head_dim_v
+        t -= r
     # per scored layer: one extra QK^T (all heads), then the column sums of the softmax as one product with the
     # reciprocal row sums (hiprune.capture.key_scores): 2 * seq * seq * (head_dim + 1) per head
-    scoring = n_images * score_layers * 2 * seq * seq * (dv + vc.num_attention_heads)
-    vision_attn = n_images * lv * vision_attn_layer
-    vision = n_images * (conv + lv * (vision_linear_layer + vision_attn_layer)) + scoring
+    scoring = n_images * (score_layers * 2 * seq * seq * (dv + vc.num_attention_heads) + matching)
+    vision_attn = n_images * vision_attn
+    vision = n_images * (conv + vision_layers) + scoring
 
     # --- projector: linear_1 (vision features -> text hidden), activation, linear_2 ----------------------------
     d = tc.hidden_size
     feature_layer = _get(config, "vision_feature_layer", default=-2)
     proj_in = dv * (len(feature_layer) if isinstance(feature_layer, (list, tuple)) else 1)
     strategy = _get(config, "vision_feature_select_strategy", default="default")
-    proj_tokens = patches + (0 if strategy == "default" else 1)
+    proj_tokens = patches - sum(merges) + (0 if strategy == "default" else 1)
     projector = n_images * 2 * proj_tokens * (proj_in * d + d * d)
 
     # --- LLM -------------------------------------------------------------------------------------------------
