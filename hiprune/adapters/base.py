@@ -276,7 +276,8 @@ class Adapter:
     """
 
     family: ClassVar[str] = ""
-    # Where this family's plumbing lets a method prune: "vision" (before the LLM), "llm" (inside the decoder).
+    # Where this family's plumbing lets a method act: "vision" (before the LLM), "encoder" (between vision-encoder
+    # layers), "llm" (inside the decoder).
     stages: ClassVar[tuple[str, ...]] = ("none", "vision")
     model_types: ClassVar[tuple[type, ...]] = ()
     # CLIP-tower families compare prompts through an external text tower; others use their own LLM embeddings.
