@@ -30,29 +30,29 @@ $(STAMP): pyproject.toml requirements/constraints.txt
 assets: $(TINY_LLAVA) $(TINY_CLIP) $(TINY_QWEN) $(TINY_NEXT) $(TINY_VIDEO_LLAVA) $(SMOKE_TASK) $(SMOKE_VIDEO) $(SCENE_TASKS)
 
 $(TINY_LLAVA): scripts/build_tiny_llava.py $(ASSET_BUILD) | $(STAMP)
-	$(OFFLINE) $(PY) scripts/build_tiny_llava.py
+	$(OFFLINE) $(PY) -m scripts.build_tiny_llava
 
 $(TINY_CLIP): scripts/build_tiny_clip.py $(ASSET_BUILD) $(TINY_LLAVA) | $(STAMP)
-	$(OFFLINE) $(PY) scripts/build_tiny_clip.py
+	$(OFFLINE) $(PY) -m scripts.build_tiny_clip
 
 $(TINY_QWEN): scripts/build_tiny_qwen2_5_vl.py $(ASSET_BUILD) | $(STAMP)
-	$(OFFLINE) $(PY) scripts/build_tiny_qwen2_5_vl.py
+	$(OFFLINE) $(PY) -m scripts.build_tiny_qwen2_5_vl
 
 $(TINY_NEXT): scripts/build_tiny_llava_next.py scripts/build_tiny_llava.py $(ASSET_BUILD) | $(STAMP)
-	$(OFFLINE) $(PY) scripts/build_tiny_llava_next.py
+	$(OFFLINE) $(PY) -m scripts.build_tiny_llava_next
 
 $(TINY_VIDEO_LLAVA): scripts/build_tiny_video_llava.py scripts/build_tiny_llava.py $(ASSET_BUILD) | $(STAMP)
-	$(OFFLINE) $(PY) scripts/build_tiny_video_llava.py
+	$(OFFLINE) $(PY) -m scripts.build_tiny_video_llava
 
 $(SMOKE_VIDEO): scripts/build_smoke_video_task.py $(ASSET_BUILD) | $(STAMP)
-	$(OFFLINE) $(PY) scripts/build_smoke_video_task.py
+	$(OFFLINE) $(PY) -m scripts.build_smoke_video_task
 
 $(SMOKE_TASK): scripts/build_smoke_task.py $(ASSET_BUILD) | $(STAMP)
-	$(OFFLINE) $(PY) scripts/build_smoke_task.py
+	$(OFFLINE) $(PY) -m scripts.build_smoke_task
 
 # Scene benchmark data (val + test parquet) for the committed scene model; rebuilt when the generator changes.
 $(SCENE_TASKS): scripts/build_scene_tasks.py scripts/scenes.py $(ASSET_BUILD) | $(STAMP)
-	$(OFFLINE) $(PY) scripts/build_scene_tasks.py --force
+	$(OFFLINE) $(PY) -m scripts.build_scene_tasks --force
 	touch $@
 
 # Records of a rebuilt scene model or task get new names (their bytes are in the identity); drop the old ones so the
@@ -66,8 +66,8 @@ $(SCENE_RUNS)/.inputs: $(SCENE_TASKS) models/scene-llava/model.safetensors model
 # Offline smoke sweep: none / random / hiprune x 3 budgets on the trained scene model (models/scene-llava, committed)
 # and the two local scene tasks; the table holds that model's runs only.
 smoke: setup $(SCENE_RUNS)/.inputs
-	$(OFFLINE) $(PY) -m eval.run +experiment=smoke --multirun
-	$(OFFLINE) $(PY) -m eval.tables $(SCENE_RUNS) results/smoke/table
+	$(OFFLINE) $(PY) -m eval.running.run +experiment=smoke --multirun
+	$(OFFLINE) $(PY) -m eval.report.tables $(SCENE_RUNS) results/smoke/table
 
 test: setup
 	$(OFFLINE) $(PY) -m pytest -q
@@ -75,31 +75,32 @@ test: setup
 test-fast: setup
 	$(OFFLINE) $(PY) -m pytest -q -m "not slow"
 
-# Efficiency (README: Efficiency): latency, memory, FLOPs and roofline of every method x budget (eval.bench; CPU
-# default: the mid-size random LLaVA, results/efficiency/), then the scoring overhead. Hydra overrides for the first
-# in BENCH_ARGS, e.g. BENCH_ARGS="model=llava15_7b bench_profile=gpu" on a GPU.
+# Efficiency (README: Efficiency): latency, memory, FLOPs and roofline of every method x budget
+# (eval.efficiency.bench; CPU default: the mid-size random LLaVA, results/efficiency/), then the scoring overhead.
+# Hydra overrides for the first in BENCH_ARGS, e.g. BENCH_ARGS="model=llava15_7b bench_profile=gpu" on a GPU.
 bench: setup
-	$(OFFLINE) $(PY) -m eval.bench $(BENCH_ARGS)
+	$(OFFLINE) $(PY) -m eval.efficiency.bench $(BENCH_ARGS)
 	$(MAKE) bench-scoring
 
 # Scoring overhead alone, on random-weight vision towers at real shapes (ratios measured in one run per shape):
 # CLIP ViT-L/14-336 and the Qwen2.5-VL-3B tower (one 448x448 image; minutes on a CPU).
 SCORING_SHAPES ?= clip-l-336 qwen2.5-vl-3b
 bench-scoring: setup
-	for shape in $(SCORING_SHAPES); do $(OFFLINE) $(PY) -m eval.bench_scoring --shape $$shape || exit 1; done
+	for shape in $(SCORING_SHAPES); do $(OFFLINE) $(PY) -m eval.efficiency.scoring --shape $$shape || exit 1; done
 
 # The paper's tables (README: Reproducing the paper's tables). TABLE: 2 3 4 5 7 8 10 6a 6b 6c 11 object_layer alpha
-# smoke (python -m eval.reproduce list). Runs the table's sweep with Hydra multirun -- finished runs are skipped, so
-# rerunning after a crash or kill resumes -- then renders results/tables/<experiment>.{csv,md,tex} and plots.
+# smoke (python -m eval.report.reproduce list). Runs the table's sweep with Hydra multirun -- finished runs are
+# skipped, so rerunning after a crash or kill resumes -- then renders results/tables/<experiment>.{csv,md,tex} and
+# plots.
 # ARGS: Hydra overrides for every sweep, e.g. ARGS="limit=200 batch_size=16" or ARGS="hydra/launcher=slurm".
 TABLE ?= 2
 ARGS ?=
 reproduce-table: setup $(if $(filter smoke,$(TABLE)),assets)
-	$(PY) -m eval.reproduce run $(TABLE) $(ARGS)
+	$(PY) -m eval.report.reproduce run $(TABLE) $(ARGS)
 
 # Re-render every paper table and its plots from the result store; runs nothing.
 tables: setup
-	$(OFFLINE) $(PY) -m eval.reproduce render --all $(ARGS)
+	$(OFFLINE) $(PY) -m eval.report.reproduce render --all $(ARGS)
 
 clean-smoke:
 	rm -rf results/smoke

@@ -8,7 +8,8 @@
   "yes"/"no" answer head that lets a random model answer POPE-style questions, greedy generation, save + reload check;
 - a command line common to the model builders.
 
-scripts/ is no package: a builder puts its own folder on ``sys.path`` and imports this module by name.
+scripts/ is a package: builders import this module as ``scripts.asset_build`` and run from the repository root as
+``python -m scripts.<builder>``.
 """
 
 from __future__ import annotations

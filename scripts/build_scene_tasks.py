@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Write the scene benchmark splits as parquet (deterministic, idempotent): assets/scene_tasks/.
 
-    HF_DATASETS_OFFLINE=1 python scripts/build_scene_tasks.py                 # val + test (what the tasks read)
-    HF_DATASETS_OFFLINE=1 python scripts/build_scene_tasks.py --splits train,val,test
+    HF_DATASETS_OFFLINE=1 python -m scripts.build_scene_tasks                 # val + test (what the tasks read)
+    HF_DATASETS_OFFLINE=1 python -m scripts.build_scene_tasks --splits train,val,test
 
 Files (one image per row for val / test; POPE's and GQA's column names, so lmms-eval's own POPE and GQA
 functions read them):
@@ -27,13 +27,9 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
+from scripts import asset_build, scenes
 
-import asset_build
-import scenes
-
-REPO_ROOT = HERE.parent
+REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO_ROOT / "assets" / "scene_tasks"
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1

@@ -32,7 +32,7 @@ The committed task ``eval/tasks/hiprune_smoke_pope`` reads
 to its yaml file.
 
 Usage:
-    python scripts/build_smoke_task.py [--out DIR] [--n 24] [--seed 0] [--force]
+    python -m scripts.build_smoke_task [--out DIR] [--n 24] [--seed 0] [--force]
 """
 
 from __future__ import annotations
@@ -46,8 +46,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # scripts/ is no package: import the shared helpers by name
-import asset_build
+from scripts import asset_build
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPO_ROOT / "assets" / "smoke_pope"

@@ -10,7 +10,7 @@ what lmms-eval's video tasks hand to a model.
 
 Deterministic for (--n, --frames, --seed); re-running with the same parameters is a no-op (use --force to rebuild).
 
-    python scripts/build_smoke_video_task.py [--out assets/smoke_video] [--n 8] [--frames 16] [--seed 0] [--force]
+    python -m scripts.build_smoke_video_task [--out assets/smoke_video] [--n 8] [--frames 16] [--seed 0] [--force]
 """
 
 from __future__ import annotations
@@ -21,8 +21,7 @@ import random
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # scripts/ is no package: import the shared helpers by name
-import asset_build
+from scripts import asset_build
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO_ROOT / "assets" / "smoke_video"

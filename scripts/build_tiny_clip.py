@@ -5,18 +5,16 @@ HiPrune++ compares the prompt (CLIP text tower + text_projection) with the LLaVA
 (post_layernorm + CLIP visual_projection). The real pair is openai/clip-vit-large-patch14-336; this one has the
 tiny LLaVA's vision width (32) so its visual_projection fits that tower, and reuses the tiny LLaVA's tokenizer.
 
-    python scripts/build_tiny_clip.py [--out assets/tiny-clip] [--llava assets/tiny-llava] [--force]
+    python -m scripts.build_tiny_clip [--out assets/tiny-clip] [--llava assets/tiny-llava] [--force]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # scripts/ is no package: import the shared helpers by name
-import asset_build
+from scripts import asset_build
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO_ROOT / "assets" / "tiny-clip"

@@ -15,7 +15,7 @@ Video-LLaVA (scripts/build_tiny_llava_next.py, scripts/build_tiny_video_llava.py
 
 Usage::
 
-    HF_HUB_OFFLINE=1 python scripts/build_tiny_llava.py [--out DIR] [--seed 0] [--force]
+    HF_HUB_OFFLINE=1 python -m scripts.build_tiny_llava [--out DIR] [--seed 0] [--force]
 
 Library use (e.g. from tests)::
 
@@ -35,9 +35,13 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # scripts/ is no package: import the shared helpers by name
-import asset_build
-from asset_build import CLIP_MEAN, CLIP_STD, VICUNA_SYSTEM_PROMPT, build_corpus  # noqa: F401  (this module's API)
+from scripts import asset_build
+from scripts.asset_build import (  # noqa: F401  (this module's API)
+    CLIP_MEAN,
+    CLIP_STD,
+    VICUNA_SYSTEM_PROMPT,
+    build_corpus,
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO_ROOT / "assets" / "tiny-llava"

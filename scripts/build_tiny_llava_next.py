@@ -11,7 +11,7 @@ answers "yes"/"no" from the random network, then stops).
 
 Usage::
 
-    HF_HUB_OFFLINE=1 python scripts/build_tiny_llava_next.py [--out DIR] [--seed 0] [--force]
+    HF_HUB_OFFLINE=1 python -m scripts.build_tiny_llava_next [--out DIR] [--seed 0] [--force]
 
 The build is written to a temporary sibling directory, verified (reload + ``generate``) and renamed into place;
 ``build_info.json`` (written last) marks a complete build, and re-running with the same recipe is a no-op.
@@ -25,9 +25,8 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # scripts/ is no package: import the shared helpers by name
-import asset_build
-import build_tiny_llava as tiny_llava  # the Vicuna-v1 chat template and the Llama tokenizer
+from scripts import asset_build
+from scripts import build_tiny_llava as tiny_llava  # the Vicuna-v1 chat template and the Llama tokenizer
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO_ROOT / "assets" / "tiny-llava-next"

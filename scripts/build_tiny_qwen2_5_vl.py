@@ -19,7 +19,7 @@ The directory is ~1.5 MB and a forward pass takes milliseconds on a CPU.
 
 Usage::
 
-    HF_HUB_OFFLINE=1 python scripts/build_tiny_qwen2_5_vl.py [--out DIR] [--seed 0] [--force]
+    HF_HUB_OFFLINE=1 python -m scripts.build_tiny_qwen2_5_vl [--out DIR] [--seed 0] [--force]
 
 Library use (e.g. from tests)::
 
@@ -37,9 +37,9 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # scripts/ is no package: import the shared helpers by name
-import asset_build
-from asset_build import CLIP_MEAN, CLIP_STD  # OpenAI CLIP normalisation, as Qwen2.5-VL's preprocessor_config.json
+from scripts import asset_build
+# OpenAI CLIP normalisation, as Qwen2.5-VL's preprocessor_config.json
+from scripts.asset_build import CLIP_MEAN, CLIP_STD
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO_ROOT / "assets" / "tiny-qwen2.5-vl"

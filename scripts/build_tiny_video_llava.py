@@ -7,7 +7,7 @@ Real geometry, tiny widths: two CLIP towers (image and video, as LanguageBind's)
 tokenizer of ``scripts/build_tiny_llava.py`` plus a ``<video>`` token. The output head answers "yes"/"no" like the
 tiny LLaVA's (calibrated on random images and videos).
 
-    HF_HUB_OFFLINE=1 python scripts/build_tiny_video_llava.py [--out DIR] [--seed 0] [--force]
+    HF_HUB_OFFLINE=1 python -m scripts.build_tiny_video_llava [--out DIR] [--seed 0] [--force]
 """
 
 from __future__ import annotations
@@ -18,9 +18,8 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # scripts/ is no package: import the shared helpers by name
-import asset_build
-import build_tiny_llava as tiny_llava  # the Vicuna-v1 chat template and the Llama tokenizer
+from scripts import asset_build
+from scripts import build_tiny_llava as tiny_llava  # the Vicuna-v1 chat template and the Llama tokenizer
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO_ROOT / "assets" / "tiny-video-llava"

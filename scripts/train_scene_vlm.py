@@ -6,7 +6,7 @@ The model is a plain ``LlavaForConditionalGeneration``: a CLIP vision tower trai
 distinct layers), LLaVA's two-layer GELU projector and a small Llama, with a locally trained BPE tokenizer and the
 Vicuna-v1 chat template of scripts/build_tiny_llava.py. Everything is trained end to end.
 
-Training uses exactly what the harness uses at evaluation (hiprune.prompting.LlavaInputBuilder): the Vicuna-v1
+Training uses exactly what the harness uses at evaluation (eval.lmms.prompting.LlavaInputBuilder): the Vicuna-v1
 prompt with its system prompt, "<image>\\n" + question + lmms-eval's post prompt, LLaVA's chunk-wise tokenisation,
 pad-to-square + PIL preprocessing (the normalised pixels are checked against the builder's image processor). The
 loss is next-token cross entropy on the answer tokens and </s> only (teacher forcing), plus an auxiliary per-patch
@@ -27,7 +27,7 @@ through the harness's input builder + generate. On a machine shared with other j
 times slower than 1 (threads wait on each other when a core is taken away); the committed weights were made with
 --threads 1, see TRAINING.md.
 
-    HF_HUB_OFFLINE=1 python scripts/train_scene_vlm.py --out models/scene-llava --seed 0 --threads 1
+    HF_HUB_OFFLINE=1 python -m scripts.train_scene_vlm --out models/scene-llava --seed 0 --threads 1
 """
 
 from __future__ import annotations
@@ -50,16 +50,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-SCRIPTS = Path(__file__).resolve().parent
-REPO_ROOT = SCRIPTS.parent
-sys.path.insert(0, str(SCRIPTS))
-sys.path.insert(0, str(REPO_ROOT))
+from eval.lmms.prompting import LlavaInputBuilder, tokenize_with_images
+from scripts import asset_build, scenes
+from scripts import build_tiny_llava as tiny
 
-import asset_build
-import build_tiny_llava as tiny
-import scenes
-
-from hiprune.prompting import LlavaInputBuilder, tokenize_with_images
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 DEFAULT_OUT = REPO_ROOT / "models" / "scene-llava"
 
@@ -929,7 +924,7 @@ def main(argv=None) -> int:
 
     info.update(
         {
-            "command": "python scripts/train_scene_vlm.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+            "command": "python -m scripts.train_scene_vlm " + " ".join(argv if argv is not None else sys.argv[1:]),
             "arch": ARCH,
             "train": {
                 **TRAIN,

@@ -1,13 +1,43 @@
-"""Shared fixtures: the offline tiny LLaVA and smoke task, built by the project's own scripts (idempotent)."""
+"""Shared fixtures: one tiny model per family, built by the project's own builders (scripts/, idempotent: an existing
+complete build is reused), the offline tasks they answer, and small images.
+
+Tiny models: ``<family>_dir`` is the checkpoint folder, ``<family>`` the (model, processor) pair loaded once per
+session; tests must leave a shared model as they found them (``hiprune.apply`` restores it on exit).
+
+    family             folder                      fixtures
+    llava              assets/tiny-llava           tiny_llava_dir, tiny_llava
+    llava_next         assets/tiny-llava-next      tiny_llava_next_dir, tiny_llava_next
+    qwen2_5_vl         assets/tiny-qwen2.5-vl      tiny_qwen_dir, tiny_qwen
+    video_llava        assets/tiny-video-llava     tiny_video_llava_dir, tiny_video_llava
+    scene              models/scene-llava          scene_llava_dir, scene_llava   (trained, committed; not built)
+
+``tiny_model_dir`` / ``tiny_model`` are the same, parametrised over the families, for tests that hold for every one
+(``@pytest.mark.parametrize("tiny_model", ["llava_next"], indirect=True)`` picks some).
+"""
 
 from __future__ import annotations
 
-import importlib.util
+import functools
 import os
-import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import torch
+import transformers
+from PIL import Image, ImageDraw
+
+from scripts import (
+    build_scene_tasks,
+    build_smoke_task,
+    build_smoke_video_task,
+    build_tiny_clip,
+    build_tiny_llava,
+    build_tiny_llava_next,
+    build_tiny_qwen2_5_vl,
+    build_tiny_video_llava,
+)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -17,45 +47,138 @@ REPO = Path(__file__).resolve().parents[1]
 ASSETS = REPO / "assets"
 
 
-def load_script(name: str):
-    """Import scripts/<name>.py as a module (scripts/ is not a package)."""
-    spec = importlib.util.spec_from_file_location(f"scripts_{name}", REPO / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+@dataclass(frozen=True)
+class TinyModel:
+    """Where a family's tiny checkpoint lives, how it is built (None: committed), and its transformers class."""
+
+    folder: Path
+    build: Callable[[Path], Path] | None
+    model_class: str
+
+
+TINY_MODELS = {
+    "llava": TinyModel(ASSETS / "tiny-llava", build_tiny_llava.build_tiny_llava, "LlavaForConditionalGeneration"),
+    "llava_next": TinyModel(ASSETS / "tiny-llava-next", build_tiny_llava_next.build_tiny_llava_next,
+                            "LlavaNextForConditionalGeneration"),
+    "qwen2_5_vl": TinyModel(ASSETS / "tiny-qwen2.5-vl", build_tiny_qwen2_5_vl.build_tiny_qwen2_5_vl,
+                            "Qwen2_5_VLForConditionalGeneration"),
+    "video_llava": TinyModel(ASSETS / "tiny-video-llava", build_tiny_video_llava.build_tiny_video_llava,
+                             "VideoLlavaForConditionalGeneration"),
+    "scene": TinyModel(REPO / "models" / "scene-llava", None, "LlavaForConditionalGeneration"),
+}
+
+
+@functools.cache
+def built(family: str) -> Path:
+    """The family's checkpoint folder, built first if it is missing or incomplete."""
+    spec = TINY_MODELS[family]
+    if spec.build is None:
+        if not (spec.folder / "config.json").is_file():
+            raise FileNotFoundError(f"{spec.folder} is missing: it is committed to the repository")
+        return spec.folder
+    return spec.build(spec.folder)
+
+
+@functools.cache
+def loaded(family: str):
+    """(model, processor) of the family's checkpoint, float32, in eval mode; loaded once per session."""
+    path = built(family)
+    model_class = getattr(transformers, TINY_MODELS[family].model_class)
+    model = model_class.from_pretrained(path, local_files_only=True, dtype=torch.float32).eval()
+    return model, transformers.AutoProcessor.from_pretrained(path, local_files_only=True)
+
+
+@pytest.fixture(scope="session", params=sorted(TINY_MODELS))
+def tiny_model_dir(request) -> Path:
+    return built(request.param)
+
+
+@pytest.fixture(scope="session", params=sorted(TINY_MODELS))
+def tiny_model(request):
+    return loaded(request.param)
 
 
 @pytest.fixture(scope="session")
 def tiny_llava_dir() -> Path:
-    """assets/tiny-llava, built if missing (the same folder `make smoke` uses)."""
-    return load_script("build_tiny_llava").build_tiny_llava(ASSETS / "tiny-llava")
+    return built("llava")
 
 
 @pytest.fixture(scope="session")
+def tiny_llava():
+    return loaded("llava")
+
+
+@pytest.fixture(scope="session")
+def tiny_llava_next_dir() -> Path:
+    return built("llava_next")
+
+
+@pytest.fixture(scope="session")
+def tiny_llava_next():
+    return loaded("llava_next")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen_dir() -> Path:
+    return built("qwen2_5_vl")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen():
+    return loaded("qwen2_5_vl")
+
+
+@pytest.fixture(scope="session")
+def tiny_video_llava_dir() -> Path:
+    return built("video_llava")
+
+
+@pytest.fixture(scope="session")
+def tiny_video_llava():
+    return loaded("video_llava")
+
+
+@pytest.fixture(scope="session")
+def scene_llava_dir() -> Path:
+    return built("scene")
+
+
+@pytest.fixture(scope="session")
+def scene_llava():
+    return loaded("scene")
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_dir(tiny_llava_dir) -> Path:
+    """assets/tiny-clip: random CLIP text tower + projections paired with the tiny LLaVA (HiPrune++)."""
+    return build_tiny_clip.build_tiny_clip(ASSETS / "tiny-clip", tiny_llava_dir)
+
+
+# --- offline tasks ------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="session")
 def smoke_task_dir() -> Path:
     """assets/smoke_pope (the data the committed eval/tasks/hiprune_smoke_pope task reads), built if missing."""
-    module = load_script("build_smoke_task")
     out = ASSETS / "smoke_pope"
-    module.main(["--out", str(out)])
+    build_smoke_task.main(["--out", str(out)])
     return out
 
 
 @pytest.fixture(scope="session")
-def tiny_llava(tiny_llava_dir):
-    """(model, processor) loaded once per session; tests must leave them as they found them."""
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
-
-    model = LlavaForConditionalGeneration.from_pretrained(tiny_llava_dir).eval()
-    processor = AutoProcessor.from_pretrained(tiny_llava_dir)
-    return model, processor
+def smoke_video_dir() -> Path:
+    """assets/smoke_video (eval/tasks/hiprune_smoke_video's videos), built if missing."""
+    return build_smoke_video_task.build(ASSETS / "smoke_video")
 
 
 @pytest.fixture(scope="session")
+def scene_tasks_dir() -> Path:
+    """assets/scene_tasks with the test split the scene tasks read, built if missing."""
+    return build_scene_tasks.build(ASSETS / "scene_tasks", splits=("test",))
+
+
+# --- images -------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="session")
 def shape_images():
     """Three small non-square RGB images with different content."""
-    from PIL import Image, ImageDraw
-
     images = []
     for i, (size, colour) in enumerate([((200, 120), "red"), ((90, 160), "blue"), ((300, 300), "green")]):
         image = Image.new("RGB", size, (30 * i, 80, 200 - 40 * i))
@@ -64,9 +187,3 @@ def shape_images():
         draw.rectangle([size[0] // 2, size[1] // 3, size[0] - 5, size[1] - 5], fill="yellow")
         images.append(image)
     return images
-
-
-@pytest.fixture(scope="session")
-def tiny_clip_dir(tiny_llava_dir) -> Path:
-    """assets/tiny-clip: random CLIP text tower + projections paired with the tiny LLaVA (HiPrune++)."""
-    return load_script("build_tiny_clip").build_tiny_clip(ASSETS / "tiny-clip", tiny_llava_dir)

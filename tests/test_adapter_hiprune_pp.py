@@ -6,7 +6,7 @@ import torch
 
 import hiprune
 from hiprune.adapters.base import PruningError
-from hiprune.prompting import LlavaInputBuilder
+from eval.lmms.prompting import LlavaInputBuilder
 
 QUESTIONS = ["Is there a red circle?", "What colour is the square?", "Describe the image."]
 
@@ -75,15 +75,13 @@ def test_batch_invariance(tiny_llava, shape_images, encoder):
 
 @pytest.mark.slow
 def test_eval_run_with_the_tiny_text_tower(tmp_path, tiny_llava_dir, tiny_clip_dir, smoke_task_dir):
-    from hydra import compose, initialize_config_dir
+    from eval.config import compose_config
+    from eval.running import run as run_module
 
-    from eval import run as run_module
-
-    with initialize_config_dir(config_dir=str(run_module.CONFIG_DIR), version_base="1.3"):
-        cfg = compose("config", overrides=[
-            "model=tiny_llava", "benchmark=smoke_pope", "device=cpu", f"store={tmp_path}",
-            "method=hiprune_pp", "budget=64", "method.options.mode=additive", "limit=4", "batch_size=2",
-        ])
+    cfg = compose_config([
+        "model=tiny_llava", "benchmark=smoke_pope", "device=cpu", f"store={tmp_path}",
+        "method=hiprune_pp", "budget=64", "method.options.mode=additive", "limit=4", "batch_size=2",
+    ])
     record = run_module.execute(run_module.plan_run(cfg))
     assert record["visual_tokens"]["mean_kept_per_image"] == 70
     assert record["identity"]["method"]["mode"] == "additive"

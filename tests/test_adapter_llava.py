@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import hiprune
-from hiprune.prompting import LlavaInputBuilder
+from eval.lmms.prompting import LlavaInputBuilder
 
 QUESTIONS = [
     "Is there a red circle in the image?\nAnswer the question using a single word or phrase.",

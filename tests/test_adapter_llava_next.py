@@ -10,7 +10,6 @@ from typing import ClassVar
 
 import pytest
 import torch
-from conftest import ASSETS, load_script
 from PIL import Image, ImageDraw
 
 import hiprune
@@ -22,13 +21,8 @@ PROMPT = "USER: <image>\nIs there a red circle? ASSISTANT:"
 
 
 @pytest.fixture(scope="module")
-def tiny_next():
-    from transformers import AutoProcessor, LlavaNextForConditionalGeneration
-
-    path = load_script("build_tiny_llava_next").build_tiny_llava_next(ASSETS / "tiny-llava-next")
-    model = LlavaNextForConditionalGeneration.from_pretrained(path).eval()
-    processor = AutoProcessor.from_pretrained(path)
-    yield model, processor, path
+def tiny_next(tiny_llava_next, tiny_llava_next_dir):
+    return (*tiny_llava_next, tiny_llava_next_dir)
 
 
 def _image(width, height, seed):
@@ -291,8 +285,9 @@ def test_lmms_eval_runs_the_registered_model_on_the_local_task(tiny_next, smoke_
     from lmms_eval.evaluator import simple_evaluate
     from lmms_eval.models import get_model
 
-    from eval.lmms_llava_next import HiPruneLlavaNext
-    from eval.run import REPO_ROOT, task_manager
+    from eval.lmms.llava_next import HiPruneLlavaNext
+    from eval.config import REPO_ROOT
+    from eval.running.run import task_manager
 
     _, _, path = tiny_next
     cls = get_model("hiprune_llava_next")

@@ -4,7 +4,6 @@ invariance with images of different sizes, every method, exact restore, and an l
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -25,25 +24,6 @@ REPO = Path(__file__).resolve().parents[1]
 SIZES = [(112, 168), (84, 140)]  # (h, w) px -> 8x12 and 6x10 patches -> 4x6 = 24 and 3x5 = 15 merged tokens
 QUESTIONS = ["Is there a red circle in the image?", "What colour is the square?"]
 OBJECT_LAYER = 4  # full-attention block of the tiny tower (fullatt_block_indexes [3, 7])
-
-
-@pytest.fixture(scope="session")
-def tiny_qwen_dir() -> Path:
-    """assets/tiny-qwen2.5-vl, built by the project's script if missing (idempotent)."""
-    spec = importlib.util.spec_from_file_location("scripts_build_tiny_qwen2_5_vl", REPO / "scripts" / "build_tiny_qwen2_5_vl.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module.build_tiny_qwen2_5_vl(REPO / "assets" / "tiny-qwen2.5-vl")
-
-
-@pytest.fixture(scope="session")
-def tiny_qwen(tiny_qwen_dir):
-    """(model, processor) loaded once; tests leave them as they found them."""
-    from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
-
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(tiny_qwen_dir).eval()
-    return model, AutoProcessor.from_pretrained(tiny_qwen_dir)
 
 
 @pytest.fixture(scope="module")
@@ -399,7 +379,7 @@ def test_impossible_settings_fail_clearly(tiny_qwen, images):
 
 
 def test_fetch_image_copy_matches_qwen_vl_utils(images):
-    from eval import lmms_qwen2_5_vl as lq
+    from eval.lmms import qwen2_5_vl as lq
 
     qwen_vl_utils = pytest.importorskip("qwen_vl_utils")
     element = {"image": images[0], "min_pixels": 4 * 28 * 28, "max_pixels": 64 * 28 * 28}
@@ -416,7 +396,7 @@ def test_lmms_inputs_match_lmms_eval_qwen2_5_vl(tiny_qwen_dir, images):
     from lmms_eval.models.model_utils.media_encoder import encode_image_to_data_url
     from transformers import AutoProcessor
 
-    from eval.lmms_qwen2_5_vl import HiPruneQwen25VL
+    from eval.lmms.qwen2_5_vl import HiPruneQwen25VL
 
     limits = {"min_pixels": 4 * 28 * 28, "max_pixels": 64 * 28 * 28}
     model = HiPruneQwen25VL(pretrained=str(tiny_qwen_dir), method="none", device="cpu", **limits)
@@ -449,7 +429,7 @@ def test_lmms_inputs_match_lmms_eval_qwen2_5_vl(tiny_qwen_dir, images):
 def test_lmms_eval_cli_runs_registered_qwen_model_on_local_task(tmp_path, tiny_qwen_dir, smoke_task_dir, method):
     from lmms_eval.models import get_model
 
-    from eval.lmms_qwen2_5_vl import HiPruneQwen25VL
+    from eval.lmms.qwen2_5_vl import HiPruneQwen25VL
 
     assert get_model("hiprune_qwen2_5_vl") is HiPruneQwen25VL
     command = [

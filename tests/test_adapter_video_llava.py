@@ -11,7 +11,6 @@ from typing import ClassVar
 import numpy as np
 import pytest
 import torch
-from conftest import ASSETS, load_script
 from lmms_eval.api.instance import Instance
 from PIL import Image, ImageDraw
 
@@ -22,18 +21,8 @@ FRAMES = 4
 
 
 @pytest.fixture(scope="module")
-def tiny_video():
-    from transformers import AutoProcessor, VideoLlavaForConditionalGeneration
-
-    path = load_script("build_tiny_video_llava").build_tiny_video_llava(ASSETS / "tiny-video-llava")
-    model = VideoLlavaForConditionalGeneration.from_pretrained(path).eval()
-    processor = AutoProcessor.from_pretrained(path)
-    return model, processor, path
-
-
-@pytest.fixture(scope="module")
-def smoke_video_dir():
-    return load_script("build_smoke_video_task").build(ASSETS / "smoke_video")
+def tiny_video(tiny_video_llava, tiny_video_llava_dir):
+    return (*tiny_video_llava, tiny_video_llava_dir)
 
 
 def _video(seed, frames=FRAMES, size=(48, 64)):
@@ -242,7 +231,7 @@ def _requests(model, docs):
 
 
 def test_lmms_model_answers_mixed_samples_identically_at_any_batch_size(tiny_video, smoke_video_dir):
-    from eval.lmms_video_llava import HiPruneVideoLlava
+    from eval.lmms.video_llava import HiPruneVideoLlava
 
     _, _, path = tiny_video
     clip = str(smoke_video_dir / "videos" / "clip_00.mp4")
@@ -298,8 +287,9 @@ def test_lmms_eval_runs_the_registered_model_on_the_local_video_task(tiny_video,
     from lmms_eval.evaluator import simple_evaluate
     from lmms_eval.models import get_model
 
-    from eval.lmms_video_llava import HiPruneVideoLlava
-    from eval.run import REPO_ROOT, task_manager
+    from eval.lmms.video_llava import HiPruneVideoLlava
+    from eval.config import REPO_ROOT
+    from eval.running.run import task_manager
 
     _, _, path = tiny_video
     cls = get_model("hiprune_video_llava")

@@ -1,4 +1,4 @@
-"""Efficiency benchmark (eval/bench.py), roofline helpers, efficiency tables and evaluation throughput.
+"""Efficiency benchmark (eval/efficiency/bench.py), roofline helpers, efficiency tables and evaluation throughput.
 
 Code-path checks only: nothing here asserts a time (the machine may be shared and slow)."""
 
@@ -11,18 +11,25 @@ import sys
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
+from transformers import AutoConfig
 
-from eval import bench as bench_module
-from eval.efficiency_table import roofline_markdown, roofline_table, table5, table5_markdown, write_tables
-from eval.roofline import decode_bytes, decoder_weight_elements, measure_peaks, prefill_bytes, roofline_bound
-
-REPO = bench_module.REPO_ROOT
+import hiprune
+from eval.config import REPO_ROOT, ConfigError, compose_config
+from eval.efficiency import bench as bench_module
+from eval.efficiency import throughput
+from eval.efficiency.flops import fastv_layer_flops, flops_exact
+from eval.efficiency.roofline import (
+    decode_bytes,
+    decoder_weight_elements,
+    measure_peaks,
+    prefill_bytes,
+    roofline_bound,
+)
+from eval.efficiency.tables import roofline_markdown, roofline_table, table5, table5_markdown, write_tables
 
 
 def _cfg(*overrides):
-    with initialize_config_dir(config_dir=str(bench_module.CONFIG_DIR), version_base="1.3"):
-        return compose("bench", overrides=list(overrides))
+    return compose_config(overrides, config_name="bench")
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -74,11 +81,11 @@ def test_roofline_bound_and_bytes_by_hand():
 @pytest.mark.slow
 def test_bench_command_runs_on_tiny_model(tmp_path, tiny_llava_dir, tiny_clip_dir):
     command = [
-        sys.executable, "-m", "eval.bench", "model=tiny_llava", "threads=1", "warmup=1", "repeats=1",
+        sys.executable, "-m", "eval.efficiency.bench", "model=tiny_llava", "threads=1", "warmup=1", "repeats=1",
         "new_tokens=2", "budgets=[64]", "roofline.sizes=[128]", "roofline.copy_mib=4", "roofline.repeats=1",
         f"out_dir={tmp_path}", f"hydra.run.dir={tmp_path}/hydra",
     ]
-    done = subprocess.run(command, check=False, cwd=REPO, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(command, check=False, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-4000:]
     folder = tmp_path / "tiny_llava-cpu-float32"
     bench = json.loads((folder / "bench.json").read_text())
@@ -105,12 +112,12 @@ def test_bench_command_runs_on_tiny_model(tmp_path, tiny_llava_dir, tiny_clip_di
 def test_bench_runs_fastv_with_per_layer_counts(tmp_path, tiny_llava_dir):
     # FastV at K = 1 on the 2-layer tiny model: 576 visual tokens in layer 0, 64 in layer 1
     command = [
-        sys.executable, "-m", "eval.bench", "model=tiny_llava", "only=[none,fastv]", "+method@methods.fastv=fastv",
-        "methods.fastv.options.layer=1", "threads=1", "warmup=1", "repeats=1", "new_tokens=2", "budgets=[64]",
+        sys.executable, "-m", "eval.efficiency.bench", "model=tiny_llava", "only=[none,fastv]",
+        "+method@methods.fastv=fastv", "methods.fastv.options.layer=1", "threads=1", "warmup=1", "repeats=1", "new_tokens=2", "budgets=[64]",
         "roofline.sizes=[128]", "roofline.copy_mib=4", "roofline.repeats=1", f"out_dir={tmp_path}",
         f"hydra.run.dir={tmp_path}/hydra",
     ]
-    done = subprocess.run(command, check=False, cwd=REPO, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(command, check=False, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-4000:]
     bench = json.loads((tmp_path / "tiny_llava-cpu-float32" / "bench.json").read_text())
     ran = {c["method"]: c for c in bench["cases"] if c["status"] == "ran"}
@@ -119,10 +126,6 @@ def test_bench_runs_fastv_with_per_layer_counts(tmp_path, tiny_llava_dir):
     assert fastv["visual_tokens"] == 576 and fastv["seq_len"] == 49 + 576  # the LLM's input holds every token
     assert fastv["visual_tokens_per_layer"] == [576, 64] and none["visual_tokens_per_layer"] == [576, 576]
     assert "576>64@1 tokens" in done.stdout
-
-    from transformers import AutoConfig
-
-    from eval.flops import flops_exact
 
     config = AutoConfig.from_pretrained(tiny_llava_dir)
     exact = flops_exact(config, 49, [576, 64], logits_to_keep=1)
@@ -141,14 +144,10 @@ def test_bench_runs_fastv_with_per_layer_counts(tmp_path, tiny_llava_dir):
 
 
 def test_bench_plans_fastv_where_the_adapter_supports_it(tiny_llava_dir):
-    from transformers import AutoConfig
-
-    from eval.flops import fastv_layer_flops, flops_exact
-
     # LLaVA-1.5-7B, K = 2 (configs/method/fastv.yaml): [576] * 2 + [R] * 30 visual tokens, 49 text tokens
     plan = bench_module.run(_cfg("model=llava15_7b", "dry_run=true", "device=cpu", "only=[none,fastv]"),
                             log=lambda _: None)
-    config = AutoConfig.from_pretrained(REPO / "configs" / "arch" / "llava-1.5-7b-hf")
+    config = AutoConfig.from_pretrained(REPO_ROOT / "configs" / "arch" / "llava-1.5-7b-hf")
     cases = {(c["method"], c["budget"]): c for c in plan["cases"]}
     assert cases[("none", None)]["flops"]["tflops_exact"] == flops_exact(config, 49, 576, logits_to_keep=1)["total"] / 1e12
     for budget in (192, 128, 64):
@@ -168,8 +167,6 @@ def test_bench_plans_fastv_where_the_adapter_supports_it(tiny_llava_dir):
 
 
 def test_cuda_graphs_are_off_for_llm_side_methods_with_a_reason():
-    import hiprune
-
     assert bench_module.cuda_graphs_off_reason(hiprune.build_method("hiprune", budget=64)) is None
     assert "prunes inside the LLM" in bench_module.cuda_graphs_off_reason(hiprune.build_method("fastv", budget=64))
     assert bench_module.tokens_label(576, [576, 576, 576]) == "576"
@@ -182,12 +179,12 @@ def test_bench_dry_run_real_7b_and_memory_refusal():
     assert plan["parameters"] == 7_063_427_072
     tflops = {c["visual_tokens"]: round(c["flops"]["tflops_paper_convention"], 2) for c in plan["cases"]}
     assert tflops == {576: 8.63, 192: 3.56, 128: 2.71, 64: 1.87}  # the paper's Table 5 (calflops convention)
-    with pytest.raises(bench_module.ConfigError, match="GiB"):
+    with pytest.raises(ConfigError, match="GiB"):
         bench_module.run(_cfg("model=llava15_13b", "device=cpu", "memory_limit_fraction=1e-6", "only=[none]"),
                          log=lambda _: None)
-    with pytest.raises(bench_module.ConfigError, match="no method config"):
+    with pytest.raises(ConfigError, match="no method config"):
         bench_module.run(_cfg("model=llava15_7b", "dry_run=true", "device=cpu", "only=[fastest]"), log=lambda _: None)
-    with pytest.raises(bench_module.ConfigError, match="cuda_graphs=true needs a CUDA device"):
+    with pytest.raises(ConfigError, match="cuda_graphs=true needs a CUDA device"):
         bench_module.run(_cfg("model=llava15_7b", "device=cpu", "cuda_graphs=true", "only=[none]"), log=lambda _: None)
 
 
@@ -295,12 +292,11 @@ def test_efficiency_table_has_paper_columns_and_ratios(tmp_path):
 # ------------------------------------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_eval_throughput_identical_answers_across_batch_sizes(tiny_llava_dir, smoke_task_dir, tmp_path):
-    from eval.eval_throughput import markdown, run, write
-
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        result = run(tiny_llava_dir, method="hiprune", budget=64, limit=8, batch_sizes=[1, 8], warmup_limit=1)
+        result = throughput.run(tiny_llava_dir, method="hiprune", budget=64, limit=8, batch_sizes=[1, 8],
+                                warmup_limit=1)
     finally:
         torch.set_num_threads(threads)
     one, eight = result["runs"]
@@ -310,8 +306,8 @@ def test_eval_throughput_identical_answers_across_batch_sizes(tiny_llava_dir, sm
     assert len(one["selection_digests"]) == 8
     assert result["identical"] and eight["identical_to_first"]
     assert one["samples_per_s"] > 0 and eight["samples_per_s"] > 0
-    paths = write(result, tmp_path / "tp")
-    assert "identical answers and kept-token selections across batch sizes: **yes**" in markdown(result)
+    paths = throughput.write(result, tmp_path / "tp")
+    assert "identical answers and kept-token selections across batch sizes: **yes**" in throughput.markdown(result)
     assert all(p.is_file() for p in paths)
 
 

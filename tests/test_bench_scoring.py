@@ -3,15 +3,13 @@ No timing asserts."""
 
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
 
-from eval import bench_scoring
-from eval.bench_scoring import SHAPES, VARIANTS, IndicesMismatch, main, timed_call
-
-REPO = Path(__file__).resolve().parents[1]
+from eval.config import REPO_ROOT
+from eval.efficiency import scoring
+from eval.efficiency.scoring import SHAPES, VARIANTS, IndicesMismatch, main, timed_call
 
 
 @pytest.fixture(autouse=True)
@@ -60,7 +58,7 @@ def test_tiny_run_structure(tmp_path, capsys):
 @pytest.mark.parametrize("shape, reference", [("tiny", "Reference"), ("qwen-tiny", "QwenReference")])
 def test_index_mismatch_raises(monkeypatch, shape, reference):
     """A reference that keeps other tokens must stop the benchmark, not be timed against ours."""
-    cls = getattr(bench_scoring, reference)
+    cls = getattr(scoring, reference)
     original = cls.__call__
 
     def shifted(self, inputs):
@@ -133,7 +131,7 @@ def test_shapes_are_consistent():
 
 
 def test_qwen_shape_matches_the_3b_checkpoint_config():
-    vision = json.loads((REPO / "configs/arch/qwen2.5-vl-3b-instruct/config.json").read_text())["vision_config"]
+    vision = json.loads((REPO_ROOT / "configs/arch/qwen2.5-vl-3b-instruct/config.json").read_text())["vision_config"]
     config = SHAPES["qwen2.5-vl-3b"].vision_config()
     for key in (
         "depth",

@@ -1,5 +1,5 @@
-"""Data parallelism inside one run: `accelerate launch` shards one eval.run over processes (here 2 CPU processes,
-gloo). The main process alone writes one record, with every rank's per-doc logs merged; it equals a single-process
+"""Data parallelism inside one run: `accelerate launch` shards one eval.running.run over processes (here 2 CPU
+processes, gloo). The main process alone writes one record, with every rank's per-doc logs merged; it equals a single-process
 run of the same config. A failing rank fails the whole run, and no record is written."""
 
 import os
@@ -10,8 +10,9 @@ import textwrap
 
 import pytest
 
-from eval import run as run_module
-from eval.store import read_record
+from eval.config import REPO_ROOT, compose_config
+from eval.running import run as run_module
+from eval.running.store import read_record
 
 TINY = ["model=tiny_llava", "benchmark=smoke_pope", "device=cpu", "budget=64", "batch_size=2"]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -24,23 +25,20 @@ def _free_port() -> int:
 
 
 def _launch(*eval_args, processes=2):
-    """eval.run under `accelerate launch` with `processes` CPU processes. `--multi_gpu` because it is the launcher
-    that starts several processes (torchrun); `--cpu` starts one unless given an MPI hostfile. device=cpu makes
-    the processes form a gloo group."""
+    """eval.running.run under `accelerate launch` with `processes` CPU processes. `--multi_gpu` because it is the
+    launcher that starts several processes (torchrun); `--cpu` starts one unless given an MPI hostfile. device=cpu
+    makes the processes form a gloo group."""
     command = [
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-        "--main_process_port", str(_free_port()), "-m", "eval.run", *eval_args,
+        "--main_process_port", str(_free_port()), "-m", "eval.running.run", *eval_args,
     ]
-    return subprocess.run(command, cwd=run_module.REPO_ROOT, env=ENV, capture_output=True, text=True, timeout=300,
+    return subprocess.run(command, cwd=REPO_ROOT, env=ENV, capture_output=True, text=True, timeout=300,
                           check=False)
 
 
 def _single_process_cfg(*overrides):
-    from hydra import compose, initialize_config_dir
-
-    with initialize_config_dir(config_dir=str(run_module.CONFIG_DIR), version_base="1.3"):
-        return compose("config", overrides=[*TINY, *overrides])
+    return compose_config([*TINY, *overrides])
 
 
 def _files(root):
@@ -95,7 +93,7 @@ def test_a_failing_rank_fails_the_run_and_writes_no_record(tmp_path, tiny_llava_
         def doc_to_visual(doc):
             return ["clip.mp4"] if int(doc["id"]) % 2 else pope_doc_to_visual(doc)
     """))
-    smoke_yaml = (run_module.REPO_ROOT / "eval/tasks/hiprune_smoke_pope/hiprune_smoke_pope.yaml").read_text()
+    smoke_yaml = (REPO_ROOT / "eval/tasks/hiprune_smoke_pope/hiprune_smoke_pope.yaml").read_text()
     edits = {
         "task: hiprune_smoke_pope": "task: dp_odd_docs_fail",
         "../../../assets/smoke_pope/test.parquet": str(smoke_task_dir / "test.parquet"),

@@ -7,16 +7,15 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import REPO
-from hydra import compose, initialize_config_dir
 
 import hiprune
-from eval import run as run_module
-from eval.lmms_model import HiPruneLlava, selection_digest
-from eval.store import read_record
+from eval.config import compose_config
+from eval.efficiency.flops import flops_exact
+from eval.lmms.base import selection_digest
+from eval.lmms.llava import HiPruneLlava
+from eval.running import run as run_module
+from eval.running.store import read_record
 from hiprune.adapters.base import GridRecord, LayerRecord
-
-SCENE_DIR = REPO / "models" / "scene-llava"
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -88,8 +87,7 @@ def test_log_fails_loudly_on_a_missing_extra_or_mismatched_record():
 # hiprune-eval end to end on the trained scene model (3 decoder layers, 64 visual tokens per image)
 # ------------------------------------------------------------------------------------------------------------------
 def _cfg(*overrides):
-    with initialize_config_dir(config_dir=str(run_module.CONFIG_DIR), version_base="1.3"):
-        return compose("config", overrides=list(overrides))
+    return compose_config(overrides)
 
 
 def _scene_fastv(store, batch_size):
@@ -98,10 +96,7 @@ def _scene_fastv(store, batch_size):
 
 
 @pytest.mark.slow
-def test_fastv_run_records_per_layer_tokens_and_flops(tmp_path, monkeypatch):
-    from conftest import load_script
-
-    load_script("build_scene_tasks").build(REPO / "assets" / "scene_tasks", splits=("test",))  # if missing
+def test_fastv_run_records_per_layer_tokens_and_flops(tmp_path, monkeypatch, scene_llava_dir, scene_tasks_dir):
     captured = {}
     summarize = run_module._flops_summary
 
@@ -126,8 +121,6 @@ def test_fastv_run_records_per_layer_tokens_and_flops(tmp_path, monkeypatch):
     assert set(digests) == set(docs) and unpruned not in digests.values() and len(set(digests.values())) > 1
 
     # FLOPs by hand from each doc's prompt length (d 128, m 320, 4 heads of 32, 4 kv heads, vocab 585)
-    from eval.flops import flops_exact
-
     config = captured["config"]
     prefill = captured["prefill"][("hiprune_scene_qa", "test")]
     d, m, heads, head_dim, kv_heads, vocab = 128, 320, 4, 32, 4, 585

@@ -1,14 +1,13 @@
-"""Local inputs (model folders, task data) are part of a run's identity by content (eval/fingerprint.py)."""
+"""Local inputs (model folders, task data) are part of a run's identity by content (eval/running/fingerprint.py)."""
 
 from __future__ import annotations
 
 import shutil
 from pathlib import Path
 
-from hydra import compose, initialize_config_dir
-
-from eval import run as run_module
-from eval.fingerprint import folder_sha256, local_inputs, local_task_files
+from eval.config import compose_config
+from eval.running import run as run_module
+from eval.running.fingerprint import folder_sha256, local_inputs, local_task_files
 
 TASK_YAML = """\
 task: my_task
@@ -59,9 +58,8 @@ def test_a_rebuilt_local_model_gets_a_new_record(tmp_path, tiny_llava_dir, smoke
     shutil.copytree(tiny_llava_dir, copy)
 
     def plan():
-        with initialize_config_dir(config_dir=str(run_module.CONFIG_DIR), version_base="1.3"):
-            cfg = compose("config", overrides=["model=tiny_llava", f"model.pretrained={copy}", "benchmark=smoke_pope",
-                                               "method=none", f"store={tmp_path / 'store'}"])
+        cfg = compose_config(["model=tiny_llava", f"model.pretrained={copy}", "benchmark=smoke_pope", "method=none",
+                              f"store={tmp_path / 'store'}"])
         return run_module.plan_run(cfg)
 
     first = plan()

@@ -1,4 +1,5 @@
-"""Tests for eval/flops.py: FastV-convention TFLOPs, the exact architecture count, and FlopCounterMode measurement.
+"""Tests for eval/efficiency/flops.py: FastV-convention TFLOPs, the exact architecture count, and FlopCounterMode
+measurement.
 
 Published FastV-convention values: I could not confirm, from a paper's text, the TFLOPs that FastV / VisionZip /
 SparseVLM / DivPrune print for LLaVA-1.5-7B at 576/192/128/64 tokens (their efficiency tables are images, and the
@@ -7,23 +8,18 @@ hand-computed values and say so; the only outside cross-check is a GitHub issue 
 not a paper table) whose author gets "approximately 3.23 TFLOPS for vanilla LLaVA-1.5-7B" from
 T x (4nd^2 + 2n^2d + 2ndm) with T=32, d=4096, m=11008 and n = 576 visual + 36 system + 10 input = 622 tokens.
 
-The HiPrune paper's own numbers (Table 5, /work/shared/reference/paper_efficiency.csv: 8.63 / 3.56 / 2.71 / 1.87
+The HiPrune paper's own numbers (Table 5, results/reference/paper_efficiency.csv: 8.63 / 3.56 / 2.71 / 1.87
 TFLOPs at 576 / 192 / 128 / 64 tokens) were measured with calflops; see test_paper_table5_is_linear_only_count.
 """
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import pytest
+import torch
+import transformers
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
-
-from eval.flops import (
+from eval.config import CONFIG_DIR
+from eval.efficiency.flops import (
     fastv_layer_flops,
     fastv_tokens_per_layer,
     flops_exact,
@@ -32,7 +28,7 @@ from eval.flops import (
     tflops_fastv,
 )
 
-ARCH = Path(__file__).resolve().parents[1] / "configs" / "arch"
+ARCH = CONFIG_DIR / "arch"
 IMAGE_TOKEN = 299
 
 

@@ -5,17 +5,19 @@ import subprocess
 import sys
 
 import pytest
+from lmms_eval.evaluator import simple_evaluate
+from lmms_eval.models import get_model
 
 import hiprune
-from eval.lmms_model import GenerationError, HiPruneLlava
-from eval.run import REPO_ROOT, task_manager
+from eval.config import REPO_ROOT
+from eval.lmms.base import GenerationError
+from eval.lmms.llava import HiPruneLlava
+from eval.running.run import task_manager
 
 pytestmark = pytest.mark.slow
 
 
 def test_entry_point_registers_the_model():
-    from lmms_eval.models import get_model
-
     assert get_model("hiprune_llava") is HiPruneLlava
 
 
@@ -35,8 +37,6 @@ def test_lmms_eval_cli_runs_registered_model_on_local_task(tmp_path, tiny_llava_
 
 
 def test_exception_inside_the_method_fails_the_run(tiny_llava_dir, smoke_task_dir, monkeypatch):
-    from lmms_eval.evaluator import simple_evaluate
-
     def broken(self, tokens, budget):
         raise ValueError("injected fault in selection")
 
@@ -59,3 +59,16 @@ def test_bad_method_options_fail_before_the_model_loads(tmp_path):
         HiPruneLlava(pretrained=str(tmp_path / "missing"), method="hiprune", budget=64, colour="red")
     with pytest.raises(ValueError, match="unknown method"):
         HiPruneLlava(pretrained=str(tmp_path / "missing"), method="fastest")
+    # a method the harness built from its config goes in as is; options beside it would be ignored, so they fail
+    with pytest.raises(ValueError, match="already built method 'hiprune'"):
+        HiPruneLlava(pretrained=str(tmp_path / "missing"), method=hiprune.build_method("hiprune", budget=64), alpha=0.2)
+
+
+def test_a_built_method_is_the_one_the_model_runs(tiny_llava_dir):
+    method = hiprune.build_method("random", budget=32, seed=3)
+    model = HiPruneLlava(pretrained=str(tiny_llava_dir), method=method, device="cpu")
+    try:
+        assert model.method is method and model.settings["method"] == method.describe()
+        assert model.tokens_per_image == 32
+    finally:
+        model.close()

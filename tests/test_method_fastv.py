@@ -16,16 +16,17 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import REPO
+import transformers
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from omegaconf import OmegaConf
+from PIL import Image
 
 import hiprune
+from eval.config import CONFIG_DIR
+from eval.lmms.prompting import LlavaInputBuilder
 from hiprune.adapters.llm_pruning import check_llm_method
 from hiprune.methods.fastv import FastV, select_fastv
-from hiprune.prompting import LlavaInputBuilder
-
-SCENE_DIR = REPO / "models" / "scene-llava"
 QUESTIONS = ["Is there a red circle in the image?", "What colour is the square in the picture? Answer briefly."]
 
 
@@ -118,11 +119,10 @@ def test_method_options_and_validation():
 
 
 def test_config_matches_the_method():
-    from omegaconf import OmegaConf
-
-    cfg = OmegaConf.load(REPO / "configs" / "method" / "fastv.yaml")
-    assert cfg.name == "fastv" and cfg.get("implemented", True) is True and cfg.stage == FastV.stage
-    assert OmegaConf.to_container(cfg.options) == {"layer": FastV().layer}
+    # what the method is (its stage, that it is implemented) comes from the registry; the config holds its options
+    cfg = OmegaConf.load(CONFIG_DIR / "method" / "fastv.yaml")
+    assert cfg.name == "fastv" and hiprune.METHODS["fastv"] is FastV and FastV.stage == "llm"
+    assert set(cfg) == {"name", "options"} and OmegaConf.to_container(cfg.options) == {"layer": FastV().layer}
 
 
 def test_check_llm_method_rejects_what_the_plumbing_cannot_run():
@@ -139,19 +139,9 @@ def test_check_llm_method_rejects_what_the_plumbing_cannot_run():
 
 
 # ------------------------------------------------------------------------------------------------------------------
-# models
+# models (the session's scene_llava and tiny_llava, tests/conftest.py)
 # ------------------------------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def scene():
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
-
-    model = LlavaForConditionalGeneration.from_pretrained(SCENE_DIR, local_files_only=True, dtype=torch.float32)
-    return model.eval(), AutoProcessor.from_pretrained(SCENE_DIR, local_files_only=True)
-
-
 def _images(size: int, seeds=(0, 1)):
-    from PIL import Image
-
     out = []
     for seed in seeds:
         g = torch.Generator().manual_seed(seed)
@@ -268,8 +258,8 @@ def _model_variant(model, attention):
 
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
 @pytest.mark.parametrize("which, layer, budget", [("scene", 2, 16), ("scene", 1, 24), ("tiny", 1, 144)])
-def test_hooked_model_equals_reference_prefill_and_decode(scene, tiny_llava, which, layer, budget, attention):
-    model = _model_variant((scene if which == "scene" else tiny_llava)[0], attention)
+def test_hooked_model_equals_reference_prefill_and_decode(scene_llava, tiny_llava, which, layer, budget, attention):
+    model = _model_variant((scene_llava if which == "scene" else tiny_llava)[0], attention)
     n_visual = model.config.image_seq_length
     ids, pixels = _single_input(model, n_visual)
     steps = 4
@@ -295,8 +285,8 @@ def test_hooked_model_equals_reference_prefill_and_decode(scene, tiny_llava, whi
     assert held == [n + steps for n in record.tokens]
 
 
-def test_layers_before_k_match_the_unpruned_model(scene):
-    model, _ = scene
+def test_layers_before_k_match_the_unpruned_model(scene_llava):
+    model, _ = scene_llava
     ids, pixels = _single_input(model, 64)
     with torch.no_grad():
         plain = model(input_ids=ids, pixel_values=pixels, output_hidden_states=True).hidden_states
@@ -310,8 +300,8 @@ def test_layers_before_k_match_the_unpruned_model(scene):
     assert plain[3].shape[1] == ids.shape[1]
 
 
-def test_full_budget_generates_exactly_like_the_unpruned_model(scene):
-    model, processor = scene
+def test_full_budget_generates_exactly_like_the_unpruned_model(scene_llava):
+    model, processor = scene_llava
     batch = _batch(model, processor, _images(128), QUESTIONS)
     plain_tokens, plain_scores = _generate(model, batch)
     with hiprune.apply(model, hiprune.build_method("fastv", budget=64)) as session:
@@ -323,8 +313,8 @@ def test_full_budget_generates_exactly_like_the_unpruned_model(scene):
 
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
 @pytest.mark.parametrize("which, layer, budget", [("scene", 2, 16), ("scene", 1, 8), ("tiny", 1, 64)])
-def test_left_padded_batch_equals_each_prompt_alone(scene, tiny_llava, which, layer, budget, attention):
-    model, processor = scene if which == "scene" else tiny_llava
+def test_left_padded_batch_equals_each_prompt_alone(scene_llava, tiny_llava, which, layer, budget, attention):
+    model, processor = scene_llava if which == "scene" else tiny_llava
     model = _model_variant(model, attention)
     images = _images(processor.image_processor.crop_size["height"])
     batch = _batch(model, processor, images, QUESTIONS)
@@ -341,9 +331,9 @@ def test_left_padded_batch_equals_each_prompt_alone(scene, tiny_llava, which, la
     assert batched.visual[layer:] == [budget] * (model.config.text_config.num_hidden_layers - layer)
 
 
-def test_beam_search_batch_equals_each_prompt_alone(scene):
+def test_beam_search_batch_equals_each_prompt_alone(scene_llava):
     # Beams of one sample share its prefill (and so its kept positions); HF reorders cache rows only among them.
-    model, processor = scene
+    model, processor = scene_llava
     images = _images(128)
     batch = _batch(model, processor, images, QUESTIONS)
     with hiprune.apply(model, hiprune.build_method("fastv", budget=16)):
@@ -358,8 +348,8 @@ def test_beam_search_batch_equals_each_prompt_alone(scene):
     assert torch.equal(full_tokens, plain_tokens)
 
 
-def test_embeddings_input(scene):
-    model, _ = scene
+def test_embeddings_input(scene_llava):
+    model, _ = scene_llava
     ids, pixels = _single_input(model, 64)
     embeds = model.model.get_input_embeddings()(ids)
     with hiprune.apply(model, hiprune.build_method("fastv", budget=8)) as session, torch.no_grad():
@@ -374,9 +364,9 @@ def test_embeddings_input(scene):
             model(inputs_embeds=embeds)
 
 
-def test_pruning_changes_the_answer_path(scene):
+def test_pruning_changes_the_answer_path(scene_llava):
     # Not a no-op: with few tokens kept, the prefill logits differ from the unpruned model's.
-    model, _ = scene
+    model, _ = scene_llava
     ids, pixels = _single_input(model, 64)
     with torch.no_grad():
         plain = model(input_ids=ids, pixel_values=pixels).logits[0, -1]
@@ -394,8 +384,8 @@ def test_ratio_budget_keeps_a_share_per_image(tiny_llava):
     assert session.layer_records[0].visual == [576, 144]
 
 
-def test_two_images_per_row_keep_budget_each(scene):
-    model, _ = scene
+def test_two_images_per_row_keep_budget_each(scene_llava):
+    model, _ = scene_llava
     g = torch.Generator().manual_seed(3)
     image = torch.full((64,), model.config.image_token_id)
     ids = torch.cat([torch.tensor([1, 5, 6]), image, torch.tensor([7, 8]), image, torch.tensor([9, 10, 11])])[None]
@@ -407,8 +397,8 @@ def test_two_images_per_row_keep_budget_each(scene):
     assert out.logits.shape[1] == ids.shape[1] - 2 * 54
 
 
-def test_model_is_restored_after_exit(scene):
-    model, _ = scene
+def test_model_is_restored_after_exit(scene_llava):
+    model, _ = scene_llava
     ids, pixels = _single_input(model, 64)
     lm = model.model.language_model
     with torch.no_grad():
@@ -431,8 +421,8 @@ def test_model_is_restored_after_exit(scene):
 # ------------------------------------------------------------------------------------------------------------------
 # what is not supported fails loudly
 # ------------------------------------------------------------------------------------------------------------------
-def test_right_padding_is_rejected(scene):
-    model, _ = scene
+def test_right_padding_is_rejected(scene_llava):
+    model, _ = scene_llava
     ids, pixels = _single_input(model, 64)
     padded = torch.cat([ids, torch.zeros(1, 2, dtype=torch.long)], dim=1)
     mask = torch.cat([torch.ones_like(ids), torch.zeros(1, 2, dtype=torch.long)], dim=1)
@@ -441,8 +431,8 @@ def test_right_padding_is_rejected(scene):
         model(input_ids=padded, attention_mask=mask, pixel_values=pixels)
 
 
-def test_static_cache_is_rejected(scene):
-    model, processor = scene
+def test_static_cache_is_rejected(scene_llava):
+    model, processor = scene_llava
     batch = _batch(model, processor, _images(128)[:1], QUESTIONS[:1])
     with (
         hiprune.apply(model, hiprune.build_method("fastv", budget=8)),
@@ -451,8 +441,8 @@ def test_static_cache_is_rejected(scene):
         _generate(model, batch, cache_implementation="static")
 
 
-def test_rows_with_different_image_counts_are_rejected(scene):
-    model, _ = scene
+def test_rows_with_different_image_counts_are_rejected(scene_llava):
+    model, _ = scene_llava
     ids, pixels = _single_input(model, 64)
     text_only = torch.randint(3, 500, ids.shape, generator=torch.Generator().manual_seed(1))
     method = hiprune.build_method("fastv", budget=8)
@@ -460,8 +450,8 @@ def test_rows_with_different_image_counts_are_rejected(scene):
         model(input_ids=torch.cat([ids, text_only]), pixel_values=pixels)
 
 
-def test_cropped_cache_is_rejected(scene):
-    model, _ = scene
+def test_cropped_cache_is_rejected(scene_llava):
+    model, _ = scene_llava
     ids, pixels = _single_input(model, 64)
     with hiprune.apply(model, hiprune.build_method("fastv", budget=8)), torch.no_grad():
         out = model(input_ids=ids, pixel_values=pixels, use_cache=True)
@@ -470,10 +460,10 @@ def test_cropped_cache_is_rejected(scene):
             model(input_ids=ids[:, -1:], cache=out.cache, use_cache=True)
 
 
-def test_decode_step_undone_by_crop_repeats_exactly(scene):
-    # eval/bench.py times one decode step, then crops it off the cache (crop(-1)) and repeats: every layer loses
-    # the same token, so the cache stays consistent with the pruned prefill.
-    model, _ = scene
+def test_decode_step_undone_by_crop_repeats_exactly(scene_llava):
+    # eval/efficiency/bench.py times one decode step, then crops it off the cache (crop(-1)) and repeats: every layer
+    # loses the same token, so the cache stays consistent with the pruned prefill.
+    model, _ = scene_llava
     ids, pixels = _single_input(model, 64)
     with hiprune.apply(model, hiprune.build_method("fastv", budget=8)), torch.no_grad():
         out = model(input_ids=ids, pixel_values=pixels, use_cache=True)
@@ -498,24 +488,19 @@ def test_impossible_settings_are_rejected_before_patching(tiny_llava):
     assert all(len(layer._forward_pre_hooks) == 0 for layer in model.model.language_model.layers)
 
 
-@pytest.mark.parametrize("folder", ["tiny-llava-next", "tiny-video-llava", "tiny-qwen2.5-vl"])
-def test_other_families_reject_fastv_clearly(folder):
-    import transformers
-
-    path = REPO / "assets" / folder
-    if not (path / "config.json").is_file():
-        pytest.skip(f"assets/{folder} not built (make assets)")
-    config = transformers.AutoConfig.from_pretrained(path)
-    cls = getattr(transformers, json.loads((path / "config.json").read_text())["architectures"][0])
+@pytest.mark.parametrize("tiny_model_dir", ["llava_next", "video_llava", "qwen2_5_vl"], indirect=True)
+def test_other_families_reject_fastv_clearly(tiny_model_dir):
+    config = transformers.AutoConfig.from_pretrained(tiny_model_dir)
+    cls = getattr(transformers, json.loads((tiny_model_dir / "config.json").read_text())["architectures"][0])
     with torch.device("meta"):
         model = cls(config)
     with pytest.raises(ValueError, match="prunes inside the LLM"):
         hiprune.adapter_for(model).check_supported(hiprune.build_method("fastv", budget=8, layer=1))
 
 
-def test_decode_step_that_generates_the_image_token_id_is_a_plain_decode_step(scene):
+def test_decode_step_that_generates_the_image_token_id_is_a_plain_decode_step(scene_llava):
     # A model can generate the image placeholder's id; without images in the call it is text, not a new prefill.
-    model, _ = scene
+    model, _ = scene_llava
     ids, pixels = _single_input(model, 64)
     image_token = torch.tensor([[model.config.image_token_id]])
     with hiprune.apply(model, hiprune.build_method("fastv", budget=8)) as session, torch.no_grad():

@@ -5,9 +5,9 @@ import pytest
 from PIL import Image, ImageDraw
 
 import hiprune
-from eval import plots, visualize
-from eval import probe as probe_module
-from eval import reproduce as R
+from eval.report import plots, visualize
+from eval.report import probe as probe_module
+from eval.report import reproduce as R
 
 
 def _check_image(path):
@@ -25,7 +25,7 @@ def test_table_plots_are_written_and_non_empty(tmp_path):
     ours = cells["row"].isin(["Vanilla", "HiPrune"])
     cells.loc[ours, "ours"] = cells.loc[ours, "paper"] * 0.98
     cells.loc[ours, "status"] = "ok"
-    paths = plots.table_plots(spec, cells, tmp_path / "plots")
+    paths = R.table_plots(spec, cells, tmp_path / "plots")
     assert set(paths) == {f"{name}_llava15_7b.{ext}" for name in ("accuracy_vs_tokens", "pareto_avg_vs_tflops")
                           for ext in ("png", "pdf")}
     for path in paths.values():
@@ -34,7 +34,7 @@ def test_table_plots_are_written_and_non_empty(tmp_path):
 
 def test_pareto_front_keeps_only_undominated_points():
     points = [(1.0, 90.0), (2.0, 95.0), (2.5, 94.0), (3.0, 99.0), (3.5, 98.0), (8.0, 100.0)]
-    assert plots._pareto_front(points) == [(1.0, 90.0), (2.0, 95.0), (3.0, 99.0), (8.0, 100.0)]
+    assert plots.pareto_front(points) == [(1.0, 90.0), (2.0, 95.0), (3.0, 99.0), (8.0, 100.0)]
 
 
 @pytest.fixture(scope="module")

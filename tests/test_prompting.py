@@ -5,11 +5,11 @@ import pytest
 import torch
 from PIL import Image
 
-from hiprune.prompting import (
+from eval.lmms.prompting import (
     VICUNA_V1_SYSTEM,
     LlavaInputBuilder,
-    _rgb,
     left_pad,
+    to_rgb,
     tokenize_with_images,
     vicuna_v1_prompt,
     with_image_placeholders,
@@ -45,7 +45,7 @@ def test_left_pad():
 def test_any_image_mode_becomes_rgb(mode):
     base = Image.fromarray((np.arange(60 * 40) % 251).reshape(40, 60).astype("uint8"))
     image = base.convert(mode) if mode != "I;16" else Image.fromarray((np.arange(2400).reshape(40, 60) * 27).astype("uint16"))
-    out = _rgb(image)
+    out = to_rgb(image)
     assert out.mode == "RGB" and out.size == (60, 40)
     if mode == "I;16":  # 16-bit is rescaled, not clipped to white
         assert 0 < np.asarray(out).mean() < 255

@@ -19,8 +19,12 @@ from lmms_eval.api.instance import Instance
 from PIL import Image
 
 import hiprune
-from eval.lmms_model import GenerationError, HiPruneLlava
-from eval.store import iter_records, read_record, write_record
+from eval.lmms.base import GenerationError
+from eval.lmms.llava import HiPruneLlava
+from eval.lmms.llava_next import HiPruneLlavaNext
+from eval.lmms.prompting import LlavaInputBuilder
+from eval.lmms.qwen2_5_vl import HiPruneQwen25VL
+from eval.running.store import iter_records, read_record, write_record
 from hiprune.adapters.base import PruningError
 from hiprune.methods.base import Selection, gather_tokens
 
@@ -78,8 +82,6 @@ class ShortChanging(hiprune.HiPrune):
 
 def test_kept_count_different_from_budget_is_an_error(tiny_llava, shape_images):
     model, processor = tiny_llava
-    from hiprune.prompting import LlavaInputBuilder
-
     batch = LlavaInputBuilder(processor)(["Q"], [[shape_images[0]]], tokens_per_image=32)
     with hiprune.apply(model, ShortChanging(budget=32)), pytest.raises(PruningError, match="expected 32 tokens"):
         with torch.no_grad():
@@ -175,7 +177,7 @@ def test_concurrent_writers_of_one_record_never_corrupt_it(tmp_path):
 KILLED_WRITER = """
 import json, sys, time
 from pathlib import Path
-import eval.store as store
+import eval.running.store as store
 real_dump = json.dump
 def slow_dump(obj, handle, **kw):
     handle.write('{"identity": {"half": ')
@@ -201,23 +203,13 @@ def test_a_killed_writer_leaves_no_record(tmp_path):
 
 
 # --- other families: extreme aspect ratios and odd inputs through their lmms-eval models ----------------------
-FAMILY_MODELS = {
-    "llava_next": ("eval.lmms_llava_next:HiPruneLlavaNext", "build_tiny_llava_next", "tiny-llava-next", 320),
-    "qwen2_5_vl": ("eval.lmms_qwen2_5_vl:HiPruneQwen25VL", "build_tiny_qwen2_5_vl", "tiny-qwen2.5-vl", 0.334),
-}
+FAMILY_MODELS = {"llava_next": (HiPruneLlavaNext, 320), "qwen2_5_vl": (HiPruneQwen25VL, 0.334)}
 
 
-@pytest.mark.parametrize("family", sorted(FAMILY_MODELS))
-def test_extreme_aspect_ratios_and_odd_inputs_on_dynamic_resolution_families(family):
-    import importlib
-
-    from tests_support import build_asset
-
-    class_path, script, folder, budget = FAMILY_MODELS[family]
-    module, name = class_path.split(":")
-    cls = getattr(importlib.import_module(module), name)
-    path = build_asset(script, folder)
-    model = cls(pretrained=str(path), method="hiprune", budget=budget, device="cpu", batch_size=3,
+@pytest.mark.parametrize("tiny_model_dir, family", [(f, f) for f in sorted(FAMILY_MODELS)], indirect=["tiny_model_dir"])
+def test_extreme_aspect_ratios_and_odd_inputs_on_dynamic_resolution_families(tiny_model_dir, family):
+    cls, budget = FAMILY_MODELS[family]
+    model = cls(pretrained=str(tiny_model_dir), method="hiprune", budget=budget, device="cpu", batch_size=3,
                 **({"object_layer": 4} if family == "qwen2_5_vl" else {}))
     images = _odd_images()
     samples = [{"images": [images[k]], "question": QUESTION} for k in ("1x1", "10x500", "500x10", "rgba", "16-bit")]

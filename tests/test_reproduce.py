@@ -6,20 +6,18 @@ from contextlib import redirect_stdout
 
 import pandas as pd
 import pytest
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from eval import reproduce as R
-from eval import run as run_module
-from eval.callbacks import format_summary, planned_jobs
-from eval.store import iter_records
-
-CONFIGS = run_module.CONFIG_DIR
+from eval.config import CONFIG_DIR, compose_config
+from eval.report import reproduce as R
+from eval.running import run as run_module
+from eval.running.callbacks import format_summary, planned_jobs
+from eval.running.methods import is_implemented, not_implemented_notice, unsupported_reason
+from eval.running.store import iter_records
 
 
 def _cfg(*overrides):
-    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
-        return compose("config", overrides=list(overrides))
+    return compose_config(overrides)
 
 
 @pytest.fixture(scope="module")
@@ -40,12 +38,12 @@ def test_every_table_config_composes_and_names_existing_configs():
         cfg = _cfg(f"+experiment={experiment}")
         block = cfg.paper
         for model in block.models:
-            assert (CONFIGS / "model" / f"{model.config}.yaml").is_file()
+            assert (CONFIG_DIR / "model" / f"{model.config}.yaml").is_file()
         for row in block.rows:
-            assert (CONFIGS / "method" / f"{row.method}.yaml").is_file(), row.method
+            assert (CONFIG_DIR / "method" / f"{row.method}.yaml").is_file(), row.method
         for bench in block.get("benchmarks") or []:
             config = (block.get("benchmark_configs") or {}).get(bench) or R.P.BENCHMARK_CONFIGS[bench]
-            assert (CONFIGS / "benchmark" / f"{config}.yaml").is_file()
+            assert (CONFIG_DIR / "benchmark" / f"{config}.yaml").is_file()
 
 
 def test_sweep_commands_vanilla_first_rows_with_options_apart():
@@ -117,8 +115,7 @@ def test_render_from_a_smoke_filled_store(smoke_store, tmp_path):
     assert hp["delta"] == pytest.approx(hp["ours"] - 73.0)
     assert cell("ToMe", 64)["status"] == "not run" and cell("ToMe", 64)["paper"] == 52.5
     assert cell("Random", 128)["status"] == "pending" and pd.isna(cell("Random", 128)["paper"])
-    hiprune_pp = OmegaConf.load(CONFIGS / "method" / "hiprune_pp.yaml").get("implemented", True)
-    assert cell("HiPrune++", 192)["status"] == ("pending" if hiprune_pp else "not run")
+    assert cell("HiPrune++", 192)["status"] == ("pending" if is_implemented("hiprune_pp") else "not run")
 
     md = paths["md"].read_text()
     ours, paper = hp["ours"], hp["paper"]
@@ -160,8 +157,6 @@ def test_sweep_summary_counts_and_planned_jobs():
 
 
 def test_a_method_the_family_cannot_run_is_not_run_and_skipped_with_a_notice(tmp_path):
-    from eval.run import not_implemented_notice, unsupported_reason
-
     assert unsupported_reason("hiprune_qwen2_5_vl", "fastv") is not None
     assert unsupported_reason("hiprune_llava", "fastv") is None
     assert unsupported_reason("hiprune_qwen2_5_vl", "hiprune") is None

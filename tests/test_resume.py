@@ -8,8 +8,8 @@ import time
 
 import pytest
 
-from eval import run as run_module
-from eval.store import iter_records
+from eval.config import REPO_ROOT
+from eval.running.store import iter_records
 
 pytestmark = pytest.mark.slow
 
@@ -18,7 +18,7 @@ METHODS = ("none", "random", "hiprune")
 
 def _sweep(store, hydra_dir):
     return [
-        sys.executable, "-c", "from eval.run import main; main()", "--multirun",
+        sys.executable, "-c", "from eval.running.run import main; main()", "--multirun",
         "model=tiny_llava", "benchmark=smoke_pope", "device=cpu", f"store={store}", "limit=2", "batch_size=2",
         f"method={','.join(METHODS)}", "budget=64", f"hydra.sweep.dir={hydra_dir}",
     ]
@@ -33,7 +33,7 @@ def test_sigkilled_sweep_resumes_without_duplicates(tmp_path, tiny_llava_dir, sm
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
     # 1. start the sweep; SIGKILL its whole process group as soon as the first run's record is complete
-    proc = subprocess.Popen(_sweep(store, hydra_dir), cwd=run_module.REPO_ROOT, env=env, start_new_session=True,
+    proc = subprocess.Popen(_sweep(store, hydra_dir), cwd=REPO_ROOT, env=env, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
     try:
@@ -53,7 +53,7 @@ def test_sigkilled_sweep_resumes_without_duplicates(tmp_path, tiny_llava_dir, sm
     assert sorted(visible) == sorted(first), "only complete records (temporary files are dot-files)"
 
     # 2. the same command again finishes the sweep and skips what was done
-    resumed = subprocess.run(_sweep(store, hydra_dir), cwd=run_module.REPO_ROOT, env=env, capture_output=True,
+    resumed = subprocess.run(_sweep(store, hydra_dir), cwd=REPO_ROOT, env=env, capture_output=True,
                              text=True, timeout=600, check=False)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
 

@@ -1,22 +1,26 @@
 """Hydra entry point: a run writes one complete record; reruns skip; bad configs fail before any model loads."""
 
+import dataclasses
 import subprocess
 import sys
 
 import pytest
-from hydra import compose, initialize_config_dir
+from hydra.errors import MissingConfigException
 
-from eval import run as run_module
-from eval.store import iter_records
+import hiprune
+from eval.config import REPO_ROOT, ConfigError, compose_config
+from eval.running import run as run_module
+from eval.running.store import iter_records
 
 pytestmark = pytest.mark.slow
 
 
+EXTRA_CONFIG_DIR = None  # a config folder searched besides configs/ (llm_side_probe_method sets it per test)
+
+
 def _cfg(*overrides):
-    extra = getattr(run_module, "EXTRA_CONFIG_DIR", None)
-    search = [f"hydra.searchpath=[file://{extra}]"] if extra else []
-    with initialize_config_dir(config_dir=str(run_module.CONFIG_DIR), version_base="1.3"):
-        return compose("config", overrides=[*search, *overrides])
+    search = [f"hydra.searchpath=[file://{EXTRA_CONFIG_DIR}]"] if EXTRA_CONFIG_DIR else []
+    return compose_config([*search, *overrides])
 
 
 def _tiny(store, *overrides):
@@ -65,21 +69,16 @@ BAD = [
 @pytest.fixture(autouse=True)
 def llm_side_probe_method(monkeypatch, tmp_path):
     """A registered LLM-side method, so the 'impossible for this family' check has something to reject."""
-    import dataclasses
-
-    import hiprune
-    from hiprune.methods import METHODS
-
     @dataclasses.dataclass
     class LlmSideProbe(hiprune.Method):
         name = "prompt_llm_probe"
         stage = "llm"
 
-    monkeypatch.setitem(METHODS, "prompt_llm_probe", LlmSideProbe)
+    monkeypatch.setitem(hiprune.METHODS, "prompt_llm_probe", LlmSideProbe)
     method_dir = tmp_path.parent / f"{tmp_path.name}-configs" / "method"
     method_dir.mkdir(parents=True, exist_ok=True)
     (method_dir / "prompt_llm_probe.yaml").write_text("name: prompt_llm_probe\noptions: {}\n")
-    monkeypatch.setattr(run_module, "EXTRA_CONFIG_DIR", method_dir.parent, raising=False)
+    monkeypatch.setitem(globals(), "EXTRA_CONFIG_DIR", method_dir.parent)
 
 
 @pytest.mark.parametrize("overrides,message", BAD)
@@ -87,8 +86,8 @@ def test_bad_config_is_rejected_before_any_model_loads(tmp_path, tiny_llava_dir,
     def no_loading(*args, **kwargs):
         raise AssertionError("the model must not load for a bad config")
 
-    monkeypatch.setattr("eval.lmms_model.HiPruneLlava.__init__", no_loading)
-    with pytest.raises(run_module.ConfigError, match=message):
+    monkeypatch.setattr("eval.lmms.llava.HiPruneLlava.__init__", no_loading)
+    with pytest.raises(ConfigError, match=message):
         run_module.run(_tiny(tmp_path, *overrides))
     assert not any(tmp_path.iterdir())
 
@@ -96,8 +95,9 @@ def test_bad_config_is_rejected_before_any_model_loads(tmp_path, tiny_llava_dir,
 def test_cli_sweep_and_cli_error(tmp_path, tiny_llava_dir, smoke_task_dir):
     base = ["model=tiny_llava", "benchmark=smoke_pope", "device=cpu", f"store={tmp_path}", "limit=4"]
     sweep = subprocess.run(
-        [sys.executable, "-m", "eval.run", "--multirun", *base, "method=none,random", "budget=32", f"hydra.sweep.dir={tmp_path}/hydra"],
-        check=False, cwd=run_module.REPO_ROOT, capture_output=True, text=True, timeout=300,
+        [sys.executable, "-m", "eval.running.run", "--multirun", *base, "method=none,random", "budget=32",
+         f"hydra.sweep.dir={tmp_path}/hydra"],
+        check=False, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
     )
     assert sweep.returncode == 0, sweep.stderr[-3000:]
     records = [record for _, record in iter_records(tmp_path / "tiny_llava")]
@@ -105,8 +105,8 @@ def test_cli_sweep_and_cli_error(tmp_path, tiny_llava_dir, smoke_task_dir):
         ("none", 576), ("random", 32)
     ]
 
-    bad = subprocess.run([sys.executable, "-m", "eval.run", *base, "method=hiprune", "budget=-3"], check=False,
-                         cwd=run_module.REPO_ROOT, capture_output=True, text=True, timeout=300)
+    bad = subprocess.run([sys.executable, "-m", "eval.running.run", *base, "method=hiprune", "budget=-3"], check=False,
+                         cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2
     assert "configuration error: budget must be >= 1" in bad.stderr
     assert len(list(iter_records(tmp_path / "tiny_llava"))) == 2
@@ -114,7 +114,5 @@ def test_cli_sweep_and_cli_error(tmp_path, tiny_llava_dir, smoke_task_dir):
 
 @pytest.mark.parametrize("override", ["method=fastest", "model=llava99", "benchmark=imagenet"])
 def test_unknown_model_method_or_benchmark_is_a_composition_error(tmp_path, override):
-    from hydra.errors import MissingConfigException
-
     with pytest.raises(MissingConfigException):
         _tiny(tmp_path, override)

@@ -17,12 +17,15 @@ from typing import ClassVar
 
 import pytest
 import torch
-from conftest import REPO, load_script
 
 import hiprune
+from eval.config import compose_config
+from eval.running import run as run_module
+from eval.running.store import iter_records
 from hiprune.methods.base import Selection, gather_tokens
+from scripts import scenes
+from scripts import train_scene_vlm as train
 
-MODEL_DIR = REPO / "models" / "scene-llava"
 N_POPE, N_QA = 300, 300  # the subset training.json documents (train_scene_vlm.TEST_SUBSET)
 
 # Regression margins (shares of the full model's accuracy on the subset), from the measured runs above.
@@ -30,8 +33,6 @@ HIPRUNE_HALF_KEEPS = 0.95  # hiprune at 32 of 64 tokens keeps >= 95% of full POP
 MISALIGNED_BELOW = 0.92  # a selection whose features are shuffled against its indices stays below 92% (measured ~87%)
 HIPRUNE_OVER_RANDOM_16 = 0.08  # at 16 tokens hiprune beats random by >= 8 POPE points (measured ~17)
 
-train = load_script("train_scene_vlm")
-scenes = train.scenes
 
 
 @dataclass
@@ -49,13 +50,8 @@ class Misaligned(hiprune.HiPrune):
 
 
 @pytest.fixture(scope="module")
-def info() -> dict:
-    return json.loads((MODEL_DIR / "training.json").read_text())
-
-
-@pytest.fixture(scope="module")
-def scene_model():
-    return train.load(MODEL_DIR)
+def info(scene_llava_dir) -> dict:
+    return json.loads((scene_llava_dir / "training.json").read_text())
 
 
 @pytest.fixture(scope="module")
@@ -66,8 +62,8 @@ def rows():
     return pope, qa
 
 
-def _accuracy(scene_model, rows, method=None) -> tuple[float, float]:
-    model, processor = scene_model
+def _accuracy(scene_llava, rows, method=None) -> tuple[float, float]:
+    model, processor = scene_llava
     pope, qa = rows
     pope_acc = train.pope_metrics(pope, train.generate_answers(model, processor, pope, prune=method))["accuracy"]
     qa_em = train.qa_metrics(qa, train.generate_answers(model, processor, qa, prune=method))["exact_match"]
@@ -75,13 +71,13 @@ def _accuracy(scene_model, rows, method=None) -> tuple[float, float]:
 
 
 @pytest.fixture(scope="module")
-def full_accuracy(scene_model, rows):
-    return _accuracy(scene_model, rows)
+def full_accuracy(scene_llava, rows):
+    return _accuracy(scene_llava, rows)
 
 
-def test_checkpoint_is_a_small_offline_llava_with_a_prunable_grid(scene_model, info):
-    model, processor = scene_model
-    files = {p.name for p in MODEL_DIR.iterdir()}
+def test_checkpoint_is_a_small_offline_llava_with_a_prunable_grid(scene_llava, scene_llava_dir, info):
+    model, processor = scene_llava
+    files = {p.name for p in scene_llava_dir.iterdir()}
     assert {
         "model.safetensors",
         "config.json",
@@ -90,7 +86,7 @@ def test_checkpoint_is_a_small_offline_llava_with_a_prunable_grid(scene_model, i
         "training.json",
         "TRAINING.md",
     } <= files
-    assert sum(p.stat().st_size for p in MODEL_DIR.iterdir()) < 6_000_000
+    assert sum(p.stat().st_size for p in scene_llava_dir.iterdir()) < 6_000_000
     assert type(model).__name__ == "LlavaForConditionalGeneration" and next(model.parameters()).dtype == torch.float32
     vision = model.config.vision_config
     assert vision.model_type == "clip_vision_model" and vision.num_hidden_layers >= 9
@@ -113,35 +109,30 @@ def test_full_model_reaches_the_documented_test_accuracy(full_accuracy, info):
 
 
 def test_hiprune_at_half_the_tokens_keeps_its_share_and_a_misaligned_selection_does_not(
-    scene_model, rows, full_accuracy, info
+    scene_llava, rows, full_accuracy, info
 ):
     full_pope, full_qa = full_accuracy
-    pope, qa = _accuracy(scene_model, rows, hiprune.build_method("hiprune", budget=32))
+    pope, qa = _accuracy(scene_llava, rows, hiprune.build_method("hiprune", budget=32))
     assert pope == pytest.approx(info["test"]["hiprune@32"]["subset"]["pope_accuracy"], abs=0.01)
     assert pope >= HIPRUNE_HALF_KEEPS * full_pope
     assert qa >= 0.85 * full_qa
-    bad_pope, bad_qa = _accuracy(scene_model, rows, Misaligned(budget=32))
+    bad_pope, bad_qa = _accuracy(scene_llava, rows, Misaligned(budget=32))
     assert bad_pope < MISALIGNED_BELOW * full_pope
     assert bad_qa < qa
 
 
-def test_hiprune_beats_random_at_a_quarter_of_the_tokens(scene_model, rows):
-    hip, _ = _accuracy(scene_model, rows, hiprune.build_method("hiprune", budget=16))
-    rnd, _ = _accuracy(scene_model, rows, hiprune.build_method("random", budget=16))
+def test_hiprune_beats_random_at_a_quarter_of_the_tokens(scene_llava, rows):
+    hip, _ = _accuracy(scene_llava, rows, hiprune.build_method("hiprune", budget=16))
+    rnd, _ = _accuracy(scene_llava, rows, hiprune.build_method("random", budget=16))
     assert hip - rnd >= HIPRUNE_OVER_RANDOM_16
 
 
 @pytest.mark.slow
-def test_lmms_eval_run_scores_what_the_harness_path_answers(tmp_path, scene_model):
-    """eval.run (Hydra -> lmms-eval task yaml -> hiprune_llava) gives the direct path's numbers on the same rows."""
-    from hydra import compose, initialize_config_dir
-
-    from eval import run as run_module
-    from eval.store import iter_records
-
-    load_script("build_scene_tasks").build(REPO / "assets" / "scene_tasks", splits=("test",))
+def test_lmms_eval_run_scores_what_the_harness_path_answers(tmp_path, scene_llava, scene_tasks_dir):
+    """eval.running.run (Hydra -> lmms-eval task yaml -> hiprune_llava) gives the direct path's numbers on the same
+    rows."""
     limit = 48
-    model, processor = scene_model
+    model, processor = scene_llava
     pope = scenes.pope_rows(600, scenes.SPLIT_SEEDS["test"])[:limit]
     qa = scenes.qa_rows(600, scenes.SPLIT_SEEDS["test"] + 1)[:limit]
     method = hiprune.build_method("hiprune", budget=16)
@@ -156,20 +147,8 @@ def test_lmms_eval_run_scores_what_the_harness_path_answers(tmp_path, scene_mode
         ),
     }
     for benchmark in ("scene_pope", "scene_qa"):
-        with initialize_config_dir(config_dir=str(run_module.CONFIG_DIR), version_base="1.3"):
-            cfg = compose(
-                "config",
-                overrides=[
-                    "model=scene_llava",
-                    f"benchmark={benchmark}",
-                    "method=hiprune",
-                    "budget=16",
-                    f"limit={limit}",
-                    "batch_size=8",
-                    "device=cpu",
-                    f"store={tmp_path}",
-                ],
-            )
+        cfg = compose_config(["model=scene_llava", f"benchmark={benchmark}", "method=hiprune", "budget=16",
+                              f"limit={limit}", "batch_size=8", "device=cpu", f"store={tmp_path}"])
         run_module.run(cfg)
     records = {task: r for _, r in iter_records(tmp_path) for task in r["metrics"]}
     for task, (metric, value) in expected.items():

@@ -6,11 +6,14 @@ import hashlib
 import json
 from collections import Counter
 
+import datasets
 import numpy as np
 import pytest
-from conftest import load_script
+from lmms_eval.tasks.gqa import utils as gqa_utils
+from lmms_eval.tasks.pope import utils as pope_utils
 
-scenes = load_script("scenes")
+from scripts import build_scene_tasks as builder
+from scripts import scenes
 
 
 def _digest(image) -> str:
@@ -153,11 +156,6 @@ def test_training_questions_are_consistent_with_the_scene():
 
 
 def test_builder_writes_pope_and_gqa_compatible_parquet(tmp_path, monkeypatch):
-    import datasets
-    from lmms_eval.tasks.gqa import utils as gqa_utils
-    from lmms_eval.tasks.pope import utils as pope_utils
-
-    builder = load_script("build_scene_tasks")
     monkeypatch.setattr(builder, "SIZES", {"val": {"pope": 6, "qa": 6}, "test": {"pope": 6, "qa": 6}})
     out = builder.build(tmp_path, splits=("test",))
     manifest = json.loads((out / "manifest.json").read_text())

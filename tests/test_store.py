@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from eval.store import StoreError, iter_records, read_record, record_key, record_path, write_record
+from eval.running.store import StoreError, iter_records, read_record, record_key, record_path, write_record
 
 IDENTITY = {"model": "m", "benchmark": "pope", "method": {"name": "hiprune", "budget": 64}, "budget": 64}
 

@@ -1,7 +1,7 @@
 """Object-layer probe (the paper's Fig. 8 and Table 1): pick HiPrune's object layer for a vision encoder.
 
-    python -m eval.probe --images DIR [--model llava15_7b] [--top 0.05] [--masks DIR] [--out results/probe/NAME]
-    python -m eval.probe --images DIR --model tiny_llava --device cpu --limit 16
+    python -m eval.report.probe --images DIR [--model llava15_7b] [--top 0.05] [--masks DIR] [--out results/probe/NAME]
+    python -m eval.report.probe --images DIR --model tiny_llava --device cpu --limit 16
 
 For every encoder layer l and every image: the global-attention score of layer l (mean over heads and queries, CLS
 key dropped; the same score HiPrune ranks by) picks the top ``--top`` fraction of patch tokens; their features at
@@ -39,7 +39,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+import hiprune
+from eval.config import REPO_ROOT, compose_config
+from eval.report.visualize import input_builder, load_vlm
+from hiprune.capture import AttentionScores
+
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
 
 
@@ -98,10 +102,6 @@ def mask_patches(mask: Image.Image, grid: tuple[int, int], pad_to_square: bool =
 def probe(model, processor, images: list[Image.Image], top: float = 0.05, masks: list[Image.Image | None] | None = None,
           batch_size: int = 8, model_cfg: dict | None = None) -> ProbeResult:
     """Dispersion and overlap per encoder layer of ``model`` (a VLM with a harness adapter) over ``images``."""
-    import hiprune
-    from eval.visualize import input_builder
-    from hiprune.capture import AttentionScores
-
     if not 0 < top <= 1:
         raise ValueError(f"top must be a fraction in (0, 1], got {top}")
     adapter = hiprune.adapter_for(model)
@@ -234,8 +234,6 @@ def write(result: ProbeResult, out_dir: Path) -> list[Path]:
 
 
 def main(argv: list[str] | None = None) -> ProbeResult:
-    from eval.visualize import compose_config, load_vlm
-
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=Path, required=True, help="folder of images")
     parser.add_argument("--model", default="llava15_7b", help="harness model config (configs/model/NAME.yaml)")

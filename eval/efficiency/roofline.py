@@ -1,7 +1,7 @@
 """Device peaks for a roofline bound, measured in the run that uses them, and the bound itself.
 
-    python -m eval.roofline                       # this machine's CPU, float32 and bfloat16
-    python -m eval.roofline --device cuda --dtype float16
+    python -m eval.efficiency.roofline                       # this machine's CPU, float32 and bfloat16
+    python -m eval.efficiency.roofline --device cuda --dtype float16
 
 Peak compute: square matmuls ``a @ b`` (n x n, in the dtype the model runs in) at a few sizes; FLOPs = 2 n^3 per
 call, the best size's median rate is the peak. Peak bandwidth: ``dst.copy_(src)`` of a buffer well above the
@@ -11,7 +11,7 @@ torch build on this device at this moment (other processes included), not data-s
 Roofline bound of a computation that does ``flops`` FLOPs and must move ``bytes`` bytes:
 ``max(flops / peak_flops, bytes / bandwidth)`` -- the time it cannot beat if compute and memory traffic overlap
 perfectly. :func:`prefill_bytes` and :func:`decode_bytes` model the bytes of one LLM prefill / decode step (see their
-docstrings); FLOPs come from :func:`eval.flops.flops_exact`.
+docstrings); FLOPs come from :func:`eval.efficiency.flops.flops_exact`.
 """
 
 from __future__ import annotations
@@ -27,35 +27,20 @@ from typing import Any
 
 import torch
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+from eval.efficiency.measure import DTYPES, synchronize, time_call
 
 
 def _time_calls(fn: Callable[[], Any], device: torch.device, calls: int, repeats: int, warmup: int) -> list[float]:
     """Seconds per call, one value per repeat (each repeat times ``calls`` back-to-back calls)."""
     for _ in range(warmup):
         fn()
-    _sync(device)
-    out = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(calls):
-                fn()
-            end.record()
-            end.synchronize()
-            out.append(start.elapsed_time(end) / 1e3 / calls)
-        else:
-            t0 = time.perf_counter()
-            for _ in range(calls):
-                fn()
-            out.append((time.perf_counter() - t0) / calls)
-    return out
+    synchronize(device)
+
+    def back_to_back() -> None:
+        for _ in range(calls):
+            fn()
+
+    return [time_call(back_to_back, device)[0] / calls for _ in range(repeats)]
 
 
 def peak_flops(
@@ -246,7 +231,7 @@ def decode_bytes(config: Any, n_cached: int | Sequence[int], dtype_bytes: int, b
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(prog="python -m eval.roofline", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m eval.efficiency.roofline", description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", nargs="+", default=["float32", "bfloat16"], choices=sorted(DTYPES))
     p.add_argument("--sizes", type=int, nargs="+", default=None, help="matmul sizes n (n x n)")

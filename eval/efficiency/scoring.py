@@ -1,10 +1,10 @@
 """Benchmark "scoring overhead": what HiPrune's attention scores cost on top of the vision tower the VLM runs anyway.
 
-    python -m eval.bench_scoring                          # CLIP ViT-L/14-336 at real shape, random weights
-    python -m eval.bench_scoring --shape qwen2.5-vl-3b    # Qwen2.5-VL-3B vision tower, one 448 x 448 image
-    python -m eval.bench_scoring --device cuda --repeats 30 --json results/bench_scoring.json
-    python -m eval.bench_scoring --shape tiny --repeats 1 --warmup 0        # smoke runs (seconds)
-    python -m eval.bench_scoring --shape qwen-tiny --repeats 1 --warmup 0
+    python -m eval.efficiency.scoring                          # CLIP ViT-L/14-336 at real shape, random weights
+    python -m eval.efficiency.scoring --shape qwen2.5-vl-3b    # Qwen2.5-VL-3B vision tower, one 448 x 448 image
+    python -m eval.efficiency.scoring --device cuda --repeats 30 --json results/bench_scoring.json
+    python -m eval.efficiency.scoring --shape tiny --repeats 1 --warmup 0        # smoke runs (seconds)
+    python -m eval.efficiency.scoring --shape qwen-tiny --repeats 1 --warmup 0
 
 Three variants run on one random-weight vision tower, in one process, interleaved round by round (the order rotates
 every round so no variant always runs first, e.g. on warm caches).
@@ -32,8 +32,9 @@ whose output the merger reads); both are full-attention blocks.
   plain      ``Qwen2_5_VisionTransformerPretrainedModel`` under SDPA, merged features (``pooler_output``): what
              Qwen2.5-VL's ``get_image_features`` runs without pruning.
   ours       the same call with the object and deep blocks' attention rerouted by the adapter's own
-             ``ChunkScores`` (``hiprune.adapters.qwen2_5_vl``); per-chunk scores -> per-merged-token raster scores by
-             the adapter's ``_merged_scores`` (window order undone, mean of each 2 x 2 group); ``select_hiprune``.
+             ``hiprune.capture.AttentionScores`` (per-chunk records); per-chunk scores -> per-merged-token raster
+             scores by the adapter's ``merged_captures`` (window order undone, mean of each 2 x 2 group);
+             ``select_hiprune``.
   reference  the authors' Qwen code: every one of the 32 blocks computes its attention densely over the whole packed
              sequence, H x T x T probabilities with the block's window / image chunks as an additive mask (the
              official eager path), and each block's map is reduced to per-key scores right after the block (the
@@ -64,7 +65,7 @@ keeps other tokens than ours. The gain changes no shape, kernel or FLOP count; w
 defaults. The CLIP tower is built on the CPU in float32 and moved; the Qwen tower (670 M parameters at 3B shape) is
 built on the device in the benchmark's dtype.
 
-Memory:
+Timing and memory probes as eval/efficiency/measure.py takes them. Memory:
   CUDA: in process, ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``, per variant; reported
         as the peak and as the peak minus what was allocated before the call (weights + input).
   CPU:  one fresh subprocess per variant (glibc malloc with a fixed mmap threshold, so large tensors are returned to
@@ -78,27 +79,48 @@ from __future__ import annotations
 
 import argparse
 import copy
-import ctypes
 import gc
 import json
 import os
 import platform
-import re
-import statistics
 import subprocess
 import sys
-import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, ClassVar
 
 import torch
-from transformers import AttentionInterface
+import transformers
+from transformers import (
+    AttentionInterface,
+    CLIPVisionConfig,
+    CLIPVisionModel,
+    Qwen2_5_VisionTransformerPretrainedModel,
+    Qwen2_5_VLVisionConfig,
+)
+from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import eager_attention_forward
+
+from eval.config import REPO_ROOT
+from eval.efficiency.measure import (
+    DTYPES,
+    device_name,
+    load_average,
+    malloc_trim,
+    proc_status_kb,
+    quartiles,
+    reset_peak_rss,
+    time_call,
+    timer_name,
+)
+from hiprune.adapters.qwen2_5_vl import Qwen25VLAdapter
+from hiprune.capture import AttentionScores
+from hiprune.methods.base import resolve_budget
+from hiprune.methods.hiprune import select_hiprune
+from hiprune.scores import global_attention
 
 GOAL_RATIO = 1.05
 VARIANTS = ("plain", "ours", "reference")
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _PROBE_MARKER = "BENCH_SCORING_MEMORY "
 # Registered attention function of the Qwen reference (see the module docstring for the "flash" in its name).
 DENSE_REFERENCE_ATTENTION = "hiprune_bench_dense_eager_via_flash_call_path"
@@ -180,8 +202,6 @@ class ClipShape:
         }
 
     def build_tower(self, dtype: torch.dtype, device: torch.device, seed: int, qk_gain: float):
-        from transformers import CLIPVisionConfig, CLIPVisionModel
-
         config = CLIPVisionConfig(
             hidden_size=self.hidden_size,
             intermediate_size=self.intermediate_size,
@@ -257,8 +277,6 @@ class QwenShape:
 
     @property
     def budget(self) -> int:
-        from hiprune.methods.base import resolve_budget
-
         return resolve_budget(
             self.budget_count if self.budget_count is not None else self.budget_ratio, self.scored_tokens
         )
@@ -299,8 +317,6 @@ class QwenShape:
         }
 
     def vision_config(self, attn_implementation: str = "sdpa"):
-        from transformers import Qwen2_5_VLVisionConfig
-
         return Qwen2_5_VLVisionConfig(
             depth=self.num_layers,
             hidden_size=self.hidden_size,
@@ -317,8 +333,6 @@ class QwenShape:
         )
 
     def build_tower(self, dtype: torch.dtype, device: torch.device, seed: int, qk_gain: float):
-        from transformers import Qwen2_5_VisionTransformerPretrainedModel
-
         torch.manual_seed(seed)
         with torch.device(device):  # 670 M parameters at 3B shape: initialise in place, no float32 CPU copy
             tower = Qwen2_5_VisionTransformerPretrainedModel._from_config(self.vision_config(), dtype=dtype).eval()
@@ -438,9 +452,6 @@ class Ours(ClipVariant):
     description = "SDPA tower + AttentionScores on the object and deep layers + select_hiprune"
 
     def __call__(self, inputs):
-        from hiprune.capture import AttentionScores
-        from hiprune.methods.hiprune import select_hiprune
-
         layers = self.tower.encoder.layers
         modules = {
             "object": layers[self.shape.object_layer - 1].self_attn,
@@ -467,9 +478,6 @@ class Reference(ClipVariant):
         self.tower.set_attn_implementation("sdpa")
 
     def __call__(self, inputs):
-        from hiprune.methods.hiprune import select_hiprune
-        from hiprune.scores import global_attention
-
         out, features = self._forward(inputs, output_attentions=True)
         if len(out.attentions) != self.shape.num_layers:
             raise RuntimeError(f"expected {self.shape.num_layers} attention maps, got {len(out.attentions)}")
@@ -482,8 +490,6 @@ class Reference(ClipVariant):
 class QwenVariant(Variant):
     def __init__(self, tower, shape: QwenShape):
         super().__init__(tower, shape)
-        from hiprune.adapters.qwen2_5_vl import Qwen25VLAdapter
-
         # The adapter reads only ``.model.visual`` and ``.config.vision_config`` of a Qwen2_5_VLForConditionalGeneration
         # for its block lookup and score merging; this tower-only stand-in runs that code without a language model.
         stand_in = SimpleNamespace(
@@ -496,10 +502,8 @@ class QwenVariant(Variant):
         return self.tower(hidden_states=inputs["pixel_values"], grid_thw=inputs["grid_thw"]).pooler_output
 
     def _select(self, object_chunks, deep_chunks, grid_thw) -> dict[str, torch.Tensor]:
-        from hiprune.methods.hiprune import select_hiprune
-
-        object_scores = torch.stack(self.adapter._merged_scores(object_chunks, grid_thw))  # [images, merged tokens]
-        deep_scores = torch.stack(self.adapter._merged_scores(deep_chunks, grid_thw))
+        object_scores = torch.stack(self.adapter.merged_captures(object_chunks, grid_thw))  # [images, merged tokens]
+        deep_scores = torch.stack(self.adapter.merged_captures(deep_chunks, grid_thw))
         indices = select_hiprune(object_scores, deep_scores, self.shape.grid, self.shape.budget)
         return {"indices": indices, "object": object_scores, "deep": deep_scores}
 
@@ -514,16 +518,14 @@ class QwenPlain(QwenVariant):
 
 class QwenOurs(QwenVariant):
     name = "ours"
-    description = "SDPA vision tower + the adapter's ChunkScores on the object and deep blocks + select_hiprune"
+    description = "SDPA vision tower + AttentionScores on the object and deep blocks + select_hiprune"
 
     def __call__(self, inputs):
-        from hiprune.adapters.qwen2_5_vl import ChunkScores
-
         modules = {
             "object": self.adapter.attention_module(self.shape.object_layer),
             "deep": self.adapter.attention_module(self.shape.deep_layer),
         }
-        with ChunkScores(modules) as capture:
+        with AttentionScores(modules) as capture:
             features = self._forward(inputs)
         selected = self._select(capture.chunks.get("object"), capture.chunks.get("deep"), inputs["grid_thw"])
         return {"features": features, **selected}
@@ -536,10 +538,6 @@ def _dense_masked_eager_attention(module, query, key, value, attention_mask, sca
     the block's image / window chunks become an additive finfo.min mask as in the authors' code, the output comes
     from transformers' own ``eager_attention_forward``, and the map is reduced to per-key scores at once.
     """
-    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import eager_attention_forward
-
-    from hiprune.scores import global_attention
-
     cu_seqlens = kwargs.get("cu_seq_lens_q")
     if cu_seqlens is None:
         raise RuntimeError(
@@ -605,29 +603,13 @@ class QwenReference(QwenVariant):
 
 # --- timing ----------------------------------------------------------------------------------------------------
 def timed_call(variant: Variant, inputs: dict[str, torch.Tensor], device: torch.device) -> tuple[float, dict]:
-    """Seconds for one call of the variant, and its outputs. GC is off while timing (as in timeit)."""
+    """Seconds for one call of the variant (eval.efficiency.measure.time_call: GC paused), and its outputs."""
     variant.setup()
-    gc_was_enabled = gc.isenabled()
-    gc.disable()
     try:
         with torch.inference_mode():
-            if device.type == "cuda":
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                torch.cuda.synchronize(device)
-                start.record()
-                out = variant(inputs)
-                end.record()
-                torch.cuda.synchronize(device)
-                seconds = start.elapsed_time(end) / 1000.0
-            else:
-                t0 = time.perf_counter()
-                out = variant(inputs)
-                seconds = time.perf_counter() - t0
+            return time_call(lambda: variant(inputs), device)
     finally:
-        if gc_was_enabled:
-            gc.enable()
         variant.teardown()
-    return seconds, out
 
 
 class Checker:
@@ -679,11 +661,7 @@ def _mismatch_report(ours: dict, ref: dict) -> str:
 
 
 def _quartiles(values: list[float]) -> dict:
-    if len(values) == 1:
-        q1 = med = q3 = values[0]
-    else:
-        q1, med, q3 = statistics.quantiles(values, n=4, method="inclusive")
-    return {"median": med, "q1": q1, "q3": q3, "iqr": q3 - q1, "values": values}
+    return {**quartiles(values), "values": values}
 
 
 def run_timing(variants: dict[str, Variant], inputs, device, repeats: int, warmup: int, checker: Checker) -> dict:
@@ -701,33 +679,18 @@ def run_timing(variants: dict[str, Variant], inputs, device, repeats: int, warmu
 
 
 # --- memory ----------------------------------------------------------------------------------------------------
-def _proc_status_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        match = re.search(rf"^{field}:\s+(\d+) kB", f.read(), re.MULTILINE)
-    if match is None:
-        raise RuntimeError(f"/proc/self/status has no {field}")
-    return int(match.group(1))
-
-
-def _malloc_trim() -> None:
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
 def probe_cpu_memory(variant: Variant, inputs: dict[str, torch.Tensor]) -> dict:
     """In this (fresh) process: peak RSS the variant's call adds, after one warm-up call. Linux only."""
     device = torch.device("cpu")
     _, out = timed_call(variant, inputs, device)  # warm-up: lazy inits, thread pools, kernel caches
     del out
     gc.collect()
-    _malloc_trim()
-    before_kb = _proc_status_kb("VmRSS")
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # reset VmHWM (peak RSS) to the current RSS
+    malloc_trim()
+    before_kb = proc_status_kb("VmRSS")
+    if not reset_peak_rss():  # VmHWM (peak RSS) back to the current RSS
+        raise RuntimeError("cannot reset the peak RSS counter (/proc/self/clear_refs): Linux only")
     _, out = timed_call(variant, inputs, device)
-    peak_kb = _proc_status_kb("VmHWM")
+    peak_kb = proc_status_kb("VmHWM")
     del out
     return {
         "baseline_rss_bytes": before_kb * 1024,
@@ -747,7 +710,7 @@ def measure_cpu_memory(args: argparse.Namespace) -> dict:
         cmd = [
             sys.executable,
             "-m",
-            "eval.bench_scoring",
+            "eval.efficiency.scoring",
             "--_memory-probe",
             name,
             "--device",
@@ -767,8 +730,7 @@ def measure_cpu_memory(args: argparse.Namespace) -> dict:
             cmd += ["--budget", str(args.budget)]
         if args.image_size is not None:
             cmd += ["--image-size", str(args.image_size)]
-        repo = Path(__file__).resolve().parents[1]
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=repo, check=False)
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=REPO_ROOT, check=False)
         lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(_PROBE_MARKER)]
         if proc.returncode != 0 or not lines:
             raise RuntimeError(f"memory probe for {name!r} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
@@ -806,7 +768,7 @@ def measure_cuda_memory(variants: dict[str, Variant], inputs: dict[str, torch.Te
 
 # --- driver ----------------------------------------------------------------------------------------------------
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m eval.bench_scoring", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m eval.efficiency.scoring", description=__doc__.split("\n\n")[0])
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--dtype", choices=tuple(DTYPES), default=None, help="default: float32 on CPU, float16 on CUDA")
     p.add_argument("--batch-size", type=int, default=1)
@@ -862,8 +824,6 @@ def resolve_shape(args: argparse.Namespace) -> ClipShape | QwenShape:
 
 
 def _environment(device: torch.device) -> dict:
-    import transformers
-
     env = {
         "python": platform.python_version(),
         "torch": torch.__version__,
@@ -872,12 +832,9 @@ def _environment(device: torch.device) -> dict:
         "torch_threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
         # Other processes competing for the cores show up as noise (wide IQR); the load average flags it.
-        "load_average_at_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "load_average_at_start": load_average(),
+        "device_name": device_name(device),
     }
-    if device.type == "cuda":
-        env["device_name"] = torch.cuda.get_device_name(device)
-    else:
-        env["device_name"] = platform.processor() or platform.machine()
     return env
 
 
@@ -976,7 +933,7 @@ def main(argv: list[str] | None = None) -> dict:
             "warmup": args.warmup,
             "seed": args.seed,
             "qk_gain": args.qk_gain,
-            "timer": "cuda events + synchronize" if device.type == "cuda" else "time.perf_counter",
+            "timer": timer_name(device),
             "interleaving": "one call per variant per round, order rotated every round; ratios are per round",
         },
         "environment": environment,
@@ -999,7 +956,7 @@ def main(argv: list[str] | None = None) -> dict:
             del tower, variants, inputs
             gc.collect()
             results["memory"] = measure_cpu_memory(args)
-    results["environment"]["load_average_at_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+    results["environment"]["load_average_at_end"] = load_average()
     print_report(results)
     if args.json is not None:
         _write_json(args.json, results)

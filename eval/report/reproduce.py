@@ -1,10 +1,11 @@
 """Reproduce the paper's tables: run a table's sweep (Hydra multirun, resumable), then render it in the paper's shape.
 
-    python -m eval.reproduce run 2 [OVERRIDES...]      # = make reproduce-table TABLE=2 [ARGS="limit=200 ..."]
-    python -m eval.reproduce render 2 [OVERRIDES...]   # re-render one table from the store, nothing runs
-    python -m eval.reproduce render --all              # = make tables
-    python -m eval.reproduce list                      # the tables and their experiment configs
-    python -m eval.reproduce run 2 --dry-run           # print the sweep commands only
+    python -m eval.report.reproduce run 2 [OVERRIDES...]      # = make reproduce-table TABLE=2 [ARGS="limit=200 ..."]
+    python -m eval.report.reproduce render 2 [OVERRIDES...]   # re-render one table from the store, nothing runs
+    python -m eval.report.reproduce render --all              # = make tables
+    python -m eval.report.reproduce plots 2 [OVERRIDES...]    # only the table's plots (render makes them too)
+    python -m eval.report.reproduce list                      # the tables and their experiment configs
+    python -m eval.report.reproduce run 2 --dry-run           # print the sweep commands only
 
 A table is an experiment config (configs/experiment/*.yaml) with a ``paper:`` block naming the paper table, its
 models (harness config, paper name, budgets as printed -> harness budget), its rows (label, harness method, method
@@ -14,14 +15,14 @@ the config the renderer reads (store=..., limit=..., batch_size=..., hydra/launc
 
 ``run`` launches, per model, one multirun for the vanilla model (method=none, every benchmark) and one per group of
 rows (methods without options together, each row with options on its own) over budgets x benchmarks. Finished
-records are skipped, so an interrupted ``run`` resumes where it stopped; methods or models marked
-``implemented: false`` are skipped by eval.run with a notice.
+records are skipped, so an interrupted ``run`` resumes where it stopped; methods the harness does not implement
+(not in ``hiprune.METHODS``) and models marked ``implemented: false`` are skipped by eval.running.run with a notice.
 
-Every cell of the rendered table reads "ours (paper, delta)". Avg is the paper's relative score (eval.paper:
+Every cell of the rendered table reads "ours (paper, delta)". Avg is the paper's relative score (eval.report.paper:
 mean of method / baseline x 100 over the benchmarks present, raw MME, missing cells skipped), for ours against our
 own vanilla run and for the paper against the paper's vanilla row, with and without VizWiz. Outputs, under
 results/tables/: <experiment>.csv (the table as shown), <experiment>.md (title, table, notes), <experiment>.tex
-(booktabs), <experiment>_cells.csv (one row per cell, numbers only).
+(booktabs), <experiment>_cells.csv (one row per cell, numbers only); plots (eval.report.plots) under results/plots/.
 """
 
 from __future__ import annotations
@@ -39,12 +40,15 @@ from typing import Any
 
 import pandas as pd
 from omegaconf import DictConfig, OmegaConf
+from transformers import AutoConfig
 
-from eval import paper as P
-from eval.store import iter_records
+from eval.config import CONFIG_DIR, REPO_ROOT, ConfigError, compose_config, repo_path
+from eval.efficiency.flops import flops_exact
+from eval.report import paper as P
+from eval.report import plots as plotting
+from eval.running.methods import build_from_config, is_implemented, unsupported_reason
+from eval.running.store import iter_records
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-CONFIG_DIR = REPO_ROOT / "configs"
 EXPERIMENT_DIR = CONFIG_DIR / "experiment"
 TABLES_DIR = REPO_ROOT / "results" / "tables"
 PLOTS_DIR = REPO_ROOT / "results" / "plots"
@@ -84,13 +88,8 @@ def experiment_name(table: str) -> str:
 
 
 def compose(experiment: str, overrides: Sequence[str] = ()) -> DictConfig:
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        return hydra_compose("config", overrides=[f"+experiment={experiment}", *overrides])
+    """The run config of ``experiment`` with ``overrides``, as a sweep of the table composes it."""
+    return compose_config([f"+experiment={experiment}", *overrides])
 
 
 @dataclass
@@ -99,8 +98,11 @@ class Row:
     method: str
     options: dict[str, Any] = field(default_factory=dict)
     paper: str | None = None  # method name in the paper's data (None: a harness-only row)
-    implemented: bool = True
-    describe: dict[str, Any] | None = None  # method identity without budget, when implemented
+
+    @property
+    def implemented(self) -> bool:
+        """The harness implements the row's method (registered in hiprune.METHODS)."""
+        return is_implemented(self.method)
 
 
 @dataclass
@@ -133,13 +135,6 @@ class Spec:
     overrides: list[str]
 
 
-def _method_config(name: str) -> DictConfig:
-    path = CONFIG_DIR / "method" / f"{name}.yaml"
-    if not path.is_file():
-        raise SystemExit(f"method config {path} is missing")
-    return OmegaConf.load(path)
-
-
 def load_spec(table: str, overrides: Sequence[str] = ()) -> Spec:
     experiment = experiment_name(table)
     cfg = compose(experiment, overrides)
@@ -160,10 +155,10 @@ def load_spec(table: str, overrides: Sequence[str] = ()) -> Spec:
         )
     rows = []
     for r in block["rows"]:
-        row = Row(label=str(r["label"]), method=r["method"], options=dict(r.get("options") or {}),
-                  paper=str(r["label"]) if "paper" not in r else (None if r["paper"] is None else str(r["paper"])))
-        row.implemented = bool(_method_config(row.method).get("implemented", True))
-        rows.append(row)
+        if not (CONFIG_DIR / "method" / f"{r['method']}.yaml").is_file():
+            raise SystemExit(f"method config {CONFIG_DIR / 'method' / (r['method'] + '.yaml')} is missing")
+        paper = str(r["label"]) if "paper" not in r else (None if r["paper"] is None else str(r["paper"]))
+        rows.append(Row(label=str(r["label"]), method=r["method"], options=dict(r.get("options") or {}), paper=paper))
     benchmark_configs = {**P.BENCHMARK_CONFIGS, **(block.get("benchmark_configs") or {})}
     return Spec(
         experiment=experiment,
@@ -176,7 +171,7 @@ def load_spec(table: str, overrides: Sequence[str] = ()) -> Spec:
         benchmark_configs=benchmark_configs,
         models=models,
         rows=rows,
-        store=_repo_path(cfg.store),
+        store=repo_path(cfg.store),
         limit=cfg.get("limit"),
         offline=bool(block.get("offline", False)),
         efficiency=dict(block.get("efficiency") or {}),
@@ -184,42 +179,29 @@ def load_spec(table: str, overrides: Sequence[str] = ()) -> Spec:
     )
 
 
-def _repo_path(path: str | Path) -> Path:
-    path = Path(str(path))
-    return path if path.is_absolute() else REPO_ROOT / path
-
-
 @functools.lru_cache(maxsize=256)
-def _method_options(experiment: str, overrides: tuple[str, ...], model: str, method: str,
-                    options: tuple) -> tuple[str, str]:
-    """(method name, JSON of its resolved options) as the composed run config would hold them."""
+def _method_config(experiment: str, overrides: tuple[str, ...], model: str, method: str, options: tuple) -> str:
+    """JSON of the method config (name + resolved options) as the composed run config would hold it."""
     cfg = compose(experiment, [*overrides, f"model={model}", f"method={method}",
                                *[f"method.options.{k}={_hydra_value(v)}" for k, v in options]])
-    return str(cfg.method.name), json.dumps(OmegaConf.to_container(cfg.method.options, resolve=True) or {})
+    return json.dumps(OmegaConf.to_container(cfg.method, resolve=True))
 
 
 def _method_identity(row: Row, budget: Any, spec: Spec, model: ModelSpec) -> dict[str, Any] | None:
     """The method dict a record of this row at this budget carries (identity['method']), or None if not buildable."""
     if not row.implemented:
         return None
-    import hiprune
-
-    name, options = _method_options(spec.experiment, tuple(spec.overrides), model.config, row.method,
-                                    tuple(sorted(row.options.items())))
-    options = json.loads(options)
+    method_cfg = json.loads(_method_config(spec.experiment, tuple(spec.overrides), model.config, row.method,
+                                           tuple(sorted(row.options.items()))))
     try:
-        if name == "none":
-            return hiprune.build_method("none", **options).describe()
-        return hiprune.build_method(name, budget=budget, **options).describe()
-    except (ValueError, TypeError):
+        return build_from_config(method_cfg, budget).describe()
+    except ConfigError:
         return None
 
 
 def _family_runs(model: ModelSpec, row: Row) -> bool:
     """False when the model's family cannot run the row's method at all (e.g. an LLM-side method on Qwen2.5-VL):
-    eval.run skips such runs with a notice, and the cells read 'not run'."""
-    from eval.run import unsupported_reason
-
+    eval.running.run skips such runs with a notice, and the cells read 'not run'."""
     return row.method == "none" or unsupported_reason(str(model.settings["lmms_model"]), row.method) is None
 
 
@@ -565,7 +547,7 @@ def latex_escape(text: str) -> str:
 def to_latex(spec: Spec, rendered: Rendered) -> str:
     width = len(rendered.header)
     out = [
-        "% Generated by python -m eval.reproduce; needs \\usepackage{booktabs,graphicx}",
+        "% Generated by python -m eval.report.reproduce; needs \\usepackage{booktabs,graphicx}",
         "\\begin{table*}[t]",
         "\\centering",
         f"\\caption{{{latex_escape(spec.title)}. Cells: ours (paper, ours$-$paper).}}",
@@ -596,12 +578,10 @@ def _rel(path: Path) -> str:
 # ------------------------------------------------------------------------------------------------------------------
 def _arch_config(model: ModelSpec):
     """HF config of the model's architecture, from configs/arch (hub models) or the local checkpoint."""
-    from transformers import AutoConfig
-
     pretrained = str(model.settings.get("pretrained", ""))
     candidates = []
     if model.settings.get("local"):
-        candidates.append(_repo_path(pretrained))
+        candidates.append(repo_path(pretrained))
     candidates.append(CONFIG_DIR / "arch" / pretrained.split("/")[-1].lower())
     for folder in candidates:
         if (folder / "config.json").is_file():
@@ -610,11 +590,8 @@ def _arch_config(model: ModelSpec):
 
 
 def tflops(model: ModelSpec, n_visual: int, n_text: int) -> tuple[float | None, str]:
-    """calflops-convention TFLOPs of one forward (every linear layer, attention scores excluded) from eval/flops.py."""
-    try:
-        from eval.flops import flops_exact
-    except ImportError:
-        return None, "eval.flops is not available"
+    """calflops-convention TFLOPs of one forward (every linear layer, attention scores excluded) from
+    eval/efficiency/flops.py."""
     config = _arch_config(model)
     if config is None:
         return None, f"no architecture config for {model.config} (configs/arch)"
@@ -622,7 +599,7 @@ def tflops(model: ModelSpec, n_visual: int, n_text: int) -> tuple[float | None, 
         counts = flops_exact(config, n_text, n_visual)
     except (NotImplementedError, ValueError, AttributeError) as exc:
         return None, f"flops_exact: {exc}"
-    return (counts["total"] - counts["attention_scores"]) / 1e12, "eval.flops.flops_exact (linear layers)"
+    return (counts["total"] - counts["attention_scores"]) / 1e12, "eval.efficiency.flops.flops_exact (linear layers)"
 
 
 def render_efficiency(spec: Spec) -> tuple[pd.DataFrame, str, str, pd.DataFrame]:
@@ -647,7 +624,7 @@ def render_efficiency(spec: Spec) -> tuple[pd.DataFrame, str, str, pd.DataFrame]
         ref = reference[(reference["model"] == model.paper) & (reference["method"] == paper_method)
                         & (reference["budget"] == str(budget_label))]
         ref = ref.iloc[0] if len(ref) else None
-        implemented = method == "none" or bool(_method_config(method).get("implemented", True))
+        implemented = method == "none" or is_implemented(method)
         ours, source = tflops(model, n_visual, n_text) if implemented else (None, source)
         cells = [model.paper if method == "none" else label]
         for key, _ in metrics:
@@ -673,7 +650,8 @@ def render_efficiency(spec: Spec) -> tuple[pd.DataFrame, str, str, pd.DataFrame]
                          "paper": None if ref is None else float(ref[key])})
         lines.append(("row", cells))
     notes = [
-        (f"TFLOPs (ours): {source or 'eval.flops'}, one forward of {int(model.vanilla)} → N' visual + {n_text} text "
+        (f"TFLOPs (ours): {source or 'eval.efficiency.flops'}, one forward of {int(model.vanilla)} → N' visual + "
+         f"{n_text} text "
          "tokens, lm_head on every position, attention-score FLOPs excluded: the calflops convention of the paper "
          "(calflops misses F.scaled_dot_product_attention). The paper's prompt length is not given ('around 600 "
          "tokens'), so small offsets are expected."),
@@ -725,20 +703,24 @@ def render(table: str, overrides: Sequence[str] = (), out_dir: Path | None = Non
     paths["tex"].write_text(latex)
     tidy.to_csv(paths["cells"], index=False, float_format="%.4f")
     if plots and cells is not None and len(cells):
-        from eval import plots as plotting
-
-        plot_dir = Path(plots_dir or PLOTS_DIR) / spec.experiment
-        paths.update(plotting.table_plots(spec, cells, plot_dir))
+        paths.update(table_plots(spec, cells, Path(plots_dir or PLOTS_DIR) / spec.experiment))
     return paths
 
 
+def table_plots(spec: Spec, cells: pd.DataFrame, out_dir: Path) -> dict[str, Path]:
+    """The table's plots (eval.report.plots): accuracy vs kept tokens, and Avg vs TFLOPs (this module's
+    :func:`tflops`) where the table's baseline is the vanilla model."""
+    return plotting.table_plots(spec, cells, out_dir, row_averages(spec, cells), tflops)
+
+
 def sweep_commands(spec: Spec, overrides: Sequence[str] = ()) -> list[list[str]]:
-    """The Hydra multiruns that fill the table (eval.run --multirun ...), in order."""
+    """The Hydra multiruns that fill the table (eval.running.run --multirun ...), in order."""
     if spec.kind == "efficiency":
         return []
-    # eval.run's main by import, not `-m eval.run`: submitit / Ray pickle the task function, which must not be __main__
-    base = [sys.executable, "-c", "from eval.run import main; main()", "--multirun", f"+experiment={spec.experiment}",
-            "hydra.sweeper.params=null"]
+    # run's main by import, not `-m eval.running.run`: submitit / Ray pickle the task function, which must not be
+    # __main__
+    base = [sys.executable, "-c", "from eval.running.run import main; main()", "--multirun",
+            f"+experiment={spec.experiment}", "hydra.sweeper.params=null"]
     benchmarks = ",".join(dict.fromkeys(spec.benchmark_configs.get(b, b) for b in spec.benchmarks))
     commands = []
 
@@ -805,12 +787,21 @@ def main(argv: list[str] | None = None) -> None:
     p_render.add_argument("--all", action="store_true", help="every table")
     p_render.add_argument("--out", type=Path, help=f"output folder (default {_rel(TABLES_DIR)})")
     p_render.add_argument("--no-plots", action="store_true")
+    p_plots = sub.add_parser("plots", help="only the table's plots, from the store; runs nothing")
+    p_plots.add_argument("table")
+    p_plots.add_argument("overrides", nargs="*")
+    p_plots.add_argument("--out", type=Path, help=f"output folder (default {_rel(PLOTS_DIR)}/<experiment>)")
     sub.add_parser("list", help="tables and their experiment configs")
     args = parser.parse_args(argv)
 
     if args.command == "list":
         for table, experiment in list_tables().items():
             print(f"{table:>14}  configs/experiment/{experiment}.yaml")
+        return
+    if args.command == "plots":
+        spec = load_spec(args.table, args.overrides)
+        for path in table_plots(spec, collect_cells(spec), args.out or PLOTS_DIR / spec.experiment).values():
+            print(f"[reproduce] wrote {_rel(path)}")
         return
     if args.command == "run":
         sys.exit(run(args.table, args.overrides, dry_run=args.dry_run, plots=not args.no_plots))

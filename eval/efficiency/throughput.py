@@ -1,12 +1,12 @@
 """Evaluation throughput: samples/s of one lmms-eval run at batch size 1 vs 8 on the same model instance, with
 identical answers (issue 8, deliverable 6).
 
-    python -m eval.eval_throughput                               # tiny LLaVA, HiPrune 64, local smoke POPE task
-    python -m eval.eval_throughput --method none --batch-sizes 1 4 8 --limit 24
-    python -m eval.eval_throughput --pretrained llava-hf/llava-1.5-7b-hf --tasks pope --include-path "" \\
+    python -m eval.efficiency.throughput                         # tiny LLaVA, HiPrune 64, local smoke POPE task
+    python -m eval.efficiency.throughput --method none --batch-sizes 1 4 8 --limit 24
+    python -m eval.efficiency.throughput --pretrained llava-hf/llava-1.5-7b-hf --tasks pope --include-path "" \\
         --limit 500 --device cuda --dtype float16      # a real model (weights and dataset from the hub cache)
 
-One ``eval.lmms_model.HiPruneLlava`` is loaded once; each batch size runs ``lmms_eval.evaluator.simple_evaluate``
+One ``eval.lmms.llava.HiPruneLlava`` is loaded once; each batch size runs ``lmms_eval.evaluator.simple_evaluate``
 (``log_samples=True``; its final ``lm.clean()``, which deletes the model's modules, is skipped so the instance
 can be reused) over the same documents, after one untimed warm-up run (dataset loading, first-call
 overheads). Reported per batch size: wall time of the evaluate call and of the model's ``generate_until`` alone,
@@ -28,7 +28,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+import torch
+
+from eval.config import REPO_ROOT
+from eval.efficiency.measure import load_average
+
 DEFAULT_OUT = REPO_ROOT / "results" / "efficiency" / "eval_throughput"
 
 
@@ -43,11 +47,12 @@ def _answers(results: dict) -> dict[str, Any]:
 
 def evaluate_once(model, tasks: list[str], manager, limit: int | None, batch_size: int, seed: int = 0) -> dict:
     """One simple_evaluate at ``batch_size`` on ``model``; times the whole call and generate_until alone."""
+    # deferred on purpose: lmms-eval and transformers read HF_HUB_OFFLINE when imported, after main()'s defaults
     from lmms_eval.evaluator import simple_evaluate
 
-    model.batch_size_per_gpu = int(batch_size)
-    from eval.run import DOC_LOGS
+    from eval.lmms.base import DOC_LOGS
 
+    model.batch_size_per_gpu = int(batch_size)
     for name in DOC_LOGS:  # every per-doc log starts empty, so each batch size is compared on its own answers
         getattr(model, name).clear()
     spent = {"generate_s": 0.0}
@@ -121,10 +126,9 @@ def run(
     seed: int = 0,
     **method_options: Any,
 ) -> dict:
-    import torch
-
-    from eval.lmms_model import HiPruneLlava
-    from eval.run import task_manager
+    # deferred on purpose: lmms-eval and transformers read HF_HUB_OFFLINE when imported, after main()'s defaults
+    from eval.lmms.llava import HiPruneLlava
+    from eval.running.run import task_manager
 
     tasks = tasks or ["hiprune_smoke_pope"]
     batch_sizes = batch_sizes or [1, 8]
@@ -152,7 +156,7 @@ def run(
         "limit": limit,
         "batch_sizes": batch_sizes,
         "torch_threads": torch.get_num_threads(),
-        "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
+        "load_average": load_average(),
         "timestamp": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join(sys.argv),
         "runs": runs,
@@ -204,7 +208,7 @@ def write(result: dict, out: Path) -> list[Path]:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(prog="python -m eval.eval_throughput", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="python -m eval.efficiency.throughput", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--pretrained", default=str(REPO_ROOT / "assets" / "tiny-llava"))
     p.add_argument("--method", default="hiprune")
@@ -222,8 +226,6 @@ def main(argv: list[str] | None = None) -> dict:
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if args.threads:
-        import torch
-
         torch.set_num_threads(args.threads)
     if str(args.pretrained).startswith(str(REPO_ROOT / "assets")) and not (Path(args.pretrained) / "config.json").is_file():
         sys.exit(f"{args.pretrained} is missing: build the offline assets first (make assets)")

@@ -1,5 +1,7 @@
-"""lmms-eval model classes: an HF VLM with any harness method installed (``hiprune_llava`` here; other families
-in eval/lmms_<family>.py, all registered in eval/lmms_plugin.py).
+"""The harness's lmms-eval model base class: an HF VLM with any harness method installed, batched generation, and the
+per-document logs a run records (kept visual tokens, their digest, prefill lengths, per-layer visual tokens). One
+subclass per family: eval/lmms/llava.py (``hiprune_llava``), llava_next.py, qwen2_5_vl.py, video_llava.py, all
+registered in eval/lmms/plugin.py.
 
     python -m lmms_eval --model hiprune_llava \\
         --model_args pretrained=llava-hf/llava-1.5-7b-hf,method=hiprune,budget=192 --tasks pope --batch_size 8
@@ -17,18 +19,25 @@ from contextlib import ExitStack
 from typing import Any, ClassVar
 
 import torch
+from accelerate import Accelerator, PartialState
+from accelerate.utils import parse_flag_from_env
 from lmms_eval.api.instance import Instance
 from lmms_eval.api.model import lmms
+from lmms_eval.models import get_model
 from lmms_eval.utils import Collator
 from PIL import Image
 from tqdm import tqdm
 
 import hiprune
+from eval.config import ConfigError
+from eval.lmms.prompting import IMAGE_PLACEHOLDER
 from hiprune.adapters.base import GridRecord
 from hiprune.adapters.llm_pruning import resolve_schedule, visual_per_layer
-from hiprune.prompting import IMAGE_PLACEHOLDER, LlavaInputBuilder
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# The model's per-doc logs, {(task, split): {doc: ...}} (llm_visual_per_layer: LLM-side methods only, else empty);
+# a run records them, a data-parallel run merges them over its ranks.
+DOC_LOGS = ("kept_tokens", "kept_digests", "prefill_tokens", "llm_visual_per_layer")
 
 
 class GenerationError(RuntimeError):
@@ -46,9 +55,6 @@ def data_parallel_state(device: str = "auto"):
 
     accelerate builds a CPU (gloo) group only when asked, so a CPU model asks: device=cpu, no CUDA, or
     ACCELERATE_USE_CPU (`accelerate launch --cpu`). Otherwise it is nccl with one GPU per process."""
-    from accelerate import PartialState
-    from accelerate.utils import parse_flag_from_env
-
     on_cpu = parse_flag_from_env("ACCELERATE_USE_CPU") or resolve_device(device) == "cpu"
     state = PartialState(cpu=on_cpu)
     launched = int(os.environ.get("WORLD_SIZE", "1"))
@@ -73,7 +79,8 @@ class HiPruneLMM(lmms):
     """A VLM family evaluated with a token-pruning method; subclasses load the family and build its inputs.
 
     Subclasses set ``loading_options`` (name -> default) and implement :meth:`load` and :meth:`build_inputs`;
-    every other keyword argument is a method option.
+    every other keyword argument is a method option. ``method`` is a registered method's name, or a method the
+    harness already built and validated from its config (eval.running.methods), which then takes no options.
     """
 
     # The unit each kept-token count of the per-doc logs refers to (each pruned grid is counted on its own).
@@ -89,7 +96,7 @@ class HiPruneLMM(lmms):
     def __init__(
         self,
         pretrained: str | None = None,
-        method: str = "hiprune",
+        method: str | hiprune.Method = "hiprune",
         revision: str | None = None,
         device: str = "auto",
         dtype: str = "auto",
@@ -102,7 +109,12 @@ class HiPruneLMM(lmms):
         loading = {k: options.pop(k, default) for k, default in self.loading_options.items()}
         self.adapter_options = {k: loading[k] for k in self.adapter_option_names}
         # Validate everything cheap before the (possibly multi-GB) model loads.
-        self.method = hiprune.build_method(method, **options)
+        if isinstance(method, hiprune.Method):
+            if options:
+                raise ValueError(f"options {sorted(options)} given with an already built method {method.name!r}")
+            self.method = method
+        else:
+            self.method = hiprune.build_method(method, **options)
         self._device = self._setup_data_parallel(device)
         self._dtype = resolve_dtype(dtype, self._device)
         self.batch_size_per_gpu = int(batch_size)
@@ -166,8 +178,6 @@ class HiPruneLMM(lmms):
         Under a multi-process launcher (`accelerate launch`, torchrun: one process per device) lmms-eval shards the
         requests by rank and gathers results through ``self.accelerator``; each process holds a full model copy on
         its own device: cuda:<local rank>, or the CPU for a CPU model (gloo process group)."""
-        from accelerate import Accelerator
-
         state = data_parallel_state(requested_device)
         self.accelerator = Accelerator()
         if state.num_processes == 1:
@@ -406,43 +416,15 @@ class HiPruneLMM(lmms):
         return summary
 
 
-class HiPruneLlava(HiPruneLMM):
-    """LLaVA-1.5 (HF ``LlavaForConditionalGeneration``), prompted and preprocessed like the official evaluation."""
-
-    family = "llava"
-    default_pretrained = "llava-hf/llava-1.5-7b-hf"
-    loading_options = {
-        "prompt_style": "vicuna_v1",
-        "image_backend": "pil",
-        "pad_to_square": True,
-        # CLIP checkpoint paired with the vision tower; loaded only for prompt-aware methods (HiPrune++)
-        "text_tower": "openai/clip-vit-large-patch14-336",
-        "prompt_pooling": "mean",
-    }
-
-    def load(self, pretrained, revision, attn_implementation, prompt_style, image_backend, pad_to_square,
-             text_tower, prompt_pooling):
-        from transformers import AutoProcessor, LlavaForConditionalGeneration
-
-        self.load_clip_prompt_encoder(text_tower, prompt_pooling)
-
-        processor = AutoProcessor.from_pretrained(pretrained, revision=revision)
-        self.inputs = LlavaInputBuilder(
-            processor, prompt_style=prompt_style, image_backend=image_backend, pad_to_square=pad_to_square
-        )
-        self.pad_token_id = self.inputs.pad_id
-        model = LlavaForConditionalGeneration.from_pretrained(
-            pretrained, revision=revision, dtype=self._dtype, attn_implementation=attn_implementation
-        )
-        return model, processor
-
-    @property
-    def tokens_per_image(self) -> int:
-        return self.session.tokens_per_image()
-
-    def build_inputs(self, contexts, images):
-        keep = self.tokens_per_image
-        return self.inputs(contexts, images, keep), [[keep] * len(sample) for sample in images]
+def lmms_model_class(name: str) -> type[HiPruneLMM]:
+    """The harness's lmms-eval model class registered under ``name`` (entry point ``lmms_eval.models``)."""
+    try:
+        cls = get_model(name)
+    except Exception as exc:
+        raise ConfigError(f"unknown lmms-eval model {name!r}: {exc}") from exc
+    if not (isinstance(cls, type) and issubclass(cls, HiPruneLMM)):
+        raise ConfigError(f"lmms-eval model {name!r} is not one of the harness's pruning models")
+    return cls
 
 
 def selection_digest(grids) -> str:

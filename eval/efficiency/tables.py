@@ -1,7 +1,7 @@
-"""Efficiency tables from an eval.bench result: the paper's Table 5 with our numbers beside it, and the roofline
-comparison (issue 8, deliverables 3 and 5).
+"""Efficiency tables from an eval.efficiency.bench result: the paper's Table 5 with our numbers beside it, and the
+roofline comparison (issue 8, deliverables 3 and 5).
 
-    python -m eval.efficiency_table results/efficiency/llava15_mid_cpu-cpu-bfloat16/bench.json [--out DIR]
+    python -m eval.efficiency.tables results/efficiency/llava15_mid_cpu-cpu-bfloat16/bench.json [--out DIR]
 
 Writes into the bench.json's folder (or --out):
 
@@ -24,15 +24,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import shutil
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-REFERENCE = REPO_ROOT / "results" / "reference" / "paper_efficiency.csv"
-SHARED_REFERENCE = REPO_ROOT.parent / "shared" / "reference" / "paper_efficiency.csv"
+from eval.report.paper import load_efficiency
 
 # paper method name -> harness method name
 PAPER_METHODS = {"vanilla": "none", "HiPrune": "hiprune", "HiPrune++": "hiprune_pp", "Random": "random"}
@@ -44,18 +41,9 @@ PAPER_SETUP = ("paper: LLaVA-1.5-7B, one ~600-token example, A100-40G, 11 runs w
 GB = 1e9
 
 
-def reference_path() -> Path:
-    """results/reference/paper_efficiency.csv; copied from ../shared/reference/ if the repo lacks it."""
-    if not REFERENCE.is_file() and SHARED_REFERENCE.is_file():
-        REFERENCE.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(SHARED_REFERENCE, REFERENCE)
-    if not REFERENCE.is_file():
-        raise FileNotFoundError(f"{REFERENCE} is missing (the paper's Table 5; it ships with the repo)")
-    return REFERENCE
-
-
-def load_paper(path: Path | None = None, model: str = "llava-1.5-7b") -> pd.DataFrame:
-    frame = pd.read_csv(path or reference_path())
+def load_paper(root: Path | None = None, model: str = "llava-1.5-7b") -> pd.DataFrame:
+    """The paper's Table 5 rows of ``model`` (results/reference/paper_efficiency.csv), in harness method names."""
+    frame = load_efficiency(root)
     frame = frame[frame["model"] == model].copy()
     frame["method"] = frame["method"].map(lambda m: PAPER_METHODS.get(m, m.lower()))
     frame["budget"] = frame["budget"].astype(int)
@@ -376,10 +364,11 @@ def roofline_markdown(frame: pd.DataFrame, bench: dict) -> str:
         f" GB/s; at end: {peaks['end']['flops_per_s'] / 1e12:.3f} TFLOP/s, {peaks['end']['bytes_per_s'] / GB:.1f} GB/s;"
         " the bound uses the higher of each (the tighter bound)."),
         ("- Bound = max(FLOPs / peak FLOP/s, bytes / bandwidth) of the LLM prefill (decoder + lm_head on the last "
-        "position). FLOPs: eval.flops.flops_exact with causal attention counted as a causal kernel needs it "
-        "(n(n+1)/2 pairs). Bytes (eval.roofline.prefill_bytes): every decoder weight and the lm_head read once, the KV "
-        "cache written once, each projection GEMM's input and output and the attention kernel's q/k/v/output moved "
-        "once (norms, rotary, activations and residual adds assumed fused: a lower estimate)."),
+        "position). FLOPs: eval.efficiency.flops.flops_exact with causal attention counted as a causal kernel "
+        "needs it (n(n+1)/2 pairs). Bytes (eval.efficiency.roofline.prefill_bytes): every decoder weight and the "
+        "lm_head read once, the KV cache written once, each projection GEMM's input and output and the attention "
+        "kernel's q/k/v/output moved once (norms, rotary, activations and residual adds assumed fused: a lower "
+        "estimate)."),
         f"- Goal (issue 8): on a GPU, measured ≤ {goal:g} × bound at every budget. "
         + ("This run is on a GPU." if on_gpu else "This run is on a CPU: the goal column is reported, the goal applies to GPUs."),
         "",
@@ -434,7 +423,7 @@ def write_tables(bench: dict, out_dir: Path, paper: pd.DataFrame | None = None) 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("bench_json", type=Path, help="bench.json written by python -m eval.bench")
+    parser.add_argument("bench_json", type=Path, help="bench.json written by python -m eval.efficiency.bench")
     parser.add_argument("--out", type=Path, default=None, help="output folder (default: the bench.json's folder)")
     args = parser.parse_args(argv)
     bench = json.loads(args.bench_json.read_text())

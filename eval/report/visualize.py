@@ -1,8 +1,8 @@
 """Token-selection overlay: which visual tokens a method keeps for one image, and why.
 
-    python -m eval.visualize image=photo.jpg model=llava15_7b method=hiprune budget=192
-    python -m eval.visualize image=photo.jpg model=tiny_llava method=random budget=64 device=cpu
-    python -m eval.visualize image=photo.jpg method=hiprune budget=64 method.options.buffer=square \\
+    python -m eval.report.visualize image=photo.jpg model=llava15_7b method=hiprune budget=192
+    python -m eval.report.visualize image=photo.jpg model=tiny_llava method=random budget=64 device=cpu
+    python -m eval.report.visualize image=photo.jpg method=hiprune budget=64 method.options.buffer=square \\
         prompt="What is the man holding?" out=results/plots/visualize/photo_square
 
 Arguments are Hydra-style ``key=value`` overrides of the harness config (configs/config.yaml: model, method,
@@ -29,11 +29,16 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 from matplotlib.patches import Patch, Rectangle
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from PIL import Image
+from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-CONFIG_DIR = REPO_ROOT / "configs"
+import hiprune
+from eval.config import REPO_ROOT, ConfigError, compose_config, repo_path
+from eval.lmms.base import resolve_device, resolve_dtype
+from eval.lmms.prompting import LlavaInputBuilder
+from eval.running.methods import build_from_config
+
 OWN_KEYS = ("image", "prompt", "out")
 DEFAULT_PROMPT = "Describe the image."
 
@@ -47,27 +52,14 @@ ROLE_COLOURS = {
 KEPT_COLOUR = "#1f77b4"
 
 
-def compose_config(overrides: list[str]) -> DictConfig:
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        return compose("config", overrides=list(overrides))
-
-
 def load_vlm(cfg: DictConfig):
     """(model, processor, device) for the composed model config; local checkpoints resolved against the repo."""
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
-
-    from eval.lmms_model import resolve_device, resolve_dtype
-
     m = cfg.model
     if not m.get("implemented", True):
         raise SystemExit(f"model {m.name} is not implemented in the harness yet")
     pretrained = str(m.pretrained)
     if m.get("local"):
-        local = Path(pretrained) if Path(pretrained).is_absolute() else REPO_ROOT / pretrained
+        local = repo_path(pretrained)
         if not (local / "config.json").is_file():
             raise SystemExit(f"local model {local} not found; build it first (make assets)")
         pretrained = str(local)
@@ -80,20 +72,7 @@ def load_vlm(cfg: DictConfig):
     return model, processor, device
 
 
-def build_method(cfg: DictConfig):
-    import hiprune
-
-    if not cfg.method.get("implemented", True):
-        raise SystemExit(f"method {cfg.method.name} is not implemented in the harness")
-    options = OmegaConf.to_container(cfg.method.options, resolve=True) or {}
-    if cfg.method.name == "none":
-        return hiprune.build_method("none", **options)
-    return hiprune.build_method(cfg.method.name, budget=cfg.budget, **options)
-
-
 def input_builder(processor, model_cfg: DictConfig | dict):
-    from hiprune.prompting import LlavaInputBuilder
-
     get = model_cfg.get
     return LlavaInputBuilder(processor, prompt_style=get("prompt_style", "vicuna_v1"),
                              image_backend=get("image_backend", "pil"), pad_to_square=get("pad_to_square", True))
@@ -110,8 +89,6 @@ def displayed_image(pixel_values: torch.Tensor, image_processor) -> np.ndarray:
 def select_tokens(model, processor, method, image: Image.Image, prompt: str = DEFAULT_PROMPT,
                   model_cfg: DictConfig | dict | None = None) -> dict[str, Any]:
     """Run one prefill with ``method`` installed; returns the displayed image, grid, kept indices and roles."""
-    import hiprune
-
     builder = input_builder(processor, model_cfg or {})
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
@@ -215,7 +192,10 @@ def main(argv: list[str] | None = None) -> list[Path]:
     if not image_path.is_file():
         raise SystemExit(f"image {image_path} not found")
     cfg = compose_config(overrides)
-    method = build_method(cfg)  # validated before the model loads
+    try:
+        method = build_from_config(cfg.method, cfg.budget)  # validated before the model loads
+    except ConfigError as exc:
+        raise SystemExit(f"configuration error: {exc}") from exc
     model, processor, _ = load_vlm(cfg)
     with Image.open(image_path) as handle:
         image = handle.copy()

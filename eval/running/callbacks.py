@@ -6,8 +6,9 @@ works when jobs run elsewhere (SLURM / Ray launchers write to the same shared sw
 when the sweep ends, and also when it stops early (a failed job makes Hydra raise after its batch; a configuration
 error exits at once): then it names how many planned jobs never finished.
 
-Statuses: ran (a new record), skipped (the record existed), not implemented (model or method marked
-``implemented: false``), failed (an exception; its message is shown).
+Statuses: ran (a new record), skipped (the record existed), not implemented (a method the harness does not implement,
+a model marked ``implemented: false``, or a method the model family cannot run), failed (an exception; its message is
+shown).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from collections import Counter, OrderedDict
 from pathlib import Path
 from typing import Any
 
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
@@ -34,8 +36,6 @@ def planned_jobs(config: DictConfig) -> int | None:
     """Number of jobs a basic-sweeper multirun will launch (sweeper params merged with the command line, which
     wins per key, as hydra's BasicSweeper does); None if it cannot be told (e.g. another sweeper)."""
     try:
-        from hydra.core.override_parser.overrides_parser import OverridesParser
-
         params = OmegaConf.select(config, "hydra.sweeper.params") or {}
         strings = [f"{k}={v}" for k, v in params.items()]
         strings += list(OmegaConf.select(config, "hydra.overrides.task") or [])

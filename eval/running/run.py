@@ -3,7 +3,7 @@
     hiprune-eval model=llava15_7b method=hiprune budget=192 benchmark=pope
     hiprune-eval --multirun method=none,random,hiprune budget=192,128,64
     hiprune-eval +experiment=smoke --multirun
-    accelerate launch --num_processes 8 -m eval.run model=llava15_7b benchmark=pope   # one run, data parallel
+    accelerate launch --num_processes 8 -m eval.running.run model=llava15_7b benchmark=pope   # data parallel
 
 Everything that can be checked without model weights (method options, budget against the model's grid, layers
 against its encoder, task names, local paths) is checked before the model loads; a bad config exits non-zero and
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import datetime as dt
 import functools
-import os
 import platform
 import sys
 import time
@@ -25,72 +24,24 @@ from pathlib import Path
 from typing import Any
 
 import hydra
+import torch
 from omegaconf import DictConfig, OmegaConf
+from transformers import AutoConfig, AutoModelForImageTextToText
 
-from eval.fingerprint import local_inputs
-from eval.store import record_path, write_record
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
-CONFIG_DIR = REPO_ROOT / "configs"
-
-
-class ConfigError(ValueError):
-    """A configuration that cannot run; raised before any model weights load."""
-
-
-def repo_path(path: str | Path) -> Path:
-    path = Path(path)
-    return path if path.is_absolute() else REPO_ROOT / path
-
-
-@dataclass(frozen=True)
-class Ranks:
-    """This process's place in a data-parallel run (`accelerate launch` / torchrun start one process per device and
-    lmms-eval shards the requests by rank). A plain process is rank 0 of 1, where every collective is a no-op."""
-
-    rank: int = 0
-    world_size: int = 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    def broadcast(self, value: Any) -> Any:
-        """The main process's ``value``, on every rank."""
-        if self.world_size == 1:
-            return value
-        import torch.distributed as dist
-
-        box = [value]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
-
-    def gather(self, value: Any) -> list[Any] | None:
-        """Every rank's ``value`` in rank order, on the main process; None elsewhere."""
-        if self.world_size == 1:
-            return [value]
-        import torch.distributed as dist
-
-        gathered = [None] * self.world_size if self.is_main else None
-        dist.gather_object(value, gathered, dst=0)
-        return gathered
-
-
-def current_ranks(device: str) -> Ranks:
-    """Ranks of this process; under a multi-process launcher this joins the process group (before the model
-    loads, so that the resume decision can be shared)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return Ranks()
-    from eval.lmms_model import data_parallel_state
-
-    state = data_parallel_state(device)
-    return Ranks(state.process_index, state.num_processes)
+import hiprune
+from eval.config import CONFIG_DIR, REPO_ROOT, ConfigError, repo_path
+from eval.efficiency.flops import flops_exact, tflops_fastv
+from eval.lmms.base import lmms_model_class
+from eval.running.fingerprint import local_inputs
+from eval.running.methods import build_from_config, not_implemented_notice
+from eval.running.parallel import Ranks, current_ranks, merge_doc_logs, samples_in_doc_order
+from eval.running.store import record_path, write_record
 
 
 @dataclass
 class RunPlan:
     cfg: DictConfig
-    method: Any
+    method: hiprune.Method  # built and validated from cfg.method (eval.running.methods.build_from_config)
     identity: dict[str, Any]
     pretrained: str
     tasks: list[str]
@@ -102,6 +53,7 @@ class RunPlan:
 
     @property
     def model_args(self) -> dict[str, Any]:
+        """The lmms-eval model's arguments; the method goes in as built (and validated) by plan_run."""
         m = self.cfg.model
         return {
             "pretrained": self.pretrained,
@@ -111,22 +63,12 @@ class RunPlan:
             "batch_size": self.cfg.batch_size,
             "attn_implementation": m.attn_implementation,
             **self.loading,
-            "method": self.method.name,
-            **self.method_options,
+            "method": self.method,
         }
-
-    @property
-    def method_options(self) -> dict[str, Any]:
-        options = {k: v for k, v in self.method.describe().items() if k != "name"}
-        if self.method.stage == "none":
-            options.pop("budget", None)
-        return options
 
 
 def plan_run(cfg: DictConfig) -> RunPlan:
     """Validate the composed config and resolve everything a run needs, without loading weights."""
-    import hiprune
-
     m = cfg.model
     model_class = lmms_model_class(m.lmms_model)
     # family options (prompt style, image preprocessing ...) are the model config keys the class declares
@@ -136,15 +78,7 @@ def plan_run(cfg: DictConfig) -> RunPlan:
         k: str(repo_path(v)) if isinstance(v, str) and not Path(v).is_absolute() and repo_path(v).exists() else v
         for k, v in loading.items()
     }
-    options = OmegaConf.to_container(cfg.method.options, resolve=True) or {}
-    budget = cfg.budget
-    try:
-        if cfg.method.name == "none":
-            method = hiprune.build_method("none", **options)
-        else:
-            method = hiprune.build_method(cfg.method.name, budget=budget, **options)
-    except (ValueError, TypeError) as exc:
-        raise ConfigError(str(exc)) from exc
+    method = build_from_config(cfg.method, cfg.budget)
 
     pretrained = str(m.pretrained)
     if m.local:
@@ -189,30 +123,10 @@ def plan_run(cfg: DictConfig) -> RunPlan:
     return RunPlan(cfg, method, identity, pretrained, tasks, include_path, record, model_class, resolved_loading, encoder)
 
 
-def lmms_model_class(name: str) -> type:
-    """The harness's lmms-eval model class registered under ``name`` (entry point ``lmms_eval.models``)."""
-    from lmms_eval.models import get_model
-
-    from eval.lmms_model import HiPruneLMM
-
-    try:
-        cls = get_model(name)
-    except Exception as exc:
-        raise ConfigError(f"unknown lmms-eval model {name!r}: {exc}") from exc
-    if not (isinstance(cls, type) and issubclass(cls, HiPruneLMM)):
-        raise ConfigError(f"lmms-eval model {name!r} is not one of the harness's pruning models")
-    return cls
-
-
 def _check_against_architecture(
     pretrained: str, revision: str | None, method, has_prompt_encoder: bool, adapter_options: dict[str, Any]
 ) -> dict[str, Any]:
     """Budget vs grid and layers vs encoder, on a weightless (meta) instance of the real architecture."""
-    import torch
-    from transformers import AutoConfig, AutoModelForImageTextToText
-
-    import hiprune
-
     config = AutoConfig.from_pretrained(pretrained, revision=revision)
     with torch.device("meta"):
         skeleton = AutoModelForImageTextToText.from_config(config)
@@ -229,7 +143,7 @@ def _check_against_architecture(
 @functools.lru_cache(maxsize=4)
 def task_manager(include_path: str | None):
     """lmms-eval's task index (seconds to build): once per process, shared by every run of a sweep."""
-    from lmms_eval.tasks import TaskManager
+    from lmms_eval.tasks import TaskManager  # deferred on purpose: lmms_eval.tasks takes ~7 s to import
 
     return TaskManager(include_path=include_path)
 
@@ -290,14 +204,12 @@ def _flops_summary(model, config) -> dict[str, Any]:
     """Mean per-sample prefill FLOPs over the samples with one image, from the tokens the LLM actually got.
 
     tflops_fastv: the FastV/VisionZip convention (LLM prefill only); flops_exact: 2 x MACs of everything that ran
-    (vision tower, projector, LLM prefill, lm_head at the last position as in generate), see eval/flops.py.
+    (vision tower, projector, LLM prefill, lm_head at the last position as in generate), see eval/efficiency/flops.py.
     Both count every decoder layer with the tokens it processed: the kept tokens in every layer for methods that
     prune before the LLM; for LLM-side methods the per-layer visual counts logged from the prefill (as the stages
     of the method's drop schedule left them; FastV: all visual tokens before layer K, the kept ones from K on).
     "mean_visual_tokens" is what the LLM's input held.
     """
-    from eval.flops import flops_exact, tflops_fastv
-
     text = config.text_config
     n_layers = text.num_hidden_layers
     llm_side = model.method.stage == "llm"
@@ -330,54 +242,10 @@ def _flops_summary(model, config) -> dict[str, Any]:
     return summary
 
 
-# the model's per-doc logs, {(task, split): {doc: ...}} (llm_visual_per_layer: LLM-side methods only, else empty)
-DOC_LOGS = ("kept_tokens", "kept_digests", "prefill_tokens", "llm_visual_per_layer")
-
-
-def merge_doc_logs(model, ranks: Ranks) -> list[int] | None:
-    """Replace the model's per-doc logs by those of every rank, merged in doc order, on the main process; returns
-    the number of docs each rank answered (None on the other ranks).
-
-    Collective: every rank must call it. Doc order also in a single process, so that a sharded run and a
-    single-process run give the same record (the FLOPs means then sum in the same order too)."""
-    gathered = ranks.gather({name: getattr(model, name) for name in DOC_LOGS})
-    if gathered is None:
-        return None
-    for name in DOC_LOGS:
-        merged: dict[tuple[str, str], dict[int, Any]] = {}
-        for rank, logs in enumerate(gathered):
-            for key, docs in logs[name].items():
-                into = merged.setdefault(key, {})
-                for doc_id, value in docs.items():
-                    # lmms-eval shards by doc, so a doc seen twice (rank padding repeats a doc) must agree
-                    if doc_id in into and into[doc_id] != value:
-                        raise RuntimeError(f"{name} of {key[0]}/{key[1]} doc {doc_id} differ between ranks "
-                                           f"({into[doc_id]!r} vs {value!r} on rank {rank})")
-                    into[doc_id] = value
-        setattr(model, name, {key: dict(sorted(docs.items())) for key, docs in sorted(merged.items())})
-    return [sum(len(docs) for docs in logs["kept_tokens"].values()) for logs in gathered]
-
-
-def _samples_in_doc_order(samples: dict[str, list[dict]] | None) -> dict[str, list[dict]] | None:
-    """lmms-eval's logged samples per task in single-process order: per filter (a doc's k-th row belongs to the k-th
-    filter), then by doc id. A sharded run concatenates the ranks' shards instead."""
-    if not samples:
-        return samples
-    ordered = {}
-    for task, rows in samples.items():
-        seen: dict[Any, int] = {}
-        keyed = []
-        for row in rows:
-            occurrence = seen[row["doc_id"]] = seen.get(row["doc_id"], -1) + 1
-            keyed.append(((occurrence, row["doc_id"]), row))
-        ordered[task] = [row for _, row in sorted(keyed, key=lambda pair: pair[0])]
-    return ordered
-
-
 def execute(plan: RunPlan, ranks: Ranks = Ranks()) -> dict[str, Any] | None:
     """Run lmms-eval in-process and write the record; returns it (on the main process; None on the others,
     which shard the requests and write nothing)."""
-    from lmms_eval.evaluator import simple_evaluate
+    from lmms_eval.evaluator import simple_evaluate  # deferred on purpose: ~7 s to import, needed only to run
 
     cfg = plan.cfg
     started = time.time()
@@ -425,40 +293,12 @@ def execute(plan: RunPlan, ranks: Ranks = Ranks()) -> dict[str, Any] | None:
         "wall_seconds": round(time.time() - started, 3),
     }
     if cfg.log_samples:
-        record["samples"] = _samples_in_doc_order(results.get("samples"))
+        record["samples"] = samples_in_doc_order(results.get("samples"))
     write_record(plan.record, record)
     return record
 
 
-def not_implemented_notice(cfg: DictConfig) -> str | None:
-    """A notice if the config names a model or method marked ``implemented: false`` (default true), or a method
-    whose stage the model family's adapter cannot run (e.g. FastV on Qwen2.5-VL); else None."""
-    for group in ("model", "method"):
-        node = cfg.get(group)
-        if node is not None and not node.get("implemented", True):
-            return (f"{group} {node.get('name')} is not implemented in the harness; skipped — the table shows the "
-                    f"paper's numbers marked 'not run'")
-    reason = unsupported_reason(str(cfg.model.lmms_model), str(cfg.method.name))
-    if reason:
-        return f"{reason}; skipped — the table shows the paper's numbers marked 'not run'"
-    return None
-
-
-@functools.lru_cache(maxsize=None)  # asked per table cell by eval.reproduce; the answer depends on the names only
-def unsupported_reason(lmms_model: str, method: str) -> str | None:
-    """Why the family of ``lmms_model`` cannot run ``method`` at all (its pruning stage), or None."""
-    import hiprune
-    from hiprune.adapters.base import family_supports_stage, unsupported_stage_message
-
-    if method not in hiprune.METHODS:
-        return None  # an unknown method fails later, in plan_run, with its own message
-    family = lmms_model_class(lmms_model).family
-    if family_supports_stage(family, hiprune.METHODS[method].stage):
-        return None
-    return unsupported_stage_message(method, family)
-
-
-# Summary hook for eval.callbacks.SweepSummary: what the last run() in this process did.
+# Summary hook for eval.running.callbacks.SweepSummary: what the last run() in this process did.
 LAST_OUTCOME: dict[str, Any] = {}
 
 
@@ -512,7 +352,7 @@ def main(cfg: DictConfig) -> dict[str, Any]:
     except ConfigError as exc:
         print(f"[hiprune] configuration error: {exc}", file=sys.stderr)
         sys.exit(2)
-    return last_outcome()  # the job's return value, read by eval.callbacks.SweepSummary
+    return last_outcome()  # the job's return value, read by eval.running.callbacks.SweepSummary
 
 
 if __name__ == "__main__":

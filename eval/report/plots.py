@@ -1,22 +1,21 @@
-"""Plots of a reproduced table (matplotlib, PNG + PDF), from the cells eval.reproduce collects.
-
-    python -m eval.plots 2 [OVERRIDES...]        # results/plots/<experiment>/...; also done by eval.reproduce
+"""Plots of a reproduced table (matplotlib, PNG + PDF), from the cells and row averages eval.report.reproduce
+collects; drawn by ``python -m eval.report.reproduce render`` (and ``... plots``) into results/plots/<experiment>/.
 
 1. accuracy vs kept visual tokens: one panel per benchmark, one line per method; ours solid (filled markers),
    the paper's dashed (hollow markers); the vanilla model as horizontal lines.
 2. normalised Avg vs TFLOPs (Pareto): every (method, budget) as a point, the Pareto front (highest Avg for the
-   fewest TFLOPs) of ours and of the paper's. TFLOPs per point come from eval/flops.py (flops_exact on the model's
-   architecture config, calflops convention: linear layers, attention scores excluded, ``n_text`` text tokens);
-   where that cannot be computed, from the paper's Table 5 (paper_efficiency.csv: LLaVA-1.5-7B only); the plot
-   names its source. Methods that prune inside the LLM (``stage: llm``: FastV, PyramidDrop, SparseVLM) keep all
-   tokens in their first layers, so their x value is a nominal one (the budget's count in every layer): drawn with
-   an x marker and said in the legend.
+   fewest TFLOPs) of ours and of the paper's. TFLOPs per point come from the caller's ``tflops`` (reproduce: flops_exact
+   of eval/efficiency/flops.py on the model's architecture config, calflops convention: linear layers, attention
+   scores excluded, ``n_text`` text tokens); where that cannot be computed, from the paper's Table 5
+   (paper_efficiency.csv: LLaVA-1.5-7B only); the plot names its source. Methods that prune inside the LLM (stage
+   "llm" in hiprune.METHODS, e.g. FastV) keep all tokens in their first layers, so their x value is a nominal one (the
+   budget's count in every layer): drawn with an x marker and said in the legend.
 """
 
 from __future__ import annotations
 
-import argparse
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +24,12 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import pandas as pd
+
+from eval.report import paper as P
+from eval.running.methods import stage_of
+
+# (table model, visual tokens, text tokens) -> (TFLOPs of one forward or None, where the number comes from)
+TflopsOf = Callable[[Any, int, int], tuple[float | None, str]]
 
 COLOURS = plt.get_cmap("tab10").colors
 
@@ -105,11 +110,8 @@ def accuracy_vs_tokens(spec, cells: pd.DataFrame, out_dir: Path) -> dict[str, Pa
     return out
 
 
-def _tflops_lookup(spec, model) -> tuple[Any, str]:
+def _tflops_lookup(spec, model, tflops: TflopsOf) -> tuple[Any, str]:
     """(function n_visual -> TFLOPs or None, source description)."""
-    from eval import paper as P
-    from eval.reproduce import tflops
-
     n_text = int(spec.efficiency.get("n_text", 24)) if spec.efficiency else 24
     probe, source = tflops(model, 1, n_text)
     if probe is not None:
@@ -129,7 +131,7 @@ def _tflops_lookup(spec, model) -> tuple[Any, str]:
     return (lambda n_visual: table.get(int(n_visual))), "TFLOPs: the paper's Table 5 (paper_efficiency.csv)"
 
 
-def _pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
     front, best = [], -math.inf
     for x, y in sorted(points, key=lambda p: (p[0], -p[1])):
         if y > best:
@@ -138,22 +140,11 @@ def _pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]
     return front
 
 
-def _stage(method: str) -> str:
-    from omegaconf import OmegaConf
-
-    from eval.reproduce import CONFIG_DIR
-
-    path = CONFIG_DIR / "method" / f"{method}.yaml"
-    return str(OmegaConf.load(path).get("stage", "vision")) if path.is_file() else "vision"
-
-
-def pareto(spec, cells: pd.DataFrame, out_dir: Path) -> dict[str, Path]:
-    from eval.reproduce import row_averages
-
-    averages = row_averages(spec, cells)
+def pareto(spec, averages: pd.DataFrame, out_dir: Path, tflops: TflopsOf) -> dict[str, Path]:
+    """Avg (``averages``: reproduce's row averages) against TFLOPs per (method, budget), with both Pareto fronts."""
     out = {}
     for model in spec.models:
-        lookup, source = _tflops_lookup(spec, model)
+        lookup, source = _tflops_lookup(spec, model, tflops)
         if lookup is None or not (model.vanilla or "").isdigit():
             print(f"[plots] no Pareto plot for {model.config}: {source if lookup is None else 'ratio budgets'}")
             continue
@@ -164,7 +155,7 @@ def pareto(spec, cells: pd.DataFrame, out_dir: Path) -> dict[str, Path]:
         plotted_labels = set()
         for row, rc in av.groupby("row", sort=False):
             colour = "black" if row == "Vanilla" else _colour(spec, row)
-            nominal = _stage(methods.get(row, "none")) == "llm"
+            nominal = stage_of(methods.get(row, "none")) == "llm"
             for r in rc.itertuples():
                 n_visual = int(model.vanilla) if row == "Vanilla" else int(r.budget_label)
                 x = lookup(n_visual)
@@ -182,7 +173,7 @@ def pareto(spec, cells: pd.DataFrame, out_dir: Path) -> dict[str, Path]:
                     if not nominal:
                         fronts[side].append((x, y))
         for side, style in (("ours", "-"), ("paper", "--")):
-            front = _pareto_front(fronts[side])
+            front = pareto_front(fronts[side])
             if len(front) > 1:
                 ax.plot(*zip(*front), ls=style, color="grey", lw=1, label=f"Pareto front ({side})", zorder=2)
         ax.set_xlabel("TFLOPs per sample (one forward)")
@@ -196,26 +187,9 @@ def pareto(spec, cells: pd.DataFrame, out_dir: Path) -> dict[str, Path]:
     return out
 
 
-def table_plots(spec, cells: pd.DataFrame, out_dir: Path) -> dict[str, Path]:
+def table_plots(spec, cells: pd.DataFrame, out_dir: Path, averages: pd.DataFrame, tflops: TflopsOf) -> dict[str, Path]:
+    """Every plot of a table: accuracy vs tokens, and where the baseline is the vanilla model, Avg vs TFLOPs."""
     out = accuracy_vs_tokens(spec, cells, out_dir)
     if spec.avg_baseline == "vanilla":
-        out.update(pareto(spec, cells, out_dir))
+        out.update(pareto(spec, averages, out_dir, tflops))
     return out
-
-
-def main(argv: list[str] | None = None) -> None:
-    from eval.reproduce import PLOTS_DIR, collect_cells, load_spec
-
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("table", help="table id or experiment name (python -m eval.reproduce list)")
-    parser.add_argument("overrides", nargs="*")
-    parser.add_argument("--out", type=Path, help="output folder (default results/plots/<experiment>)")
-    args = parser.parse_args(argv)
-    spec = load_spec(args.table, args.overrides)
-    paths = table_plots(spec, collect_cells(spec), args.out or PLOTS_DIR / spec.experiment)
-    for path in paths.values():
-        print(f"wrote {path}")
-
-
-if __name__ == "__main__":
-    main()

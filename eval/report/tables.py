@@ -1,6 +1,6 @@
 """Tables from the result store (pandas): one row per record and task, metrics as columns.
 
-    python -m eval.tables results/smoke/runs results/smoke/table   # writes table.csv and table.md
+    python -m eval.report.tables results/smoke/runs results/smoke/table   # writes table.csv and table.md
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from eval.store import iter_records
+from eval.running.store import iter_records
 
 # Columns shown first when present; other metrics follow in name order.
 LEADING = ["model", "benchmark", "task", "method", "budget", "kept_tokens_per_image", "n_samples"]

@@ -13,13 +13,19 @@ hf ("hf_chat"): the checkpoint's own chat template; with image_backend="checkpoi
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from PIL import Image
+from transformers.models.llava.image_processing_llava import LlavaImageProcessor
+from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
 
 IMAGE_PLACEHOLDER = "<image>"
+VIDEO_PLACEHOLDER = "<video>"
+_PLACEHOLDERS = re.compile(f"({re.escape(IMAGE_PLACEHOLDER)}|{re.escape(VIDEO_PLACEHOLDER)})")
 VICUNA_V1_SYSTEM = (
     "A chat between a curious human and an artificial intelligence assistant. "
     "The assistant gives helpful, detailed, and polite answers to the human's questions."
@@ -54,6 +60,40 @@ def tokenize_with_images(tokenizer, prompt: str, image_token_id: int, tokens_per
     return ids
 
 
+def tokenize_with_visuals(tokenizer, prompt: str, fills: Sequence[tuple[str, int, int]]) -> list[int]:
+    """LLaVA's chunk-wise tokenisation with a token count per placeholder.
+
+    ``fills`` has one (placeholder, token id, count) per placeholder occurrence of ``prompt``, in order: each text
+    chunk is tokenised on its own (BOS kept only on the first) and each placeholder becomes ``count`` copies of its
+    token id.
+    """
+    parts = _PLACEHOLDERS.split(prompt)
+    chunks, placeholders = parts[0::2], parts[1::2]
+    if [p for p, _, _ in fills] != placeholders:
+        raise ValueError(f"prompt placeholders {placeholders} do not match the visuals {[p for p, _, _ in fills]}")
+    bos = tokenizer.bos_token_id
+    ids: list[int] = list(tokenizer(chunks[0]).input_ids)
+    for (_, token_id, count), chunk in zip(fills, chunks[1:]):
+        ids.extend([token_id] * count)
+        piece = tokenizer(chunk).input_ids
+        if bos is not None and piece and piece[0] == bos:
+            piece = piece[1:]
+        ids.extend(piece)
+    return ids
+
+
+def fill_placeholders(text: str, fills: Sequence[tuple[str, str, int]]) -> str:
+    """Replace the placeholders of ``text`` in order: fills = (placeholder, token string, count) per occurrence."""
+    parts = _PLACEHOLDERS.split(text)
+    chunks, placeholders = parts[0::2], parts[1::2]
+    if [p for p, _, _ in fills] != placeholders:
+        raise ValueError(f"prompt placeholders {placeholders} do not match the visuals {[p for p, _, _ in fills]}")
+    out = [chunks[0]]
+    for (_, token, count), chunk in zip(fills, chunks[1:]):
+        out.extend([token * count, chunk])
+    return "".join(out)
+
+
 def left_pad(sequences: Sequence[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(s) for s in sequences)
     input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
@@ -65,13 +105,11 @@ def left_pad(sequences: Sequence[list[int]], pad_id: int) -> tuple[torch.Tensor,
     return input_ids, attention_mask
 
 
-def _rgb(image: Image.Image) -> Image.Image:
+def to_rgb(image: Image.Image) -> Image.Image:
     """RGB copy of any PIL mode (L, RGBA, P, I;16 ...). 16-bit greyscale is scaled to 8 bits, not clipped."""
     if image.mode == "RGB":
         return image
     if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-        import numpy as np
-
         values = np.asarray(image, dtype=np.float64)
         top = 65535.0 if image.mode.startswith("I;16") else max(float(values.max()), 1.0)
         image = Image.fromarray((values / top * 255.0).clip(0, 255).astype("uint8"), mode="L")
@@ -105,9 +143,6 @@ class LlavaInputBuilder:
     def _make_image_processor(self):
         if self.image_backend == "checkpoint":
             return self.processor.image_processor
-        from transformers.models.llava.image_processing_llava import LlavaImageProcessor
-        from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
-
         cls = LlavaImageProcessorPil if self.image_backend == "pil" else LlavaImageProcessor
         settings = {
             k: getattr(self.processor.image_processor, k)
@@ -139,7 +174,7 @@ class LlavaInputBuilder:
                 sequences.append(self.tokenizer(text).input_ids)
         input_ids, attention_mask = left_pad(sequences, self.pad_id)
         batch = {"input_ids": input_ids, "attention_mask": attention_mask}
-        flat = [_rgb(image) for sample_images in images for image in sample_images]
+        flat = [to_rgb(image) for sample_images in images for image in sample_images]
         if flat:
             batch["pixel_values"] = self.image_processor(flat, return_tensors="pt")["pixel_values"]
         return batch

@@ -13,7 +13,7 @@ tables) or the default setting (ablation Tables 6 and 11, whose default row read
 come from lmms-eval's val split while vanilla and most baselines were measured under another protocol, so the
 harness reports Avg both with and without VizWiz.
 
-    python -m eval.paper            # recompute every printed Avg, list the rows where the paper disagrees
+    python -m eval.report.paper     # recompute every printed Avg, list the rows where the paper disagrees
 """
 
 from __future__ import annotations
@@ -25,7 +25,8 @@ from pathlib import Path
 
 import pandas as pd
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from eval.config import REPO_ROOT
+
 REFERENCE_DIR = REPO_ROOT / "results" / "reference"
 
 # Column order of the paper's tables.

@@ -14,57 +14,20 @@ per sample list one entry per crop grid (base first, then the sub-image crops), 
 
 from __future__ import annotations
 
-import re
-from collections.abc import Sequence
-
 import torch
+from transformers import AutoProcessor, LlavaNextForConditionalGeneration
 
-from eval.lmms_model import HiPruneLMM
-from hiprune.prompting import (
+from eval.lmms.base import HiPruneLMM
+from eval.lmms.prompting import (
     IMAGE_PLACEHOLDER,
     PROMPT_STYLES,
-    _rgb,
+    fill_placeholders,
     left_pad,
+    to_rgb,
+    tokenize_with_visuals,
     vicuna_v1_prompt,
     with_image_placeholders,
 )
-
-VIDEO_PLACEHOLDER = "<video>"
-_PLACEHOLDERS = re.compile(f"({re.escape(IMAGE_PLACEHOLDER)}|{re.escape(VIDEO_PLACEHOLDER)})")
-
-
-def tokenize_with_visuals(tokenizer, prompt: str, fills: Sequence[tuple[str, int, int]]) -> list[int]:
-    """LLaVA's chunk-wise tokenisation with a token count per placeholder.
-
-    ``fills`` has one (placeholder, token id, count) per placeholder occurrence of ``prompt``, in order: each text
-    chunk is tokenised on its own (BOS kept only on the first) and each placeholder becomes ``count`` copies of its
-    token id.
-    """
-    parts = _PLACEHOLDERS.split(prompt)
-    chunks, placeholders = parts[0::2], parts[1::2]
-    if [p for p, _, _ in fills] != placeholders:
-        raise ValueError(f"prompt placeholders {placeholders} do not match the visuals {[p for p, _, _ in fills]}")
-    bos = tokenizer.bos_token_id
-    ids: list[int] = list(tokenizer(chunks[0]).input_ids)
-    for (_, token_id, count), chunk in zip(fills, chunks[1:]):
-        ids.extend([token_id] * count)
-        piece = tokenizer(chunk).input_ids
-        if bos is not None and piece and piece[0] == bos:
-            piece = piece[1:]
-        ids.extend(piece)
-    return ids
-
-
-def fill_placeholders(text: str, fills: Sequence[tuple[str, str, int]]) -> str:
-    """Replace the placeholders of ``text`` in order: fills = (placeholder, token string, count) per occurrence."""
-    parts = _PLACEHOLDERS.split(text)
-    chunks, placeholders = parts[0::2], parts[1::2]
-    if [p for p, _, _ in fills] != placeholders:
-        raise ValueError(f"prompt placeholders {placeholders} do not match the visuals {[p for p, _, _ in fills]}")
-    out = [chunks[0]]
-    for (_, token, count), chunk in zip(fills, chunks[1:]):
-        out.extend([token * count, chunk])
-    return "".join(out)
 
 
 class HiPruneLlavaNext(HiPruneLMM):
@@ -89,8 +52,6 @@ class HiPruneLlavaNext(HiPruneLMM):
 
     def load(self, pretrained, revision, attn_implementation, prompt_style, layout, pinpoint_order, text_tower,
              prompt_pooling):
-        from transformers import AutoProcessor, LlavaNextForConditionalGeneration
-
         if prompt_style not in PROMPT_STYLES:
             raise ValueError(f"unknown prompt_style {prompt_style!r}; choose one of {PROMPT_STYLES}")
         if pinpoint_order not in ("official", "checkpoint"):
@@ -125,7 +86,7 @@ class HiPruneLlavaNext(HiPruneLMM):
         if len(contexts) != len(images):
             raise ValueError(f"{len(contexts)} prompts but {len(images)} image lists")
         adapter = self.session.adapter
-        flat = [_rgb(image) for sample in images for image in sample]
+        flat = [to_rgb(image) for sample in images for image in sample]
         batch: dict[str, torch.Tensor] = {}
         layouts = []
         if flat:

@@ -1,8 +1,8 @@
 """Latency, memory, FLOPs and roofline benchmark of every method x budget (issue 8, deliverables 2, 3 and 5).
 
-    python -m eval.bench                                       # CPU default: mid-size random LLaVA, bfloat16
-    python -m eval.bench model=llava15_7b bench_profile=gpu    # LLaVA-1.5-7B, the paper's protocol, on a GPU
-    python -m eval.bench only=[none,hiprune] budgets=[64] repeats=5 new_tokens=16
+    python -m eval.efficiency.bench                                     # CPU default: mid-size random LLaVA, bfloat16
+    python -m eval.efficiency.bench model=llava15_7b bench_profile=gpu  # LLaVA-1.5-7B, the paper's protocol, on a GPU
+    python -m eval.efficiency.bench only=[none,hiprune] budgets=[64] repeats=5 new_tokens=16
 
 The model is built with random weights from its architecture config (``model.arch``, a folder under
 configs/arch holding the Hub config.json, plus optional ``model.arch_overrides``; a ``model.local`` folder's own
@@ -26,66 +26,71 @@ Per (method, budget) -- a "case" -- inside ``hiprune.apply(model, method)`` (ins
 Schedule: per case ``warmup`` untimed calls of each measurement; then ``repeats`` rounds, each running one timed
 call of every measurement of every case, the case order rotating by one per round (a slow phase of a shared
 machine spreads over all cases instead of biasing one); median, quartiles, IQR, mean and std over the rounds.
-GPU: CUDA events around the call, then synchronize. CPU: ``time.perf_counter``. Peak memory, in a final pass with
-one untimed call per measurement and nothing of other cases held: GPU ``torch.cuda.max_memory_allocated`` after
-``reset_peak_memory_stats`` (weights + activations + cache; the allocator's view); CPU the process's peak resident
-set size (VmHWM) during the call, after ``malloc_trim`` and a reset of the kernel's counter (/proc/self/clear_refs):
-everything resident (weights, activations, Python, libraries, allocator slack), plus the increase over the RSS
-before the call. Not comparable one to one with max_memory_allocated.
+Timing and peak memory as eval/efficiency/measure.py takes them: GPU CUDA events around the call, then synchronize;
+CPU ``time.perf_counter``. Peak memory, in a final pass with one untimed call per measurement and nothing of other
+cases held: GPU ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats`` (weights + activations + cache;
+the allocator's view); CPU the process's peak resident set size (VmHWM) during the call, after ``malloc_trim`` and a
+reset of the kernel's counter (/proc/self/clear_refs): everything resident (weights, activations, Python, libraries,
+allocator slack), plus the increase over the RSS before the call. Not comparable one to one with
+max_memory_allocated.
 
-FLOPs per case (eval/flops.py): FastV convention (LLM prefill), exact (2 x MACs, whole model as generate's prefill
-runs it: vision incl. the method's extra score maps, projector, LLM, lm_head on one position), the paper's
-calflops convention (a full forward's linear layers only: what Table 5 prints), optionally FlopCounterMode over
-one real forward. Roofline: peak FLOP/s (matmul) and bandwidth (copy) measured in this run (eval/roofline.py), at
-its start and its end; the bound of the prefill is max(FLOPs / peak, bytes / bandwidth) with the faster of the two
-measurements of each peak (the tighter bound), FLOPs counted for a causal kernel ("triangular") and bytes from
-:func:`eval.roofline.prefill_bytes`. Every count takes the visual tokens of each decoder layer: the kept ones in every
-layer for methods that prune before the LLM; for LLM-side methods the counts their drop schedule leaves at each layer
-(FastV: all N visual tokens in layers 0..K-1 and the R kept from layer K on), as recorded by every pruned prefill of
-the case (``session.layer_records``, checked against the schedule: [N] * K + [R] * (L - K) for FastV). CUDA graphs (``cuda_graphs=true``) are off for LLM-side methods, with the reason in
-the log and in bench.json (meta ``cuda_graphs_off``): their prefill finds the image tokens and kept positions with
-data-dependent shapes and host-side checks, which a graph capture cannot hold.
+FLOPs per case (eval/efficiency/flops.py): FastV convention (LLM prefill), exact (2 x MACs, whole model as
+generate's prefill runs it: vision incl. the method's extra score maps, projector, LLM, lm_head on one position),
+the paper's calflops convention (a full forward's linear layers only: what Table 5 prints), optionally
+FlopCounterMode over one real forward. Roofline: peak FLOP/s (matmul) and bandwidth (copy) measured in this run
+(eval/efficiency/roofline.py), at its start and its end; the bound of the prefill is max(FLOPs / peak, bytes /
+bandwidth) with the faster of the two measurements of each peak (the tighter bound), FLOPs counted for a causal
+kernel ("triangular") and bytes from :func:`eval.efficiency.roofline.prefill_bytes`. Every count takes the visual
+tokens of each decoder layer: the kept ones in every layer for methods that prune before the LLM; for LLM-side
+methods the counts their drop schedule leaves at each layer (FastV: all N visual tokens in layers 0..K-1 and the R
+kept from layer K on), as recorded by every pruned prefill of the case (``session.layer_records``, checked against
+the schedule). CUDA graphs
+(``cuda_graphs=true``) are off for LLM-side methods, with the reason in the log and in bench.json (meta
+``cuda_graphs_off``): their prefill finds the image tokens and kept positions with data-dependent shapes and
+host-side checks, which a graph capture cannot hold.
 
-Writes ``<out_dir>/<model>-<device>-<dtype>/bench.json`` and the tables of eval/efficiency_table.py.
+Writes ``<out_dir>/<model>-<device>-<dtype>/bench.json`` and the tables of eval/efficiency/tables.py.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import datetime as dt
 import gc
 import json
-import os
-import platform
-import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
-from importlib import metadata
-from pathlib import Path
 from typing import Any
 
 import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
+from transformers import AutoConfig, AutoModelForImageTextToText, CLIPTextConfig, CLIPTextModel
+from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-CONFIG_DIR = REPO_ROOT / "configs"
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+import hiprune
+from eval.config import CONFIG_DIR, ConfigError, repo_path
+from eval.efficiency.flops import fastv_tokens_per_layer, flops_exact, flops_measured, tflops_fastv
+from eval.efficiency.measure import (
+    DTYPES,
+    MemoryProbe,
+    device_name,
+    load_average,
+    summarize,
+    time_call,
+    timer_name,
+    versions,
+)
+from eval.efficiency.roofline import decode_bytes, measure_peaks, prefill_bytes, roofline_bound
+from eval.efficiency.tables import token_drops, write_tables
+from eval.running.methods import build_from_config, is_implemented, stage_of
+from hiprune.adapters.llm_pruning import resolve_schedule, visual_per_layer
+
 MEASUREMENTS = ("vision", "prefill", "ttft", "decode", "generate")
 # With cuda_graphs=true (GPU): the same prefill and decode step replayed from a captured CUDA graph, i.e. without
 # the CPU cost of HF's Python and kernel launches; what the kernels alone take, next to the roofline bound.
 GRAPH_MEASUREMENTS = ("prefill_graph", "decode_graph")
-
-
-class ConfigError(ValueError):
-    """A benchmark configuration that cannot run; raised before the model is built."""
-
-
-def repo_path(path: str | Path) -> Path:
-    path = Path(path)
-    return path if path.is_absolute() else REPO_ROOT / path
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -102,8 +107,6 @@ def resolve_device(device: str) -> torch.device:
 
 def architecture_config(model_cfg: DictConfig):
     """The model's HF config: ``model.local`` folder's config.json, else ``model.arch`` (+ ``arch_overrides``)."""
-    from transformers import AutoConfig
-
     if model_cfg.get("local"):
         source = repo_path(model_cfg.pretrained)
         if not (source / "config.json").is_file():
@@ -133,14 +136,12 @@ def architecture_config(model_cfg: DictConfig):
 
 
 def method_specs(cfg: DictConfig) -> list[dict[str, Any]]:
-    """[{name, options, implemented, source}] in run order: ``methods`` entries, then registered extras."""
-    import hiprune
-
+    """[{name, options, source}] in run order: ``methods`` entries, then registered extras."""
     specs = []
     for key, node in (cfg.get("methods") or {}).items():
         node = OmegaConf.to_container(node, resolve=True)
         specs.append({"name": node.get("name", key), "options": node.get("options") or {},
-                      "implemented": node.get("implemented", True), "source": f"methods.{key}"})
+                      "source": f"methods.{key}"})
     if cfg.get("include_registered", True):
         listed = {s["name"] for s in specs}
         for name in hiprune.METHODS:
@@ -151,8 +152,7 @@ def method_specs(cfg: DictConfig) -> list[dict[str, Any]]:
             if path.is_file():
                 merged = OmegaConf.merge({"seed": cfg.seed}, {"m": OmegaConf.load(path)})
                 node = OmegaConf.to_container(merged.m, resolve=True)
-            specs.append({"name": name, "options": node.get("options") or {},
-                          "implemented": node.get("implemented", True), "source": "hiprune.METHODS"})
+            specs.append({"name": name, "options": node.get("options") or {}, "source": "hiprune.METHODS"})
     only = cfg.get("only")
     if only:
         unknown = sorted(set(only) - {s["name"] for s in specs})
@@ -164,28 +164,20 @@ def method_specs(cfg: DictConfig) -> list[dict[str, Any]]:
 
 def plan_cases(cfg: DictConfig, skeleton) -> list[dict[str, Any]]:
     """Every (method, budget) to run, validated against a weightless model; unrunnable ones carry a reason."""
-    import hiprune
-
     adapter = hiprune.adapter_for(skeleton)
     n_layers = skeleton.config.text_config.num_hidden_layers
     budgets = list(cfg.budgets)
     cases = []
     for spec in method_specs(cfg):
         name = spec["name"]
-        if not spec["implemented"]:
-            cases.append({**spec, "budget": None, "method": None, "status": "not implemented",
-                          "reason": f"configs/method/{name}.yaml is marked implemented: false"})
-            continue
-        if name not in hiprune.METHODS:
+        if not is_implemented(name):
             cases.append({**spec, "budget": None, "method": None, "status": "not implemented",
                           "reason": f"{name!r} is not registered in hiprune.METHODS"})
             continue
-        stage = hiprune.METHODS[name].stage
-        for budget in [None] if stage == "none" else budgets:
-            kwargs = dict(spec["options"]) if budget is None else {"budget": budget, **spec["options"]}
+        for budget in [None] if stage_of(name) == "none" else budgets:
             try:
-                method = hiprune.build_method(name, **kwargs)
-            except (ValueError, TypeError) as exc:
+                method = build_from_config(spec, budget)
+            except ConfigError as exc:
                 raise ConfigError(f"method {name!r}: {exc}") from exc
             try:  # a prompt encoder is built for prompt-aware methods (build_prompt_encoder)
                 adapter.check_supported(method, object() if method.needs_prompt else None)
@@ -210,16 +202,12 @@ def visual_tokens_per_layer(method, keep: int, n_layers: int) -> list[int]:
     except for LLM-side methods, which drop at the stages of their drop schedule (FastV: to R from layer K on)."""
     if method.stage != "llm":
         return [keep] * n_layers
-    from hiprune.adapters.llm_pruning import resolve_schedule, visual_per_layer
-
     return visual_per_layer(resolve_schedule(method, keep, n_layers), keep, n_layers)
 
 
 def tokens_label(keep: int, visual_per_layer: list[int]) -> str:
     """'64' for a method that prunes before the LLM; '576>64@2' (576 visual tokens, 64 from layer 2 on) for FastV;
     '576>288@2>144@8' for a drop schedule of two stages."""
-    from eval.efficiency_table import token_drops
-
     drops = token_drops([keep, *visual_per_layer])  # the LLM's input first, so layer i of the list is i - 1
     return str(keep) + "".join(f">{after}@{layer - 1}" for layer, after in drops)
 
@@ -236,8 +224,6 @@ def cuda_graphs_off_reason(method) -> str | None:
 # model and inputs
 # ------------------------------------------------------------------------------------------------------------------
 def weightless(config):
-    from transformers import AutoModelForImageTextToText
-
     with torch.device("meta"):
         return AutoModelForImageTextToText.from_config(config)
 
@@ -270,8 +256,6 @@ def check_memory(n_params: int, dtype: torch.dtype, device: torch.device, fracti
 
 def build_model(config, dtype: torch.dtype, device: torch.device, attn: str, seed: int):
     """Random weights (transformers' own init), allocated directly on ``device`` in ``dtype``."""
-    from transformers import AutoModelForImageTextToText
-
     torch.manual_seed(seed)
     with torch.device(device):
         model = AutoModelForImageTextToText.from_config(config, dtype=dtype, attn_implementation=attn)
@@ -332,16 +316,12 @@ def build_prompt_encoder(cfg: DictConfig, config, dtype: torch.dtype, device: to
     tiny CLIP of the test assets), else a random-weight CLIP text tower + text/visual projections built from
     ``prompt_encoder`` (default: the dimensions of openai/clip-vit-large-patch14-336) with a fixed-length stand-in
     tokenizer of ``prompt_encoder.prompt_tokens`` tokens."""
-    import hiprune
-
     pe = cfg.prompt_encoder
     local = cfg.model.get("text_tower")
     if local and (repo_path(local) / "config.json").is_file():
         load_on = torch.device("cpu") if device.type == "meta" else device
         return hiprune.ClipPromptEncoder.from_pretrained(str(repo_path(local)), device=load_on, dtype=dtype,
                                                          pooling=str(pe.pooling)), f"{repo_path(local)} (local)"
-    from transformers import CLIPTextConfig, CLIPTextModel
-
     text_config = CLIPTextConfig(**OmegaConf.to_container(pe.text_config, resolve=True))
     projection = int(pe.projection_dim)
     torch.manual_seed(int(cfg.seed) + 1)
@@ -358,7 +338,7 @@ def build_prompt_encoder(cfg: DictConfig, config, dtype: torch.dtype, device: to
 def prompt_encoder_flops(encoder, n_patches: int, batch: int) -> dict[str, int]:
     """FLOPs (2 x MACs) of a ClipPromptEncoder call for one forward: text tower on the prompt (q,k,v,o, fc1, fc2
     and dense QK^T + AV per layer), text_projection (every token for mean pooling, one for eos) and
-    visual_projection of every patch. Biases, norms and activations not counted (as eval.flops)."""
+    visual_projection of every patch. Biases, norms and activations not counted (as eval.efficiency.flops)."""
     tc = encoder.text_model.config
     d, m, layers = tc.hidden_size, tc.intermediate_size, tc.num_hidden_layers
     t = len(encoder.tokenizer([PROMPT], max_length=encoder.max_length)["input_ids"][0])
@@ -371,109 +351,8 @@ def prompt_encoder_flops(encoder, n_patches: int, batch: int) -> dict[str, int]:
 
 
 # ------------------------------------------------------------------------------------------------------------------
-# timing and memory
+# CUDA graphs and calls
 # ------------------------------------------------------------------------------------------------------------------
-def _proc_status_kb(field: str) -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
-class MemoryProbe:
-    """Peak memory of one call. CUDA: max_memory_allocated after a reset. CPU: peak RSS (VmHWM) after a reset."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.kind = "cuda_max_memory_allocated" if device.type == "cuda" else "cpu_peak_rss"
-        if device.type != "cuda" and not self._reset_hwm():
-            self.kind = "cpu_ru_maxrss_since_start"  # cannot reset: the process-wide peak since it started
-
-    @staticmethod
-    def _reset_hwm() -> bool:
-        try:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")
-            return _proc_status_kb("VmHWM") is not None
-        except OSError:
-            return False
-
-    def start(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self._before = torch.cuda.memory_allocated(self.device)
-            return
-        gc.collect()
-        try:
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-        except OSError:
-            pass
-        if self.kind == "cpu_peak_rss":
-            self._reset_hwm()
-            self._before = _proc_status_kb("VmRSS") * 1024
-        else:
-            self._before = 0
-
-    def stop(self) -> dict[str, int]:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            peak = torch.cuda.max_memory_allocated(self.device)
-        elif self.kind == "cpu_peak_rss":
-            peak = _proc_status_kb("VmHWM") * 1024
-        else:
-            import resource
-
-            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        return {"peak_bytes": peak, "added_bytes": peak - self._before}
-
-
-def time_call(fn: Callable[[], Any], device: torch.device) -> tuple[float, Any]:
-    """Seconds of one call: CUDA events + synchronize on GPU, perf_counter on CPU. Python's garbage collector is
-    paused during the call (as ``timeit`` does): a collection of the model's object graph would land in one
-    random measurement."""
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        return _time_call(fn, device)
-    finally:
-        if enabled:
-            gc.enable()
-
-
-def _time_call(fn: Callable[[], Any], device: torch.device) -> tuple[float, Any]:
-    if device.type == "cuda":
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        torch.cuda.synchronize(device)
-        start.record()
-        out = fn()
-        end.record()
-        torch.cuda.synchronize(device)
-        return start.elapsed_time(end) / 1e3, out
-    t0 = time.perf_counter()
-    out = fn()
-    return time.perf_counter() - t0, out
-
-
-def summarize(values: list[float]) -> dict[str, float]:
-    """Median, quartiles (inclusive method), IQR, mean, std (0 for one value), min, max, n."""
-    if not values:
-        raise ValueError("no values")
-    ordered = sorted(values)
-    if len(values) >= 2:
-        q1, _, q3 = statistics.quantiles(ordered, n=4, method="inclusive")
-        std = statistics.stdev(ordered)
-    else:
-        q1 = q3 = ordered[0]
-        std = 0.0
-    return {"median": statistics.median(ordered), "q1": q1, "q3": q3, "iqr": q3 - q1,
-            "mean": statistics.fmean(ordered), "std": std, "min": ordered[0], "max": ordered[-1], "n": len(values)}
-
-
 class CapturedCall:
     """``fn`` captured into a CUDA graph; ``replay()`` reruns its kernels on the captured inputs and returns the
     captured outputs. Warm-up runs on a side stream first (lazy initialisations must not happen during capture);
@@ -528,11 +407,9 @@ class Call:
 # ------------------------------------------------------------------------------------------------------------------
 def case_flops(config, n_text: int, visual: int | Sequence[int], batch: int, score_layers: int, new_tokens: int,
                prompt: dict[str, int] | None = None) -> dict[str, Any]:
-    """FLOPs of one case (whole batch), from eval.flops; ``visual``: visual tokens per sequence, one count for every
-    decoder layer or one per layer (LLM-side methods); ``prompt``: a prompt encoder's FLOPs
+    """FLOPs of one case (whole batch), from eval.efficiency.flops; ``visual``: visual tokens per sequence, one count
+    for every decoder layer or one per layer (LLM-side methods); ``prompt``: a prompt encoder's FLOPs
     (:func:`prompt_encoder_flops`), added to the whole-model counts (not to the LLM's)."""
-    from eval.flops import fastv_tokens_per_layer, flops_exact, tflops_fastv
-
     tc = config.text_config
     if isinstance(visual, Sequence):
         visual = [int(v) for v in visual]
@@ -562,8 +439,6 @@ def case_flops(config, n_text: int, visual: int | Sequence[int], batch: int, sco
 
 
 def adapter_patches(model) -> int:
-    import hiprune
-
     return hiprune.adapter_for(model).num_patches()
 
 
@@ -571,8 +446,6 @@ def case_roofline(config, n_tokens: int | Sequence[int], batch: int, dtype: torc
                   peaks: dict) -> dict:
     """Roofline bounds of the prefill and of one decode step; ``n_tokens``: tokens per sequence, one count or one
     per decoder layer (LLM-side methods: each layer's KV cache and activations have that layer's length)."""
-    from eval.roofline import decode_bytes, prefill_bytes, roofline_bound
-
     width = torch.finfo(dtype).bits // 8
     pre_bytes = prefill_bytes(config, n_tokens, width, batch)
     dec_bytes = decode_bytes(config, n_tokens, width, batch)
@@ -628,8 +501,6 @@ class Case:
 
     @contextlib.contextmanager
     def installed(self):
-        import hiprune
-
         with torch.inference_mode(), hiprune.apply(self.model, self.method, prompt_encoder=self.encoder) as session:
             if session.tokens_per_image() != self.keep:
                 raise RuntimeError(f"{self.label}: session keeps {session.tokens_per_image()} tokens per image")
@@ -649,8 +520,6 @@ class Case:
     def _check_records(self, _out=None, vision: bool = True, prefill: bool = False) -> None:
         """What the last call did: one vision pass (``vision``) or none, and, for LLM-side methods, one pruned
         prefill (``prefill``) or none, with this case's visual tokens per decoder layer."""
-        import hiprune
-
         records = self.session.pop_records()
         grids = [g for forward in records for g in forward]
         if (len(records) != int(vision) or len(grids) != self.batch * int(vision)
@@ -735,8 +604,6 @@ class Case:
     def setup(self) -> None:
         """Input embeddings with this method's kept visual tokens scattered in (LLM-side methods: the image features
         alone), and a decode cache (untimed)."""
-        from transformers.modeling_outputs import BaseModelOutputWithPooling
-
         with self.installed():
             self.session.pop_records()
             self.session.pop_layer_records()
@@ -816,8 +683,6 @@ class Case:
             self.drop_cache()
 
     def count_flops(self) -> None:
-        from eval.flops import flops_measured
-
         with self.installed():
             self._prompts()
             self.measured_flops = flops_measured(self.model, {**self.inputs, "logits_to_keep": 1})
@@ -873,30 +738,6 @@ def run_cases(cases: list[Case], cfg: DictConfig, probe: MemoryProbe, log: Calla
 # ------------------------------------------------------------------------------------------------------------------
 # run
 # ------------------------------------------------------------------------------------------------------------------
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    name = line.split(":", 1)[1].strip()
-                    return f"{name} ({os.cpu_count()} logical CPUs, {torch.get_num_threads()} torch threads)"
-    except OSError:
-        pass
-    return platform.processor() or "cpu"
-
-
-def _versions() -> dict[str, str]:
-    out = {"python": platform.python_version()}
-    for dist in ("torch", "transformers", "hiprune-harness", "hydra-core"):
-        try:
-            out[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            out[dist] = "not installed"
-    return out
-
-
 def attention_backend(device: torch.device, attn: str, sdpa_ops: list[str]) -> str:
     """Human-readable attention backend: the HF implementation and, if observed, the SDPA kernel that ran."""
     text = attn
@@ -908,9 +749,6 @@ def attention_backend(device: torch.device, attn: str, sdpa_ops: list[str]) -> s
 
 
 def run(cfg: DictConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
-    from eval.efficiency_table import write_tables
-    from eval.roofline import measure_peaks
-
     started = time.time()
     device = resolve_device(str(cfg.device))
     dtype_name = str(cfg.model.dtype)
@@ -947,7 +785,7 @@ def run(cfg: DictConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
 
     log(f"[bench] {cfg.model.name} ({n_params / 1e9:.3f}B parameters, random weights from {source}) on "
         f"{device_name(device)}, {dtype_name}, attention {attn}")
-    load_start = os.getloadavg() if hasattr(os, "getloadavg") else None
+    load_start = load_average()
     roof = cfg.roofline
     roof_args = {"sizes": list(roof.sizes) if roof.sizes else None,
                  "copy_bytes": int(roof.copy_mib) << 20 if roof.copy_mib else None, "repeats": int(roof.repeats)}
@@ -1021,16 +859,16 @@ def run(cfg: DictConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
             "new_tokens": int(cfg.new_tokens),
             "warmup": int(cfg.warmup),
             "repeats": int(cfg.repeats),
-            "timer": "CUDA events + synchronize" if device.type == "cuda" else "time.perf_counter",
+            "timer": timer_name(device),
             "cuda_graphs": bool(cfg.get("cuda_graphs")) and device.type == "cuda",
             "cuda_graphs_off": graphs_off,  # case -> why its graph replays were not measured
             "memory": probe.kind,
             "memory_check": memory_check,
             "build_seconds": build_seconds,
             "load_average_start": load_start,
-            "load_average_end": os.getloadavg() if hasattr(os, "getloadavg") else None,
+            "load_average_end": load_average(),
             "torch_threads": torch.get_num_threads(),
-            "versions": _versions(),
+            "versions": versions(),
             "config": OmegaConf.to_container(cfg, resolve=True),
             "command": " ".join(sys.argv),
             "timestamp": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),

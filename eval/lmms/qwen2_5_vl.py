@@ -25,8 +25,15 @@ import math
 from typing import Any
 
 from PIL import Image
+from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
+from transformers.image_utils import SizeDict
 
-from eval.lmms_model import HiPruneLMM, resolve_device
+from eval.lmms.base import HiPruneLMM, resolve_device
+
+try:  # optional: fetch_image below carries a copy of what it needs
+    from qwen_vl_utils import fetch_image as library_fetch_image
+except ImportError:
+    library_fetch_image = None
 
 # lmms-eval 0.7.3 lmms_eval/models/simple/qwen2_5_vl.py
 DEFAULT_MIN_PIXELS = 256 * 28 * 28
@@ -57,9 +64,6 @@ class HiPruneQwen25VL(HiPruneLMM):
 
     def load(self, pretrained, revision, attn_implementation, min_pixels, max_pixels, system_prompt, jpeg_quality,
              positions):
-        from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
-        from transformers.image_utils import SizeDict
-
         self.min_pixels, self.max_pixels = int(min_pixels), int(max_pixels)
         if not 0 < self.min_pixels <= self.max_pixels:
             raise ValueError(f"need 0 < min_pixels <= max_pixels, got {min_pixels} and {max_pixels}")
@@ -122,10 +126,6 @@ def fetch_image(element: dict, patch_size: int = 14, merge_size: int = 2) -> Ima
     The copy decodes a PIL image or a base64 data URL, converts to RGB (white background for RGBA) and resizes with
     PIL's default filter to the ``smart_resize`` size (multiples of patch_size * merge_size within the pixel limits).
     """
-    try:
-        from qwen_vl_utils import fetch_image as library_fetch_image
-    except ImportError:
-        library_fetch_image = None
     if library_fetch_image is not None and merge_size == 2:
         return library_fetch_image(element, image_patch_size=patch_size)
 

@@ -23,12 +23,22 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from decord import VideoReader, cpu
 from PIL import Image
+from transformers import AutoProcessor, VideoLlavaForConditionalGeneration
 
-from eval.lmms_llava_next import VIDEO_PLACEHOLDER, fill_placeholders, tokenize_with_visuals
-from eval.lmms_model import HiPruneLMM
+from eval.lmms.base import HiPruneLMM
+from eval.lmms.prompting import (
+    IMAGE_PLACEHOLDER,
+    PROMPT_STYLES,
+    VICUNA_V1_SYSTEM,
+    VIDEO_PLACEHOLDER,
+    fill_placeholders,
+    left_pad,
+    to_rgb,
+    tokenize_with_visuals,
+)
 from hiprune.adapters.base import PruningError
-from hiprune.prompting import IMAGE_PLACEHOLDER, PROMPT_STYLES, VICUNA_V1_SYSTEM, _rgb, left_pad
 
 
 @dataclass
@@ -41,8 +51,6 @@ class VideoClip:
 
 def load_video(path: str, num_frames: int) -> VideoClip:
     """``num_frames`` frames sampled uniformly over the video (decord), as uint8 [F, H, W, 3]."""
-    from decord import VideoReader, cpu
-
     reader = VideoReader(path, ctx=cpu(0), num_threads=1)
     total = len(reader)
     if total < 1:
@@ -83,8 +91,6 @@ class HiPruneVideoLlava(HiPruneLMM):
 
     def load(self, pretrained, revision, attn_implementation, prompt_style, num_frames, pad_to_square, text_tower,
              prompt_pooling):
-        from transformers import AutoProcessor, VideoLlavaForConditionalGeneration
-
         if prompt_style not in PROMPT_STYLES:
             raise ValueError(f"unknown prompt_style {prompt_style!r}; choose one of {PROMPT_STYLES}")
         self.num_frames = int(num_frames)
@@ -128,7 +134,7 @@ class HiPruneVideoLlava(HiPruneLMM):
 
     def _image_pixels(self, images: list[Image.Image]) -> torch.Tensor:
         image_processor = self.processor.image_processor
-        images = [_rgb(image) for image in images]
+        images = [to_rgb(image) for image in images]
         if self.pad_to_square:
             background = tuple(round(x * 255) for x in image_processor.image_mean)
             images = [expand_to_square(image, background) for image in images]
