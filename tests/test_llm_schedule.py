@@ -24,16 +24,17 @@ from transformers import AutoConfig, AutoProcessor, LlavaForConditionalGeneratio
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 import hiprune
-from eval import bench as bench_module
-from eval import run as run_module
-from eval.efficiency_table import table5, token_drops
-from eval.flops import fastv_tokens_per_layer, flops_exact, flops_measured, tflops_fastv
-from eval.lmms_model import HiPruneLlava, selection_digest
+from eval.efficiency import bench as bench_module
+from eval.efficiency.flops import fastv_tokens_per_layer, flops_exact, flops_measured, tflops_fastv
+from eval.efficiency.tables import table5, token_drops
+from eval.lmms.base import selection_digest
+from eval.lmms.llava import HiPruneLlava
+from eval.lmms.prompting import LlavaInputBuilder
+from eval.running import run as run_module
 from hiprune.adapters.base import GridRecord, LayerRecord
 from hiprune.adapters.llm_pruning import check_llm_method, check_schedule, resolve_schedule, visual_per_layer
 from hiprune.methods.base import DropStage, Method
 from hiprune.methods.fastv import FastV
-from hiprune.prompting import LlavaInputBuilder
 
 SCENE_DIR = REPO / "models" / "scene-llava"
 TWO_STAGES = (DropStage(1, 32), DropStage(2, 8))

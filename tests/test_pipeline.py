@@ -8,9 +8,9 @@ import pytest
 import torch
 
 import hiprune
+from eval.lmms.prompting import LlavaInputBuilder
 from hiprune.adapters.base import split_budget, spread_budget, stack_selections
 from hiprune.methods.base import FEATURE_LAYER, Method, Request, Selection, VisionTokens, gather_tokens, top_k
-from hiprune.prompting import LlavaInputBuilder
 
 
 # --- one budget split --------------------------------------------------------------------------------------------

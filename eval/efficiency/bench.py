@@ -71,7 +71,13 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 import hiprune
 from eval.config import CONFIG_DIR, ConfigError, repo_path
-from eval.efficiency.flops import fastv_tokens_per_layer, flops_exact, flops_measured, tflops_fastv
+from eval.efficiency.flops import (
+    encoder_merges,
+    fastv_tokens_per_layer,
+    flops_exact,
+    flops_measured,
+    tflops_fastv,
+)
 from eval.efficiency.measure import (
     DTYPES,
     MemoryProbe,
@@ -406,23 +412,24 @@ class Call:
 # FLOPs and roofline per case
 # ------------------------------------------------------------------------------------------------------------------
 def case_flops(config, n_text: int, visual: int | Sequence[int], batch: int, score_layers: int, new_tokens: int,
-               prompt: dict[str, int] | None = None) -> dict[str, Any]:
+               prompt: dict[str, int] | None = None, merges: Sequence[int] | None = None) -> dict[str, Any]:
     """FLOPs of one case (whole batch), from eval.efficiency.flops; ``visual``: visual tokens per sequence, one count
     for every decoder layer or one per layer (LLM-side methods); ``prompt``: a prompt encoder's FLOPs
-    (:func:`prompt_encoder_flops`), added to the whole-model counts (not to the LLM's)."""
+    (:func:`prompt_encoder_flops`), added to the whole-model counts (not to the LLM's); ``merges``: an encoder-stage
+    method's merges per encoder layer (:func:`eval.efficiency.flops.encoder_merges`)."""
     tc = config.text_config
     if isinstance(visual, Sequence):
         visual = [int(v) for v in visual]
         tokens = [n_text + v for v in visual]
     else:
         tokens = fastv_tokens_per_layer(tc.num_hidden_layers, n_text, visual)
-    prefill = flops_exact(config, n_text, visual, logits_to_keep=1, score_layers=score_layers)
-    prefill_tri = flops_exact(config, n_text, visual, logits_to_keep=1, score_layers=score_layers,
-                              attention="triangular")
-    generate = flops_exact(config, n_text, visual, decode_tokens=max(new_tokens - 1, 0), logits_to_keep=1,
-                           score_layers=score_layers)
+    vision = {"score_layers": score_layers, "encoder_merges": merges}
+    prefill = flops_exact(config, n_text, visual, logits_to_keep=1, **vision)
+    prefill_tri = flops_exact(config, n_text, visual, logits_to_keep=1, attention="triangular", **vision)
+    generate = flops_exact(config, n_text, visual, decode_tokens=max(new_tokens - 1, 0), logits_to_keep=1, **vision)
     one_step = flops_exact(config, n_text, visual, decode_tokens=1, logits_to_keep=1)["decode"]
-    full_forward = flops_exact(config, n_text, visual)  # logits at every position, no scoring: what calflops sees
+    # logits at every position, no scoring: what calflops sees (merging is part of the encoder it counts)
+    full_forward = flops_exact(config, n_text, visual, encoder_merges=merges)
     fastv = tflops_fastv(tc.num_hidden_layers, tc.hidden_size, tc.intermediate_size, tokens)
     extra, extra_linear = (prompt["total"], prompt["linear"]) if prompt else (0, 0)
     return {
@@ -693,7 +700,8 @@ class Case:
         score_layers = len(method.score_layers()) if method.stage == "vision" else 0
         prompt = prompt_encoder_flops(self.encoder, adapter_patches(self.model), self.batch) if self.encoder else None
         visual = self.visual_per_layer  # LLM-side methods: what every pruned prefill of this case recorded
-        flops = case_flops(self.config, self.n_text, visual, self.batch, score_layers, self.new_tokens, prompt)
+        flops = case_flops(self.config, self.n_text, visual, self.batch, score_layers, self.new_tokens, prompt,
+                           encoder_merges(method, self.config))
         measured = self.measured_flops
         if measured is not None:
             flops["tflops_measured"] = measured["total"] / 1e12
@@ -907,7 +915,7 @@ def dry_run(cfg: DictConfig, config, source: str, cases: list[dict], n_params: i
             prompt = (prompt_encoder_flops(prompt_encoder, patches, int(cfg.batch_size))
                       if method.needs_prompt and prompt_encoder is not None else None)
             entry["flops"] = case_flops(config, n_text, case["visual_per_layer"], int(cfg.batch_size), score_layers,
-                                        int(cfg.new_tokens), prompt)
+                                        int(cfg.new_tokens), prompt, encoder_merges(method, config))
             tokens = tokens_label(case["keep"], case["visual_per_layer"])
             log(f"  {case['name']:>10} {tokens:>4} tokens: TFLOPs paper convention "
                 f"{entry['flops']['tflops_paper_convention']:.2f}, exact {entry['flops']['tflops_exact']:.2f}, "

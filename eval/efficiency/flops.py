@@ -51,9 +51,10 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from hiprune.adapters.llm_pruning import visual_per_layer
-from hiprune.methods.base import DropStage
+from hiprune.methods.base import DropStage, resolve_budget
 
 __all__ = [
+    "encoder_merges",
     "fastv_layer_flops",
     "fastv_tokens_per_layer",
     "flops_exact",
@@ -142,6 +143,18 @@ def _sdpa_flops(batch: int, q_heads: int, qk_dim: int, v_dim: int, pairs: int) -
 # ------------------------------------------------------------------------------------------------------------------
 # 2. Exact count from the architecture
 # ------------------------------------------------------------------------------------------------------------------
+def encoder_merges(method: Any, config: Any) -> list[int] | None:
+    """The merge schedule an encoder-stage method (ToMe) runs on one image (crop, frame) of a LLaVA-style ``config``,
+    for :func:`flops_exact`'s ``encoder_merges``; None for methods of other stages."""
+    if method.stage != "encoder":
+        return None
+    vc = config.vision_config
+    patches = (vc.image_size // vc.patch_size) ** 2
+    feature = _get(config, "vision_feature_layer", default=-2)
+    layers = feature if feature >= 0 else vc.num_hidden_layers + 1 + feature
+    return method.merge_schedule(patches, resolve_budget(method.budget, patches), layers)
+
+
 def _get(cfg: Any, *names: str, default: Any = None) -> Any:
     for name in names:
         value = getattr(cfg, name, None)

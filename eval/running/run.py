@@ -30,7 +30,7 @@ from transformers import AutoConfig, AutoModelForImageTextToText
 
 import hiprune
 from eval.config import CONFIG_DIR, REPO_ROOT, ConfigError, repo_path
-from eval.efficiency.flops import flops_exact, tflops_fastv
+from eval.efficiency.flops import encoder_merges, flops_exact, tflops_fastv
 from eval.lmms.base import lmms_model_class
 from eval.running.fingerprint import local_inputs
 from eval.running.methods import build_from_config, not_implemented_notice
@@ -222,7 +222,9 @@ def _flops_summary(model, config) -> dict[str, Any]:
     if not samples:
         return {"note": "no single-image samples"}
     try:
-        exact = [flops_exact(config, n_text, visual, logits_to_keep=1)["total"] for n_text, visual in samples]
+        merges = encoder_merges(model.method, config)  # encoder-stage methods: tokens merged inside the tower
+        exact = [flops_exact(config, n_text, visual, logits_to_keep=1, encoder_merges=merges)["total"]
+                 for n_text, visual in samples]
     except NotImplementedError as exc:
         return {"note": f"not counted for this architecture: {exc}"}
     fastv = [
