@@ -527,7 +527,7 @@ class QwenOurs(QwenVariant):
         }
         with AttentionScores(modules) as capture:
             features = self._forward(inputs)
-        selected = self._select(capture.chunks.get("object"), capture.chunks.get("deep"), inputs["grid_thw"])
+            selected = self._select(capture.chunks.get("object"), capture.chunks.get("deep"), inputs["grid_thw"])
         return {"features": features, **selected}
 
 
