@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import copy
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -34,12 +34,31 @@ _MAX_CHUNK_ELEMENTS = 64 * 2**20
 QUERY_MODES = ("all", "cls", "last")
 
 
+# What a capture can record from one layer: its attention (a per-key score), its keys (mean over heads) or its
+# output hidden states.
+KINDS = ("attention", "keys", "hidden")
+
+
+@dataclass(frozen=True)
+class Tap:
+    """One recording: under ``name``, the ``kind`` of a module's work (attention: with ``queries`` rows)."""
+
+    name: str
+    kind: str = "attention"
+    queries: str = "all"
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"unknown capture kind {self.kind!r}; expected one of {KINDS}")
+        if self.queries not in QUERY_MODES:
+            raise ValueError(f"unknown attention query mode {self.queries!r}; expected one of {QUERY_MODES}")
+
+
 @dataclass
 class _Route:
-    sink: AttentionScores
-    name: str
+    sink: Capture
+    taps: list[Tap]
     original: Callable
-    queries: str
 
 
 def key_scores(
@@ -93,72 +112,124 @@ def _capture_attention(module: nn.Module, query, key, value, attention_mask, *ar
     scaling = kwargs.get("scaling")
     if scaling is None:
         scaling = args[0] if args else query.shape[-1] ** -0.5
-    if route.queries == "cls":  # the CLS token's attention row only (token 0), as CLS-attention pruning methods use
+    with torch.no_grad():
+        for tap in route.taps:
+            if tap.kind == "keys":  # [B, Tk, Dh]: the keys the layer attended with (after any rotary), heads averaged
+                route.sink.record(tap.name, key.detach().float().mean(dim=1))
+            else:
+                route.sink.record(tap.name, _query_scores(tap.queries, query, key, attention_mask, scaling))
+    return output
+
+
+def _query_scores(queries: str, query, key, attention_mask, scaling) -> torch.Tensor:
+    if queries == "cls":  # the CLS token's attention row only (token 0), as CLS-attention pruning methods use
         query = query[:, :, :1]
         attention_mask = attention_mask[..., :1, :] if attention_mask is not None else None
-    elif route.queries == "last":  # the last token's row only (FastV: the last prompt token of a left-padded batch)
+    elif queries == "last":  # the last token's row only (FastV: the last prompt token of a left-padded batch)
         query = query[:, :, -1:]
         attention_mask = attention_mask[..., -1:, :] if attention_mask is not None else None
-    with torch.no_grad():
-        route.sink.record(route.name, key_scores(query, key, attention_mask, scaling))
-    return output
+    return key_scores(query, key, attention_mask, scaling)
 
 
 AttentionInterface.register(CAPTURE_IMPLEMENTATION, _capture_attention)
 
 
-class AttentionScores:
-    """Context manager: while active, each named attention module records its per-key global attention score.
+class Capture:
+    """Context manager: while active, every tapped module records what its taps ask for.
 
-    >>> with AttentionScores({"object": layers[8].self_attn, "deep": layers[22].self_attn}) as cap:
-    ...     model(...)
-    >>> cap.scores["object"]  # [B, T]
-
-    A module that runs several times in one forward (e.g. per image chunk) has its results concatenated on dim 0.
+    ``taps`` maps an attention module (kinds "attention", "keys") or a layer module (kind "hidden": its output
+    hidden states, through a forward hook) to its taps. One module may carry several taps (e.g. the CLS row and the
+    keys of one layer). A module that runs several times in one forward (e.g. per image chunk) has its results
+    concatenated on dim 0 by :meth:`collect`, or kept per call in :attr:`chunks`.
     """
 
-    def __init__(self, modules: Mapping[str, nn.Module], queries: str = "all"):
-        if queries not in QUERY_MODES:
-            raise ValueError(f"unknown attention query mode {queries!r}; expected one of {QUERY_MODES}")
-        # "all": mean over every query (global attention); "cls": the CLS query's row; "last": the last query's row
-        self.queries = queries
-        self.modules = dict(modules)
-        self.scores: dict[str, torch.Tensor] = {}
+    def __init__(self, taps: Mapping[nn.Module, Sequence[Tap]]):
+        self.taps = {module: list(module_taps) for module, module_taps in taps.items()}
+        names = [tap.name for module_taps in self.taps.values() for tap in module_taps]
+        if len(names) != len(set(names)):
+            raise ValueError(f"capture names must be distinct, got {names}")
+        self.names = names
         self._parts: dict[str, list[torch.Tensor]] = {}
         self._saved: list[tuple[nn.Module, object]] = []
+        self._hooks: list = []
 
-    def record(self, name: str, scores: torch.Tensor) -> None:
-        self._parts.setdefault(name, []).append(scores)
+    @property
+    def chunks(self) -> dict[str, list[torch.Tensor]]:
+        """name -> what each call recorded since the last collect, in call order."""
+        return self._parts
+
+    def record(self, name: str, value: torch.Tensor) -> None:
+        self._parts.setdefault(name, []).append(value)
 
     def collect(self) -> dict[str, torch.Tensor]:
-        """Scores recorded since the last collect (name -> [B, T]); clears them."""
-        missing = [n for n in self.modules if n not in self._parts]
+        """Recorded since the last collect (name -> [B, T] or [B, T, D]); clears them."""
+        missing = [n for n in self.names if n not in self._parts]
         if missing:
             raise RuntimeError(f"attention of layer(s) {missing} was not computed in this forward pass")
         out = {n: torch.cat(parts, dim=0) for n, parts in self._parts.items()}
         self._parts.clear()
         return out
 
-    def __enter__(self) -> AttentionScores:
-        seen: set[int] = set()
-        for name, module in self.modules.items():
-            if id(module) in seen:
-                raise ValueError("one attention module can be captured under one name only")
-            seen.add(id(module))
-            if not hasattr(module, "config"):
-                raise TypeError(f"{type(module).__name__} has no config; cannot reroute its attention")
-            original_config = module.config
-            private = copy.copy(original_config)
-            private._attn_implementation_internal = CAPTURE_IMPLEMENTATION
-            original = _original_attention(module, original_config._attn_implementation)
-            module._hiprune_route = _Route(self, name, original, self.queries)
-            module.config = private
-            self._saved.append((module, original_config))
+    def __enter__(self) -> Capture:
+        try:
+            for module, module_taps in self.taps.items():
+                hidden = [tap for tap in module_taps if tap.kind == "hidden"]
+                routed = [tap for tap in module_taps if tap.kind != "hidden"]
+                if hidden:
+                    self._hooks.append(module.register_forward_hook(self._hidden_hook(hidden)))
+                if routed:
+                    self._reroute(module, routed)
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
         return self
+
+    def _hidden_hook(self, taps: list[Tap]):
+        def hook(module: nn.Module, args, output) -> None:
+            hidden = output[0] if isinstance(output, tuple) else output
+            for tap in taps:
+                self.record(tap.name, hidden.detach())
+
+        return hook
+
+    def _reroute(self, module: nn.Module, taps: list[Tap]) -> None:
+        if not hasattr(module, "config"):
+            raise TypeError(f"{type(module).__name__} has no config; cannot reroute its attention")
+        original_config = module.config
+        private = copy.copy(original_config)
+        private._attn_implementation_internal = CAPTURE_IMPLEMENTATION
+        original = _original_attention(module, original_config._attn_implementation)
+        module._hiprune_route = _Route(self, taps, original)
+        module.config = private
+        self._saved.append((module, original_config))
 
     def __exit__(self, *exc) -> None:
         for module, original_config in self._saved:
             module.config = original_config
             del module._hiprune_route
+        for handle in self._hooks:
+            handle.remove()
         self._saved.clear()
+        self._hooks.clear()
         self._parts.clear()
+
+
+class AttentionScores(Capture):
+    """Capture of attention scores only: each named attention module records its per-key score.
+
+    >>> with AttentionScores({"object": layers[8].self_attn, "deep": layers[22].self_attn}) as cap:
+    ...     model(...)
+    >>> cap.collect()["object"]  # [B, T]
+    """
+
+    def __init__(self, modules: Mapping[str, nn.Module], queries: str = "all"):
+        if queries not in QUERY_MODES:
+            raise ValueError(f"unknown attention query mode {queries!r}; expected one of {QUERY_MODES}")
+        taps: dict[nn.Module, list[Tap]] = {}
+        for name, module in modules.items():
+            if module in taps:
+                raise ValueError("one attention module can be captured under one name only")
+            taps[module] = [Tap(name, "attention", queries)]
+        super().__init__(taps)
+        self.queries = queries
+        self.modules = dict(modules)

@@ -436,3 +436,22 @@ def test_paper_table5_is_linear_only_count():
     implied_full = {nv: implied_text_length(nv, full) for nv in PAPER_TABLE5}
     assert set(implied_linear.values()) == {49}
     assert max(implied_full.values()) - min(implied_full.values()) > 10
+
+
+def test_measured_matches_exact_tome_64(tiny_model):
+    # ToMe merges inside the encoder: each layer's MLP runs on fewer tokens than its attention, the next layer on
+    # fewer still; the projector and the LLM see the 64 tokens that leave the feature layer.
+    import hiprune
+
+    inputs, n_text = sample(64)
+    method = hiprune.build_method("tome", budget=64)
+    with hiprune.apply(tiny_model, method) as session:
+        measured = flops_measured(tiny_model, inputs)
+    assert session.records[-1][0].tokens_kept == 64
+    layers = hiprune.adapter_for(tiny_model).feature_layer()
+    schedule = method.merge_schedule(576, 64, layers)
+    exact = flops_exact(tiny_model.config, n_text, 64, encoder_merges=schedule)
+    assert_parts_agree(measured, exact)
+    unmerged = flops_exact(tiny_model.config, n_text, 64)
+    assert exact["vision"] < unmerged["vision"] and exact["projector"] < unmerged["projector"]
+    assert exact["scoring"] > 0  # the bipartite matching is counted

@@ -450,7 +450,8 @@ def test_method_defaults_and_score_layers():
         "registers": "deep",
     }
     assert HiPrune(budget=64, registers="none").score_layers() == {"object": 9}  # no deep layer captured
-    assert method.score_queries() == "all" and HiPrune(budget=64, attention="cls").score_queries() == "cls"
+    assert {r.queries for r in method.requests().values()} == {"all"}
+    assert {r.queries for r in HiPrune(budget=64, attention="cls").requests().values()} == {"cls"}
     with pytest.raises(ValueError, match="attention"):
         HiPrune(budget=64, attention="max").validate()
 

@@ -84,7 +84,9 @@ def test_unimplemented_method_or_model_is_skipped_with_a_notice(tmp_path, monkey
 def test_render_table2_without_runs_shows_paper_numbers_and_misprint(tmp_path):
     paths = R.render("2", [f"store={tmp_path / 'empty'}"], out_dir=tmp_path, plots=False)
     md = paths["md"].read_text()
-    assert "| ToMe | not run (54.3) | not run (60.5) | not run |" in md  # ToMe has no MMB-CN in the paper
+    assert "| ToMe | pending (54.3) | pending (60.5) | pending |" in md  # ToMe has no MMB-CN in the paper
+    sparsevlm = "pending" if is_implemented("sparsevlm") else "not run"  # registered methods are pending, others not run
+    assert f"| SparseVLM | {sparsevlm} (59.5) |" in md
     assert "| HiPrune | pending (59.2) |" in md
     assert re.search(r"(not run|pending) \(98\.5%†\)", md) and "prints 98.8% for HiPrune++ at 128" in md
     assert "VizWiz" in md.splitlines()[-1] or any("VizWiz:" in line for line in md.splitlines())
@@ -100,7 +102,7 @@ def test_render_from_a_smoke_filled_store(smoke_store, tmp_path):
     paths = R.render("smoke", [f"store={smoke_store}", "limit=2"], out_dir=tmp_path, plots=False)
     cells = pd.read_csv(paths["cells"], dtype={"budget_label": str})
     records = {(r["identity"]["method"]["name"], r["identity"]["budget"]): r for _, r in iter_records(smoke_store)}
-    assert len(records) == 3  # tome was skipped, nothing written
+    assert len(records) == 4
 
     def cell(row, budget):
         hit = cells[(cells["row"] == row) & (cells["budget_label"] == str(budget))]
@@ -113,7 +115,8 @@ def test_render_from_a_smoke_filled_store(smoke_store, tmp_path):
     hp = cell("HiPrune", 64)
     assert hp["status"] == "ok" and hp["paper"] == 73.0
     assert hp["delta"] == pytest.approx(hp["ours"] - 73.0)
-    assert cell("ToMe", 64)["status"] == "not run" and cell("ToMe", 64)["paper"] == 52.5
+    tome = cell("ToMe", 64)
+    assert tome["status"] == "ok" and tome["paper"] == 52.5 and tome["delta"] == pytest.approx(tome["ours"] - 52.5)
     assert cell("Random", 128)["status"] == "pending" and pd.isna(cell("Random", 128)["paper"])
     assert cell("HiPrune++", 192)["status"] == ("pending" if is_implemented("hiprune_pp") else "not run")
 
@@ -121,7 +124,7 @@ def test_render_from_a_smoke_filled_store(smoke_store, tmp_path):
     ours, paper = hp["ours"], hp["paper"]
     assert f"| HiPrune | {ours:.1f} ({paper:.1f}, {ours - paper:+.1f}) |" in md
     assert f"| Vanilla (tiny_llava) | {vanilla['ours']:.1f} (85.9, " in md
-    assert "| ToMe | not run (52.5) | not run (61.1%) | not run (61.1%) |" in md
+    assert f"| ToMe | {tome['ours']:.1f} (52.5, {tome['ours'] - 52.5:+.1f}) |" in md
     assert "limit=[2]" in md  # subset runs are flagged
 
     spec = R.load_spec("smoke", [f"store={smoke_store}", "limit=2"])

@@ -42,8 +42,9 @@ FlopCounterMode over one real forward. Roofline: peak FLOP/s (matmul) and bandwi
 bandwidth) with the faster of the two measurements of each peak (the tighter bound), FLOPs counted for a causal
 kernel ("triangular") and bytes from :func:`eval.efficiency.roofline.prefill_bytes`. Every count takes the visual
 tokens of each decoder layer: the kept ones in every layer for methods that prune before the LLM; for LLM-side
-methods (FastV) all N visual tokens in layers 0..K-1 and the R kept from layer K on, as recorded by every pruned
-prefill of the case (``session.layer_records``, checked against [N] * K + [R] * (L - K)). CUDA graphs
+methods the counts their drop schedule leaves at each layer (FastV: all N visual tokens in layers 0..K-1 and the R
+kept from layer K on), as recorded by every pruned prefill of the case (``session.layer_records``, checked against
+the schedule). CUDA graphs
 (``cuda_graphs=true``) are off for LLM-side methods, with the reason in the log and in bench.json (meta
 ``cuda_graphs_off``): their prefill finds the image tokens and kept positions with data-dependent shapes and
 host-side checks, which a graph capture cannot hold.
@@ -70,7 +71,13 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 import hiprune
 from eval.config import CONFIG_DIR, ConfigError, repo_path
-from eval.efficiency.flops import fastv_tokens_per_layer, flops_exact, flops_measured, tflops_fastv
+from eval.efficiency.flops import (
+    encoder_merges,
+    fastv_tokens_per_layer,
+    flops_exact,
+    flops_measured,
+    tflops_fastv,
+)
 from eval.efficiency.measure import (
     DTYPES,
     MemoryProbe,
@@ -82,9 +89,9 @@ from eval.efficiency.measure import (
     versions,
 )
 from eval.efficiency.roofline import decode_bytes, measure_peaks, prefill_bytes, roofline_bound
-from eval.efficiency.tables import token_drop, write_tables
+from eval.efficiency.tables import token_drops, write_tables
 from eval.running.methods import build_from_config, is_implemented, stage_of
-from hiprune.methods import resolve_budget
+from hiprune.adapters.llm_pruning import resolve_schedule, visual_per_layer
 
 MEASUREMENTS = ("vision", "prefill", "ttft", "decode", "generate")
 # With cuda_graphs=true (GPU): the same prefill and decode step replayed from a captured CUDA graph, i.e. without
@@ -198,17 +205,17 @@ def plan_cases(cfg: DictConfig, skeleton) -> list[dict[str, Any]]:
 
 def visual_tokens_per_layer(method, keep: int, n_layers: int) -> list[int]:
     """Visual tokens of one sequence (one image) at each decoder layer: ``keep`` (the LLM's input) in every layer,
-    except for LLM-side methods (FastV), which drop to their budget R from decoder layer K = ``method.layer`` on."""
+    except for LLM-side methods, which drop at the stages of their drop schedule (FastV: to R from layer K on)."""
     if method.stage != "llm":
         return [keep] * n_layers
-    kept = resolve_budget(method.budget, keep)
-    return [keep] * method.layer + [kept] * (n_layers - method.layer)
+    return visual_per_layer(resolve_schedule(method, keep, n_layers), keep, n_layers)
 
 
 def tokens_label(keep: int, visual_per_layer: list[int]) -> str:
-    """'64' for a method that prunes before the LLM; '576>64@2' (576 visual tokens, 64 from layer 2 on) for FastV."""
-    drop = token_drop([keep, *visual_per_layer])  # the LLM's input first, so layer i of the list is i - 1
-    return str(keep) if drop is None else f"{keep}>{drop[1]}@{drop[2] - 1}"
+    """'64' for a method that prunes before the LLM; '576>64@2' (576 visual tokens, 64 from layer 2 on) for FastV;
+    '576>288@2>144@8' for a drop schedule of two stages."""
+    drops = token_drops([keep, *visual_per_layer])  # the LLM's input first, so layer i of the list is i - 1
+    return str(keep) + "".join(f">{after}@{layer - 1}" for layer, after in drops)
 
 
 def cuda_graphs_off_reason(method) -> str | None:
@@ -405,23 +412,24 @@ class Call:
 # FLOPs and roofline per case
 # ------------------------------------------------------------------------------------------------------------------
 def case_flops(config, n_text: int, visual: int | Sequence[int], batch: int, score_layers: int, new_tokens: int,
-               prompt: dict[str, int] | None = None) -> dict[str, Any]:
+               prompt: dict[str, int] | None = None, merges: Sequence[int] | None = None) -> dict[str, Any]:
     """FLOPs of one case (whole batch), from eval.efficiency.flops; ``visual``: visual tokens per sequence, one count
     for every decoder layer or one per layer (LLM-side methods); ``prompt``: a prompt encoder's FLOPs
-    (:func:`prompt_encoder_flops`), added to the whole-model counts (not to the LLM's)."""
+    (:func:`prompt_encoder_flops`), added to the whole-model counts (not to the LLM's); ``merges``: an encoder-stage
+    method's merges per encoder layer (:func:`eval.efficiency.flops.encoder_merges`)."""
     tc = config.text_config
     if isinstance(visual, Sequence):
         visual = [int(v) for v in visual]
         tokens = [n_text + v for v in visual]
     else:
         tokens = fastv_tokens_per_layer(tc.num_hidden_layers, n_text, visual)
-    prefill = flops_exact(config, n_text, visual, logits_to_keep=1, score_layers=score_layers)
-    prefill_tri = flops_exact(config, n_text, visual, logits_to_keep=1, score_layers=score_layers,
-                              attention="triangular")
-    generate = flops_exact(config, n_text, visual, decode_tokens=max(new_tokens - 1, 0), logits_to_keep=1,
-                           score_layers=score_layers)
+    vision = {"score_layers": score_layers, "encoder_merges": merges}
+    prefill = flops_exact(config, n_text, visual, logits_to_keep=1, **vision)
+    prefill_tri = flops_exact(config, n_text, visual, logits_to_keep=1, attention="triangular", **vision)
+    generate = flops_exact(config, n_text, visual, decode_tokens=max(new_tokens - 1, 0), logits_to_keep=1, **vision)
     one_step = flops_exact(config, n_text, visual, decode_tokens=1, logits_to_keep=1)["decode"]
-    full_forward = flops_exact(config, n_text, visual)  # logits at every position, no scoring: what calflops sees
+    # logits at every position, no scoring: what calflops sees (merging is part of the encoder it counts)
+    full_forward = flops_exact(config, n_text, visual, encoder_merges=merges)
     fastv = tflops_fastv(tc.num_hidden_layers, tc.hidden_size, tc.intermediate_size, tokens)
     extra, extra_linear = (prompt["total"], prompt["linear"]) if prompt else (0, 0)
     return {
@@ -692,7 +700,8 @@ class Case:
         score_layers = len(method.score_layers()) if method.stage == "vision" else 0
         prompt = prompt_encoder_flops(self.encoder, adapter_patches(self.model), self.batch) if self.encoder else None
         visual = self.visual_per_layer  # LLM-side methods: what every pruned prefill of this case recorded
-        flops = case_flops(self.config, self.n_text, visual, self.batch, score_layers, self.new_tokens, prompt)
+        flops = case_flops(self.config, self.n_text, visual, self.batch, score_layers, self.new_tokens, prompt,
+                           encoder_merges(method, self.config))
         measured = self.measured_flops
         if measured is not None:
             flops["tflops_measured"] = measured["total"] / 1e12
@@ -906,7 +915,7 @@ def dry_run(cfg: DictConfig, config, source: str, cases: list[dict], n_params: i
             prompt = (prompt_encoder_flops(prompt_encoder, patches, int(cfg.batch_size))
                       if method.needs_prompt and prompt_encoder is not None else None)
             entry["flops"] = case_flops(config, n_text, case["visual_per_layer"], int(cfg.batch_size), score_layers,
-                                        int(cfg.new_tokens), prompt)
+                                        int(cfg.new_tokens), prompt, encoder_merges(method, config))
             tokens = tokens_label(case["keep"], case["visual_per_layer"])
             log(f"  {case['name']:>10} {tokens:>4} tokens: TFLOPs paper convention "
                 f"{entry['flops']['tflops_paper_convention']:.2f}, exact {entry['flops']['tflops_exact']:.2f}, "

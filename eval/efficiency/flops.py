@@ -50,7 +50,11 @@ from typing import Any
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from hiprune.adapters.llm_pruning import visual_per_layer
+from hiprune.methods.base import DropStage, resolve_budget
+
 __all__ = [
+    "encoder_merges",
     "fastv_layer_flops",
     "fastv_tokens_per_layer",
     "flops_exact",
@@ -75,8 +79,8 @@ def tflops_fastv(n_layers: int, hidden: int, ffn_intermediate: int, tokens_per_l
     """FastV / VisionZip / DivPrune-convention prefill TFLOPs of the LLM: sum over layers of
     ``4*n_l*d^2 + 2*n_l^2*d + 2*n_l*d*m`` / 1e12, with ``n_l`` = tokens (text + visual) at decoder layer ``l``.
 
-    ``tokens_per_layer`` has one entry per decoder layer, so LLM-side methods that drop tokens after layer K
-    (FastV) are expressed directly; a method that prunes before the LLM (HiPrune, VisionZip) has the same count
+    ``tokens_per_layer`` has one entry per decoder layer, so LLM-side methods that drop tokens inside the decoder
+    (FastV after layer K, or any drop schedule) are expressed directly; a method that prunes before the LLM (HiPrune, VisionZip) has the same count
     at every layer (see :func:`fastv_tokens_per_layer`).
     """
     tokens = list(tokens_per_layer)
@@ -90,11 +94,24 @@ def tflops_fastv(n_layers: int, hidden: int, ffn_intermediate: int, tokens_per_l
 
 
 def fastv_tokens_per_layer(
-    n_layers: int, n_text: int, n_visual: int, prune_after: int | None = None, n_visual_after: int | None = None
+    n_layers: int,
+    n_text: int,
+    n_visual: int,
+    prune_after: int | None = None,
+    n_visual_after: int | None = None,
+    schedule: Sequence[DropStage] | None = None,
 ) -> list[int]:
-    """Token count per decoder layer: ``n_text + n_visual`` in layers ``< prune_after`` and
-    ``n_text + n_visual_after`` from layer ``prune_after`` on (FastV's K and R). Without ``prune_after``, the same
-    count in every layer (pruning before the LLM)."""
+    """Token count per decoder layer: ``n_text`` plus the visual tokens at that layer.
+
+    schedule: an LLM-side method's drop schedule (``method.drop_schedule(n_visual, n_layers)``, any number of
+        stages): ``n_visual`` before its first stage, each stage's ``keep`` from its layer on.
+    prune_after, n_visual_after: one drop, ``n_text + n_visual`` in layers ``< prune_after`` and
+        ``n_text + n_visual_after`` from layer ``prune_after`` on (FastV's K and R).
+    With neither, the same count in every layer (pruning before the LLM)."""
+    if schedule is not None:
+        if prune_after is not None or n_visual_after is not None:
+            raise ValueError("give either a drop schedule or prune_after / n_visual_after, not both")
+        return [n_text + v for v in visual_per_layer(schedule, n_visual, n_layers)]
     if prune_after is None:
         return [n_text + n_visual] * n_layers
     if n_visual_after is None or not 0 <= prune_after <= n_layers:
@@ -126,6 +143,18 @@ def _sdpa_flops(batch: int, q_heads: int, qk_dim: int, v_dim: int, pairs: int) -
 # ------------------------------------------------------------------------------------------------------------------
 # 2. Exact count from the architecture
 # ------------------------------------------------------------------------------------------------------------------
+def encoder_merges(method: Any, config: Any) -> list[int] | None:
+    """The merge schedule an encoder-stage method (ToMe) runs on one image (crop, frame) of a LLaVA-style ``config``,
+    for :func:`flops_exact`'s ``encoder_merges``; None for methods of other stages."""
+    if method.stage != "encoder":
+        return None
+    vc = config.vision_config
+    patches = (vc.image_size // vc.patch_size) ** 2
+    feature = _get(config, "vision_feature_layer", default=-2)
+    layers = feature if feature >= 0 else vc.num_hidden_layers + 1 + feature
+    return method.merge_schedule(patches, resolve_budget(method.budget, patches), layers)
+
+
 def _get(cfg: Any, *names: str, default: Any = None) -> Any:
     for name in names:
         value = getattr(cfg, name, None)
@@ -145,6 +174,7 @@ def flops_exact(
     logits_to_keep: int = 0,
     attention: str = "dense",
     score_layers: int = 0,
+    encoder_merges: Sequence[int] | None = None,
 ) -> dict[str, int]:
     """FLOPs (2 x MACs) of one sample through a LLaVA-1.5-style model (HF ``LlavaConfig``: CLIP vision tower,
     2-layer MLP projector, Llama-style LLM), as the HF implementation runs it.
@@ -166,6 +196,10 @@ def flops_exact(
     attention: "dense" or "triangular" for causal LLM prefill attention; see the module docstring.
     score_layers: vision layers whose attention map is recomputed for token scoring (HiPrune: 2, the object and
         deep layers; each costs one extra QK^T, 2 * T^2 * hidden). Included in "vision", also shown as "scoring".
+    encoder_merges: encoder-stage methods (ToMe): tokens merged in each encoder layer, from the first (the merge
+        schedule that ran). Layer l's attention runs on its t_l input tokens and its MLP on t_l - r_l; the
+        bipartite matching costs 2 * ceil(t_l / 2) * floor(t_l / 2) * head_dim (in "scoring"); the projector runs
+        on what leaves the feature layer. The LLM still sees ``n_visual_kept``.
 
     Returns FLOPs (not T) for "vision", "projector", "llm_prefill" (decoder layers), "lm_head" (prefill logits),
     "decode" (decoder layers and lm_head of all decode steps) and their sum "total"; plus two informational
@@ -189,20 +223,31 @@ def flops_exact(
     patches = n_visual_encoder if n_visual_encoder is not None else (vc.image_size // patch) ** 2
     seq = patches + 1  # CLS
     conv = 2 * patches * dv * (channels * patch * patch)
-    vision_linear_layer = 2 * seq * dv * (4 * dv) + 2 * seq * dv * iv * 2  # q,k,v,o + fc1,fc2
-    vision_attn_layer = _sdpa_flops(1, 1, dv, dv, _attention_pairs(seq, seq, False, attention))
+    merges = [int(r) for r in (encoder_merges or [])] + [0] * (lv - len(encoder_merges or []))
+    if len(merges) != lv or any(r < 0 for r in merges) or sum(merges) > patches:
+        raise ValueError(f"encoder_merges must give at most {lv} layers a count >= 0, summing to <= {patches}")
+    head_dim_v = dv // vc.num_attention_heads
+    vision_layers = vision_attn = matching = 0
+    t = seq
+    for r in merges:
+        attn_layer = _sdpa_flops(1, 1, dv, dv, _attention_pairs(t, t, False, attention))
+        vision_layers += 2 * t * dv * (4 * dv) + 2 * (t - r) * dv * iv * 2 + attn_layer  # q,k,v,o | fc1,fc2 | attn
+        vision_attn += attn_layer
+        if r:
+            matching += 2 * ((t + 1) // 2) * (t // 2) * head_dim_v
+        t -= r
     # per scored layer: one extra QK^T (all heads), then the column sums of the softmax as one product with the
     # reciprocal row sums (hiprune.capture.key_scores): 2 * seq * seq * (head_dim + 1) per head
-    scoring = n_images * score_layers * 2 * seq * seq * (dv + vc.num_attention_heads)
-    vision_attn = n_images * lv * vision_attn_layer
-    vision = n_images * (conv + lv * (vision_linear_layer + vision_attn_layer)) + scoring
+    scoring = n_images * (score_layers * 2 * seq * seq * (dv + vc.num_attention_heads) + matching)
+    vision_attn = n_images * vision_attn
+    vision = n_images * (conv + vision_layers) + scoring
 
     # --- projector: linear_1 (vision features -> text hidden), activation, linear_2 ----------------------------
     d = tc.hidden_size
     feature_layer = _get(config, "vision_feature_layer", default=-2)
     proj_in = dv * (len(feature_layer) if isinstance(feature_layer, (list, tuple)) else 1)
     strategy = _get(config, "vision_feature_select_strategy", default="default")
-    proj_tokens = patches + (0 if strategy == "default" else 1)
+    proj_tokens = patches - sum(merges) + (0 if strategy == "default" else 1)
     projector = n_images * 2 * proj_tokens * (proj_in * d + d * d)
 
     # --- LLM -------------------------------------------------------------------------------------------------

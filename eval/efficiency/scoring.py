@@ -32,8 +32,9 @@ whose output the merger reads); both are full-attention blocks.
   plain      ``Qwen2_5_VisionTransformerPretrainedModel`` under SDPA, merged features (``pooler_output``): what
              Qwen2.5-VL's ``get_image_features`` runs without pruning.
   ours       the same call with the object and deep blocks' attention rerouted by the adapter's own
-             ``ChunkScores`` (``hiprune.adapters.qwen2_5_vl``); per-chunk scores -> per-merged-token raster scores by
-             the adapter's ``_merged_scores`` (window order undone, mean of each 2 x 2 group); ``select_hiprune``.
+             ``hiprune.capture.AttentionScores`` (per-chunk records); per-chunk scores -> per-merged-token raster
+             scores by the adapter's ``merged_captures`` (window order undone, mean of each 2 x 2 group);
+             ``select_hiprune``.
   reference  the authors' Qwen code: every one of the 32 blocks computes its attention densely over the whole packed
              sequence, H x T x T probabilities with the block's window / image chunks as an additive mask (the
              official eager path), and each block's map is reduced to per-key scores right after the block (the
@@ -112,7 +113,7 @@ from eval.efficiency.measure import (
     time_call,
     timer_name,
 )
-from hiprune.adapters.qwen2_5_vl import ChunkScores, Qwen25VLAdapter
+from hiprune.adapters.qwen2_5_vl import Qwen25VLAdapter
 from hiprune.capture import AttentionScores
 from hiprune.methods.base import resolve_budget
 from hiprune.methods.hiprune import select_hiprune
@@ -501,9 +502,8 @@ class QwenVariant(Variant):
         return self.tower(hidden_states=inputs["pixel_values"], grid_thw=inputs["grid_thw"]).pooler_output
 
     def _select(self, object_chunks, deep_chunks, grid_thw) -> dict[str, torch.Tensor]:
-        # TODO(lead): public adapter API -- the adapter's private _merged_scores, through the tower-only stand-in
-        object_scores = torch.stack(self.adapter._merged_scores(object_chunks, grid_thw))  # [images, merged tokens]
-        deep_scores = torch.stack(self.adapter._merged_scores(deep_chunks, grid_thw))
+        object_scores = torch.stack(self.adapter.merged_captures(object_chunks, grid_thw))  # [images, merged tokens]
+        deep_scores = torch.stack(self.adapter.merged_captures(deep_chunks, grid_thw))
         indices = select_hiprune(object_scores, deep_scores, self.shape.grid, self.shape.budget)
         return {"indices": indices, "object": object_scores, "deep": deep_scores}
 
@@ -518,16 +518,16 @@ class QwenPlain(QwenVariant):
 
 class QwenOurs(QwenVariant):
     name = "ours"
-    description = "SDPA vision tower + the adapter's ChunkScores on the object and deep blocks + select_hiprune"
+    description = "SDPA vision tower + AttentionScores on the object and deep blocks + select_hiprune"
 
     def __call__(self, inputs):
         modules = {
             "object": self.adapter.attention_module(self.shape.object_layer),
             "deep": self.adapter.attention_module(self.shape.deep_layer),
         }
-        with ChunkScores(modules) as capture:
+        with AttentionScores(modules) as capture:
             features = self._forward(inputs)
-        selected = self._select(capture.chunks.get("object"), capture.chunks.get("deep"), inputs["grid_thw"])
+            selected = self._select(capture.chunks.get("object"), capture.chunks.get("deep"), inputs["grid_thw"])
         return {"features": features, **selected}
 
 

@@ -208,18 +208,23 @@ def roofline_table(bench: dict) -> pd.DataFrame:
     return frame.reset_index(drop=True)
 
 
-def token_drop(visual_per_layer: list[int]) -> tuple[int, int, int] | None:
-    """(tokens in, tokens after, first decoder layer with fewer, 0-based as FastV's K) when an LLM-side method drops
-    visual tokens inside the decoder; None when every layer sees the same count."""
-    first = visual_per_layer[0]
-    layer = next((i for i, v in enumerate(visual_per_layer) if v != first), None)
-    return None if layer is None else (first, visual_per_layer[layer], layer)
+def token_drops(visual_per_layer: list[int]) -> list[tuple[int, int]]:
+    """(first decoder layer with a new count, 0-based as FastV's K; that count) for every stage at which an LLM-side
+    method drops visual tokens inside the decoder; empty when every layer sees the same count."""
+    return [(i, v) for i, v in enumerate(visual_per_layer) if i and v != visual_per_layer[i - 1]]
 
 
 def _tokens_label(case: dict) -> str:
-    """Visual tokens the LLM processed: "576" for vision-side methods, "576→64 from layer 2" for FastV."""
-    drop = token_drop(case.get("visual_tokens_per_layer") or [case["visual_tokens"]])
-    return str(case["visual_tokens"]) if drop is None else f"{drop[0]}→{drop[1]} from layer {drop[2]}"
+    """Visual tokens the LLM processed: "576" for vision-side methods, "576→64 from layer 2" for FastV (one drop),
+    "576→288@2→144@8" for a drop schedule of several stages."""
+    per_layer = case.get("visual_tokens_per_layer") or [case["visual_tokens"]]
+    drops = token_drops(per_layer)
+    if not drops:
+        return str(case["visual_tokens"])
+    if len(drops) == 1:
+        [(layer, after)] = drops
+        return f"{per_layer[0]}→{after} from layer {layer}"
+    return str(per_layer[0]) + "".join(f"→{after}@{layer}" for layer, after in drops)
 
 
 def _graph_columns(case: dict, prefill_bound: float, decode_bound: float, goal: float) -> dict:

@@ -32,7 +32,7 @@ import hiprune
 from eval.config import ConfigError
 from eval.lmms.prompting import IMAGE_PLACEHOLDER
 from hiprune.adapters.base import GridRecord
-from hiprune.methods import resolve_budget
+from hiprune.adapters.llm_pruning import resolve_schedule, visual_per_layer
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # The model's per-doc logs, {(task, split): {doc: ...}} (llm_visual_per_layer: LLM-side methods only, else empty);
@@ -125,6 +125,8 @@ class HiPruneLMM(lmms):
 
         self._model, self.processor = self.load(pretrained, revision, attn_implementation, **loading)
         self._model.to(self._device).eval()
+        # for the run's summary (LLM-side methods' drop schedule), written after lmms-eval released the model
+        self.decoder_layers = int(self._model.config.text_config.num_hidden_layers)
         self.tokenizer = self.processor.tokenizer
         self._stack = ExitStack()
         self.session = self._stack.enter_context(
@@ -139,7 +141,7 @@ class HiPruneLMM(lmms):
         # doc ids per (task, split) -> tokens the LLM prefilled (text + visual), for FLOPs accounting
         self.prefill_tokens: dict[tuple[str, str], dict[int, int]] = {}
         # LLM-side methods (FastV) only: doc ids per (task, split) -> visual tokens of that sample at each decoder
-        # layer of its prefill (all of them before layer K, the kept ones from K on), for FLOPs accounting
+        # layer of its prefill (as the stages of the method's drop schedule left them), for FLOPs accounting
         self.llm_visual_per_layer: dict[tuple[str, str], dict[int, list[int]]] = {}
         self.settings = {
             "family": self.family,
@@ -329,9 +331,10 @@ class HiPruneLMM(lmms):
         """LLM-side methods (FastV): log what the decoder processed, from the one pruned prefill of this batch.
 
         The LLM's input holds every visual token (``expected``, checked by :meth:`_log_kept_tokens`); the method drops
-        them at decoder layer K. Per doc this replaces the kept count by the tokens kept per image from layer K on,
-        the digest by one of those kept indices, and logs the visual tokens at each decoder layer. Vision-side
-        methods make no decoder records; one that did would be a plumbing error."""
+        them at the decoder layers of its drop schedule. Per doc this replaces the kept count by the tokens kept per
+        image after the last stage, the digest by one of those kept indices, and logs the visual tokens at each
+        decoder layer (checked against the schedule). Vision-side methods make no decoder records; one that did
+        would be a plumbing error."""
         records = self.session.pop_layer_records()
         name = self.method.name
         if self.method.stage != "llm":
@@ -358,8 +361,10 @@ class HiPruneLMM(lmms):
             raise hiprune.PruningError(f"{name}: every sample of a batch needs the same images, got {expected}")
         [images], [visual_in] = images_per_doc, inputs
         indices = record.indices
-        if (indices is None or indices.dim() != 2 or len(record.visual) != n_layers or record.visual[0] != visual_in
-                or record.tokens[0] != sequence_length or record.visual[-1] != images * indices.shape[1]):
+        schedule = resolve_schedule(self.method, visual_in // images, n_layers)
+        per_layer = [images * v for v in visual_per_layer(schedule, visual_in // images, n_layers)]
+        if (indices is None or indices.dim() != 2 or record.visual != per_layer or indices.shape[1] != schedule[-1].keep
+                or record.tokens[0] != sequence_length):
             raise hiprune.PruningError(
                 f"{name}: the prefill record (visual tokens per layer {record.visual}, tokens {record.tokens}, kept "
                 f"indices {None if indices is None else tuple(indices.shape)}) does not match a batch of "
@@ -388,8 +393,9 @@ class HiPruneLMM(lmms):
     def kept_token_summary(self) -> dict:
         """Visual tokens per image actually given to the LLM, over every sample answered so far.
 
-        LLM-side methods (FastV): the tokens kept per image from decoder layer K on ("per_image_target" is the
-        method's budget there); "llm_input_per_image" is what the LLM's input held (every visual token)."""
+        LLM-side methods (FastV): the tokens kept per image after the last stage of the drop schedule
+        ("per_image_target" is its count there), "pruned_from_layer" the first stage's decoder layer;
+        "llm_input_per_image" is what the LLM's input held (every visual token)."""
         counts = [c for per_doc in self.kept_tokens.values() for kept in per_doc.values() for c in kept]
         no_image = sum(1 for per_doc in self.kept_tokens.values() for kept in per_doc.values() if not kept)
         summary = {
@@ -404,8 +410,9 @@ class HiPruneLMM(lmms):
         }
         if self.method.stage == "llm":
             llm_input = summary["per_image_target"]
-            summary["per_image_target"] = resolve_budget(self.method.budget, llm_input)
-            summary.update(llm_input_per_image=llm_input, pruned_from_layer=self.method.layer)
+            schedule = resolve_schedule(self.method, llm_input, self.decoder_layers)
+            summary["per_image_target"] = schedule[-1].keep
+            summary.update(llm_input_per_image=llm_input, pruned_from_layer=schedule[0].layer)
         return summary
 
 

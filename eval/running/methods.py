@@ -62,9 +62,10 @@ def unsupported_reason(lmms_model: str, method: str) -> str | None:
     if not is_implemented(method):
         return None  # an unknown method fails later, when it is built, with its own message
     family = lmms_model_class(lmms_model).family
-    if family_supports_stage(family, stage_of(method)):
+    stage = stage_of(method)
+    if family_supports_stage(family, stage):
         return None
-    return unsupported_stage_message(method, family)
+    return unsupported_stage_message(method, family, stage)
 
 
 def not_implemented_notice(cfg: DictConfig) -> str | None:

@@ -30,7 +30,7 @@ from transformers import AutoConfig, AutoModelForImageTextToText
 
 import hiprune
 from eval.config import CONFIG_DIR, REPO_ROOT, ConfigError, repo_path
-from eval.efficiency.flops import flops_exact, tflops_fastv
+from eval.efficiency.flops import encoder_merges, flops_exact, tflops_fastv
 from eval.lmms.base import lmms_model_class
 from eval.running.fingerprint import local_inputs
 from eval.running.methods import build_from_config, not_implemented_notice
@@ -206,8 +206,9 @@ def _flops_summary(model, config) -> dict[str, Any]:
     tflops_fastv: the FastV/VisionZip convention (LLM prefill only); flops_exact: 2 x MACs of everything that ran
     (vision tower, projector, LLM prefill, lm_head at the last position as in generate), see eval/efficiency/flops.py.
     Both count every decoder layer with the tokens it processed: the kept tokens in every layer for methods that
-    prune before the LLM; for LLM-side methods (FastV) the per-layer visual counts logged from the prefill (all
-    visual tokens before layer K, the kept ones from K on). "mean_visual_tokens" is what the LLM's input held.
+    prune before the LLM; for LLM-side methods the per-layer visual counts logged from the prefill (as the stages
+    of the method's drop schedule left them; FastV: all visual tokens before layer K, the kept ones from K on).
+    "mean_visual_tokens" is what the LLM's input held.
     """
     text = config.text_config
     n_layers = text.num_hidden_layers
@@ -221,7 +222,9 @@ def _flops_summary(model, config) -> dict[str, Any]:
     if not samples:
         return {"note": "no single-image samples"}
     try:
-        exact = [flops_exact(config, n_text, visual, logits_to_keep=1)["total"] for n_text, visual in samples]
+        merges = encoder_merges(model.method, config)  # encoder-stage methods: tokens merged inside the tower
+        exact = [flops_exact(config, n_text, visual, logits_to_keep=1, encoder_merges=merges)["total"]
+                 for n_text, visual in samples]
     except NotImplementedError as exc:
         return {"note": f"not counted for this architecture: {exc}"}
     fastv = [

@@ -1,9 +1,16 @@
-"""Model adapters: the plumbing between a model family and the methods. Importing registers them."""
+"""Model adapters: one file per model family, registered with ``@register_adapter``.
+
+Every module of this package is imported here, so a new family is one new adapter file.
+"""
+
+import importlib
+import pkgutil
 
 from hiprune.adapters.base import Adapter, PruningError, PruningSession, adapter_for, apply
-from hiprune.adapters.llava import LlavaAdapter
-from hiprune.adapters.qwen2_5_vl import Qwen25VLAdapter  # noqa: F401  (registers the Qwen2.5-VL adapter)
-from hiprune.adapters.llava_next import LlavaNextAdapter  # noqa: F401  (registers LLaVA-NeXT)
-from hiprune.adapters.video_llava import VideoLlavaAdapter  # noqa: F401  (registers Video-LLaVA)
+
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
+
+from hiprune.adapters.llava import LlavaAdapter  # noqa: E402  (re-exported; registered by the loop above)
 
 __all__ = ["Adapter", "LlavaAdapter", "PruningError", "PruningSession", "adapter_for", "apply"]

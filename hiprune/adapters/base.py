@@ -1,9 +1,21 @@
-"""What every model adapter provides, and the session object that ``hiprune.apply`` yields."""
+"""The pipeline between methods and model families, written once, and the session that ``hiprune.apply`` yields.
+
+A family adapter (one file per family) states only its geometry and layout: where the encoder's layers are, how one
+forward's visual tokens split into grids (images, anyres crops, video frames, merged patch grids) and how a budget
+splits over them, and how the passed-on tokens are laid out for its LLM (positions, M-RoPE, newline tokens). This
+module does the rest, for every family:
+
+    capture (the method's requests)  ->  checks of what was captured  ->  grids  ->  VisionTokens
+    ->  method.select  ->  checks of what it returned  ->  records  ->  the family puts the tokens back
+    ->  the processor emits the matching number of placeholder tokens
+
+See docs/extending.md for adding a family.
+"""
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -11,7 +23,8 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from hiprune.methods.base import FEATURE_LAYER, Method, Selection, VisionTokens
+from hiprune.capture import Capture, Tap
+from hiprune.methods.base import FEATURE_LAYER, EncoderTokens, Method, Selection, VisionTokens, resolve_budget
 
 
 class PruningError(RuntimeError):
@@ -24,30 +37,78 @@ class GridRecord:
 
     tokens_in: int
     tokens_kept: int
-    indices: torch.Tensor | None  # kept indices (CPU, long), None when nothing was pruned
+    indices: torch.Tensor | None  # kept (or representative) indices (CPU, long), None when nothing was pruned
+    sources: torch.Tensor | None = None  # merging methods: [tokens_in] output slot of every token (-1: dropped)
+
+
+class ForwardRecord(list):
+    """The GridRecords of one vision forward, in grid order; ``kind`` says which visuals ("image" or "video")."""
+
+    def __init__(self, kind: str, records=()):
+        super().__init__(records)
+        self.kind = kind
+
+
+@dataclass
+class GridInput:
+    """One grid of one vision forward as its family cut it out: what the pipeline hands to the method.
+
+    shape: (rows, cols) of the grid, raster order. features: [rows * cols, D] tokens that would be passed on.
+    captured: request name -> [rows * cols] attention scores or [rows * cols, d] keys / hidden states.
+    budget: the method's budget for this grid; keep: tokens the LLM receives from it (``method.kept_count``).
+    sample_id: seeds random methods (stable per image / crop / frame, independent of batching).
+    visual: which image or video of the forward the grid belongs to (its prompt, for prompt-aware methods).
+    token_embeds: [rows * cols, E] the grid's tokens in the prompt embedding's space (prompt-aware methods only).
+    """
+
+    shape: tuple[int, int]
+    features: torch.Tensor
+    captured: dict[str, torch.Tensor]
+    budget: int
+    keep: int
+    sample_id: int
+    visual: int = 0
+    token_embeds: torch.Tensor | None = None
+
+
+@dataclass
+class GridOutput:
+    """What the method passed on from one grid: ``indices`` [keep] grid indices (kept tokens, or a merged
+    token's representative), ``features`` [keep, D], ``sources`` [N] output slot per grid token or None."""
+
+    indices: torch.Tensor
+    features: torch.Tensor
+    sources: torch.Tensor | None = None
 
 
 @dataclass
 class LayerRecord:
-    """One LLM prefill under an LLM-side method (FastV): what each decoder layer processed, the same for every row.
+    """One LLM prefill under an LLM-side method: what each decoder layer processed, the same for every row.
 
     tokens: sequence positions per row that each decoder layer ran on (text, padding and visual tokens).
     visual: visual tokens per row among them, at each decoder layer (``eval.flops.flops_exact`` takes this list).
-    indices: [rows * images per row, kept] visual-token indices kept of each image (CPU, long, sorted), in batch
-        order, or None when the forward pruned nothing.
+    indices: [rows * images per row, kept] visual-token indices of each image kept by the last stage of the drop
+        schedule (indices into the image's original tokens; CPU, long, sorted), in batch order, or None when the
+        forward pruned nothing.
+    stages: every stage of the schedule that ran, in order: (first decoder layer on the shortened sequence, kept
+        indices [rows * images per row, kept], as ``indices``); the last one's indices are ``indices``.
     """
 
     tokens: list[int]
     visual: list[int]
     indices: torch.Tensor | None
+    stages: list[tuple[int, torch.Tensor]] = field(default_factory=list)
 
 
 @dataclass
 class PruningSession:
     """Handle yielded by ``hiprune.apply``: what was installed and what it did.
 
-    records: one list per vision forward pass (a ``generate`` call makes one), one GridRecord per grid.
+    records: one ForwardRecord per vision forward pass (a ``generate`` call makes one), one GridRecord per grid.
     layer_records: one LayerRecord per LLM prefill that an LLM-side method pruned (empty for other methods).
+    last_selection: what the method returned in the last vision forward, one row per grid in record order (the
+        grids of all its ``select`` calls together); None when those grids kept different counts (images of
+        different sizes on Qwen2.5-VL, LLaVA-NeXT's native layout): ``records`` has every grid then.
     """
 
     method: Method
@@ -128,19 +189,103 @@ def select_checked(method: Method, tokens: VisionTokens, budget: int, keep: int,
     return selection
 
 
-class Adapter:
-    """Plumbing for one model family. Subclasses set ``model_types`` and implement ``install``.
+def spread_budget(budget: int, capacities: Sequence[int]) -> list[int]:
+    """Split ``budget`` tokens over grids of the given sizes as equally as they allow (water-filling).
 
-    An adapter resolves a method's layer requests against its encoder, computes exactly those scores, hands the
-    method a :class:`VisionTokens` per grid and puts the kept tokens back into the model's own data flow.
+    Every round gives each open grid int(remaining / open grids); a grid that cannot take its share keeps all its
+    tokens and leaves the rest to the others. What int() rounds off is not handed out (as the official
+    int(N' / crops)). Raises when a grid would keep nothing.
+    """
+    keep = [0] * len(capacities)
+    open_grids = [i for i, c in enumerate(capacities) if c > 0]
+    remaining = budget
+    first = True
+    while open_grids:
+        share = remaining // len(open_grids)
+        if share == 0:
+            if first:
+                raise ValueError(
+                    f"budget {budget} cannot give every one of the image's {len(open_grids)} grids a token"
+                )
+            break
+        first = False
+        small = [i for i in open_grids if capacities[i] <= share]
+        if not small:
+            for i in open_grids:
+                keep[i] = share
+            break
+        for i in small:
+            keep[i] = capacities[i]
+            remaining -= capacities[i]
+        open_grids = [i for i in open_grids if i not in small]
+    return keep
+
+
+SPLITS = ("equal", "fill")
+
+
+def split_budget(
+    budget: int | float, capacities: Sequence[int], unit: str = "grid", rule: str = "equal", why: str = ""
+) -> list[int]:
+    """The budget of one visual (image or video) per grid, for grids of ``capacities`` tokens -- the one rule every
+    family uses.
+
+    A float budget is a ratio of each grid (round(n * ratio), :func:`resolve_budget`). An int budget N' over one
+    grid is N'; over g grids, ``rule`` "equal" gives every grid int(N' / g) (the official LLaVA-NeXT crops and
+    Video-LLaVA frames; ``why`` explains it in errors), "fill" spreads it by water-filling (:func:`spread_budget`).
+    """
+    if rule not in SPLITS:
+        raise ValueError(f"unknown budget split {rule!r}; expected one of {SPLITS}")
+    if isinstance(budget, float):
+        return [resolve_budget(budget, c) for c in capacities]
+    if len(capacities) == 1:
+        return [resolve_budget(budget, capacities[0])]
+    if rule == "fill":
+        return spread_budget(int(budget), capacities)
+    parts = len(capacities)
+    share = int(budget) // parts
+    note = f" ({why})" if why else ""
+    if share < 1:
+        raise ValueError(
+            f"budget {budget} gives int({budget} / {parts} {unit}s) = 0 tokens per {unit}{note}; "
+            f"use a budget of at least {parts}"
+        )
+    if share > min(capacities):
+        raise ValueError(
+            f"budget {budget} asks for int({budget} / {parts} {unit}s) = {share} tokens per {unit} but a {unit} "
+            f"has only {min(capacities)}"
+        )
+    return [share] * parts
+
+
+def check_captured(captured: dict[str, torch.Tensor], expected: tuple[int, ...], unit: str = "") -> None:
+    """Captured tensors must have the leading shape ``expected`` and be finite (else PruningError)."""
+    for name, value in captured.items():
+        if tuple(value.shape[: len(expected)]) != expected:
+            raise PruningError(
+                f"{unit + ' ' if unit else ''}capture {name!r} has shape {tuple(value.shape)}, expected {expected}"
+            )
+        if not torch.isfinite(value).all():
+            raise PruningError(f"attention score {name!r} contains NaN or inf")
+
+
+class Adapter:
+    """Plumbing for one model family: its geometry and layout. Subclasses set ``model_types`` and implement
+    ``install_model`` (wrap the model's encoder call so that it cuts grids, runs :meth:`select_grids` and puts the
+    result back) and ``placeholder_counts`` (what the processor emits).
     """
 
     family: ClassVar[str] = ""
-    # Where this family's plumbing lets a method prune: "vision" (before the LLM), "llm" (inside the decoder).
+    # Where this family's plumbing lets a method act: "vision" (before the LLM), "encoder" (between vision-encoder
+    # layers), "llm" (inside the decoder).
     stages: ClassVar[tuple[str, ...]] = ("none", "vision")
     model_types: ClassVar[tuple[type, ...]] = ()
     # CLIP-tower families compare prompts through an external text tower; others use their own LLM embeddings.
     needs_prompt_encoder: ClassVar[bool] = True
+    # Whether the encoder has a CLS token (Request queries="cls" needs one).
+    has_cls: ClassVar[bool] = True
+    # Why a stage this family does not support cannot run here (said before anything loads), where it is by design.
+    stage_limits: ClassVar[dict[str, str]] = {}
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -157,8 +302,12 @@ class Adapter:
         """1-based encoder layer whose output feeds the LLM."""
         raise NotImplementedError
 
-    def attention_module(self, layer: int) -> nn.Module:
-        """Attention module of 1-based encoder layer ``layer``."""
+    def layer_module(self, layer: int, tower: str = "image") -> nn.Module:
+        """1-based encoder layer ``layer`` of ``tower`` (its output: Request kind "hidden")."""
+        raise NotImplementedError
+
+    def attention_module(self, layer: int, tower: str = "image") -> nn.Module:
+        """Attention module of 1-based encoder layer ``layer`` of ``tower`` (Request kinds "attention", "keys")."""
         raise NotImplementedError
 
     def tokens_per_image(self, method: Method) -> int:
@@ -173,7 +322,8 @@ class Adapter:
         """Method's score requests -> 1-based layers, validated against this encoder."""
         resolved = {}
         n_layers = self.num_encoder_layers()
-        for name, layer in method.score_layers().items():
+        for name, request in method.requests().items():
+            layer = request.layer
             index = self.feature_layer() if layer == FEATURE_LAYER else layer
             if not isinstance(index, int) or not 1 <= index <= n_layers:
                 raise ValueError(
@@ -192,14 +342,252 @@ class Adapter:
                 "prompt_encoder=hiprune.ClipPromptEncoder.from_pretrained('openai/clip-vit-large-patch14-336'))"
             )
         if method.stage not in self.stages:
-            raise ValueError(unsupported_stage_message(method.name, self.family))
+            raise ValueError(unsupported_stage_message(method.name, self.family, method.stage))
+        if method.stage == "vision":
+            self.resolve_layers(method)
+        if not self.has_cls and any(r.queries == "cls" for r in method.requests().values()):
+            raise ValueError(
+                f"method {method.name!r} scores by the CLS token's attention; the {self.family} encoder has none"
+            )
 
+    def capture(self, method: Method, tower: str = "image") -> Capture:
+        """A capture of exactly the method's requests on ``tower`` (nothing for methods outside the vision stage)."""
+        taps: dict[nn.Module, list[Tap]] = {}
+        if method.stage == "vision":
+            layers = self.resolve_layers(method)
+            for name, request in method.requests().items():
+                if request.kind == "hidden":
+                    module = self.layer_module(layers[name], tower)
+                else:
+                    module = self.attention_module(layers[name], tower)
+                taps.setdefault(module, []).append(Tap(name, request.kind, request.queries))
+        return Capture(taps)
+
+    # --- the pipeline ----------------------------------------------------------------------------------------
+    def embed_prompts(self, session: PruningSession, prompts: list[str]) -> torch.Tensor:
+        """[n, E] one embedding per prompt (default: the session's prompt encoder)."""
+        return session.prompt_encoder.encode_prompts(prompts)
+
+    def select_grids(
+        self, session: PruningSession, grids: list[GridInput], n_visuals: int, kind: str = "image"
+    ) -> list[GridOutput]:
+        """Run the method on every grid of one vision forward and record what it kept.
+
+        Grids of equal shape, budget and kept count share one ``select`` call (rows are independent). Fails loudly
+        on non-finite captures and on a selection of the wrong size; appends one ForwardRecord to the session.
+        """
+        method = session.method
+        for grid in grids:
+            check_captured(grid.captured, (grid.shape[0] * grid.shape[1],))
+        prompt_embeds = self.embed_prompts(session, session.take_prompts(n_visuals)) if method.needs_prompt else None
+        groups: dict[tuple[tuple[int, int], int, int], list[int]] = {}
+        for k, grid in enumerate(grids):
+            groups.setdefault((grid.shape, grid.budget, grid.keep), []).append(k)
+        outputs: list[GridOutput | None] = [None] * len(grids)
+        selections: list[Selection | None] = [None] * len(grids)
+        for (shape, budget, keep), members in groups.items():
+            first = grids[members[0]]
+            tokens = VisionTokens(
+                features=torch.stack([grids[k].features for k in members]),
+                grid=shape,
+                sample_ids=[grids[k].sample_id for k in members],
+            )
+            for name in first.captured:
+                stacked = torch.stack([grids[k].captured[name] for k in members])
+                (tokens.scores if stacked.dim() == 2 else tokens.states)[name] = stacked
+            if prompt_embeds is not None:
+                tokens.prompt_embeds = prompt_embeds[[grids[k].visual for k in members]]
+                tokens.token_embeds = torch.stack([grids[k].token_embeds for k in members])
+            selection = select_checked(method, tokens, budget, keep, f"{kind} grids")
+            for row, k in enumerate(members):
+                sources = selection.sources[row] if selection.sources is not None else None
+                outputs[k] = GridOutput(selection.indices[row], selection.features[row], sources)
+                selections[k] = selection_row(selection, row)
+        self.record_outputs(session, [grid.shape[0] * grid.shape[1] for grid in grids], outputs, kind)
+        session.last_selection = stack_selections(selections)
+        return outputs
+
+    def record_outputs(
+        self, session: PruningSession, tokens_in: Sequence[int], outputs: Sequence[GridOutput], kind: str = "image"
+    ) -> None:
+        """Record what one vision forward passed on from each of its grids."""
+        session.records.append(ForwardRecord(kind, [
+            GridRecord(n, out.indices.shape[0], out.indices.detach().cpu(),
+                       None if out.sources is None else out.sources.detach().cpu())
+            for n, out in zip(tokens_in, outputs)
+        ]))
+
+    def record_unpruned(self, session: PruningSession, counts: Sequence[int], kind: str = "image") -> None:
+        """Record a vision forward that passed every token on (method ``none``, or one that prunes in the LLM)."""
+        session.records.append(ForwardRecord(kind, [GridRecord(n, n, None) for n in counts]))
+
+    # --- installation ----------------------------------------------------------------------------------------
     def install(self, stack: ExitStack, session: PruningSession, processor: Any | None) -> None:
+        self.install_model(stack, session)
+        if processor is not None:
+            patch_processor(stack, processor, self.placeholder_counts(session.method))
+
+    def install_model(self, stack: ExitStack, session: PruningSession) -> None:
+        """Wrap the model's own calls (restored by ``stack``) so the method runs on every vision forward."""
+        raise NotImplementedError
+
+    def placeholder_counts(self, method: Method) -> dict[str, Callable[[dict, int], int]]:
+        """Visual kind ("image", "video") -> (processor outputs, index) -> placeholder tokens the processor emits."""
         raise NotImplementedError
 
 
-def unsupported_stage_message(method: str, family: str) -> str:
-    return f"method {method!r} prunes inside the LLM, which the {family} adapter does not support yet"
+class EncoderMerging:
+    """The bookkeeping of an ``encoder``-stage method over one vision-encoder forward, for any family.
+
+    A family calls :meth:`expect` with the budget before the encoder runs, :meth:`step` between attention and MLP of
+    every layer up to the feature layer (it asks the method for the merge and applies it: size-weighted means, sizes,
+    where every original patch went), passes :meth:`attention_bias` (proportional attention: + log size of every
+    key) to each layer's attention, and reads :meth:`finish` after the encoder ran.
+    """
+
+    def __init__(self, method: Method, num_patches: int, layers: int, protected: int):
+        self.method = method
+        self.num_patches = num_patches
+        self.layers = layers  # merging layers 1..layers (the feature layer)
+        self.protected = protected
+        self.schedule: list[int] | None = None
+        self.sizes: torch.Tensor | None = None  # [B, T]
+        self.where: torch.Tensor | None = None  # [B, N] current token of every original patch
+
+    def schedule_for(self, budget: int) -> list[int]:
+        """The method's merges per layer for ``budget`` patch tokens after the feature layer, validated."""
+        schedule = [int(r) for r in self.method.merge_schedule(self.num_patches, budget, self.layers)]
+        if len(schedule) != self.layers or any(r < 0 for r in schedule) or sum(schedule) != self.num_patches - budget:
+            raise ValueError(
+                f"method {self.method.name!r} merge schedule {schedule} must give each of the {self.layers} layers "
+                f"up to the feature layer a count >= 0, summing to {self.num_patches} - {budget}"
+            )
+        return schedule
+
+    def expect(self, budget: int) -> None:
+        self.schedule = self.schedule_for(budget)
+        self.sizes = self.where = None
+
+    def attention_bias(self, dtype: torch.dtype) -> torch.Tensor | None:
+        """[B, 1, 1, T] log sizes once a token stands for several patches (else None: the kernel runs unmasked)."""
+        if not self.method.uses_proportional_attention() or self.sizes is None or bool((self.sizes == 1).all()):
+            return None
+        return self.sizes.log().to(dtype)[:, None, None, :]
+
+    def step(self, layer: int, hidden: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        """Merge the tokens of 1-based ``layer`` as the method says; returns the shorter hidden states."""
+        if self.schedule is None:
+            raise PruningError(f"encoder layer {layer} ran, but no budget was set for this forward (expect())")
+        batch, length = hidden.shape[:2]
+        if layer == 1:
+            if length != self.protected + self.num_patches:
+                raise PruningError(f"encoder layer 1 got {length} tokens, expected {self.protected + self.num_patches}")
+            self.sizes = torch.ones(batch, length, device=hidden.device)
+            patches = torch.arange(self.protected, length, device=hidden.device)
+            self.where = patches.expand(batch, -1).clone()
+        merges = self.schedule[layer - 1]
+        if merges == 0:
+            return hidden
+        tokens = EncoderTokens(hidden, keys, self.sizes, self.protected, layer)
+        slots = self.method.merge(tokens, merges)
+        out = length - merges
+        self._check_slots(slots, batch, length, out, layer)
+        weights = self.sizes.to(hidden.dtype).unsqueeze(-1)
+        index = slots.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])
+        summed = hidden.new_zeros(batch, out, hidden.shape[-1]).scatter_add_(1, index, hidden * weights)
+        self.sizes = self.sizes.new_zeros(batch, out).scatter_add_(1, slots, self.sizes)
+        self.where = slots.gather(1, self.where)
+        return summed / self.sizes.to(hidden.dtype).unsqueeze(-1)
+
+    def _check_slots(self, slots: torch.Tensor, batch: int, length: int, out: int, layer: int) -> None:
+        name = self.method.name
+        if not isinstance(slots, torch.Tensor) or slots.shape != (batch, length) or slots.dtype != torch.long:
+            shape = tuple(slots.shape) if isinstance(slots, torch.Tensor) else type(slots).__name__
+            raise PruningError(f"method {name!r} returned merge slots {shape}, expected long [{batch}, {length}]")
+        if int(slots.min()) < 0 or int(slots.max()) >= out:
+            raise PruningError(f"method {name!r} merge slots at layer {layer} leave [0, {out})")
+        used = torch.zeros(batch, out, dtype=torch.bool, device=slots.device).scatter_(1, slots, True)
+        if not bool(used.all()):
+            raise PruningError(f"method {name!r} left merge slots empty at layer {layer}: {length} tokens -> {out}")
+        p = self.protected
+        if p and not (torch.equal(slots[:, :p], torch.arange(p, device=slots.device).expand(batch, p))
+                      and bool((slots[:, p:] >= p).all())):
+            raise PruningError(f"method {name!r} merged a protected token (CLS) at layer {layer}")
+
+    def finish(self) -> list[GridOutput]:
+        """Per row: the patch tokens after the feature layer -- each one's representative (its lowest original
+        patch), and the slot every original patch went into. Features are the family's to attach."""
+        if self.where is None:
+            raise PruningError("the vision encoder did not run the merging layers in this forward")
+        where = self.where - self.protected
+        count = int(self.sizes.shape[1]) - self.protected
+        patches = torch.arange(self.num_patches, device=where.device).expand_as(where)
+        representative = torch.full((where.shape[0], count), self.num_patches, dtype=torch.long, device=where.device)
+        representative.scatter_reduce_(1, where, patches, reduce="amin")
+        self.schedule = self.sizes = self.where = None
+        return [GridOutput(representative[b], torch.empty(0), where[b]) for b in range(where.shape[0])]
+
+
+def selection_row(selection: Selection, row: int) -> Selection:
+    """Row ``row`` of a selection, as a one-row Selection."""
+    return Selection(
+        selection.indices[row : row + 1],
+        selection.features[row : row + 1],
+        {name: mask[row : row + 1] for name, mask in selection.roles.items()},
+        None if selection.sources is None else selection.sources[row : row + 1],
+    )
+
+
+def stack_selections(rows: list[Selection]) -> Selection | None:
+    """One Selection of all rows, or None when they kept different counts (``sources`` only where every row has
+    them over grids of one size)."""
+    if not rows or len({row.indices.shape[1] for row in rows}) != 1:
+        return None
+    sources = [row.sources for row in rows]
+    stackable = all(s is not None for s in sources) and len({s.shape[1] for s in sources}) == 1
+    return Selection(
+        torch.cat([row.indices for row in rows]),
+        torch.cat([row.features for row in rows]),
+        {name: torch.cat([row.roles[name] for row in rows]) for name in rows[0].roles},
+        torch.cat(sources) if stackable else None,
+    )
+
+
+# Visual kind -> the processor's replacement hook, its index keyword, and its placeholder token attribute.
+PLACEHOLDERS = {
+    "image": ("replace_image_token", "image_idx", "image_token"),
+    "video": ("replace_video_token", "video_idx", "video_token"),
+}
+
+
+def patch_processor(stack: ExitStack, processor: Any, counts: dict[str, Callable[[dict, int], int]]) -> None:
+    """Make ``processor`` emit ``counts[kind](inputs, index)`` placeholder tokens per visual of each kind."""
+    for kind in counts:
+        replace, _, token = PLACEHOLDERS[kind]
+        if not (hasattr(processor, replace) and hasattr(processor, token)):
+            raise TypeError(f"cannot set the {' / '.join(counts)} token count of {type(processor).__name__}")
+    for kind, count in counts.items():
+        replace, index_name, token = PLACEHOLDERS[kind]
+
+        def replacement(inputs: dict, *args, _count=count, _index=index_name, _token=token, **kwargs) -> str:
+            index = args[0] if args else kwargs[_index]
+            return getattr(processor, _token) * _count(inputs, index)
+
+        patch_attribute(stack, processor, replace, replacement)
+
+
+STAGE_ACTIONS = {
+    "vision": "prunes before the LLM",
+    "encoder": "merges inside the vision encoder",
+    "llm": "prunes inside the LLM",
+}
+
+
+def unsupported_stage_message(method: str, family: str, stage: str = "llm") -> str:
+    """Why ``family`` cannot run a method of ``stage``: the adapter's own reason (``stage_limits``) where it has one."""
+    reasons = [cls.stage_limits[stage] for cls in _ADAPTERS if cls.family == family and stage in cls.stage_limits]
+    because = f" ({reasons[0]})" if reasons else " yet"
+    return f"method {method!r} {STAGE_ACTIONS.get(stage, stage)}, which the {family} adapter does not support{because}"
 
 
 _ADAPTERS: list[type[Adapter]] = []

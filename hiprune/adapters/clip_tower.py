@@ -1,13 +1,16 @@
-"""What the CLIP-tower families (LLaVA-1.5, LLaVA-NeXT, Video-LLaVA) share: a CLS + square patch grid per image,
-LLaVA's feature-layer convention, and where the encoder layers live."""
+"""What the CLIP-tower families (LLaVA-1.5, LLaVA-NeXT, Video-LLaVA) share: a CLS + square patch grid per encoder
+row (an image, an anyres crop or a video frame), LLaVA's feature-layer convention, and where the encoder layers are."""
 
 from __future__ import annotations
 
+from contextlib import ExitStack
 from typing import Any
 
+import torch
 from torch import nn
 
-from hiprune.adapters.base import Adapter
+from hiprune.adapters.base import Adapter, EncoderMerging, PruningError, PruningSession, patch_attribute
+from hiprune.capture import Capture, Tap
 
 
 class ClipTowerAdapter(Adapter):
@@ -30,9 +33,12 @@ class ClipTowerAdapter(Adapter):
         self.grid = (side, side)
 
     def encoder_layers(self, tower: nn.Module) -> nn.ModuleList:
-        return getattr(tower, "vision_model", tower).encoder.layers  # transformers >= 5.2x flattened CLIPVisionModel
+        return self.vision_model(tower).encoder.layers
 
-    def vision_tower(self) -> nn.Module:
+    def vision_model(self, tower: nn.Module) -> nn.Module:
+        return getattr(tower, "vision_model", tower)  # transformers >= 5.2x flattened CLIPVisionModel
+
+    def vision_tower(self, tower: str = "image") -> nn.Module:
         return self.inner.vision_tower
 
     def num_encoder_layers(self) -> int:
@@ -43,8 +49,11 @@ class ClipTowerAdapter(Adapter):
         k = self.config.vision_feature_layer
         return k if k >= 0 else self.num_encoder_layers() + 1 + k
 
-    def attention_module(self, layer: int) -> nn.Module:
-        return self.encoder_layers(self.vision_tower())[layer - 1].self_attn
+    def layer_module(self, layer: int, tower: str = "image") -> nn.Module:
+        return self.encoder_layers(self.vision_tower(tower))[layer - 1]
+
+    def attention_module(self, layer: int, tower: str = "image") -> nn.Module:
+        return self.layer_module(layer, tower).self_attn
 
     def num_patches(self) -> int:
         return self.grid[0] * self.grid[1]
@@ -56,3 +65,55 @@ class ClipTowerAdapter(Adapter):
             "cls": "scored, dropped from the grid (vision_feature_select_strategy=default)",
             "merge": "none (one token per patch)",
         }
+
+    # --- grids ---------------------------------------------------------------------------------------------
+    def patch_captures(self, captured: dict[str, torch.Tensor], rows: int, unit: str = "") -> dict[str, torch.Tensor]:
+        """Captures of ``rows`` encoder rows ([rows, 1 + N] or [rows, 1 + N, d], CLS first) -> their patch part
+        [rows, N(, d)]; a capture of another shape is a PruningError."""
+        n = self.num_patches()
+        out = {}
+        for name, value in captured.items():
+            if tuple(value.shape[:2]) != (rows, n + 1):
+                raise PruningError(
+                    f"{unit + ' ' if unit else ''}score {name!r} has shape {tuple(value.shape)}, "
+                    f"expected ({rows}, {n + 1})"
+                )
+            out[name] = value[:, 1:]
+        return out
+
+    def patch_embeds(self, session: PruningSession, last_hidden_state: torch.Tensor, tower: str = "image"):
+        """[rows, N, E] patch tokens in the prompt encoder's space (prompt-aware methods)."""
+        post_layernorm = self.vision_model(self.vision_tower(tower)).post_layernorm
+        return session.prompt_encoder.encode_patches(last_hidden_state, post_layernorm)
+
+    # --- encoder-stage methods (merging between CLIP layers) ----------------------------------------------
+    def install_merging(self, stack: ExitStack, session: PruningSession, tower: str = "image") -> EncoderMerging:
+        """Run an encoder-stage method inside ``tower``: every layer up to the feature layer merges between its
+        attention and its MLP (CLIP's pre-norm layer: x + attn(ln1(x)), merge, then + mlp(ln2(.))), and every
+        such layer attends with proportional attention (+ log size per key, as an additive mask: SDPA stays)."""
+        layers = self.encoder_layers(self.vision_tower(tower))[: self.feature_layer()]
+        merging = EncoderMerging(session.method, self.num_patches(), len(layers), protected=1)
+        for index, layer in enumerate(layers, start=1):
+            patch_attribute(stack, layer, "forward", _merging_forward(layer, index, merging))
+        return merging
+
+
+def _merging_forward(layer: nn.Module, index: int, merging: EncoderMerging):
+    implementation = layer.self_attn.config._attn_implementation
+    if implementation not in ("eager", "sdpa"):
+        raise ValueError(f"merging inside the vision encoder needs eager or SDPA attention, not {implementation!r}")
+
+    def forward(hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
+        bias = merging.attention_bias(hidden_states.dtype)
+        if bias is not None:
+            attention_mask = bias if attention_mask is None else attention_mask + bias
+        residual = hidden_states
+        with Capture({layer.self_attn: [Tap("keys", "keys")]}) as capture:
+            attended, _ = layer.self_attn(
+                hidden_states=layer.layer_norm1(hidden_states), attention_mask=attention_mask, **kwargs
+            )
+            keys = capture.collect()["keys"]
+        hidden_states = merging.step(index, residual + attended, keys)
+        return hidden_states + layer.mlp(layer.layer_norm2(hidden_states))
+
+    return forward

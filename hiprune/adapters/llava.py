@@ -20,30 +20,31 @@ import torch
 from transformers import LlavaForConditionalGeneration
 
 from hiprune.adapters.base import (
-    GridRecord,
+    GridInput,
     PruningError,
     PruningSession,
     patch_attribute,
     register_adapter,
-    select_checked,
+    split_budget,
     stable_ids,
+    stack_selections,
 )
 from hiprune.adapters.clip_tower import ClipTowerAdapter
 from hiprune.adapters.llm_pruning import VisualTokenDrop, check_llm_method
-from hiprune.capture import AttentionScores
-from hiprune.methods.base import Method, VisionTokens, resolve_budget
+from hiprune.methods.base import Method, Selection, resolve_budget
 
 
 @register_adapter
 class LlavaAdapter(ClipTowerAdapter):
     family = "llava"
     model_types = (LlavaForConditionalGeneration,)
-    stages = ("none", "vision", "llm")  # LLM-side methods (FastV) through hiprune.adapters.llm_pruning
+    # encoder: merging inside the CLIP tower (ClipTowerAdapter.install_merging); llm: hiprune.adapters.llm_pruning
+    stages = ("none", "vision", "encoder", "llm")
 
     def tokens_per_image(self, method: Method) -> int:
         if method.stage == "llm":
             resolve_budget(method.budget, self.num_patches())  # validates the budget against the grid
-        if method.stage != "vision":
+        if method.stage not in ("vision", "encoder"):
             return self.num_patches()  # the LLM's input holds every visual token; LLM-side methods drop them later
         return method.kept_count(resolve_budget(method.budget, self.num_patches()))
 
@@ -51,34 +52,48 @@ class LlavaAdapter(ClipTowerAdapter):
         if method.stage != "llm":
             super().check_supported(method, prompt_encoder)
             return
-        check_llm_method(method, self.config.text_config, self.family)
+        check_llm_method(method, self.config.text_config, self.family, self.num_patches())
 
     # --- installation --------------------------------------------------------------------------------------
-    def install(self, stack: ExitStack, session: PruningSession, processor: Any | None) -> None:
+    def install_model(self, stack: ExitStack, session: PruningSession) -> None:
         method = session.method
-        layers = self.resolve_layers(method)
-        budget = resolve_budget(method.budget, self.num_patches()) if method.stage == "vision" else None
         keep = self.tokens_per_image(method)  # validates the budget against the grid before anything runs
+        budget = split_budget(method.budget, [self.num_patches()])[0] if method.stage in ("vision", "encoder") else None
         original = self.inner.get_image_features  # bound method of the class
+        merging = self.install_merging(stack, session) if method.stage == "encoder" else None
+        if merging is not None:
+            merging.schedule_for(budget)  # validates the method's schedule before anything runs
 
         def get_image_features(pixel_values: torch.Tensor, *args, **kwargs):
-            if method.stage != "vision":
+            if merging is not None:
+                merging.expect(budget)
                 out = original(pixel_values, *args, **kwargs)
-                n = self.num_patches()
-                session.records.append([GridRecord(n, n, None) for _ in out.pooler_output])
+                outputs = merging.finish()
+                for output, features in zip(outputs, out.pooler_output):
+                    output.features = features
+                    if features.shape[0] != keep:
+                        raise PruningError(f"the merging encoder passed {features.shape[0]} tokens on, expected {keep}")
+                self.record_outputs(session, [self.num_patches()] * len(outputs), outputs)
+                session.last_selection = stack_selections(
+                    [Selection(o.indices[None], o.features[None], sources=o.sources[None]) for o in outputs]
+                )
                 return out
-            modules = {name: self.attention_module(layer) for name, layer in layers.items()}
-            with AttentionScores(modules, method.score_queries()) as capture:
+            with self.capture(method) as capture:
                 out = original(pixel_values, *args, **kwargs)
-                scores = capture.collect() if modules else {}
-            out.pooler_output = self._select(session, out, scores, pixel_values, budget, keep)
+                captured = capture.collect()
+            if method.stage != "vision":
+                self.record_unpruned(session, [self.num_patches()] * len(out.pooler_output))
+                return out
+            out.pooler_output = self._select(session, out, captured, pixel_values, budget, keep)
             return out
 
         patch_attribute(stack, self.inner, "get_image_features", get_image_features)
         if method.stage == "llm":
             self._install_llm_pruning(stack, session)
-        if processor is not None:
-            self._patch_processor(stack, processor, keep)
+
+    def placeholder_counts(self, method: Method) -> dict:
+        keep = self.tokens_per_image(method)
+        return {"image": lambda inputs, index: keep}
 
     def _install_llm_pruning(self, stack: ExitStack, session: PruningSession) -> None:
         drop = VisualTokenDrop(session, self.inner.language_model.layers, self.num_patches())
@@ -113,34 +128,17 @@ class LlavaAdapter(ClipTowerAdapter):
 
         patch_attribute(stack, self.inner, "forward", forward)
 
-    def _select(self, session, out, scores, pixel_values, budget, keep):
+    def _select(self, session, out, captured, pixel_values, budget, keep):
         features = torch.stack(list(out.pooler_output))  # [B, N, D]
         n_images, n_tokens = features.shape[:2]
         if n_tokens != self.num_patches():
             raise PruningError(f"expected {self.num_patches()} visual tokens per image, got {n_tokens}")
-        grid_scores = {}
-        for name, s in scores.items():
-            if s.shape != (n_images, n_tokens + 1):
-                raise PruningError(f"score {name!r} has shape {tuple(s.shape)}, expected ({n_images}, {n_tokens + 1})")
-            if not torch.isfinite(s).all():
-                raise PruningError(f"attention score {name!r} contains NaN or inf")
-            grid_scores[name] = s[:, 1:]  # drop the CLS key column
-        tokens = VisionTokens(features=features, grid=self.grid, scores=grid_scores, sample_ids=stable_ids(pixel_values))
-        if session.method.needs_prompt:
-            tokens.prompt_embeds = session.prompt_encoder.encode_prompts(session.take_prompts(n_images))
-            tower = self.inner.vision_tower
-            tokens.token_embeds = session.prompt_encoder.encode_patches(out.last_hidden_state, tower.post_layernorm)
-        selection = select_checked(session.method, tokens, budget, keep, "images")
-        session.last_selection = selection
-        indices = selection.indices.detach().cpu()
-        session.records.append([GridRecord(n_tokens, keep, row) for row in indices])
-        return list(selection.features)
-
-    def _patch_processor(self, stack: ExitStack, processor: Any, keep: int) -> None:
-        if not hasattr(processor, "replace_image_token") or not hasattr(processor, "image_token"):
-            raise TypeError(f"cannot set the image token count of {type(processor).__name__}")
-
-        def replace_image_token(image_inputs: dict, image_idx: int, **kwargs) -> str:
-            return processor.image_token * keep
-
-        patch_attribute(stack, processor, "replace_image_token", replace_image_token)
+        patches = self.patch_captures(captured, n_images)
+        embeds = self.patch_embeds(session, out.last_hidden_state) if session.method.needs_prompt else None
+        ids = stable_ids(pixel_values)
+        grids = [
+            GridInput(self.grid, features[i], {name: value[i] for name, value in patches.items()}, budget, keep,
+                      ids[i], visual=i, token_embeds=None if embeds is None else embeds[i])
+            for i in range(n_images)
+        ]
+        return [grid.features for grid in self.select_grids(session, grids, n_images)]

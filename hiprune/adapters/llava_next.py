@@ -51,20 +51,24 @@ from transformers import LlavaNextForConditionalGeneration
 from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, unpad_image
 
 from hiprune.adapters.base import (
-    GridRecord,
+    GridInput,
+    GridOutput,
     PruningError,
     PruningSession,
     derived_id,
     patch_attribute,
     register_adapter,
-    select_checked,
+    spread_budget,
+    split_budget,
     stable_ids,
 )
 from hiprune.adapters.clip_tower import ClipTowerAdapter
-from hiprune.capture import AttentionScores
-from hiprune.methods.base import Method, VisionTokens, resolve_budget
+from hiprune.methods.base import Method
+
+__all__ = ["LAYOUTS", "CropGrid", "ImageLayout", "LlavaNextAdapter", "spread_budget"]
 
 LAYOUTS = ("official", "native")
+REDUCING = ("vision", "encoder")  # stages whose tokens leave the encoder already reduced, per crop
 @dataclass(frozen=True)
 class CropGrid:
     """The token grid of one crop that a method sees."""
@@ -112,38 +116,6 @@ class ImageLayout:
         return sum(g.tokens for g in self.grids) + self.newlines
 
 
-def spread_budget(budget: int, capacities: Sequence[int]) -> list[int]:
-    """Split ``budget`` tokens over grids of the given sizes as equally as they allow (water-filling).
-
-    Every round gives each open grid int(remaining / open grids); a grid that cannot take its share keeps all its
-    tokens and leaves the rest to the others. What int() rounds off is not handed out (as the official
-    int(N' / crops)). Raises when a grid would keep nothing.
-    """
-    keep = [0] * len(capacities)
-    open_grids = [i for i, c in enumerate(capacities) if c > 0]
-    remaining = budget
-    first = True
-    while open_grids:
-        share = remaining // len(open_grids)
-        if share == 0:
-            if first:
-                raise ValueError(
-                    f"budget {budget} cannot give every one of the image's {len(open_grids)} grids a token"
-                )
-            break
-        first = False
-        small = [i for i in open_grids if capacities[i] <= share]
-        if not small:
-            for i in open_grids:
-                keep[i] = share
-            break
-        for i in small:
-            keep[i] = capacities[i]
-            remaining -= capacities[i]
-        open_grids = [i for i in open_grids if i not in small]
-    return keep
-
-
 def _size_list(image_size: Any) -> list[int]:
     if hasattr(image_size, "tolist"):
         image_size = image_size.tolist()
@@ -154,6 +126,7 @@ def _size_list(image_size: Any) -> list[int]:
 class LlavaNextAdapter(ClipTowerAdapter):
     family = "llava_next"
     model_types = (LlavaNextForConditionalGeneration,)
+    stages = ("none", "vision", "encoder")
 
     def __init__(self, model: LlavaNextForConditionalGeneration, layout: str = "official"):
         super().__init__(model)
@@ -203,7 +176,7 @@ class LlavaNextAdapter(ClipTowerAdapter):
                 if bottom > top and right > left:
                     grids.append(CropGrid(c, bottom - top, right - left, top - i * side, left - j * side))
         budgets = self._grid_budgets(method, [g.tokens for g in grids], 1 + nph * npw)
-        keep = budgets if method.stage != "vision" else [method.kept_count(b) for b in budgets]
+        keep = [method.kept_count(b) for b in budgets] if method.stage in REDUCING else budgets
         for grid, b, k in zip(grids, budgets, keep):
             if k > grid.tokens:
                 raise ValueError(
@@ -214,60 +187,56 @@ class LlavaNextAdapter(ClipTowerAdapter):
         return ImageLayout(self.layout, (nph, npw), side, grids, unpadded, newlines)
 
     def _grid_budgets(self, method: Method, capacities: list[int], crops: int) -> list[int]:
-        if method.stage != "vision":
+        if method.stage not in REDUCING:
             return list(capacities)
-        budget = method.budget
-        if isinstance(budget, float):
-            return [resolve_budget(budget, c) for c in capacities]
         if self.layout == "official":
-            per_crop = int(budget) // crops
-            if per_crop < 1:
-                raise ValueError(
-                    f"budget {budget} gives int({budget} / {crops} crops) = 0 tokens per crop (official LLaVA-NeXT "
-                    f"layout: every crop keeps int(N' / crops)); use a budget of at least {crops}"
-                )
-            if per_crop > capacities[0]:
-                raise ValueError(
-                    f"budget {budget} asks for int({budget} / {crops} crops) = {per_crop} tokens per crop but a crop "
-                    f"has only {capacities[0]}"
-                )
-            return [per_crop] * len(capacities)
-        return spread_budget(int(budget), capacities)
+            return split_budget(method.budget, capacities, "crop", "equal",
+                                "official LLaVA-NeXT layout: every crop keeps int(N' / crops)")
+        return split_budget(method.budget, capacities, "crop", "fill")
 
     def tokens_per_image(self, method: Method, image_size: Any = None) -> int:
         """Visual tokens the LLM receives for an image of ``image_size`` (default: the reference image)."""
         size = self.reference_image_size() if image_size is None else image_size
         return self.image_layout(size, method).total
 
+    def check_supported(self, method: Method, prompt_encoder: Any = None) -> None:
+        super().check_supported(method, prompt_encoder)
+        if method.stage == "encoder" and self.layout != "official":
+            raise ValueError(
+                f"method {method.name!r} merges inside the vision encoder, crop by crop: it runs the official "
+                "'spatial' layout only (layout=official), not the unpadded native layout"
+            )
+
     # --- installation --------------------------------------------------------------------------------------
-    def install(self, stack: ExitStack, session: PruningSession, processor: Any | None) -> None:
+    def install_model(self, stack: ExitStack, session: PruningSession) -> None:
         method = session.method
-        layers = self.resolve_layers(method) if method.stage == "vision" else {}
         self.tokens_per_image(method)  # validates the budget against the reference grid before anything runs
         original_features = self.inner.get_image_features
         original_pack = self.inner.pack_image_features
         passthrough = self.layout == "native" and method.stage != "vision"  # HF's own layout, untouched
         pending: dict[str, Any] = {}
+        merging = self.install_merging(stack, session) if method.stage == "encoder" else None
 
         def get_image_features(pixel_values: torch.Tensor, image_sizes: torch.Tensor, *args, **kwargs):
+            if merging is not None:
+                return merged_image_features(pixel_values, image_sizes, *args, **kwargs)
             crops = self._crops_per_image(pixel_values, image_sizes)
-            modules = {name: self.attention_module(layer) for name, layer in layers.items()}
-            with AttentionScores(modules, method.score_queries()) as capture:
+            with self.capture(method) as capture:
                 pending["active"] = True
                 try:
                     out = original_features(pixel_values, image_sizes, *args, **kwargs)
                     packed = dict(pending)
                 finally:
                     pending.clear()
-                scores = capture.collect() if modules else {}
+                captured = capture.collect()
             if passthrough:
-                session.records.append(
-                    [GridRecord(g.tokens, g.tokens, None) for size in image_sizes for g in self.image_layout(size, method).grids]
-                )
+                grids = [g.tokens for size in image_sizes for g in self.image_layout(size, method).grids]
+                self.record_unpruned(session, grids)
                 return out
             if "features" not in packed:
                 raise PruningError("LLaVA-NeXT get_image_features did not pack image features (transformers changed?)")
-            out.pooler_output = self._pack(session, packed["features"], image_sizes, packed["newline"], scores, crops, out)
+            out.pooler_output = self._pack(session, packed["features"], image_sizes, packed["newline"], captured, crops,
+                                           out)
             return out
 
         def pack_image_features(image_features, image_sizes, vision_feature_select_strategy, image_newline=None):
@@ -279,10 +248,43 @@ class LlavaNextAdapter(ClipTowerAdapter):
             pending.update(features=image_features, newline=image_newline)
             return list(image_features), torch.zeros(len(image_features), dtype=torch.long)
 
+        def merged_image_features(pixel_values: torch.Tensor, image_sizes: torch.Tensor, *args, **kwargs):
+            """Encoder-stage methods: every crop leaves the tower with its budget; images whose crops have different
+            budgets (int(N' / crops) depends on the crop count) run through the tower in separate calls."""
+            layouts = [self.image_layout(size, method) for size in image_sizes]
+            groups: dict[int, list[int]] = {}
+            for i, layout in enumerate(layouts):
+                groups.setdefault(layout.grids[0].budget, []).append(i)
+            per_image: list[tuple[torch.Tensor, list[GridOutput]] | None] = [None] * len(layouts)
+            out = None
+            for budget, members in groups.items():
+                merging.expect(budget)
+                pending["active"] = True
+                try:
+                    out = original_features(pixel_values[members], image_sizes[members], *args, **kwargs)
+                    packed = dict(pending)
+                finally:
+                    pending.clear()
+                outputs = iter(merging.finish())
+                for i, features in zip(members, packed["features"]):  # [crops, keep, D] per image
+                    rows = [next(outputs) for _ in range(features.shape[0])]
+                    for row, crop_features in zip(rows, features):
+                        row.features = crop_features
+                    per_image[i] = (features.reshape(-1, features.shape[-1]), rows)
+            self.record_outputs(session, [self.side * self.side] * sum(len(rows) for _, rows in per_image),
+                                [row for _, rows in per_image for row in rows])
+            for i, (tokens, layout) in enumerate(zip(per_image, layouts)):
+                if tokens[0].shape[0] != layout.total:
+                    raise PruningError(f"image {i}: {tokens[0].shape[0]} merged visual tokens, expected {layout.total}")
+            # base crop first, then the sub-image crops in crop order, each in the method's own token order
+            out.pooler_output = [tokens for tokens, _ in per_image]
+            return out
+
         patch_attribute(stack, self.inner, "get_image_features", get_image_features)
         patch_attribute(stack, self.inner, "pack_image_features", pack_image_features)
-        if processor is not None:
-            self._patch_processor(stack, processor, method)
+
+    def placeholder_counts(self, method: Method) -> dict:
+        return {"image": lambda inputs, index: self.image_layout(inputs["image_sizes"][index], method).total}
 
     def _crops_per_image(self, pixel_values: torch.Tensor, image_sizes: torch.Tensor) -> list[torch.Tensor]:
         """Per image its crops [C, 3, H, W], as HF's get_image_features slices them."""
@@ -296,28 +298,18 @@ class LlavaNextAdapter(ClipTowerAdapter):
             out.append(pixels[: 1 + int(nph) * int(npw)])
         return out
 
-    def _pack(self, session, image_features, image_sizes, image_newline, scores, crops, out) -> list[torch.Tensor]:
+    def _pack(self, session, image_features, image_sizes, image_newline, captured, crops, out) -> list[torch.Tensor]:
         method = session.method
         side = self.side
         layouts = [self.image_layout(size, method) for size in image_sizes]
         if len(image_features) != len(layouts):
             raise PruningError(f"{len(image_features)} images of features for {len(layouts)} image sizes")
-        n_crops_total = sum(f.shape[0] for f in image_features)
-        for name, s in scores.items():
-            if s.shape != (n_crops_total, side * side + 1):
-                raise PruningError(f"score {name!r} has shape {tuple(s.shape)}, expected ({n_crops_total}, {side * side + 1})")
-            if not torch.isfinite(s).all():
-                raise PruningError(f"attention score {name!r} contains NaN or inf")
+        patches = self.patch_captures(captured, sum(f.shape[0] for f in image_features))
+        embeds = self.patch_embeds(session, out.last_hidden_state) if method.needs_prompt else None
 
-        prompt_embeds = token_embeds = None
-        if method.needs_prompt:  # HiPrune++: every crop is compared with the prompt of its image
-            prompt_embeds = session.prompt_encoder.encode_prompts(session.take_prompts(len(layouts)))
-            tower = self.inner.vision_tower
-            post_layernorm = getattr(tower, "vision_model", tower).post_layernorm
-            token_embeds = session.prompt_encoder.encode_patches(out.last_hidden_state, post_layernorm)
-
-        # One item per grid: its features and scores on the grid the method sees.
-        items = []  # (image index, CropGrid, features [n, D], {name: [n]}, sample id, token embeds [n, E] | None)
+        # One grid per crop (native: its unpadded part), cut out of its crop's side x side tokens.
+        grids: list[GridInput] = []
+        placed: list[tuple[int, CropGrid]] = []  # (image, crop grid) of every grid
         offset = 0
         for i, (features, layout, pixels) in enumerate(zip(image_features, layouts, crops)):
             if features.shape[0] != layout.crops or features.shape[1] != side * side:
@@ -327,51 +319,29 @@ class LlavaNextAdapter(ClipTowerAdapter):
                 )
             image_id = stable_ids(pixels.reshape(1, -1))[0]
             for grid in layout.grids:
-                window = (slice(grid.row0, grid.row0 + grid.rows), slice(grid.col0, grid.col0 + grid.cols))
-                feats = features[grid.crop].view(side, side, -1)[window].reshape(grid.tokens, -1)
-                grid_scores = {
-                    name: s[offset + grid.crop, 1:].view(side, side)[window].reshape(-1) for name, s in scores.items()
-                }
-                embeds = None
-                if token_embeds is not None:
-                    embeds = token_embeds[offset + grid.crop].view(side, side, -1)[window].reshape(grid.tokens, -1)
-                items.append((i, grid, feats, grid_scores, derived_id(image_id, grid.crop), embeds))
+                def cut(tensor: torch.Tensor, grid=grid) -> torch.Tensor:  # [side * side, ...] -> the grid's tokens
+                    window = tensor.view(side, side, *tensor.shape[1:])
+                    window = window[grid.row0 : grid.row0 + grid.rows, grid.col0 : grid.col0 + grid.cols]
+                    return window.reshape(grid.tokens, *tensor.shape[1:])
+
+                row = offset + grid.crop
+                grids.append(GridInput(
+                    (grid.rows, grid.cols), cut(features[grid.crop]),
+                    {name: cut(value[row]) for name, value in patches.items()}, grid.budget, grid.keep,
+                    derived_id(image_id, grid.crop), visual=i, token_embeds=None if embeds is None else cut(embeds[row]),
+                ))
+                placed.append((i, grid))
             offset += features.shape[0]
 
-        # Run the method once per group of grids of equal shape and budget (rows are independent of each other).
-        kept: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(items)
         if method.stage == "vision":
-            groups: dict[tuple[int, int, int], list[int]] = {}
-            for k, (_, grid, *_rest) in enumerate(items):
-                groups.setdefault((grid.rows, grid.cols, grid.budget), []).append(k)
-            for (rows, cols, budget), members in groups.items():
-                keep = items[members[0]][1].keep
-                tokens = VisionTokens(
-                    features=torch.stack([items[k][2] for k in members]),
-                    grid=(rows, cols),
-                    scores={name: torch.stack([items[k][3][name] for k in members]) for name in scores},
-                    sample_ids=[items[k][4] for k in members],
-                )
-                if prompt_embeds is not None:
-                    tokens.prompt_embeds = prompt_embeds[[items[k][0] for k in members]]
-                    tokens.token_embeds = torch.stack([items[k][5] for k in members])
-                selection = select_checked(method, tokens, budget, keep, "grids")
-                session.last_selection = selection
-                for row, k in enumerate(members):
-                    kept[k] = (selection.indices[row], selection.features[row])
+            kept = [(o.indices, o.features) for o in self.select_grids(session, grids, len(layouts))]
         else:
-            for k, (_, grid, feats, *_rest) in enumerate(items):
-                kept[k] = (torch.arange(grid.tokens, device=feats.device), feats)
+            self.record_unpruned(session, [grid.features.shape[0] for grid in grids])
+            kept = [(torch.arange(g.features.shape[0], device=g.features.device), g.features) for g in grids]
 
-        session.records.append(
-            [
-                GridRecord(grid.tokens, grid.keep, None if method.stage != "vision" else kept[k][0].detach().cpu())
-                for k, (_, grid, *_rest) in enumerate(items)
-            ]
-        )
         per_image: list[list[tuple[CropGrid, torch.Tensor, torch.Tensor]]] = [[] for _ in layouts]
-        for k, (i, grid, *_rest) in enumerate(items):
-            per_image[i].append((grid, *kept[k]))
+        for (i, grid), (indices, features) in zip(placed, kept):
+            per_image[i].append((grid, indices, features))
         packed = [self._assemble(layout, grids, image_newline) for layout, grids in zip(layouts, per_image)]
         for i, (tensor, layout) in enumerate(zip(packed, layouts)):
             if tensor.shape[0] != layout.total:
@@ -407,13 +377,3 @@ class LlavaNextAdapter(ClipTowerAdapter):
             return base[0]
         order = torch.cat([p.to(base[0].device) for p in positions]).argsort(stable=True)
         return torch.cat([base[0], torch.cat(parts)[order]])
-
-    def _patch_processor(self, stack: ExitStack, processor: Any, method: Method) -> None:
-        if not hasattr(processor, "replace_image_token") or not hasattr(processor, "image_token"):
-            raise TypeError(f"cannot set the image token count of {type(processor).__name__}")
-
-        def replace_image_token(image_inputs: dict, image_idx: int, **kwargs) -> str:
-            size = image_inputs["image_sizes"][image_idx]
-            return processor.image_token * self.image_layout(size, method).total
-
-        patch_attribute(stack, processor, "replace_image_token", replace_image_token)

@@ -1,25 +1,34 @@
-"""LLM-side pruning plumbing: drop visual tokens inside a Llama-style decoder during prefill (FastV).
+"""LLM-side pruning plumbing: run a method's drop schedule inside a Llama-style decoder during prefill.
+
+A drop schedule (:meth:`hiprune.methods.base.Method.drop_schedule`) is any number of stages
+:class:`~hiprune.methods.base.DropStage` ``(layer, keep)``: from decoder layer ``layer`` on, every image keeps the
+``keep`` of its current visual tokens that the last prompt token attends to most in layer ``layer - 1`` (heads
+averaged), chosen by the method's ``select_from_attention``. FastV is the one-stage schedule ``[(K, R)]``.
+:func:`resolve_schedule` is the one place a schedule is validated (:func:`check_schedule`), before anything runs.
 
 How it enters a transformers 5 decoder (``LlamaModel``) without replacing its forward:
 
 - The family adapter wraps its multimodal forward in :meth:`VisualTokenDrop.forward`, which is told where the image
   tokens are (a [B, T] mask). A forward with image tokens is a *prefill*; any other forward is a decode step (or a
   text-only call).
-- During a prefill, layer K-1's attention module is rerouted through :class:`hiprune.capture.AttentionScores` with
-  the "last" query mode: the layer's output still comes from the model's own kernel, and the last token's attention
-  row (mean over heads) is recorded on the side.
-- A forward pre-hook on layer K asks the method which visual tokens of each image to keep, then replaces the layer's
-  inputs with the kept positions only: hidden states, position embeddings (cos, sin of the *original* positions),
-  position ids and the 4-D attention mask (rows and columns). Hooks on layers K+1..L-1 hand them the same shortened
-  inputs (``LlamaModel`` gives every layer the full-length ones). The decoder output, and so the logits, then cover
-  the kept positions only (text + kept visual tokens, in order).
-- The kept positions are stored on the KV cache object. In later (decode) forwards the hooks of layers >= K drop
-  the pruned prefill columns from the attention mask (when there is one: padding, or eager attention), so each
-  layer's mask matches its own, shorter cache. New tokens' positions continue the unpruned numbering (HF computes
-  them from layer 0's cache or the 2-D attention mask), as in the official code. Without a KV cache
-  (``use_cache=False``) every generation step is a prefill and selects again from its own last token.
+- During a prefill, the attention module of every layer ``layer - 1`` the schedule scores with is rerouted through
+  :class:`hiprune.capture.AttentionScores` with the "last" query mode: the layer's output still comes from the
+  model's own kernel, and the last token's attention row (mean over heads) is recorded on the side. Other layers
+  keep their kernel untouched.
+- A forward pre-hook on each stage's layer ranks the visual tokens each image still holds, keeps ``keep`` of them,
+  and replaces the layer's inputs with the kept positions only: hidden states, position embeddings (cos, sin of the
+  *original* positions), position ids and the 4-D attention mask (rows and columns). Hooks on the later layers hand
+  them the same shortened inputs (``LlamaModel`` gives every layer the full-length ones) until the next stage
+  shortens them again. The decoder output, and so the logits, then cover the positions the last stage kept (text +
+  kept visual tokens, in order).
+- The prefill positions each stage's layers hold are stored on the KV cache object (:class:`PrunedPrefill`). In
+  later (decode) forwards the hooks of layers from the first stage on drop the pruned prefill columns of their own
+  stage from the attention mask (when there is one: padding, or eager attention), so each layer's mask matches its
+  own, shorter cache. New tokens' positions continue the unpruned numbering (HF computes them from layer 0's cache
+  or the 2-D attention mask), as in the official FastV code. Without a KV cache (``use_cache=False``) every
+  generation step is a prefill and selects again from its own last token.
 - Every pruned prefill appends a :class:`~hiprune.adapters.base.LayerRecord` to the session: the sequence length
-  each decoder layer ran on, the visual tokens among them, and the kept indices of every image.
+  each decoder layer ran on, the visual tokens among them, and the kept indices of every image after each stage.
 
 Supported: Llama decoders under eager or SDPA attention, ``DynamicCache`` (HF ``generate``'s default; greedy,
 sampling and beam search -- beams of one sample share its prefill, so reordering them leaves the kept positions
@@ -30,9 +39,11 @@ a PruningError naming it rather than running unpruned or misaligned.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
+from itertools import pairwise
+from numbers import Integral
 from typing import Any
 
 import torch
@@ -41,32 +52,96 @@ from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from hiprune.adapters.base import LayerRecord, PruningError, PruningSession
 from hiprune.capture import AttentionScores
-from hiprune.methods.base import Method, resolve_budget
+from hiprune.methods.base import DropStage, Method
 
 SUPPORTED_DECODERS = ("llama",)
 SUPPORTED_ATTENTION = ("eager", "sdpa")
 # Attribute of the KV cache object holding what a pruned prefill kept (the cache lives as long as the generation).
 _PRUNED_PREFILL = "_hiprune_pruned_prefill"
+# check_llm_method without an image size: the schedule is resolved for an image this large, which checks its layers
+# and the order of its counts against the decoder, but not the counts against a real image.
+_ANY_IMAGE = 2**31 - 1
 
 
-def check_llm_method(method: Method, text_config: Any, family: str) -> None:
-    """Raise ValueError if this plumbing cannot run ``method`` on a decoder with ``text_config``."""
-    if not hasattr(method, "select_from_attention") or not hasattr(method, "layer"):
+def check_schedule(
+    schedule: Sequence[DropStage], visual_tokens: int, decoder_layers: int, name: str = ""
+) -> list[DropStage]:
+    """Raise ValueError unless ``schedule`` can run on a decoder of ``decoder_layers`` layers for images of
+    ``visual_tokens`` tokens: one or more DropStage's with strictly increasing layers in 1..L-1 and strictly
+    decreasing keep counts >= 1, the first at most ``visual_tokens``. Returns the schedule as a list.
+
+    name: the method's name, for the messages. This is the one validation of a schedule (the plumbing, the adapters'
+    checks and the eval side's per-layer counts all go through it).
+    """
+    who = f"method {name!r}" if name else "the drop schedule"
+    if isinstance(schedule, (str, bytes)) or not isinstance(schedule, Sequence) or not schedule:
+        raise ValueError(f"{who}: a drop schedule is a non-empty list of DropStage's, got {schedule!r}")
+    stages = list(schedule)
+    for stage in stages:
+        if not isinstance(stage, DropStage):
+            raise ValueError(f"{who}: drop schedule entries must be DropStage's, got {stage!r}")
+        for what, value in (("layer", stage.layer), ("keep", stage.keep)):
+            if isinstance(value, bool) or not isinstance(value, Integral):
+                raise ValueError(f"{who}: drop stage {what} must be an int, got {value!r} in {stage}")
+        if not 1 <= stage.layer < decoder_layers:
+            raise ValueError(
+                f"{who} prunes from decoder layer {stage.layer} (0-based), but this LLM has "
+                f"{decoder_layers} layers: layer must lie in 1..{decoder_layers - 1}"
+            )
+        if stage.keep < 1:
+            raise ValueError(f"{who}: drop stage {stage} keeps no visual token (keep must be >= 1)")
+    for before, after in pairwise(stages):
+        if after.layer <= before.layer or after.keep >= before.keep:
+            raise ValueError(
+                f"{who}: drop stages must have strictly increasing layers and strictly decreasing keep "
+                f"counts, got {before} then {after}"
+            )
+    if stages[0].keep > visual_tokens:
         raise ValueError(
-            f"method {method.name!r} prunes inside the LLM in a way the {family} adapter does not implement "
-            "(it supports one drop at layer K ranked by layer K-1's last-query attention, i.e. FastV)"
+            f"{who} keeps {stages[0].keep} visual tokens per image from decoder layer {stages[0].layer}, "
+            f"but an image has only {visual_tokens}"
         )
+    return stages
+
+
+def resolve_schedule(method: Method, visual_tokens: int, decoder_layers: int) -> list[DropStage]:
+    """``method.drop_schedule`` for images of ``visual_tokens`` tokens at the LLM's input, validated."""
+    return check_schedule(
+        method.drop_schedule(visual_tokens, decoder_layers), visual_tokens, decoder_layers, method.name
+    )
+
+
+def visual_per_layer(schedule: Sequence[DropStage], visual_tokens: int, decoder_layers: int) -> list[int]:
+    """Visual tokens of one image at each decoder layer under ``schedule`` (validated here):
+    ``visual_tokens`` before the first stage, each stage's ``keep`` from its layer on."""
+    stages = check_schedule(schedule, visual_tokens, decoder_layers)
+    counts = [int(visual_tokens)] * decoder_layers
+    for stage in stages:
+        counts[stage.layer :] = [int(stage.keep)] * (decoder_layers - stage.layer)
+    return counts
+
+
+def check_llm_method(method: Method, text_config: Any, family: str, visual_tokens: int | None = None) -> None:
+    """Raise ValueError if this plumbing cannot run ``method`` on a decoder with ``text_config``.
+
+    visual_tokens: visual tokens of one image at the LLM's input; None checks the schedule's layers only.
+    """
+    n_layers = text_config.num_hidden_layers
+    try:
+        if type(method).select_from_attention is Method.select_from_attention:
+            raise NotImplementedError
+        resolve_schedule(method, _ANY_IMAGE if visual_tokens is None else visual_tokens, n_layers)
+    except NotImplementedError:
+        raise ValueError(
+            f"method {method.name!r} prunes inside the LLM in a way the {family} adapter does not implement (it "
+            "runs a drop schedule: a method's drop_schedule, each stage ranked with its select_from_attention by "
+            "the last prompt token's attention in the layer before)"
+        ) from None
     model_type = getattr(text_config, "model_type", None)
     if model_type not in SUPPORTED_DECODERS:
         raise ValueError(
             f"method {method.name!r} needs a decoder of type {SUPPORTED_DECODERS}; this {family} model's LLM is "
             f"{model_type!r}"
-        )
-    n_layers = text_config.num_hidden_layers
-    if not 1 <= method.layer < n_layers:
-        raise ValueError(
-            f"method {method.name!r} prunes from decoder layer {method.layer} (0-based), but this LLM has "
-            f"{n_layers} layers: layer must lie in 1..{n_layers - 1}"
         )
     implementation = getattr(text_config, "_attn_implementation", None)
     if implementation not in SUPPORTED_ATTENTION:
@@ -78,10 +153,22 @@ def check_llm_method(method: Method, text_config: Any, family: str) -> None:
 
 @dataclass
 class PrunedPrefill:
-    """Kept by the KV cache of a pruned prefill: which prefill positions layers >= K hold."""
+    """Kept by the KV cache of a pruned prefill: which prefill positions each decoder layer holds.
 
-    keep: torch.Tensor  # [B, T'] sorted prefill positions (text, padding and kept visual tokens)
+    stages: (first layer of a stage, [B, T_s] sorted prefill positions that layer and the later ones up to the next
+        stage hold: text, padding and the visual tokens kept so far), in layer order; earlier layers hold all T.
+    """
+
+    stages: list[tuple[int, torch.Tensor]]
     prefill_length: int  # T
+
+    def held(self, layer: int) -> torch.Tensor | None:
+        """[B, T_s] prefill positions decoder ``layer``'s cache holds; None: all of them (before the first stage)."""
+        positions = None
+        for first, kept in self.stages:
+            if first <= layer:
+                positions = kept
+        return positions
 
 
 @dataclass
@@ -89,14 +176,19 @@ class _Prefill:
     """State of one prefill forward while it runs."""
 
     image_positions: torch.Tensor  # [B, images per row, tokens per image] sequence positions of every image token
-    capture: AttentionScores
+    length: int  # T, the prefill's sequence length
+    captures: list[AttentionScores]  # per stage: last-query attention of the layer before it
     layer_tokens: list[int] = field(default_factory=list)  # sequence length each decoder layer ran on
-    shortened: dict[str, Any] | None = None  # layer inputs for layers > K, set by layer K's hook
-    indices: torch.Tensor | None = None  # [B * images, kept] kept indices within each image
+    layer_visual: list[int] = field(default_factory=list)  # visual tokens per row each decoder layer ran on
+    held: torch.Tensor | None = None  # [B, T'] prefill positions the current (shortened) sequence holds; None: all
+    image_kept: torch.Tensor | None = None  # [B * images, n] indices into each image's tokens still held; None: all
+    shortened: dict[str, Any] | None = None  # layer inputs for the current sequence, set by the last stage's hook
+    stages: list[tuple[int, torch.Tensor]] = field(default_factory=list)  # (layer, image_kept after that stage)
+    cached: PrunedPrefill | None = None  # what this prefill stored on its KV cache
 
 
 class VisualTokenDrop:
-    """FastV-style drop of visual tokens before decoder layer ``method.layer``, installed on ``decoder_layers``.
+    """Runs ``session.method``'s drop schedule on ``decoder_layers`` (a Llama decoder's layers).
 
     tokens_per_image: visual tokens of one image in the sequence (LLaVA-1.5: 576).
     """
@@ -105,11 +197,10 @@ class VisualTokenDrop:
         self.session = session
         self.method = session.method
         self.layers = decoder_layers
-        self.prune_layer = int(self.method.layer)
-        if not 1 <= self.prune_layer < len(decoder_layers):
-            raise ValueError(f"prune layer {self.prune_layer} outside 1..{len(decoder_layers) - 1}")
         self.tokens_per_image = int(tokens_per_image)
-        self.budget = resolve_budget(self.method.budget, self.tokens_per_image)
+        self.schedule = resolve_schedule(self.method, self.tokens_per_image, len(decoder_layers))
+        self.first_layer = self.schedule[0].layer
+        self._stage_at = {stage.layer: i for i, stage in enumerate(self.schedule)}
         self._prefill: _Prefill | None = None
 
     # --- installation --------------------------------------------------------------------------------------
@@ -129,25 +220,35 @@ class VisualTokenDrop:
             return
         image_positions = self._image_positions(image_mask)
         self._check_padding(attention_mask, image_mask.shape)
-        attention = self.layers[self.prune_layer - 1].self_attn
-        with AttentionScores({"last": attention}, queries="last") as capture:
-            self._prefill = _Prefill(image_positions=image_positions, capture=capture)
+        self._check_attention()
+        with ExitStack() as captures:
+            prefill = _Prefill(
+                image_positions=image_positions,
+                length=image_mask.shape[1],
+                captures=[
+                    captures.enter_context(
+                        AttentionScores({"last": self.layers[s.layer - 1].self_attn}, queries="last")
+                    )
+                    for s in self.schedule
+                ],
+            )
+            self._prefill = prefill
             try:
                 yield
-                prefill = self._prefill
-                if len(prefill.layer_tokens) != len(self.layers) or prefill.indices is None:
+                if len(prefill.layer_tokens) != len(self.layers) or len(prefill.stages) != len(self.schedule):
                     raise PruningError(
                         f"the prefill ran {len(prefill.layer_tokens)} of {len(self.layers)} decoder layers through "
-                        f"the pruning hooks and {'did not reach' if prefill.indices is None else 'reached'} layer "
-                        f"{self.prune_layer}; the decoder was not called the way the plumbing expects"
+                        f"the pruning hooks and {len(prefill.stages)} of the {len(self.schedule)} drop stage(s) at "
+                        f"layers {[s.layer for s in self.schedule]}; the decoder was not called the way the "
+                        "plumbing expects"
                     )
-                n_visual = image_positions.shape[1] * image_positions.shape[2]
-                n_kept = image_positions.shape[1] * self.budget
+                stages = [(layer, kept.detach().cpu()) for layer, kept in prefill.stages]
                 self.session.layer_records.append(
                     LayerRecord(
                         tokens=list(prefill.layer_tokens),
-                        visual=[n_visual if i < self.prune_layer else n_kept for i in range(len(self.layers))],
-                        indices=prefill.indices.detach().cpu(),
+                        visual=list(prefill.layer_visual),
+                        indices=stages[-1][1],
+                        stages=stages,
                     )
                 )
             finally:
@@ -185,71 +286,113 @@ class VisualTokenDrop:
                 "(right padding); pad on the left"
             )
 
+    def _check_attention(self) -> None:
+        """Every decoder layer's kernel must take the masks this plumbing shortens (checked before rerouting)."""
+        implementations = {layer.self_attn.config._attn_implementation for layer in self.layers}
+        if not implementations <= set(SUPPORTED_ATTENTION):
+            raise PruningError(
+                f"attn_implementation {sorted(implementations)} is not supported (only {SUPPORTED_ATTENTION})"
+            )
+
     # --- hooks ---------------------------------------------------------------------------------------------
     def _make_hook(self, index: int):
         def hook(module: nn.Module, args: tuple, kwargs: dict):
             hidden = args[0] if args else kwargs.get("hidden_states")
             if hidden is None:
                 raise PruningError(f"decoder layer {index} was called without hidden states")
-            prefill = self._prefill
-            if prefill is not None:
-                if index < self.prune_layer:
-                    prefill.layer_tokens.append(hidden.shape[1])
-                    return None
-                if index == self.prune_layer:
-                    args, kwargs = self._drop(module, args, kwargs, hidden)
-                elif prefill.shortened is None:
-                    raise PruningError(f"decoder layer {index} ran before layer {self.prune_layer} pruned")
-                else:
-                    kwargs = {**kwargs, **prefill.shortened}
-                    hidden = args[0] if args else kwargs["hidden_states"]
-                    expected = prefill.layer_tokens[self.prune_layer]
-                    if hidden.shape[1] != expected:
-                        raise PruningError(f"decoder layer {index} got {hidden.shape[1]} tokens, expected {expected}")
-                prefill.layer_tokens.append((args[0] if args else kwargs["hidden_states"]).shape[1])
-                return args, kwargs
-            if index < self.prune_layer:
+            if self._prefill is not None:
+                return self._prefill_layer(index, args, kwargs, hidden)
+            if index < self.first_layer:
                 return None
             return self._decode_step(index, args, kwargs, hidden)
 
         return hook
 
-    def _drop(self, module: nn.Module, args: tuple, kwargs: dict, hidden: torch.Tensor) -> tuple[tuple, dict]:
-        """Layer K of a prefill: choose the kept tokens and shorten every layer input."""
+    def _prefill_layer(self, index: int, args: tuple, kwargs: dict, hidden: torch.Tensor):
+        """Decoder layer ``index`` of a prefill: run a stage at its layer, hand later layers the shortened inputs."""
         prefill = self._prefill
+        images = prefill.image_positions.shape[1]
+        if index < self.first_layer:
+            prefill.layer_tokens.append(hidden.shape[1])
+            prefill.layer_visual.append(images * self.tokens_per_image)
+            return None
+        if index > self.first_layer and prefill.shortened is None:
+            raise PruningError(f"decoder layer {index} ran before layer {self.first_layer} pruned")
+        expected = prefill.length if prefill.held is None else prefill.held.shape[1]
+        if hidden.shape[1] != expected:
+            raise PruningError(f"decoder layer {index} got {hidden.shape[1]} tokens, expected {expected}")
+        if prefill.shortened is not None:
+            kwargs = {**kwargs, **prefill.shortened}
+        stage = self._stage_at.get(index)
+        if stage is not None:
+            if len(prefill.stages) != stage:
+                raise PruningError(f"decoder layer {index} ran before the drop stages of the layers before it")
+            args, kwargs = self._drop(stage, args, kwargs, hidden)
+        prefill.layer_tokens.append((args[0] if args else kwargs["hidden_states"]).shape[1])
+        prefill.layer_visual.append(images * prefill.image_kept.shape[1])
+        return args, kwargs
+
+    def _drop(self, stage_index: int, args: tuple, kwargs: dict, hidden: torch.Tensor) -> tuple[tuple, dict]:
+        """A stage's layer in a prefill: choose the kept tokens of every image and shorten every layer input."""
+        prefill, stage = self._prefill, self.schedule[stage_index]
         batch, length = hidden.shape[:2]
-        implementation = module.self_attn.config._attn_implementation
-        if implementation not in SUPPORTED_ATTENTION:
-            raise PruningError(f"attn_implementation {implementation!r} is not supported (only {SUPPORTED_ATTENTION})")
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
-        self._check_cache(cache)
+        self._check_cache(cache, stage.layer)
         try:
-            scores = prefill.capture.collect()["last"]
+            scores = prefill.captures[stage_index].collect()["last"]
         except RuntimeError as exc:
-            raise PruningError(f"layer {self.prune_layer - 1}'s attention was not captured: {exc}") from exc
+            raise PruningError(f"layer {stage.layer - 1}'s attention was not captured: {exc}") from exc
         if scores.shape != (batch, length):
             raise PruningError(f"last-query attention has shape {tuple(scores.shape)}, expected ({batch}, {length})")
         positions = prefill.image_positions.to(hidden.device)
         _, images, per_image = positions.shape
-        if positions.shape[0] != batch or int(positions.max()) >= length:
+        if positions.shape[0] != batch or int(positions.max()) >= prefill.length:
             raise PruningError("the image token mask does not match the decoder's input sequence")
 
-        image_scores = scores.gather(1, positions.flatten(1)).view(batch * images, per_image)
+        # the visual tokens each image still holds: indices into its own tokens, and positions in the current sequence
+        rows = batch * images
+        image_kept = prefill.image_kept
+        if image_kept is None:
+            image_kept = torch.arange(per_image, device=hidden.device).expand(rows, per_image)
+        image_kept = image_kept.to(hidden.device)
+        held = image_kept.shape[1]
+        original = positions.view(rows, per_image).gather(1, image_kept).view(batch, images * held)
+        if prefill.held is None:
+            current = original
+        else:
+            sequence = prefill.held.to(hidden.device)
+            current = torch.searchsorted(sequence, original)
+            if bool((current >= length).any()) or not torch.equal(
+                sequence.gather(1, current.clamp(max=length - 1)), original
+            ):
+                raise PruningError(f"stage at layer {stage.layer}: an image token kept so far is not in the sequence")
+
+        image_scores = scores.gather(1, current).view(rows, held)
         try:
-            kept = self.method.select_from_attention(image_scores, self.budget)
+            kept = self.method.select_from_attention(image_scores, stage.keep)
         except ValueError as exc:
             raise PruningError(f"{self.method.name} selection failed: {exc}") from exc
-        if kept.shape != (batch * images, self.budget) or kept.min() < 0 or kept.max() >= per_image:
+        if (
+            not isinstance(kept, torch.Tensor)
+            or kept.shape != (rows, stage.keep)
+            or kept.dtype != torch.int64
+            or kept.min() < 0
+            or kept.max() >= held
+        ):
+            got = (
+                f"{tuple(kept.shape)} {kept.dtype} in [{int(kept.min())}, {int(kept.max())}]"
+                if isinstance(kept, torch.Tensor)
+                else type(kept).__name__
+            )
             raise PruningError(
-                f"{self.method.name} returned indices of shape {tuple(kept.shape)} in [{int(kept.min())}, "
-                f"{int(kept.max())}]; expected {self.budget} of {per_image} per image"
+                f"{self.method.name} returned indices {got}; expected {stage.keep} of {held} per image (int64)"
             )
         kept = kept.to(hidden.device)
-        kept_positions = positions.view(batch * images, per_image).gather(1, kept).view(batch, -1)
+        kept_current = current.view(rows, held).gather(1, kept).view(batch, -1)
         keep_mask = torch.ones(batch, length, dtype=torch.bool, device=hidden.device)
-        keep_mask.scatter_(1, positions.flatten(1), False)
-        keep_mask.scatter_(1, kept_positions, True)
-        short = length - images * (per_image - self.budget)
+        keep_mask.scatter_(1, current, False)
+        keep_mask.scatter_(1, kept_current, True)
+        short = length - images * (held - stage.keep)
         if int(keep_mask.sum()) != batch * short:
             raise PruningError(f"{self.method.name} kept duplicate visual tokens")
         keep = keep_mask.nonzero()[:, 1].view(batch, short)  # row-major: each row's kept positions, sorted
@@ -270,10 +413,18 @@ class VisualTokenDrop:
             mask = _take(_take(mask, keep, dim=2), keep, dim=3)
         shortened["attention_mask"] = mask  # None stays None: SDPA's is_causal is right for the kept order too
 
+        held_positions = keep if prefill.held is None else prefill.held.to(keep.device).gather(1, keep)
         if cache is not None:
-            setattr(cache, _PRUNED_PREFILL, PrunedPrefill(keep=keep, prefill_length=length))
+            if prefill.cached is None:
+                prefill.cached = PrunedPrefill(stages=[], prefill_length=prefill.length)
+                setattr(cache, _PRUNED_PREFILL, prefill.cached)
+            elif getattr(cache, _PRUNED_PREFILL, None) is not prefill.cached:
+                raise PruningError(f"decoder layer {stage.layer} got another KV cache than the earlier drop stages")
+            prefill.cached.stages.append((stage.layer, held_positions))
+        prefill.held = held_positions
+        prefill.image_kept = image_kept.gather(1, kept).sort(dim=1).values
+        prefill.stages.append((stage.layer, prefill.image_kept))
         prefill.shortened = shortened
-        prefill.indices = kept
         kwargs = {**kwargs, **shortened}
         if args:
             args = (hidden, *args[1:])
@@ -281,37 +432,40 @@ class VisualTokenDrop:
             kwargs["hidden_states"] = hidden
         return args, kwargs
 
-    def _check_cache(self, cache: Any) -> None:
+    def _check_cache(self, cache: Any, layer: int) -> None:
         if cache is None:
             return
-        if not isinstance(cache, DynamicCache) or any(type(layer) is not DynamicLayer for layer in cache.layers):
-            kinds = sorted({type(layer).__name__ for layer in getattr(cache, "layers", [])})
+        if not isinstance(cache, DynamicCache) or any(type(entry) is not DynamicLayer for entry in cache.layers):
+            kinds = sorted({type(entry).__name__ for entry in getattr(cache, "layers", [])})
             raise PruningError(
                 f"{self.method.name} leaves later decoder layers with a shorter KV cache, which needs a DynamicCache "
                 f"of DynamicLayer's (HF generate's default); got {type(cache).__name__} with layers {kinds}"
             )
-        if len(cache.layers) > self.prune_layer and cache.layers[self.prune_layer].get_seq_length() != 0:
+        if len(cache.layers) > layer and cache.layers[layer].get_seq_length() != 0:
             raise PruningError(
                 f"{self.method.name} prunes a fresh prefill, but the KV cache already holds "
-                f"{cache.layers[self.prune_layer].get_seq_length()} tokens (continuing a cached conversation with "
+                f"{cache.layers[layer].get_seq_length()} tokens (continuing a cached conversation with "
                 "new images is not supported)"
             )
 
     def _decode_step(self, index: int, args: tuple, kwargs: dict, hidden: torch.Tensor):
-        """Layer >= K outside a prefill: align the attention mask with this layer's shorter cache."""
+        """A layer from the first stage on, outside a prefill: align the attention mask with this layer's cache."""
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         record: PrunedPrefill | None = getattr(cache, _PRUNED_PREFILL, None) if cache is not None else None
         if record is None:
             return None  # a forward with neither images nor a pruned cache: nothing was pruned
+        held_positions = record.held(index)
+        if held_positions is None:
+            raise PruningError(f"decoder layer {index}'s pruned prefill record holds no stage at or before it")
         batch, q_len = hidden.shape[:2]
         full = cache.layers[0].get_seq_length()  # layer 0 already holds this forward's tokens
         past_new = full - q_len - record.prefill_length  # tokens generated after the prefill, before this forward
-        expected = record.keep.shape[1] + past_new
+        expected = held_positions.shape[1] + past_new
         held = cache.layers[index].get_seq_length()
-        if record.keep.shape[0] != batch or past_new < 0 or held != expected:
+        if held_positions.shape[0] != batch or past_new < 0 or held != expected:
             raise PruningError(
                 f"decoder layer {index}'s KV cache holds {held} tokens for a batch of {batch}, but the pruned prefill "
-                f"implies {expected} for a batch of {record.keep.shape[0]}: the cache was cropped, reordered across "
+                f"implies {expected} for a batch of {held_positions.shape[0]}: the cache was cropped, reordered across "
                 "samples or reused in a way LLM-side pruning does not support"
             )
         mask = kwargs.get("attention_mask")
@@ -322,8 +476,8 @@ class VisualTokenDrop:
                 f"expected a [B, 1, {q_len}, {full}] attention mask in a decode step, got "
                 f"{tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__}"
             )
-        later = torch.arange(record.prefill_length, full, device=record.keep.device).expand(batch, -1)
-        columns = torch.cat([record.keep, later], dim=1).to(mask.device)
+        later = torch.arange(record.prefill_length, full, device=held_positions.device).expand(batch, -1)
+        columns = torch.cat([held_positions, later], dim=1).to(mask.device)
         return args, {**kwargs, "attention_mask": _take(mask, columns, dim=3)}
 
 

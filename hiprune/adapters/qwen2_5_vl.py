@@ -6,7 +6,7 @@ vision-side method keeps N' = round(n · ratio) of them (half to even, as the of
 chosen per image: images of different sizes in one batch each have their own grid and their own kept count.
 
 Scores. Only the attention modules of the requested vision blocks (HiPrune: block ``object_layer``, 1-based, and the
-last block) are routed through :class:`hiprune.capture.AttentionScores`; every other block keeps SDPA/flash. Outside
+last block) are routed through :class:`hiprune.capture.Capture`; every other block keeps SDPA/flash. Outside
 flash mode ``Qwen2_5_VLVisionAttention`` calls the attention function once per chunk of ``cu_seqlens``: once per image
 in a full-attention block, once per window in a windowed block (the rerouted modules always take that path, flash
 or not). Each call yields one score per key of its chunk (mean over heads, then over that chunk's queries), so a
@@ -50,7 +50,6 @@ from __future__ import annotations
 
 import inspect
 import itertools
-from collections.abc import Mapping
 from contextlib import ExitStack
 from typing import Any
 
@@ -61,16 +60,15 @@ from transformers.vision_utils import get_vision_window_index
 
 from hiprune.adapters.base import (
     Adapter,
-    GridRecord,
+    GridInput,
     PruningError,
     PruningSession,
     patch_attribute,
     register_adapter,
-    select_checked,
+    split_budget,
     stable_ids,
 )
-from hiprune.capture import AttentionScores
-from hiprune.methods.base import Method, VisionTokens, resolve_budget
+from hiprune.methods.base import Method
 
 POSITION_MODES = ("original", "compact")
 # Set on the encoder outputs the adapter returns; forward() places the kept tokens with them.
@@ -80,23 +78,15 @@ GRID_ATTRIBUTE = "hiprune_grid_thw"
 PAPER_OBJECT_LAYER = 16
 
 
-class ChunkScores(AttentionScores):
-    """AttentionScores that keeps every call's [1, T_chunk] scores separately (chunks differ in length)."""
-
-    def __init__(self, modules: Mapping[str, nn.Module]):
-        super().__init__(modules)
-        self.chunks: dict[str, list[torch.Tensor]] = {}
-
-    def record(self, name: str, scores: torch.Tensor) -> None:
-        self.chunks.setdefault(name, []).append(scores)
-
-
 @register_adapter
 class Qwen25VLAdapter(Adapter):
     family = "qwen2_5_vl"
     model_types = (Qwen2_5_VLForConditionalGeneration,)
     # HiPrune++ on Qwen2.5-VL: mean LLM input embedding of the prompt vs the merged visual tokens (same space).
     needs_prompt_encoder = False
+    has_cls = False
+    stage_limits = {"encoder": "its windowed attention and 2x2 patch merger leave no token pairs to merge; use a "
+                               "method that prunes before the LLM"}
 
     def __init__(self, model: Qwen2_5_VLForConditionalGeneration, positions: str = "original"):
         super().__init__(model)
@@ -106,6 +96,7 @@ class Qwen25VLAdapter(Adapter):
         if positions not in POSITION_MODES:
             raise ValueError(f"unknown Qwen2.5-VL position mode {positions!r}; expected one of {POSITION_MODES}")
         self.positions = positions
+        self.tokenizer = None  # the processor's, for prompt-aware methods (set by install)
 
     # --- encoder description -------------------------------------------------------------------------------
     def num_encoder_layers(self) -> int:
@@ -114,8 +105,11 @@ class Qwen25VLAdapter(Adapter):
     def feature_layer(self) -> int:
         return self.num_encoder_layers()  # the merger reads the last block's output
 
-    def attention_module(self, layer: int) -> nn.Module:
-        return self.inner.visual.blocks[layer - 1].attn
+    def layer_module(self, layer: int, tower: str = "image") -> nn.Module:
+        return self.inner.visual.blocks[layer - 1]
+
+    def attention_module(self, layer: int, tower: str = "image") -> nn.Module:
+        return self.layer_module(layer).attn
 
     def full_attention_layers(self) -> list[int]:
         """1-based blocks with full (per-image) attention; the others attend within windows."""
@@ -145,7 +139,7 @@ class Qwen25VLAdapter(Adapter):
         """The method's budget resolved for an image of patch grid ``grid_thw``: N' = round(n * ratio), or a count."""
         n = self.merged_tokens(grid_thw)
         try:
-            return resolve_budget(method.budget, n)
+            return split_budget(method.budget, [n])[0]
         except ValueError as exc:
             raise ValueError(f"{exc} (an image of {n} merged tokens, patch grid {tuple(int(x) for x in grid_thw)})") from exc
 
@@ -161,8 +155,6 @@ class Qwen25VLAdapter(Adapter):
 
     def check_supported(self, method: Method, prompt_encoder: Any = None) -> None:
         super().check_supported(method, prompt_encoder)
-        if method.score_queries() == "cls":
-            raise ValueError(f"method {method.name!r} scores by the CLS token's attention; the Qwen2.5-VL encoder has none")
         if prompt_encoder is not None:
             raise ValueError(
                 f"the {self.family} adapter compares prompts with the LLM's own input embeddings; "
@@ -170,25 +162,14 @@ class Qwen25VLAdapter(Adapter):
             )
 
     # --- installation --------------------------------------------------------------------------------------
-    def install(self, stack: ExitStack, session: PruningSession, processor: Any | None) -> None:
+    def install_model(self, stack: ExitStack, session: PruningSession) -> None:
         method = session.method
-        layers = self.resolve_layers(method)
         original_features = self.inner.get_image_features
-        tokenizer = None
-        if method.needs_prompt:
-            tokenizer = getattr(processor, "tokenizer", None)
-            if tokenizer is None:
-                raise ValueError(
-                    f"method {method.name!r} embeds the prompt with the LLM's input embeddings: pass the processor "
-                    "(its tokenizer) to hiprune.apply"
-                )
-
         if method.stage != "vision":
 
             def record_only(pixel_values, image_grid_thw=None, *args, **kwargs):
                 out = original_features(pixel_values, image_grid_thw, *args, **kwargs)
-                n = [self.merged_tokens(g) for g in image_grid_thw]
-                session.records.append([GridRecord(k, k, None) for k in n])
+                self.record_unpruned(session, [self.merged_tokens(g) for g in image_grid_thw])
                 return out
 
             patch_attribute(stack, self.inner, "get_image_features", record_only)
@@ -197,14 +178,10 @@ class Qwen25VLAdapter(Adapter):
         def get_image_features(pixel_values, image_grid_thw=None, *args, return_dict=None, **kwargs):
             if image_grid_thw is None:
                 raise PruningError("Qwen2.5-VL image features need image_grid_thw")
-            modules = {layer: self.attention_module(layer) for layer in sorted(set(layers.values()))}
-            with ChunkScores({str(layer): m for layer, m in modules.items()}) as capture:
+            with self.capture(method) as capture:
                 out = original_features(pixel_values, image_grid_thw, *args, return_dict=True, **kwargs)
-            per_layer = {layer: self._merged_scores(capture.chunks.get(str(layer)), image_grid_thw) for layer in modules}
-            scores = {name: per_layer[layer] for name, layer in layers.items()}
-            features, kept = self._select(
-                session, list(out.pooler_output), scores, pixel_values, image_grid_thw, tokenizer
-            )
+                captured = {name: self.merged_captures(capture.chunks.get(name), image_grid_thw) for name in capture.names}
+            features, kept = self._select(session, list(out.pooler_output), captured, pixel_values, image_grid_thw)
             out.pooler_output = tuple(features)
             setattr(out, KEPT_ATTRIBUTE, kept)  # per image, kept raster indices into its merged grid
             setattr(out, GRID_ATTRIBUTE, image_grid_thw)  # generate() drops image_grid_thw after encoding
@@ -212,34 +189,51 @@ class Qwen25VLAdapter(Adapter):
 
         patch_attribute(stack, self.inner, "get_image_features", get_image_features)
         self._install_positions(stack)
-        if processor is not None:
-            self._patch_processor(stack, processor, method)
 
-    # --- scores --------------------------------------------------------------------------------------------
-    def _merged_scores(self, chunks: list[torch.Tensor] | None, grid_thw: torch.Tensor) -> list[torch.Tensor]:
-        """Per-chunk key scores in window order -> per image [n_i] merged-token scores in raster order."""
+    def install(self, stack: ExitStack, session: PruningSession, processor: Any | None) -> None:
+        if session.method.needs_prompt and getattr(processor, "tokenizer", None) is None:
+            raise ValueError(
+                f"method {session.method.name!r} embeds the prompt with the LLM's input embeddings: pass the "
+                "processor (its tokenizer) to hiprune.apply"
+            )
+        self.tokenizer = getattr(processor, "tokenizer", None)
+        super().install(stack, session, processor)
+
+    def placeholder_counts(self, method: Method) -> dict:
+        return {"image": lambda inputs, index: self.tokens_for_grid(method, inputs["image_grid_thw"][index])}
+
+    # --- captures ------------------------------------------------------------------------------------------
+    def merged_captures(self, chunks: list[torch.Tensor] | None, grid_thw: torch.Tensor) -> list[torch.Tensor]:
+        """What a vision block recorded, in window order -> per image [n_i] (scores) or [n_i, d] (keys, hidden
+        states) per merged token in raster order: the mean over the patches of each merged token.
+
+        chunks: the block's records in call order: per-chunk [1, T] scores or [1, T, d] keys (one call per image,
+        or per window in a windowed block), or its [P, d] output hidden states (one call).
+        """
         if not chunks:
             raise PruningError("the captured vision block did not run in this forward pass")
-        scores = torch.cat([c.reshape(-1) for c in chunks])  # [patches], window order
+        flat = [c.reshape(-1) if c.dim() == 2 and c.shape[0] == 1 else c.reshape(-1, *c.shape[-1:]) for c in chunks]
+        values = torch.cat(flat)  # [patches(, d)], window order
         unit = self.merge**2
         n_patches = int(grid_thw.prod(-1).sum())
-        if scores.numel() != n_patches:
-            raise PruningError(f"captured {scores.numel()} patch scores for {n_patches} patches")
+        if values.shape[0] != n_patches:
+            raise PruningError(f"captured {values.shape[0]} patch scores for {n_patches} patches")
         window_index, _ = get_vision_window_index(
             grid_thw.cpu(),
             spatial_merge_size=self.merge,
             window_size=self.vision_config.window_size,
             patch_size=self.vision_config.patch_size,
         )
-        raster = torch.argsort(window_index.to(scores.device))
-        merged = scores.view(-1, unit)[raster].mean(dim=-1)  # [merged tokens], raster order per image
+        raster = torch.argsort(window_index.to(values.device))
+        merged = values.view(-1, unit, *values.shape[1:])[raster].mean(dim=1)  # raster order per image
         if not torch.isfinite(merged).all():
             raise PruningError("vision attention scores contain NaN or inf")
         return list(torch.split(merged, [self.merged_tokens(g) for g in grid_thw]))
 
     # --- selection -----------------------------------------------------------------------------------------
-    def _select(self, session, features, scores, pixel_values, grid_thw, tokenizer=None):
-        """Run the method on every image (images with the same grid and budget together); kept features per image."""
+    def _select(self, session, features, captured, pixel_values, grid_thw):
+        """Every image is one grid (images with the same grid and budget share a select call); kept features
+        and kept indices per image."""
         method = session.method
         grids = [tuple(int(x) for x in g) for g in grid_thw]
         if any(t != 1 for t, _, _ in grids):
@@ -247,47 +241,25 @@ class Qwen25VLAdapter(Adapter):
         patch_counts = [t * h * w for t, h, w in grids]
         offsets = [0, *itertools.accumulate(patch_counts)]
         ids = [stable_ids(pixel_values[a:b].reshape(1, -1))[0] for a, b in itertools.pairwise(offsets)]
-        prompts = self._prompt_embeddings(session.take_prompts(len(grids)), tokenizer) if method.needs_prompt else None
-
-        groups: dict[tuple[int, int, int], list[int]] = {}
+        inputs = []
         for i, (_, h, w) in enumerate(grids):
             shape = (h // self.merge, w // self.merge)
             if features[i].shape[0] != shape[0] * shape[1]:
                 raise PruningError(f"image {i}: {features[i].shape[0]} merged features for a {shape} grid")
-            groups.setdefault((*shape, self.budget_for_grid(method, grids[i])), []).append(i)
+            inputs.append(GridInput(
+                shape, features[i], {name: values[i] for name, values in captured.items()},
+                self.budget_for_grid(method, grids[i]), self.tokens_for_grid(method, grids[i]), ids[i], visual=i,
+                token_embeds=features[i],  # merged visual tokens live in the LLM's embedding space
+            ))
+        outputs = self.select_grids(session, inputs, len(grids))
+        return [o.features for o in outputs], [o.indices for o in outputs]
 
-        kept: list[torch.Tensor | None] = [None] * len(grids)
-        chosen: list[torch.Tensor | None] = [None] * len(grids)
-        selections = []
-        for (rows, cols, budget), members in groups.items():
-            keep = self.tokens_for_grid(method, grids[members[0]])
-            stacked = torch.stack([features[i] for i in members])
-            tokens = VisionTokens(
-                features=stacked,
-                grid=(rows, cols),
-                scores={name: torch.stack([s[i] for i in members]) for name, s in scores.items()},
-                sample_ids=[ids[i] for i in members],
-            )
-            if prompts is not None:
-                tokens.prompt_embeds = prompts[members]
-                tokens.token_embeds = stacked  # merged visual tokens live in the LLM's embedding space
-            selection = select_checked(method, tokens, budget, keep, "images")
-            selections.append(selection)
-            for row, i in enumerate(members):
-                kept[i] = selection.indices[row]
-                chosen[i] = selection.features[row]
-        session.last_selection = selections[0] if len(selections) == 1 else None
-        session.records.append(
-            [GridRecord(self.merged_tokens(g), int(k.numel()), k.detach().cpu()) for g, k in zip(grids, kept)]
-        )
-        return chosen, kept
-
-    def _prompt_embeddings(self, prompts: list[str], tokenizer) -> torch.Tensor:
+    def embed_prompts(self, session: PruningSession, prompts: list[str]) -> torch.Tensor:
         """[n, E]: mean LLM input embedding of each prompt's tokens (no special tokens added)."""
         embed = self.model.get_input_embeddings()
         rows = []
         for prompt in prompts:
-            ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
+            ids = self.tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
             if ids.numel() == 0:
                 raise PruningError(f"prompt {prompt!r} has no tokens to compare the visual tokens with")
             with torch.no_grad():
@@ -456,16 +428,6 @@ class Qwen25VLAdapter(Adapter):
             raise PruningError(f"image {i}: {size} placeholder tokens exceed its {n} merged tokens")
         return full[:, index], end
 
-    # --- processor -----------------------------------------------------------------------------------------
-    def _patch_processor(self, stack: ExitStack, processor: Any, method: Method) -> None:
-        if not hasattr(processor, "replace_image_token") or not hasattr(processor, "image_token"):
-            raise TypeError(f"cannot set the image token count of {type(processor).__name__}")
-
-        def replace_image_token(image_inputs: dict, image_idx: int, **kwargs) -> str:
-            return processor.image_token * self.tokens_for_grid(method, image_inputs["image_grid_thw"][image_idx])
-
-        patch_attribute(stack, processor, "replace_image_token", replace_image_token)
-
 
 def _count_mismatch(image: int, placeholders: int, kept: int) -> str:
     return (
@@ -482,4 +444,4 @@ def _bind(signature: inspect.Signature, args: tuple, kwargs: dict) -> dict[str, 
     return call
 
 
-__all__ = ["POSITION_MODES", "ChunkScores", "Qwen25VLAdapter"]
+__all__ = ["POSITION_MODES", "Qwen25VLAdapter"]

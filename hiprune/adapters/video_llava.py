@@ -28,34 +28,26 @@ import torch
 from transformers import VideoLlavaForConditionalGeneration
 
 from hiprune.adapters.base import (
-    GridRecord,
+    GridInput,
     PruningError,
     PruningSession,
     derived_id,
     patch_attribute,
     register_adapter,
-    select_checked,
+    split_budget,
     stable_ids,
 )
 from hiprune.adapters.clip_tower import ClipTowerAdapter
-from hiprune.capture import AttentionScores
-from hiprune.methods.base import Method, VisionTokens, resolve_budget
+from hiprune.methods.base import Method
 
 DEFAULT_FRAMES = 8  # Video-LLaVA samples 8 frames per video
-
-
-class Forward(list):
-    """The GridRecords of one tower call; ``kind`` says which tower ("image" or "video")."""
-
-    def __init__(self, kind: str, records):
-        super().__init__(records)
-        self.kind = kind
 
 
 @register_adapter
 class VideoLlavaAdapter(ClipTowerAdapter):
     family = "video_llava"
     model_types = (VideoLlavaForConditionalGeneration,)
+    stages = ("none", "vision", "encoder")
 
     def __init__(self, model: VideoLlavaForConditionalGeneration, num_frames: int = DEFAULT_FRAMES):
         super().__init__(model)
@@ -64,11 +56,8 @@ class VideoLlavaAdapter(ClipTowerAdapter):
         self.num_frames = num_frames  # frames tokens_per_image assumes for a video (each input has its own count)
 
     # --- encoder description (two towers with one vision_config) --------------------------------------------
-    def vision_tower(self, kind: str = "image"):
-        return self.inner.image_tower if kind == "image" else self.inner.video_tower
-
-    def attention_module(self, layer: int, kind: str = "image"):
-        return self.encoder_layers(self.vision_tower(kind))[layer - 1].self_attn
+    def vision_tower(self, tower: str = "image"):
+        return self.inner.image_tower if tower == "image" else self.inner.video_tower
 
     def describe_encoder(self) -> dict[str, Any]:
         return {**super().describe_encoder(), "grids_per_image": f"1; a video: one per frame ({self.num_frames})",
@@ -77,25 +66,12 @@ class VideoLlavaAdapter(ClipTowerAdapter):
     # --- budgets -------------------------------------------------------------------------------------------
     def image_budget(self, method: Method) -> int:
         """The method's budget for one image grid."""
-        return resolve_budget(method.budget, self.num_patches())
+        return split_budget(method.budget, [self.num_patches()])[0]
 
     def frame_budget(self, method: Method, num_frames: int) -> int:
         """The method's budget for one frame of a video of ``num_frames`` frames: int(N' / frames), or a ratio."""
-        budget = method.budget
-        if isinstance(budget, float):
-            return resolve_budget(budget, self.num_patches())
-        per_frame = int(budget) // num_frames
-        if per_frame < 1:
-            raise ValueError(
-                f"budget {budget} gives int({budget} / {num_frames} frames) = 0 tokens per frame; the budget of a "
-                f"video is split over its frames, so use at least {num_frames}"
-            )
-        if per_frame > self.num_patches():
-            raise ValueError(
-                f"budget {budget} asks for int({budget} / {num_frames} frames) = {per_frame} tokens per frame but a "
-                f"frame has only {self.num_patches()}"
-            )
-        return per_frame
+        frames = [self.num_patches()] * num_frames
+        return split_budget(method.budget, frames, "frame", "equal", "a video's budget is split over its frames")[0]
 
     def _kept(self, method: Method, budget: int) -> int:
         keep = method.kept_count(budget)
@@ -105,13 +81,13 @@ class VideoLlavaAdapter(ClipTowerAdapter):
 
     def image_tokens(self, method: Method) -> int:
         """Visual tokens the LLM receives per image."""
-        if method.stage != "vision":
+        if method.stage not in ("vision", "encoder"):
             return self.num_patches()
         return self._kept(method, self.image_budget(method))
 
     def frame_tokens(self, method: Method, num_frames: int) -> int:
         """Patch tokens the LLM receives per frame (the frame's CLS comes on top)."""
-        if method.stage != "vision":
+        if method.stage not in ("vision", "encoder"):
             return self.num_patches()
         return self._kept(method, self.frame_budget(method, num_frames))
 
@@ -131,107 +107,95 @@ class VideoLlavaAdapter(ClipTowerAdapter):
                 raise ValueError(f"{image_error} (images); {video_error} (videos)") from None
 
     # --- installation --------------------------------------------------------------------------------------
-    def install(self, stack: ExitStack, session: PruningSession, processor: Any | None) -> None:
+    def install_model(self, stack: ExitStack, session: PruningSession) -> None:
         method = session.method
-        layers = self.resolve_layers(method) if method.stage == "vision" else {}
         self.tokens_per_image(method)  # validates the budget before anything is patched
         original_image = self.inner.get_image_features
         original_video = self.inner.get_video_features
+        merging = {tower: self.install_merging(stack, session, tower) for tower in ("image", "video")} \
+            if method.stage == "encoder" else None
 
         # generate() picks this function's inputs by the names in its signature: both spellings must be there.
         def get_image_features(pixel_values: torch.Tensor | None = None, pixel_values_images: torch.Tensor | None = None,
                                *args, **kwargs):
             if pixel_values is None:
                 pixel_values = pixel_values_images
-            modules = {name: self.attention_module(layer, "image") for name, layer in layers.items()}
-            with AttentionScores(modules, method.score_queries()) as capture:
+            if merging is not None:
+                merging["image"].expect(self.image_budget(method))
                 out = original_image(pixel_values, *args, **kwargs)
-                scores = capture.collect() if modules else {}
-            features = out.pooler_output  # [B, 256, D]
-            grids = self._check(features, scores, features.shape[0], "image")
-            if method.stage != "vision":
-                session.records.append(Forward("image", [GridRecord(grids, grids, None)] * features.shape[0]))
+                self._record_merged(session, merging["image"], out.pooler_output, "image")
                 return out
-            ids = stable_ids(pixel_values)
-            budget = self.image_budget(method)
-            selected, records = self._select(session, features, scores, ids, budget, out.last_hidden_state, "image",
-                                             prompts_per_row=list(range(features.shape[0])))
-            session.records.append(Forward("image", records))
-            out.pooler_output = selected
+            with self.capture(method, "image") as capture:
+                out = original_image(pixel_values, *args, **kwargs)
+                captured = capture.collect()
+            features = out.pooler_output  # [B, 256, D]
+            self._check(features, features.shape[0], "image")
+            if method.stage != "vision":
+                self.record_unpruned(session, [self.num_patches()] * features.shape[0], "image")
+                return out
+            out.pooler_output = self._select(
+                session, features, captured, stable_ids(pixel_values), self.image_budget(method),
+                out.last_hidden_state, "image", visuals=list(range(features.shape[0])),
+            )
             return out
 
         def get_video_features(pixel_values_videos: torch.Tensor, *args, **kwargs):
             videos, frames = pixel_values_videos.shape[:2]
-            modules = {name: self.attention_module(layer, "video") for name, layer in layers.items()}
-            with AttentionScores(modules, method.score_queries()) as capture:
+            if merging is not None:
+                merging["video"].expect(self.frame_budget(method, frames))
                 out = original_video(pixel_values_videos, *args, **kwargs)
-                scores = capture.collect() if modules else {}
+                self._record_merged(session, merging["video"], out.pooler_output[:, 1:], "video")  # CLS in front
+                return out
+            with self.capture(method, "video") as capture:
+                out = original_video(pixel_values_videos, *args, **kwargs)
+                captured = capture.collect()
             features = out.pooler_output  # [videos * frames, 1 + 256, D]: CLS first
-            grids = self._check(features[:, 1:], scores, videos * frames, "video")
+            self._check(features[:, 1:], videos * frames, "video")
             if method.stage != "vision":
-                session.records.append(Forward("video", [GridRecord(grids, grids, None)] * (videos * frames)))
+                self.record_unpruned(session, [self.num_patches()] * (videos * frames), "video")
                 return out
             ids = [
                 derived_id(video_id, f)
                 for video_id in stable_ids(pixel_values_videos.reshape(videos, -1))
                 for f in range(frames)
             ]
-            budget = self.frame_budget(method, frames)
-            selected, records = self._select(
-                session, features[:, 1:], scores, ids, budget, out.last_hidden_state, "video",
-                prompts_per_row=[v for v in range(videos) for _ in range(frames)],
+            selected = self._select(
+                session, features[:, 1:], captured, ids, self.frame_budget(method, frames), out.last_hidden_state,
+                "video", visuals=[v for v in range(videos) for _ in range(frames)],
             )
-            session.records.append(Forward("video", records))
             out.pooler_output = torch.cat([features[:, :1], selected], dim=1)  # CLS, then kept patches
             return out
 
         patch_attribute(stack, self.inner, "get_image_features", get_image_features)
         patch_attribute(stack, self.inner, "get_video_features", get_video_features)
-        if processor is not None:
-            self._patch_processor(stack, processor, method)
 
-    def _check(self, features: torch.Tensor, scores: dict, rows: int, kind: str) -> int:
+    def placeholder_counts(self, method: Method) -> dict:
+        return {
+            "image": lambda inputs, index: self.image_tokens(method),
+            "video": lambda inputs, index: self.video_tokens(method, len(inputs["pixel_values_videos"][index])),
+        }
+
+    def _record_merged(self, session, merging, features: torch.Tensor, kind: str) -> None:
+        outputs = merging.finish()
+        for output, row in zip(outputs, features):
+            output.features = row
+        self.record_outputs(session, [self.num_patches()] * len(outputs), outputs, kind)
+
+    def _check(self, features: torch.Tensor, rows: int, kind: str) -> None:
         n = self.num_patches()
         if features.dim() != 3 or features.shape[:2] != (rows, n):
             raise PruningError(f"expected {kind} features [{rows}, {n}, D], got {tuple(features.shape)}")
-        for name, s in scores.items():
-            if s.shape != (rows, n + 1):
-                raise PruningError(f"{kind} score {name!r} has shape {tuple(s.shape)}, expected ({rows}, {n + 1})")
-            if not torch.isfinite(s).all():
-                raise PruningError(f"attention score {name!r} contains NaN or inf")
-        return n
 
-    def _select(self, session, features, scores, ids, budget, last_hidden_state, kind, prompts_per_row):
+    def _select(self, session, features, captured, ids, budget, last_hidden_state, kind, visuals) -> torch.Tensor:
+        """Every image or frame is one grid; frames of a video share its prompt (``visuals``: row -> visual)."""
         method = session.method
         keep = method.kept_count(budget)
-        tokens = VisionTokens(
-            features=features.contiguous(),
-            grid=self.grid,
-            scores={name: s[:, 1:] for name, s in scores.items()},  # CLS key column dropped
-            sample_ids=ids,
-        )
-        if method.needs_prompt:  # HiPrune++: every frame is compared with the prompt of its video
-            n_visuals = max(prompts_per_row) + 1
-            prompts = session.prompt_encoder.encode_prompts(session.take_prompts(n_visuals))
-            tokens.prompt_embeds = prompts[prompts_per_row]
-            tower = getattr(self.vision_tower(kind), "vision_model", self.vision_tower(kind))
-            tokens.token_embeds = session.prompt_encoder.encode_patches(last_hidden_state, tower.post_layernorm)
-        selection = select_checked(method, tokens, budget, keep, f"{kind} grids")
-        session.last_selection = selection
-        indices = selection.indices.detach().cpu()
-        return selection.features, [GridRecord(self.num_patches(), keep, row) for row in indices]
-
-    def _patch_processor(self, stack: ExitStack, processor: Any, method: Method) -> None:
-        for name in ("replace_image_token", "replace_video_token", "image_token", "video_token"):
-            if not hasattr(processor, name):
-                raise TypeError(f"cannot set the image / video token counts of {type(processor).__name__}")
-
-        def replace_image_token(image_inputs: dict, image_idx: int, **kwargs) -> str:
-            return processor.image_token * self.image_tokens(method)
-
-        def replace_video_token(video_inputs: dict, video_idx: int, **kwargs) -> str:
-            frames = len(video_inputs["pixel_values_videos"][video_idx])
-            return processor.video_token * self.video_tokens(method, frames)
-
-        patch_attribute(stack, processor, "replace_image_token", replace_image_token)
-        patch_attribute(stack, processor, "replace_video_token", replace_video_token)
+        patches = self.patch_captures(captured, features.shape[0], kind)
+        embeds = self.patch_embeds(session, last_hidden_state, kind) if method.needs_prompt else None
+        grids = [
+            GridInput(self.grid, features[r], {name: value[r] for name, value in patches.items()}, budget, keep,
+                      ids[r], visual=visuals[r], token_embeds=None if embeds is None else embeds[r])
+            for r in range(features.shape[0])
+        ]
+        outputs = self.select_grids(session, grids, max(visuals) + 1, kind)
+        return torch.stack([o.features for o in outputs])

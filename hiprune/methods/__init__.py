@@ -1,18 +1,36 @@
-"""Token-reduction methods: one small dataclass per file, registered here by name."""
+"""Token-reduction methods: one small dataclass per file, registered by name with ``@register_method``.
+
+Every module of this package is imported here, so a new method is one new file (plus its Hydra config).
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import importlib
+import pkgutil
 from typing import Any
 
-from hiprune.methods.base import FEATURE_LAYER, Method, Selection, VisionTokens, resolve_budget
-from hiprune.methods.fastv import FastV, select_fastv
-from hiprune.methods.hiprune import HiPrune, select_hiprune
-from hiprune.methods.hiprune_pp import HiPrunePP
-from hiprune.methods.none import NoPrune
-from hiprune.methods.random import RandomPrune
+from hiprune.methods.base import (
+    FEATURE_LAYER,
+    METHODS,
+    DropStage,
+    EncoderTokens,
+    Method,
+    Request,
+    Selection,
+    VisionTokens,
+    register_method,
+    resolve_budget,
+)
 
-METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (NoPrune, RandomPrune, HiPrune, HiPrunePP, FastV)}
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
+
+from hiprune.methods.fastv import FastV, select_fastv  # noqa: E402  (re-exported; registered by the loop above)
+from hiprune.methods.hiprune import HiPrune, select_hiprune  # noqa: E402
+from hiprune.methods.hiprune_pp import HiPrunePP  # noqa: E402
+from hiprune.methods.none import NoPrune  # noqa: E402
+from hiprune.methods.random import RandomPrune  # noqa: E402
 
 
 def build_method(name: str, **options: Any) -> Method:
@@ -32,15 +50,19 @@ def build_method(name: str, **options: Any) -> Method:
 __all__ = [
     "FEATURE_LAYER",
     "METHODS",
+    "DropStage",
+    "EncoderTokens",
     "FastV",
     "HiPrune",
     "HiPrunePP",
     "Method",
     "NoPrune",
     "RandomPrune",
+    "Request",
     "Selection",
     "VisionTokens",
     "build_method",
+    "register_method",
     "resolve_budget",
     "select_fastv",
     "select_hiprune",

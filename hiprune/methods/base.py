@@ -1,21 +1,49 @@
 """The interface every token-reduction method implements.
 
-A method sees tensors only: the visual tokens of one grid per batch row, the attention scores it asked for, and
-(for prompt-aware methods) a prompt embedding. It returns which tokens to keep. It knows nothing about any model:
-adapters (``hiprune.adapters``) turn a model's internals into a :class:`VisionTokens` and put the result back.
+A method sees tensors only: the visual tokens of one grid per batch row, what it requested from the encoder
+(:class:`Request`: attention scores, keys or hidden states of named layers) and, for prompt-aware methods, a prompt
+embedding. It returns which tokens to pass on. It knows nothing about any model: the pipeline in
+``hiprune.adapters.base`` fulfils the requests, turns a model's internals into a :class:`VisionTokens` per grid and
+puts the result back, through one adapter per model family.
+
+Stages (``Method.stage``, declared by the class):
+- "none": the unmodified model.
+- "vision": select or merge tokens of each grid after the vision encoder, before the LLM (:meth:`Method.select`).
+- "encoder": merge tokens between the vision encoder's layers (:meth:`Method.merge_schedule`, :meth:`Method.merge`).
+- "llm": drop visual tokens at one or more decoder layers (:meth:`Method.drop_schedule`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import ClassVar, Literal
 
 import torch
 
-Stage = Literal["none", "vision", "llm"]
+Stage = Literal["none", "vision", "encoder", "llm"]
+RequestKind = Literal["attention", "keys", "hidden"]
+Queries = Literal["all", "cls", "last"]
 
 # Names a method may use in ``score_layers`` for layers whose index depends on the model.
 FEATURE_LAYER = "feature"  # the encoder layer whose output feeds the LLM (LLaVA: vision_feature_layer)
+
+
+@dataclass(frozen=True)
+class Request:
+    """Something a method needs from one vision-encoder layer, fulfilled by the pipeline for every grid.
+
+    kind: "attention" -- a score per token: the attention it receives, mean over heads, then over the ``queries``
+            rows ("all": global attention; "cls": the CLS token's row; only encoders with a CLS token have one);
+          "keys" -- the layer's attention keys, mean over heads ([N, head_dim] per grid);
+          "hidden" -- the layer's output hidden states ([N, hidden] per grid).
+    layer: 1-based encoder layer, or FEATURE_LAYER (the layer whose output feeds the LLM).
+    Grid tensors never include a CLS token. On encoders that merge patches before the LLM (Qwen2.5-VL's 2x2
+    merger) every value is the mean over the patches of one merged token.
+    """
+
+    kind: RequestKind
+    layer: int | str
+    queries: Queries = "all"
 
 
 @dataclass
@@ -24,7 +52,8 @@ class VisionTokens:
 
     features: [B, N, D] tokens that would be passed on (LLaVA: projected features of the feature layer).
     grid: (rows, cols) with rows * cols == N, raster order.
-    scores: name -> [B, N] per-token scores the method requested through ``score_layers`` (CLS column removed).
+    scores: name -> [B, N] attention scores the method requested (``Request(kind="attention")``), CLS removed.
+    states: name -> [B, N, d] keys or hidden states the method requested (``Request(kind="keys" | "hidden")``).
     prompt_embeds: [B, E] prompt embedding for prompt-aware methods, else None.
     token_embeds: [B, N, E] visual tokens in the prompt embedding's space, for prompt-aware methods, else None.
     sample_ids: one id per row (used to seed random methods per sample, so results do not depend on batching).
@@ -33,6 +62,7 @@ class VisionTokens:
     features: torch.Tensor
     grid: tuple[int, int]
     scores: dict[str, torch.Tensor] = field(default_factory=dict)
+    states: dict[str, torch.Tensor] = field(default_factory=dict)
     prompt_embeds: torch.Tensor | None = None
     token_embeds: torch.Tensor | None = None
     sample_ids: list[int] | None = None
@@ -57,15 +87,47 @@ class VisionTokens:
 class Selection:
     """What a vision-side method returns for a batch of grids.
 
-    indices: [B, K] sorted kept token indices into the grid (raster order preserved).
-    features: [B, K, D] tokens passed on; usually features[indices], but merging methods may change them.
+    indices: [B, K] for every token passed on, the grid token it stands at: the kept token itself, or for a merged
+        token its representative (e.g. the merge target). Sorted unless the method defines another order. Families
+        derive positions from it (M-RoPE, LLaVA-NeXT's stitched grid), so merged tokens get one in every family.
+    features: [B, K, D] tokens passed on; features[indices] for a pure selection, changed by merging methods.
     roles: optional name -> [B, K] bool masks telling why a token was kept (e.g. anchor / buffer / register),
         used by visualisation and tests.
+    sources: optional [B, N] long: for every grid token, the slot (0..K-1) of the token it went into, -1 if it was
+        dropped. None for a pure selection (then token indices[b, k] alone went into slot k): see :meth:`merge_map`.
     """
 
     indices: torch.Tensor
     features: torch.Tensor
     roles: dict[str, torch.Tensor] = field(default_factory=dict)
+    sources: torch.Tensor | None = None
+
+    def merge_map(self, num_tokens: int) -> torch.Tensor:
+        """[B, N] slot of every grid token in the output (-1: dropped); derived from ``indices`` when not merged."""
+        if self.sources is not None:
+            return self.sources
+        slots = torch.full((self.indices.shape[0], num_tokens), -1, dtype=torch.long, device=self.indices.device)
+        order = torch.arange(self.indices.shape[1], device=self.indices.device).expand_as(self.indices)
+        return slots.scatter_(1, self.indices, order)
+
+
+@dataclass
+class EncoderTokens:
+    """The tokens of one vision-encoder layer between its attention and its MLP, as an ``encoder``-stage method sees
+    them (every row of the batch is one grid: an image, a crop or a frame; all rows have the same length).
+
+    hidden: [B, T, D] the layer's hidden states after the attention residual.
+    keys: [B, T, d] the layer's attention keys, mean over heads.
+    sizes: [B, T] how many original patches each token stands for (1 before any merge).
+    protected: leading tokens that must pass unmerged and stay in front (1 for a CLS token, else 0).
+    layer: 1-based encoder layer.
+    """
+
+    hidden: torch.Tensor
+    keys: torch.Tensor
+    sizes: torch.Tensor
+    protected: int
+    layer: int
 
 
 def rank_descending(scores: torch.Tensor) -> torch.Tensor:
@@ -113,32 +175,71 @@ class Method:
         if isinstance(b, int) and b < 1:
             raise ValueError(f"budget must be >= 1 token, got {b}")
 
-    def score_layers(self) -> dict[str, int | str]:
-        """Attention scores this method needs: name -> encoder layer (1-based int, or FEATURE_LAYER).
+    def requests(self) -> dict[str, Request]:
+        """What this method needs from the vision encoder: name -> :class:`Request`.
 
-        The adapter computes the "global attention" score (mean over heads and queries, CLS key dropped) of
-        exactly these layers, and no others, and passes them in ``VisionTokens.scores`` under the same names.
+        The pipeline captures exactly these, and nothing else (every other layer keeps its fast attention kernel),
+        and passes them in ``VisionTokens.scores`` (attention) / ``VisionTokens.states`` (keys, hidden) under the
+        same names.
         """
         return {}
+
+    def score_layers(self) -> dict[str, int | str]:
+        """The attention requests' layers: name -> encoder layer (what FLOPs counting needs to know)."""
+        return {name: r.layer for name, r in self.requests().items() if r.kind == "attention"}
 
     def kept_count(self, budget: int) -> int:
         """Tokens per grid the LLM receives for a resolved budget (methods that add tokens on top override it)."""
         return budget
 
-    def score_queries(self) -> str:
-        """Which attention queries the requested scores average: "all" (global attention, the default) or "cls"
-        (the CLS token's row; only encoders with a CLS token can provide it)."""
-        return "all"
-
     def select(self, tokens: VisionTokens, budget: int) -> Selection:
         """Choose ``kept_count(budget)`` tokens of each grid. Vision-side methods override this."""
         raise NotImplementedError(f"method {self.name!r} (stage {self.stage!r}) does not select vision tokens")
 
+    def merge_schedule(self, num_patches: int, budget: int, layers: int) -> list[int]:
+        """Encoder-stage methods: merges per encoder layer 1..``layers`` (the feature layer), summing to
+        ``num_patches - budget``, so that exactly ``budget`` patch tokens leave the feature layer."""
+        raise NotImplementedError(f"method {self.name!r} (stage {self.stage!r}) has no encoder merge schedule")
+
+    def uses_proportional_attention(self) -> bool:
+        """Encoder-stage methods: whether every key's attention logit gets + log(size) once tokens have merged."""
+        return True
+
+    def merge(self, tokens: EncoderTokens, merges: int) -> torch.Tensor:
+        """Encoder-stage methods: [B, T] the output slot of every token (T - ``merges`` slots, numbered in output
+        order; tokens that share a slot merge into their size-weighted mean; protected tokens keep slots
+        0..protected-1). The pipeline does the merging, sizes and merge maps."""
+        raise NotImplementedError(f"method {self.name!r} (stage {self.stage!r}) does not merge encoder tokens")
+
+    def drop_schedule(self, visual_tokens: int, decoder_layers: int) -> list[DropStage]:
+        """LLM-side methods: where visual tokens are dropped inside the decoder and how many each image keeps.
+
+        visual_tokens: visual tokens of one image at the LLM's input; decoder_layers: layers of the LLM. Returns the
+        stages in order (see :class:`DropStage`); ``hiprune.adapters.llm_pruning`` validates and runs them.
+        """
+        raise NotImplementedError(f"method {self.name!r} (stage {self.stage!r}) has no decoder drop schedule")
+
+    def select_from_attention(self, scores: torch.Tensor, keep: int) -> torch.Tensor:
+        """LLM-side methods, once per stage of :meth:`drop_schedule`: scores [B, N] (the attention the last prompt
+        token pays each of one image's N current visual tokens, heads averaged) -> [B, keep] kept indices into
+        those N tokens."""
+        raise NotImplementedError(f"method {self.name!r} (stage {self.stage!r}) does not select from attention")
+
     def describe(self) -> dict:
         """Flat dict of the method's settings, recorded with every result."""
-        from dataclasses import asdict
-
         return {"name": self.name, **asdict(self)}
+
+
+# name -> method class; filled by @register_method as hiprune.methods imports every module of its package.
+METHODS: dict[str, type[Method]] = {}
+
+
+def register_method(cls: type[Method]) -> type[Method]:
+    """Class decorator: make a method buildable by its ``name`` (``hiprune.build_method``, Hydra ``method=``)."""
+    if cls.name in METHODS and METHODS[cls.name] is not cls:
+        raise ValueError(f"two methods are registered as {cls.name!r}: {METHODS[cls.name]} and {cls}")
+    METHODS[cls.name] = cls
+    return cls
 
 
 def resolve_budget(budget: int | float, num_tokens: int) -> int:
@@ -155,3 +256,16 @@ def resolve_budget(budget: int | float, num_tokens: int) -> int:
     if count < 1:
         raise ValueError(f"budget {budget} keeps no token of {num_tokens}")
     return count
+
+
+@dataclass(frozen=True)
+class DropStage:
+    """One stage of an LLM-side method's drop schedule (:meth:`Method.drop_schedule`).
+
+    layer: 0-based index of the first decoder layer that runs on the shortened sequence; the visual tokens are
+        ranked by layer ``layer - 1``'s last-query attention (as FastV's K).
+    keep: visual tokens per image kept from that layer on (until the next stage drops more).
+    """
+
+    layer: int
+    keep: int

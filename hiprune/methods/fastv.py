@@ -30,7 +30,7 @@ from typing import ClassVar
 
 import torch
 
-from hiprune.methods.base import Method, Stage, top_k
+from hiprune.methods.base import DropStage, Method, Stage, register_method, resolve_budget, top_k
 from hiprune.scores import check_finite
 
 
@@ -56,6 +56,7 @@ def select_fastv(last_query_attention: torch.Tensor, budget: int) -> torch.Tenso
     return top_k(scores, int(budget)).sort(dim=1).values
 
 
+@register_method
 @dataclass
 class FastV(Method):
     """FastV: keep ``budget`` visual tokens per image from decoder layer ``layer`` (K) on.
@@ -77,6 +78,10 @@ class FastV(Method):
                 f"FastV layer (K) must be an int >= 1: layers 0..K-1 run in full and layer K-1's attention ranks "
                 f"the visual tokens; got {self.layer!r}"
             )
+
+    def drop_schedule(self, visual_tokens: int, decoder_layers: int) -> list[DropStage]:
+        """One stage: ``budget`` tokens per image (resolved against ``visual_tokens``) from layer K on."""
+        return [DropStage(layer=self.layer, keep=resolve_budget(self.budget, visual_tokens))]
 
     def select_from_attention(self, last_query_attention: torch.Tensor, budget: int) -> torch.Tensor:
         """Per-image selection, see :func:`select_fastv`."""

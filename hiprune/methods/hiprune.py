@@ -28,11 +28,13 @@ import torch
 from hiprune.methods.base import (
     FEATURE_LAYER,
     Method,
+    Request,
     Selection,
     Stage,
     VisionTokens,
     gather_tokens,
     rank_descending,
+    register_method,
     top_k,
 )
 from hiprune.scores import check_finite
@@ -284,6 +286,7 @@ def _validate(
     return rows, cols
 
 
+@register_method
 @dataclass
 class HiPrune(Method):
     """HiPrune with official defaults: alpha 0.1, object layer 9 (1-based, CLIP ViT-L), clamped cross buffers."""
@@ -318,16 +321,15 @@ class HiPrune(Method):
                     f"use a smaller alpha (now {self.alpha}) or a larger budget"
                 )
 
-    def score_layers(self) -> dict[str, int | str]:
-        if self.registers == "none":  # no deep score needed: only the object layer is captured
-            return {"object": self.object_layer}
-        return {"object": self.object_layer, "deep": FEATURE_LAYER}
-
-    def score_queries(self) -> str:
-        return "cls" if self.attention == "cls" else "all"
+    def requests(self) -> dict[str, Request]:
+        queries = "cls" if self.attention == "cls" else "all"
+        wanted = {"object": Request("attention", self.object_layer, queries)}
+        if self.registers != "none":  # registers="none" ranks nothing by the deep score: it is not captured
+            wanted["deep"] = Request("attention", FEATURE_LAYER, queries)
+        return wanted
 
     def select(self, tokens: VisionTokens, budget: int) -> Selection:
-        missing = [name for name in self.score_layers() if name not in tokens.scores]
+        missing = [name for name in self.requests() if name not in tokens.scores]
         if missing:
             raise ValueError(f"HiPrune needs scores {missing} in VisionTokens.scores, got {sorted(tokens.scores)}")
         object_scores = tokens.scores["object"]

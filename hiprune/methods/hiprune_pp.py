@@ -23,7 +23,7 @@ from typing import ClassVar
 
 import torch
 
-from hiprune.methods.base import Selection, VisionTokens, gather_tokens, top_k
+from hiprune.methods.base import Selection, VisionTokens, gather_tokens, register_method, top_k
 from hiprune.methods.hiprune import HiPrune
 
 COUNTS = ("prose", "pseudocode")
@@ -58,6 +58,7 @@ def select_by_prompt(
     return top_k(similarity, count)
 
 
+@register_method
 @dataclass
 class HiPrunePP(HiPrune):
     """HiPrune++: HiPrune plus t prompt-relevant tokens (defaults: beta 0.1, prose count, within budget)."""

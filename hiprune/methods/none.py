@@ -7,9 +7,10 @@ from typing import ClassVar
 
 import torch
 
-from hiprune.methods.base import Method, Selection, Stage, VisionTokens
+from hiprune.methods.base import Method, Selection, Stage, VisionTokens, register_method
 
 
+@register_method
 @dataclass
 class NoPrune(Method):
     """Keep every visual token. Adapters may skip calling :meth:`select` altogether for this method."""

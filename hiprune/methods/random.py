@@ -9,7 +9,7 @@ from typing import ClassVar
 
 import torch
 
-from hiprune.methods.base import Method, Selection, Stage, VisionTokens, gather_tokens
+from hiprune.methods.base import Method, Selection, Stage, VisionTokens, gather_tokens, register_method
 
 
 def row_seed(seed: int, sample_id: object) -> int:
@@ -22,6 +22,7 @@ def row_seed(seed: int, sample_id: object) -> int:
     return int.from_bytes(digest, "little") & (2**63 - 1)
 
 
+@register_method
 @dataclass
 class RandomPrune(Method):
     """Keep ``budget`` tokens per grid, drawn uniformly without replacement, returned in raster order.
