@@ -58,9 +58,6 @@ SUPPORTED_DECODERS = ("llama",)
 SUPPORTED_ATTENTION = ("eager", "sdpa")
 # Attribute of the KV cache object holding what a pruned prefill kept (the cache lives as long as the generation).
 _PRUNED_PREFILL = "_hiprune_pruned_prefill"
-# check_llm_method without an image size: the schedule is resolved for an image this large, which checks its layers
-# and the order of its counts against the decoder, but not the counts against a real image.
-_ANY_IMAGE = 2**31 - 1
 
 
 def check_schedule(
@@ -121,16 +118,14 @@ def visual_per_layer(schedule: Sequence[DropStage], visual_tokens: int, decoder_
     return counts
 
 
-def check_llm_method(method: Method, text_config: Any, family: str, visual_tokens: int | None = None) -> None:
-    """Raise ValueError if this plumbing cannot run ``method`` on a decoder with ``text_config``.
-
-    visual_tokens: visual tokens of one image at the LLM's input; None checks the schedule's layers only.
-    """
+def check_llm_method(method: Method, text_config: Any, family: str, visual_tokens: int) -> None:
+    """Raise ValueError if this plumbing cannot run ``method`` on a decoder with ``text_config`` for images of
+    ``visual_tokens`` tokens at the LLM's input (a schedule's counts may depend on both, e.g. FastV's avg_layers)."""
     n_layers = text_config.num_hidden_layers
     try:
         if type(method).select_from_attention is Method.select_from_attention:
             raise NotImplementedError
-        resolve_schedule(method, _ANY_IMAGE if visual_tokens is None else visual_tokens, n_layers)
+        resolve_schedule(method, visual_tokens, n_layers)
     except NotImplementedError:
         raise ValueError(
             f"method {method.name!r} prunes inside the LLM in a way the {family} adapter does not implement (it "
