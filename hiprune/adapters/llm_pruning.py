@@ -1,9 +1,14 @@
 """LLM-side pruning plumbing: run a method's drop schedule inside a Llama-style decoder during prefill.
 
 A drop schedule (:meth:`hiprune.methods.base.Method.drop_schedule`) is any number of stages
-:class:`~hiprune.methods.base.DropStage` ``(layer, keep)``: from decoder layer ``layer`` on, every image keeps the
-``keep`` of its current visual tokens that the last prompt token attends to most in layer ``layer - 1`` (heads
-averaged), chosen by the method's ``select_from_attention``. FastV is the one-stage schedule ``[(K, R)]``.
+:class:`~hiprune.methods.base.DropStage` ``(layer, keep, score)``: from decoder layer ``layer`` on, every image keeps
+the ``keep`` of its current visual tokens that the last prompt token attends to most (heads averaged), chosen by the
+method's ``select_from_attention``; the attention is layer ``layer - 1``'s (``score="previous"``, FastV: the one-stage
+schedule ``[(K, k)]``) or layer ``layer``'s own on its input (``score="own"``, PyramidDrop:
+:func:`own_last_query_attention` computes only the last query row from the layer's norm, q / k projections and RoPE).
+Positions (:meth:`~hiprune.methods.base.Method.drop_positions`): "original" keeps every token's position of the
+unpruned sequence; "compact" renumbers them without gaps after each stage (cos / sin from the decoder's rotary
+embedding) and shifts later decode steps, per layer, by the visual tokens dropped before that layer.
 :func:`resolve_schedule` is the one place a schedule is validated (:func:`check_schedule`), before anything runs.
 
 How it enters a transformers 5 decoder (``LlamaModel``) without replacing its forward:
@@ -11,16 +16,16 @@ How it enters a transformers 5 decoder (``LlamaModel``) without replacing its fo
 - The family adapter wraps its multimodal forward in :meth:`VisualTokenDrop.forward`, which is told where the image
   tokens are (a [B, T] mask). A forward with image tokens is a *prefill*; any other forward is a decode step (or a
   text-only call).
-- During a prefill, the attention module of every layer ``layer - 1`` the schedule scores with is rerouted through
+- During a prefill, the attention module of every layer ``layer - 1`` a "previous" stage scores with is rerouted through
   :class:`hiprune.capture.AttentionScores` with the "last" query mode: the layer's output still comes from the
   model's own kernel, and the last token's attention row (mean over heads) is recorded on the side. Other layers
   keep their kernel untouched.
-- A forward pre-hook on each stage's layer ranks the visual tokens each image still holds, keeps ``keep`` of them,
-  and replaces the layer's inputs with the kept positions only: hidden states, position embeddings (cos, sin of the
-  *original* positions), position ids and the 4-D attention mask (rows and columns). Hooks on the later layers hand
-  them the same shortened inputs (``LlamaModel`` gives every layer the full-length ones) until the next stage
-  shortens them again. The decoder output, and so the logits, then cover the positions the last stage kept (text +
-  kept visual tokens, in order).
+- A forward pre-hook on each stage's layer ranks the visual tokens each image still holds, keeps ``keep`` of them, and
+  replaces the layer's inputs with the kept positions only: hidden states, position embeddings (cos, sin of the kept
+  positions, or compact ones), position ids and the 4-D attention mask (rows and columns). Hooks on the later layers
+  hand them the same shortened inputs (``LlamaModel`` gives every layer the full-length ones) until the next stage
+  shortens them again. "own" stages capture nothing: the stage's hook scores from the layer's own inputs. The decoder
+  output, and so the logits, then cover the positions the last stage kept (text + kept visual tokens, in order).
 - The prefill positions each stage's layers hold are stored on the KV cache object (:class:`PrunedPrefill`). In
   later (decode) forwards the hooks of layers from the first stage on drop the pruned prefill columns of their own
   stage from the attention mask (when there is one: padding, or eager attention), so each layer's mask matches its
@@ -52,7 +57,7 @@ from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from hiprune.adapters.base import LayerRecord, PruningError, PruningSession
 from hiprune.capture import AttentionScores
-from hiprune.methods.base import DropStage, Method
+from hiprune.methods.base import DROP_POSITIONS, SCORE_SOURCES, DropStage, Method
 
 SUPPORTED_DECODERS = ("llama",)
 SUPPORTED_ATTENTION = ("eager", "sdpa")
@@ -80,6 +85,8 @@ def check_schedule(
         for what, value in (("layer", stage.layer), ("keep", stage.keep)):
             if isinstance(value, bool) or not isinstance(value, Integral):
                 raise ValueError(f"{who}: drop stage {what} must be an int, got {value!r} in {stage}")
+        if stage.score not in SCORE_SOURCES:
+            raise ValueError(f"{who}: drop stage score must be one of {SCORE_SOURCES}, got {stage.score!r}")
         if not 1 <= stage.layer < decoder_layers:
             raise ValueError(
                 f"{who} prunes from decoder layer {stage.layer} (0-based), but this LLM has "
@@ -130,8 +137,12 @@ def check_llm_method(method: Method, text_config: Any, family: str, visual_token
         raise ValueError(
             f"method {method.name!r} prunes inside the LLM in a way the {family} adapter does not implement (it "
             "runs a drop schedule: a method's drop_schedule, each stage ranked with its select_from_attention by "
-            "the last prompt token's attention in the layer before)"
+            "the last prompt token's attention in the layer before or in the stage's own layer)"
         ) from None
+    if method.drop_positions() not in DROP_POSITIONS:
+        raise ValueError(
+            f"method {method.name!r}: drop positions must be one of {DROP_POSITIONS}, got {method.drop_positions()!r}"
+        )
     model_type = getattr(text_config, "model_type", None)
     if model_type not in SUPPORTED_DECODERS:
         raise ValueError(
@@ -172,7 +183,7 @@ class _Prefill:
 
     image_positions: torch.Tensor  # [B, images per row, tokens per image] sequence positions of every image token
     length: int  # T, the prefill's sequence length
-    captures: list[AttentionScores]  # per stage: last-query attention of the layer before it
+    captures: dict[int, AttentionScores]  # stage index -> last-query attention of the layer before it ("previous")
     layer_tokens: list[int] = field(default_factory=list)  # sequence length each decoder layer ran on
     layer_visual: list[int] = field(default_factory=list)  # visual tokens per row each decoder layer ran on
     held: torch.Tensor | None = None  # [B, T'] prefill positions the current (shortened) sequence holds; None: all
@@ -186,14 +197,29 @@ class VisualTokenDrop:
     """Runs ``session.method``'s drop schedule on ``decoder_layers`` (a Llama decoder's layers).
 
     tokens_per_image: visual tokens of one image in the sequence (LLaVA-1.5: 576).
+    rotary: the decoder's rotary embedding (``LlamaModel.rotary_emb``: (hidden, position_ids) -> (cos, sin)); needed
+        by methods with compact positions (:meth:`Method.drop_positions`), which renumber the kept tokens.
     """
 
-    def __init__(self, session: PruningSession, decoder_layers: nn.ModuleList, tokens_per_image: int):
+    def __init__(
+        self,
+        session: PruningSession,
+        decoder_layers: nn.ModuleList,
+        tokens_per_image: int,
+        rotary: nn.Module | None = None,
+    ):
         self.session = session
         self.method = session.method
         self.layers = decoder_layers
         self.tokens_per_image = int(tokens_per_image)
         self.schedule = resolve_schedule(self.method, self.tokens_per_image, len(decoder_layers))
+        positions = self.method.drop_positions()
+        if positions not in DROP_POSITIONS:
+            raise PruningError(f"{self.method.name}: drop positions must be one of {DROP_POSITIONS}, got {positions!r}")
+        self.compact = positions == "compact"
+        if self.compact and rotary is None:
+            raise PruningError(f"{self.method.name} renumbers positions after each drop and needs the rotary embedding")
+        self.rotary = rotary
         self.first_layer = self.schedule[0].layer
         self._stage_at = {stage.layer: i for i, stage in enumerate(self.schedule)}
         self._prefill: _Prefill | None = None
@@ -220,12 +246,13 @@ class VisualTokenDrop:
             prefill = _Prefill(
                 image_positions=image_positions,
                 length=image_mask.shape[1],
-                captures=[
-                    captures.enter_context(
+                captures={
+                    i: captures.enter_context(
                         AttentionScores({"last": self.layers[s.layer - 1].self_attn}, queries="last")
                     )
-                    for s in self.schedule
-                ],
+                    for i, s in enumerate(self.schedule)
+                    if s.score == "previous"
+                },
             )
             self._prefill = prefill
             try:
@@ -333,10 +360,13 @@ class VisualTokenDrop:
         batch, length = hidden.shape[:2]
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         self._check_cache(cache, stage.layer)
-        try:
-            scores = prefill.captures[stage_index].collect()["last"]
-        except RuntimeError as exc:
-            raise PruningError(f"layer {stage.layer - 1}'s attention was not captured: {exc}") from exc
+        if stage.score == "own":
+            scores = own_last_query_attention(self.layers[stage.layer], hidden, kwargs)
+        else:
+            try:
+                scores = prefill.captures[stage_index].collect()["last"]
+            except RuntimeError as exc:
+                raise PruningError(f"layer {stage.layer - 1}'s attention was not captured: {exc}") from exc
         if scores.shape != (batch, length):
             raise PruningError(f"last-query attention has shape {tuple(scores.shape)}, expected ({batch}, {length})")
         positions = prefill.image_positions.to(hidden.device)
@@ -394,10 +424,23 @@ class VisualTokenDrop:
 
         hidden = _take(hidden, keep, dim=1)
         shortened: dict[str, Any] = {}
-        cos, sin = kwargs["position_embeddings"]
-        shortened["position_embeddings"] = (_take(cos, keep, dim=1), _take(sin, keep, dim=1))
-        if kwargs.get("position_ids") is not None:
-            shortened["position_ids"] = _take(kwargs["position_ids"], keep, dim=1)
+        if self.compact:
+            # renumber without gaps: every kept token moves down by the visual tokens dropped before it
+            position_ids = kwargs.get("position_ids")
+            if position_ids is None or position_ids.dim() != 2 or position_ids.shape[-1] != length:
+                raise PruningError(
+                    f"{self.method.name} renumbers positions and needs the decoder's [B, {length}] position_ids; got "
+                    f"{None if position_ids is None else tuple(position_ids.shape)}"
+                )
+            dropped_before = (~keep_mask).long().cumsum(dim=1)
+            position_ids = _take(position_ids, keep, dim=1) - dropped_before.gather(1, keep).to(position_ids.device)
+            shortened["position_ids"] = position_ids
+            shortened["position_embeddings"] = self.rotary(hidden, position_ids)
+        else:
+            cos, sin = kwargs["position_embeddings"]
+            shortened["position_embeddings"] = (_take(cos, keep, dim=1), _take(sin, keep, dim=1))
+            if kwargs.get("position_ids") is not None:
+                shortened["position_ids"] = _take(kwargs["position_ids"], keep, dim=1)
         mask = kwargs.get("attention_mask")
         if mask is not None:
             if not isinstance(mask, torch.Tensor) or mask.dim() != 4 or mask.shape[-2:] != (length, length):
@@ -463,17 +506,67 @@ class VisualTokenDrop:
                 f"implies {expected} for a batch of {held_positions.shape[0]}: the cache was cropped, reordered across "
                 "samples or reused in a way LLM-side pruning does not support"
             )
+        changed: dict[str, Any] = {}
+        if self.compact:
+            # the prefill renumbered this layer's tokens: new tokens move down by the visual tokens it dropped
+            position_ids = kwargs.get("position_ids")
+            if position_ids is None:
+                raise PruningError(f"{self.method.name} renumbers positions and needs the decoder's position_ids")
+            shifted = position_ids - (record.prefill_length - held_positions.shape[1])
+            changed["position_ids"] = shifted
+            changed["position_embeddings"] = self.rotary(hidden, shifted)
         mask = kwargs.get("attention_mask")
-        if mask is None:
+        if mask is not None:
+            if not isinstance(mask, torch.Tensor) or mask.dim() != 4 or mask.shape[-1] != full:
+                raise PruningError(
+                    f"expected a [B, 1, {q_len}, {full}] attention mask in a decode step, got "
+                    f"{tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__}"
+                )
+            later = torch.arange(record.prefill_length, full, device=held_positions.device).expand(batch, -1)
+            columns = torch.cat([held_positions, later], dim=1).to(mask.device)
+            changed["attention_mask"] = _take(mask, columns, dim=3)
+        if not changed:
             return None
-        if not isinstance(mask, torch.Tensor) or mask.dim() != 4 or mask.shape[-1] != full:
+        return args, {**kwargs, **changed}
+
+
+def own_last_query_attention(layer: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
+    """[B, T] attention probabilities of the last token over all T tokens in decoder ``layer`` (heads averaged), from
+    its input ``hidden`` [B, T, D] and its call's ``kwargs`` (position_embeddings, attention_mask), as the layer
+    itself will compute them: input norm, q / k projections (only the last token's query), RoPE, causal softmax in
+    float32. Used by "own" drop stages; only the last query row is computed (O(T) instead of O(T^2))."""
+    attn = layer.self_attn
+    batch, length, _ = hidden.shape
+    head_dim = attn.head_dim
+    normed = layer.input_layernorm(hidden)
+    query = attn.q_proj(normed[:, -1:]).view(batch, 1, -1, head_dim).transpose(1, 2)  # [B, H, 1, d]
+    key = attn.k_proj(normed).view(batch, length, -1, head_dim).transpose(1, 2)  # [B, KV, T, d]
+    cos, sin = kwargs["position_embeddings"]
+    query = _rotate(query, cos[:, -1:], sin[:, -1:])
+    key = _rotate(key, cos, sin)
+    heads, kv_heads = query.shape[1], key.shape[1]
+    if heads % kv_heads:
+        raise PruningError(f"decoder layer has {heads} query heads and {kv_heads} key heads")
+    key = key.repeat_interleave(heads // kv_heads, dim=1)
+    logits = torch.matmul(query.float(), key.float().transpose(-1, -2)) * attn.scaling  # [B, H, 1, T]
+    mask = kwargs.get("attention_mask")
+    if mask is not None:
+        if not isinstance(mask, torch.Tensor) or mask.dim() != 4 or mask.shape[-1] != length:
             raise PruningError(
-                f"expected a [B, 1, {q_len}, {full}] attention mask in a decode step, got "
+                f"expected a [B, 1, T, {length}] attention mask, got "
                 f"{tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__}"
             )
-        later = torch.arange(record.prefill_length, full, device=held_positions.device).expand(batch, -1)
-        columns = torch.cat([held_positions, later], dim=1).to(mask.device)
-        return args, {**kwargs, "attention_mask": _take(mask, columns, dim=3)}
+        row = mask[:, :, -1:, :]
+        logits = logits.masked_fill(~row, float("-inf")) if row.dtype == torch.bool else logits + row.float()
+    return torch.softmax(logits, dim=-1).mean(dim=1)[:, 0]
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Llama's RoPE on x [B, heads, T, d] with cos / sin [B, T, d] (rotate-half convention)."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
 
 
 def _take(tensor: torch.Tensor, index: torch.Tensor, dim: int) -> torch.Tensor:

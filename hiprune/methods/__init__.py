@@ -30,6 +30,7 @@ from hiprune.methods.fastv import FastV, select_fastv  # noqa: E402  (re-exporte
 from hiprune.methods.hiprune import HiPrune, select_hiprune  # noqa: E402
 from hiprune.methods.hiprune_pp import HiPrunePP  # noqa: E402
 from hiprune.methods.none import NoPrune  # noqa: E402
+from hiprune.methods.pdrop import PyramidDrop, select_pdrop  # noqa: E402
 from hiprune.methods.random import RandomPrune  # noqa: E402
 
 
@@ -57,6 +58,7 @@ __all__ = [
     "HiPrunePP",
     "Method",
     "NoPrune",
+    "PyramidDrop",
     "RandomPrune",
     "Request",
     "Selection",
@@ -66,4 +68,5 @@ __all__ = [
     "resolve_budget",
     "select_fastv",
     "select_hiprune",
+    "select_pdrop",
 ]

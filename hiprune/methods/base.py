@@ -219,6 +219,12 @@ class Method:
         """
         raise NotImplementedError(f"method {self.name!r} (stage {self.stage!r}) has no decoder drop schedule")
 
+    def drop_positions(self) -> DropPositions:
+        """LLM-side methods: the RoPE positions of the tokens after a drop stage: "original" (each keeps its position
+        in the unpruned sequence, FastV) or "compact" (renumbered without gaps after every stage, and later decode
+        steps shifted by the tokens dropped before them, PyramidDrop)."""
+        return "original"
+
     def select_from_attention(self, scores: torch.Tensor, keep: int) -> torch.Tensor:
         """LLM-side methods, once per stage of :meth:`drop_schedule`: scores [B, N] (the attention the last prompt
         token pays each of one image's N current visual tokens, heads averaged) -> [B, keep] kept indices into
@@ -258,14 +264,24 @@ def resolve_budget(budget: int | float, num_tokens: int) -> int:
     return count
 
 
+ScoreSource = Literal["previous", "own"]
+SCORE_SOURCES: tuple[str, ...] = ("previous", "own")
+DropPositions = Literal["original", "compact"]
+DROP_POSITIONS: tuple[str, ...] = ("original", "compact")
+
+
 @dataclass(frozen=True)
 class DropStage:
     """One stage of an LLM-side method's drop schedule (:meth:`Method.drop_schedule`).
 
-    layer: 0-based index of the first decoder layer that runs on the shortened sequence; the visual tokens are
-        ranked by layer ``layer - 1``'s last-query attention (as FastV's K).
+    layer: 0-based index of the first decoder layer that runs on the shortened sequence.
     keep: visual tokens per image kept from that layer on (until the next stage drops more).
+    score: which attention ranks the visual tokens (the last prompt token's row, heads averaged):
+        "previous" -- the one layer ``layer - 1`` computed (FastV's K);
+        "own" -- layer ``layer``'s own: its input norm, query / key projections and RoPE applied to its (not yet
+        shortened) input hidden states, causal softmax over all keys (PyramidDrop).
     """
 
     layer: int
     keep: int
+    score: ScoreSource = "previous"
