@@ -1,0 +1,47 @@
+"""LLM-side methods at their real schedules through hiprune-eval -> lmms-eval on the tiny LLaVA with a 32-layer LLM
+(assets/tiny-llava-deep, scripts/build_tiny_llava_deep.py): FastV's default avg_layers budget (K = 2: 64 -> 30 after
+layer 1) and PyramidDrop's default boundaries [2, 8, 16] with lambda solved for 64 (110 / 21 / 4), per doc."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import ASSETS, load_script
+from hydra import compose, initialize_config_dir
+
+from eval import run as run_module
+from eval.store import read_record
+
+
+@pytest.fixture(scope="module")
+def deep_dir():
+    return load_script("build_tiny_llava_deep").build_tiny_llava_deep(ASSETS / "tiny-llava-deep")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "method, per_layer",
+    [
+        ("fastv", [576] * 2 + [30] * 30),
+        ("pdrop", [576] * 2 + [110] * 6 + [21] * 8 + [4] * 16),
+    ],
+)
+def test_default_schedule_runs_per_doc(tmp_path, deep_dir, smoke_task_dir, method, per_layer):
+    with initialize_config_dir(config_dir=str(run_module.CONFIG_DIR), version_base="1.3"):
+        cfg = compose(
+            "config",
+            overrides=[
+                "model=tiny_llava_deep",
+                "benchmark=smoke_pope",
+                "device=cpu",
+                f"store={tmp_path}",
+                f"method={method}",
+                "budget=64",
+                "limit=4",
+                "batch_size=2",
+            ],
+        )
+    record = read_record(run_module.run(cfg))
+    [logs] = record["llm_visual_per_layer_by_doc"].values()
+    assert len(logs) == 4 and all(counts == per_layer for counts in logs.values())
+    assert abs(sum(per_layer) / 32 - 64) < 0.5  # the budget is the per-layer average (FastV rounds k, PDrop floors)
+    assert record["flops"]["mean_visual_tokens_per_layer"] == per_layer
