@@ -1,6 +1,6 @@
 """SparseVLM's selection logic (hiprune/methods/sparsevlm.py): the spec's golden cases (§10) for the raters and the
-recycling counts, the v1.5 schedules' per-layer averages, and the density-peak clustering's properties. The LLM
-plumbing is not there yet: the method is not registered (see the module's STATUS)."""
+recycling counts, the v1.5 schedules' per-layer averages, and the density-peak clustering's properties; the method's
+options. The plumbing on a model: tests/test_sparsevlm_model.py."""
 
 from __future__ import annotations
 
@@ -8,13 +8,17 @@ from itertools import pairwise
 
 import pytest
 import torch
+from conftest import REPO
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import hiprune
+from hiprune.adapters.llm_pruning import visual_per_layer
+from hiprune.methods.base import DropStage
 from hiprune.methods.sparsevlm import (
     V15_LAYERS,
     V15_SCHEDULES,
+    SparseVLM,
     dpc_knn,
     image_counts,
     recycle,
@@ -94,5 +98,41 @@ def test_recycle_returns_cluster_means_of_the_best_pruned(n, d, seed):
         torch.testing.assert_close(tokens[c], chosen[assignment == c].mean(dim=0))
 
 
-def test_not_registered_until_the_plumbing_exists():
-    assert "sparsevlm" not in hiprune.METHODS
+def test_schedule_options_and_validation():
+    method = hiprune.build_method("sparsevlm", budget=192)
+    assert method.drop_schedule(576, 32) == [
+        DropStage(3, 300, "raters", 9),
+        DropStage(7, 200, "raters", 4),
+        DropStage(16, 110, "raters", 3),
+    ]
+    assert visual_per_layer(method.drop_schedule(576, 32), 576, 32) == [576] * 3 + [309] * 4 + [204] * 9 + [113] * 16
+    plain = hiprune.build_method("sparsevlm", budget=64, recycle=False).drop_schedule(576, 32)
+    assert [(s.keep, s.added) for s in plain] == [(66, 0), (30, 0), (17, 0)]
+    assert method.describe() == {
+        "name": "sparsevlm",
+        "budget": 192,
+        "layers": [2, 6, 15],
+        "schedule": None,
+        "recycle": True,
+        "seed": 0,
+    }
+    for options, match in (
+        ({"budget": 100}, "official schedules"),
+        ({"budget": 0.5}, "official schedules"),
+        ({"budget": 64, "schedule": [30]}, "not both"),
+        ({"schedule": [30, 20]}, "one count per layer"),
+        ({"budget": 64, "layers": [6, 2, 15]}, "strictly increasing"),
+        ({"budget": 64, "recycle": "yes"}, "recycle"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            hiprune.build_method("sparsevlm", **options)
+    with pytest.raises(ValueError, match="pruning layers in 0..1"):
+        hiprune.build_method("sparsevlm", budget=64).drop_schedule(64, 3)
+
+
+def test_config_matches_the_method():
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.load(REPO / "configs" / "method" / "sparsevlm.yaml")
+    assert cfg.name == "sparsevlm" and cfg.get("implemented", True) is True and cfg.stage == SparseVLM.stage
+    assert OmegaConf.to_container(cfg.options) == {"layers": [2, 6, 15], "schedule": None, "recycle": True, "seed": 0}

@@ -32,6 +32,7 @@ from hiprune.methods.hiprune_pp import HiPrunePP  # noqa: E402
 from hiprune.methods.none import NoPrune  # noqa: E402
 from hiprune.methods.pdrop import PyramidDrop, select_pdrop  # noqa: E402
 from hiprune.methods.random import RandomPrune  # noqa: E402
+from hiprune.methods.sparsevlm import SparseVLM  # noqa: E402
 
 
 def build_method(name: str, **options: Any) -> Method:
@@ -62,6 +63,7 @@ __all__ = [
     "RandomPrune",
     "Request",
     "Selection",
+    "SparseVLM",
     "VisionTokens",
     "build_method",
     "register_method",

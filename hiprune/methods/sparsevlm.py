@@ -1,10 +1,9 @@
 """SparseVLM (Zhang et al., "SparseVLM: Visual Token Sparsification for Efficient Vision-Language Model Inference",
 ICML 2025): text-guided progressive pruning inside the LLM, with recycling of pruned tokens. Spec §10.
 
-STATUS: the selection logic only (this file: raters, schedules, per-stage counts, density-peak recycling). The LLM
-plumbing it needs -- rater rows' attention at the pruning layers and cluster tokens inserted into the shortened
-sequence and its KV cache -- is not in ``hiprune.adapters.llm_pruning`` yet, so the class is NOT registered
-(``method=sparsevlm`` stays ``implemented: false``) and nothing can run it by mistake.
+This file is the schedule and the selection (raters, counts, density-peak recycling); ``hiprune.adapters.llm_pruning``
+runs it: ``DropStage(l + 1, k_l, score="raters", added=clusters)`` -- the stage's layer is the first that runs on the
+shortened sequence, the pruning layer l itself runs in full -- with compact positions.
 
 The rule (official v1.5 code, the default; ``version="v1.0"`` is the paper's rank-based count):
 1. Raters, once, on the LLM's input embeddings: V = the image's embeddings, T = those of every token after the image;
@@ -24,8 +23,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
+from itertools import pairwise
+from numbers import Integral
+from typing import ClassVar
 
 import torch
+
+from hiprune.methods.base import DropPositions, DropStage, Method, Stage, register_method, top_k
 
 V15_LAYERS: tuple[int, ...] = (2, 6, 15)
 V15_SCHEDULES: dict[int, tuple[int, ...]] = {192: (300, 200, 110), 128: (303, 110, 36), 64: (66, 30, 17)}
@@ -103,13 +108,14 @@ def dpc_knn(features: torch.Tensor, clusters: int, generator: torch.Generator | 
     distance = torch.cdist(x[None], x[None])[0] / math.sqrt(d)
     nearest = torch.topk(distance, k=clusters, dim=-1, largest=False).values
     density = (-(nearest**2).mean(dim=-1)).exp()
-    density = density + torch.rand(n, generator=generator, dtype=density.dtype) * DENSITY_NOISE
+    noise = torch.rand(n, generator=generator, dtype=density.dtype)  # on the CPU: the same draws on every device
+    density = density + noise.to(density.device) * DENSITY_NOISE
     denser = density[None, :] > density[:, None]  # [i, j]: j is denser than i
     largest = distance.max()
     delta = torch.where(denser, distance, largest).min(dim=-1).values
     centres = torch.topk(delta * density, k=clusters).indices
     assignment = distance[:, centres].argmin(dim=-1)
-    assignment[centres] = torch.arange(clusters)
+    assignment[centres] = torch.arange(clusters, device=assignment.device)
     return assignment
 
 
@@ -127,6 +133,108 @@ def recycle(
     order = torch.sort(-pruned_scores.float(), stable=True).indices[:candidates]
     chosen = pruned_hidden[order]
     assignment = dpc_knn(chosen, clusters, generator)
-    sums = torch.zeros(clusters, chosen.shape[1], dtype=torch.float32).index_add_(0, assignment, chosen.float())
+    sums = torch.zeros(clusters, chosen.shape[1], dtype=torch.float32, device=chosen.device)
+    sums = sums.index_add_(0, assignment, chosen.float())
     sizes = torch.bincount(assignment, minlength=clusters).clamp(min=1).to(torch.float32)
     return (sums / sizes[:, None]).to(pruned_hidden.dtype)
+
+
+@register_method
+@dataclass
+class SparseVLM(Method):
+    """SparseVLM v1.5: text-rated pruning after the decoder layers ``layers`` with recycling.
+
+    budget: 192, 128 or 64 (the official schedules, defined for LLaVA-1.5's 576 tokens) unless ``schedule`` is given.
+    layers: 0-based pruning layers l (each runs in full; the next one runs on the kept tokens). Default 2, 6, 15.
+    schedule: visual tokens kept after each of ``layers`` (before recycling); None: the official one for the budget.
+    recycle: add the pruned tokens' cluster tokens (official, default) or not.
+    seed: seeds the density noise of the recycling per stage, so runs repeat exactly (and every image of a batch
+        gets the same noise as alone).
+    """
+
+    name: ClassVar[str] = "sparsevlm"
+    stage: ClassVar[Stage] = "llm"
+
+    layers: Sequence[int] = V15_LAYERS
+    schedule: Sequence[int] | None = None
+    recycle: bool = True
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("layers", "schedule"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, (str, bytes)) and isinstance(value, Sequence):
+                setattr(self, name, tuple(value))
+
+    def validate(self) -> None:
+        if self.schedule is None:
+            super().validate()
+            if self.budget not in V15_SCHEDULES or isinstance(self.budget, bool):
+                raise ValueError(
+                    f"SparseVLM has official schedules for budgets {sorted(V15_SCHEDULES)} (LLaVA-1.5's 576 tokens), "
+                    f"not {self.budget!r}; give method.options.schedule (tokens kept after each of the layers)"
+                )
+        elif self.budget is not None:
+            raise ValueError("SparseVLM takes either a budget (official schedule) or a schedule, not both")
+        for name, values in (("layers", self.layers), ("schedule", self.schedule)):
+            if values is None:
+                continue
+            if isinstance(values, (str, bytes)) or not isinstance(values, Sequence) or not values:
+                raise ValueError(f"SparseVLM {name} must be a non-empty list of ints, got {values!r}")
+            if any(
+                isinstance(v, bool) or not isinstance(v, Integral) or v < (0 if name == "layers" else 1) for v in values
+            ):
+                raise ValueError(f"SparseVLM {name} must hold ints (layers >= 0, counts >= 1), got {list(values)!r}")
+        if any(b <= a for a, b in pairwise(self.layers)):
+            raise ValueError(f"SparseVLM layers must be strictly increasing, got {list(self.layers)!r}")
+        counts = self.counts()
+        if len(counts) != len(self.layers):
+            raise ValueError(f"SparseVLM needs one count per layer: layers {list(self.layers)}, schedule {counts}")
+        if not isinstance(self.recycle, bool):
+            raise ValueError(f"SparseVLM recycle must be true or false, got {self.recycle!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, Integral):
+            raise ValueError(f"SparseVLM seed must be an int, got {self.seed!r}")
+
+    def counts(self) -> list[int]:
+        """Visual tokens kept after each pruning layer, before recycling (schedule_l)."""
+        return list(self.schedule) if self.schedule is not None else list(V15_SCHEDULES[self.budget])
+
+    def drop_schedule(self, visual_tokens: int, decoder_layers: int) -> list[DropStage]:
+        """One stage after each pruning layer l: k_l = min(schedule_l, n_vis - 1) kept, plus the cluster tokens."""
+        if self.layers[-1] + 1 >= decoder_layers:
+            raise ValueError(
+                f"SparseVLM prunes after layer {self.layers[-1]}, but an LLM of {decoder_layers} layers needs the "
+                f"pruning layers in 0..{decoder_layers - 2}; set method.options.layers"
+            )
+        stages, current = [], int(visual_tokens)
+        for layer, count in zip(self.layers, self.counts(), strict=True):
+            keep = stage_keep(count, current)
+            if keep < 1:
+                raise ValueError(f"SparseVLM keeps no visual token after layer {layer} ({current} left)")
+            added = recycle_counts(current - keep)[1] if self.recycle else 0
+            stages.append(DropStage(layer=int(layer) + 1, keep=keep, score="raters", added=added))
+            current = keep + added
+        return stages
+
+    def drop_positions(self) -> DropPositions:
+        return "compact"
+
+    def text_raters(self, image_embeds: torch.Tensor, text_embeds: torch.Tensor) -> torch.Tensor:
+        return text_raters(image_embeds, text_embeds)
+
+    def select_from_attention(self, scores: torch.Tensor, keep: int) -> torch.Tensor:
+        """The ``keep`` highest rater scores of each row, in sequence order (ties to the lower index)."""
+        if scores.dim() != 2 or not 1 <= keep <= scores.shape[1]:
+            raise ValueError(f"cannot keep {keep} of scores shaped {tuple(scores.shape)}")
+        return top_k(scores.float(), int(keep)).sort(dim=1).values
+
+    def recycle_tokens(self, hidden: torch.Tensor, scores: torch.Tensor, stage: int) -> torch.Tensor:
+        """Cluster tokens of one image's dropped tokens at stage ``stage``, noise seeded by (seed, stage)."""
+        generator = torch.Generator().manual_seed(int(self.seed) * 1000 + int(stage))
+        return recycle(hidden, scores, generator)
+
+    def describe(self) -> dict:
+        settings = super().describe()
+        settings["layers"] = list(self.layers)
+        settings["schedule"] = None if self.schedule is None else list(self.schedule)
+        return settings
