@@ -136,3 +136,32 @@ def test_config_matches_the_method():
     cfg = OmegaConf.load(REPO / "configs" / "method" / "sparsevlm.yaml")
     assert cfg.name == "sparsevlm" and cfg.get("implemented", True) is True and cfg.stage == SparseVLM.stage
     assert OmegaConf.to_container(cfg.options) == {"layers": [2, 6, 15], "schedule": None, "recycle": True, "seed": 0}
+
+
+def test_check_llm_method_needs_the_hooks_a_schedule_uses():
+    from dataclasses import dataclass
+    from types import SimpleNamespace
+    from typing import ClassVar
+
+    from hiprune.adapters.llm_pruning import check_llm_method
+    from hiprune.methods.fastv import FastV
+
+    @dataclass
+    class RatedWithoutRaters(FastV):
+        name: ClassVar[str] = "rated_without_raters_test"
+
+        def drop_schedule(self, visual_tokens, decoder_layers):
+            return [DropStage(1, 8, "raters")]
+
+    @dataclass
+    class AddsWithoutRecycling(FastV):
+        name: ClassVar[str] = "adds_without_recycling_test"
+
+        def drop_schedule(self, visual_tokens, decoder_layers):
+            return [DropStage(1, 8, "previous", added=2)]
+
+    text = SimpleNamespace(model_type="llama", num_hidden_layers=3, _attn_implementation="sdpa")
+    for method in (RatedWithoutRaters(budget=8), AddsWithoutRecycling(budget=8)):
+        with pytest.raises(ValueError, match="does not implement"):
+            check_llm_method(method, text, "llava", 64)
+    check_llm_method(hiprune.build_method("sparsevlm", layers=[0, 1], schedule=[32, 12]), text, "llava", 64)

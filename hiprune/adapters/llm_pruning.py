@@ -8,7 +8,12 @@ schedule ``[(K, k)]``) or layer ``layer``'s own on its input (``score="own"``, P
 :func:`own_last_query_attention` computes only the last query row from the layer's norm, q / k projections and RoPE).
 Positions (:meth:`~hiprune.methods.base.Method.drop_positions`): "original" keeps every token's position of the
 unpruned sequence; "compact" renumbers them without gaps after each stage (cos / sin from the decoder's rotary
-embedding) and shifts later decode steps, per layer, by the visual tokens dropped before that layer.
+embedding) and shifts later decode steps, per layer, by the visual tokens dropped before that layer. A stage may also
+rank by the attention of the method's text raters (``score="raters"``: :meth:`~hiprune.methods.base.Method.text_raters`
+chosen once on the LLM's input embeddings, one image per row; their rows of layer ``layer - 1``'s attention, computed
+from that layer's inputs) and add tokens after the kept ones (``added``: :meth:`~hiprune.methods.base.Method.
+recycle_tokens` of the dropped tokens' outputs of layer ``layer - 1``, SparseVLM's recycling; compact positions only).
+An added token takes the prefill column of a token its stage dropped, so decode-step masks stay aligned.
 :func:`resolve_schedule` is the one place a schedule is validated (:func:`check_schedule`), before anything runs.
 
 How it enters a transformers 5 decoder (``LlamaModel``) without replacing its forward:
@@ -134,7 +139,11 @@ def check_llm_method(method: Method, text_config: Any, family: str, visual_token
     try:
         if type(method).select_from_attention is Method.select_from_attention:
             raise NotImplementedError
-        resolve_schedule(method, visual_tokens, n_layers)
+        schedule = resolve_schedule(method, visual_tokens, n_layers)
+        if any(s.score == "raters" for s in schedule) and type(method).text_raters is Method.text_raters:
+            raise NotImplementedError
+        if any(s.added for s in schedule) and type(method).recycle_tokens is Method.recycle_tokens:
+            raise NotImplementedError
     except NotImplementedError:
         raise ValueError(
             f"method {method.name!r} prunes inside the LLM in a way the {family} adapter does not implement (it "
@@ -145,6 +154,8 @@ def check_llm_method(method: Method, text_config: Any, family: str, visual_token
         raise ValueError(
             f"method {method.name!r}: drop positions must be one of {DROP_POSITIONS}, got {method.drop_positions()!r}"
         )
+    if any(s.added for s in schedule) and method.drop_positions() != "compact":
+        raise ValueError(f"method {method.name!r} adds tokens at a drop stage, which needs compact positions")
     model_type = getattr(text_config, "model_type", None)
     if model_type not in SUPPORTED_DECODERS:
         raise ValueError(
