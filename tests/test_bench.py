@@ -113,7 +113,8 @@ def test_bench_runs_fastv_with_per_layer_counts(tmp_path, tiny_llava_dir):
     # FastV at K = 1 on the 2-layer tiny model: 576 visual tokens in layer 0, 64 in layer 1
     command = [
         sys.executable, "-m", "eval.efficiency.bench", "model=tiny_llava", "only=[none,fastv]",
-        "+method@methods.fastv=fastv", "methods.fastv.options.layer=1", "threads=1", "warmup=1", "repeats=1", "new_tokens=2", "budgets=[64]",
+        "+method@methods.fastv=fastv", "methods.fastv.options.layer=1", "methods.fastv.options.budget_mode=keep_after",
+        "threads=1", "warmup=1", "repeats=1", "new_tokens=2", "budgets=[64]",
         "roofline.sizes=[128]", "roofline.copy_mib=4", "roofline.repeats=1", f"out_dir={tmp_path}",
         f"hydra.run.dir={tmp_path}/hydra",
     ]
@@ -121,7 +122,8 @@ def test_bench_runs_fastv_with_per_layer_counts(tmp_path, tiny_llava_dir):
     assert done.returncode == 0, done.stderr[-4000:]
     bench = json.loads((tmp_path / "tiny_llava-cpu-float32" / "bench.json").read_text())
     ran = {c["method"]: c for c in bench["cases"] if c["status"] == "ran"}
-    assert set(ran) == {"none", "fastv"} and ran["fastv"]["method_settings"] == {"name": "fastv", "budget": 64, "layer": 1}
+    assert set(ran) == {"none", "fastv"} and ran["fastv"]["method_settings"] == {
+        "name": "fastv", "budget": 64, "layer": 1, "budget_mode": "keep_after"}
     fastv, none = ran["fastv"], ran["none"]
     assert fastv["visual_tokens"] == 576 and fastv["seq_len"] == 49 + 576  # the LLM's input holds every token
     assert fastv["visual_tokens_per_layer"] == [576, 64] and none["visual_tokens_per_layer"] == [576, 576]
@@ -144,20 +146,21 @@ def test_bench_runs_fastv_with_per_layer_counts(tmp_path, tiny_llava_dir):
 
 
 def test_bench_plans_fastv_where_the_adapter_supports_it(tiny_llava_dir):
-    # LLaVA-1.5-7B, K = 2 (configs/method/fastv.yaml): [576] * 2 + [R] * 30 visual tokens, 49 text tokens
+    # LLaVA-1.5-7B, K = 2, budget_mode avg_layers (configs/method/fastv.yaml): [576] * 2 + [k] * 30 visual tokens with
+    # k = 166 / 98 / 30 for an average of 192 / 128 / 64 over the 32 layers (spec §8), 49 text tokens
     plan = bench_module.run(_cfg("model=llava15_7b", "dry_run=true", "device=cpu", "only=[none,fastv]"),
                             log=lambda _: None)
     config = AutoConfig.from_pretrained(REPO_ROOT / "configs" / "arch" / "llava-1.5-7b-hf")
     cases = {(c["method"], c["budget"]): c for c in plan["cases"]}
     assert cases[("none", None)]["flops"]["tflops_exact"] == flops_exact(config, 49, 576, logits_to_keep=1)["total"] / 1e12
-    for budget in (192, 128, 64):
+    for budget, keep in ((192, 166), (128, 98), (64, 30)):
         case = cases[("fastv", budget)]
-        assert case["visual_tokens_per_layer"] == [576] * 2 + [budget] * 30
-        by_hand = 2 * fastv_layer_flops(625, 4096, 11008) + 30 * fastv_layer_flops(49 + budget, 4096, 11008)
+        assert case["visual_tokens_per_layer"] == [576] * 2 + [keep] * 30
+        by_hand = 2 * fastv_layer_flops(625, 4096, 11008) + 30 * fastv_layer_flops(49 + keep, 4096, 11008)
         assert case["flops"]["tflops_fastv"] == pytest.approx(by_hand / 1e12, rel=1e-12)
-        per_layer = flops_exact(config, 49, [576] * 2 + [budget] * 30, logits_to_keep=1)["total"]
+        per_layer = flops_exact(config, 49, [576] * 2 + [keep] * 30, logits_to_keep=1)["total"]
         assert case["flops"]["tflops_exact"] == per_layer / 1e12
-        assert per_layer > flops_exact(config, 49, budget, logits_to_keep=1)["total"]  # layers 0, 1 hold all 576
+        assert per_layer > flops_exact(config, 49, keep, logits_to_keep=1)["total"]  # layers 0, 1 hold all 576
 
     # the tiny model's LLM has 2 layers: K = 2 prunes nothing, so the adapter refuses and the case is skipped
     skeleton = bench_module.weightless(AutoConfig.from_pretrained(tiny_llava_dir))

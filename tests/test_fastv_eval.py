@@ -31,7 +31,7 @@ def _logger(method, records, n_layers=2):
     return lmm
 
 
-FASTV = hiprune.build_method("fastv", budget=2, layer=1)
+FASTV = hiprune.build_method("fastv", budget=2, layer=1, budget_mode="keep_after")
 KEY = ("task", "test")
 
 
@@ -92,7 +92,7 @@ def _cfg(*overrides):
 
 def _scene_fastv(store, batch_size):
     return _cfg("model=scene_llava", "benchmark=scene_qa", "device=cpu", f"store={store}", "method=fastv",
-                "budget=16", "method.options.layer=2", "limit=6", f"batch_size={batch_size}")
+                "budget=16", "method.options.layer=2", "method.options.budget_mode=keep_after", "limit=6", f"batch_size={batch_size}")
 
 
 @pytest.mark.slow
@@ -108,7 +108,7 @@ def test_fastv_run_records_per_layer_tokens_and_flops(tmp_path, monkeypatch, sce
     monkeypatch.setattr(run_module, "_flops_summary", spy)
     record = read_record(run_module.run(_scene_fastv(tmp_path / "bs3", 3)))  # 2 batches, left-padded
     key, docs = "hiprune_scene_qa/test", [str(d) for d in range(6)]
-    assert record["identity"]["method"] == {"name": "fastv", "budget": 16, "layer": 2}
+    assert record["identity"]["method"] == {"name": "fastv", "budget": 16, "layer": 2, "budget_mode": "keep_after"}
     # what the decoder processed: 64 visual tokens in layers 0 and 1, the 16 kept in layer 2
     assert record["llm_visual_per_layer_by_doc"][key] == {d: [64, 64, 16] for d in docs}
     assert record["kept_tokens_by_doc"][key] == {d: [16] for d in docs}

@@ -288,7 +288,7 @@ def test_measured_matches_exact_fastv(tiny_model):
     import hiprune
 
     inputs, n_text = sample(576)  # FastV's LLM input holds every visual token
-    with hiprune.apply(tiny_model, hiprune.build_method("fastv", budget=64, layer=1)) as session:
+    with hiprune.apply(tiny_model, hiprune.build_method("fastv", budget=64, layer=1, budget_mode="keep_after")) as session:
         measured = flops_measured(tiny_model, inputs)
     [record] = session.layer_records
     assert record.tokens == [583, 71] and record.visual == [576, 64]
@@ -306,7 +306,7 @@ def test_measured_decode_steps_match_exact_fastv(tiny_model):
     import hiprune
 
     inputs, n_text = sample(576)
-    with hiprune.apply(tiny_model, hiprune.build_method("fastv", budget=64, layer=1)) as session:
+    with hiprune.apply(tiny_model, hiprune.build_method("fastv", budget=64, layer=1, budget_mode="keep_after")) as session:
         with torch.no_grad():
             out = tiny_model(**inputs, use_cache=True, logits_to_keep=1)
         cache, next_token = out.cache, out.logits[:, -1:].argmax(-1)

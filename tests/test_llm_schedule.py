@@ -265,9 +265,10 @@ def test_stages_are_not_a_no_op(scene):
 def test_fastv_is_the_one_stage_schedule(scene):
     model, _ = scene
     ids, pixels = _single_input(model)
-    fastv = hiprune.build_method("fastv", budget=16, layer=2)
+    fastv = hiprune.build_method("fastv", budget=16, layer=2, budget_mode="keep_after")
     assert fastv.drop_schedule(64, 3) == [DropStage(2, 16)]
-    assert hiprune.build_method("fastv", budget=0.25, layer=1).drop_schedule(576, 32) == [DropStage(1, 144)]
+    quarter = hiprune.build_method("fastv", budget=0.25, layer=1, budget_mode="keep_after")
+    assert quarter.drop_schedule(576, 32) == [DropStage(1, 144)]
     with torch.no_grad():
         with hiprune.apply(model, fastv) as session:
             expected = model(input_ids=ids, pixel_values=pixels).logits
@@ -315,7 +316,7 @@ def test_check_llm_method_checks_the_schedule_against_the_decoder():
     text = SimpleNamespace(model_type="llama", num_hidden_layers=4, _attn_implementation="sdpa")
     check_llm_method(two_stage((DropStage(1, 32), DropStage(3, 8))), text, "llava", 64)
     with pytest.raises(ValueError, match=r"1\.\.3"):
-        check_llm_method(two_stage((DropStage(1, 32), DropStage(4, 8))), text, "llava")
+        check_llm_method(two_stage((DropStage(1, 32), DropStage(4, 8))), text, "llava", 64)
     with pytest.raises(ValueError, match="only 16"):
         check_llm_method(two_stage(), text, "llava", 16)
 
@@ -343,7 +344,7 @@ def test_check_llm_method_checks_the_schedule_against_the_decoder():
 def test_visual_per_layer():
     assert visual_per_layer(TWO_STAGES, 64, 3) == [64, 32, 8]
     assert visual_per_layer([DropStage(2, 288), DropStage(8, 144)], 576, 10) == [576] * 2 + [288] * 6 + [144] * 2
-    assert resolve_schedule(hiprune.build_method("fastv", budget=0.5, layer=1), 64, 3) == [DropStage(1, 32)]
+    assert resolve_schedule(hiprune.build_method("fastv", budget=0.5, layer=1, budget_mode="keep_after"), 64, 3) == [DropStage(1, 32)]
     with pytest.raises(ValueError, match="only 16"):
         visual_per_layer(TWO_STAGES, 16, 3)
 
@@ -387,7 +388,7 @@ def test_bench_counts_and_labels_every_stage():
     per_layer = bench_module.visual_tokens_per_layer(method, 64, 3)
     assert per_layer == [64, 32, 8]
     assert bench_module.tokens_label(64, per_layer) == "64>32@1>8@2"
-    fastv = hiprune.build_method("fastv", budget=16, layer=2)
+    fastv = hiprune.build_method("fastv", budget=16, layer=2, budget_mode="keep_after")
     assert bench_module.visual_tokens_per_layer(fastv, 64, 3) == [64, 64, 16]
     assert bench_module.tokens_label(64, [64, 64, 16]) == "64>16@2"
     config = AutoConfig.from_pretrained(SCENE_DIR)

@@ -23,10 +23,13 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 import hiprune
-from eval.config import CONFIG_DIR
+from eval.config import CONFIG_DIR, REPO_ROOT
 from eval.lmms.prompting import LlavaInputBuilder
 from hiprune.adapters.llm_pruning import check_llm_method
-from hiprune.methods.fastv import FastV, select_fastv
+from hiprune.methods.base import DropStage
+from hiprune.methods.fastv import FastV, average_layers_keep, select_fastv
+
+SCENE_DIR = REPO_ROOT / "models" / "scene-llava"
 QUESTIONS = ["Is there a red circle in the image?", "What colour is the square in the picture? Answer briefly."]
 
 
@@ -107,7 +110,11 @@ def test_select_properties(case):
 def test_method_options_and_validation():
     method = hiprune.build_method("fastv", budget=64)
     assert isinstance(method, FastV) and method.layer == 2 and method.stage == "llm"
-    assert method.describe() == {"name": "fastv", "budget": 64, "layer": 2}
+    assert method.describe() == {"name": "fastv", "budget": 64, "layer": 2, "budget_mode": "avg_layers"}
+    assert hiprune.build_method("fastv", budget=64, budget_mode="keep_after").budget_mode == "keep_after"
+    for mode in ("average", None, "AVG_LAYERS"):
+        with pytest.raises(ValueError, match="budget_mode"):
+            hiprune.build_method("fastv", budget=64, budget_mode=mode)
     assert hiprune.build_method("fastv", budget=0.5, layer=3).layer == 3
     for layer in (0, -1, True, 1.5, "2"):
         with pytest.raises(ValueError, match="layer"):
@@ -122,20 +129,49 @@ def test_config_matches_the_method():
     # what the method is (its stage, that it is implemented) comes from the registry; the config holds its options
     cfg = OmegaConf.load(CONFIG_DIR / "method" / "fastv.yaml")
     assert cfg.name == "fastv" and hiprune.METHODS["fastv"] is FastV and FastV.stage == "llm"
-    assert set(cfg) == {"name", "options"} and OmegaConf.to_container(cfg.options) == {"layer": FastV().layer}
+    assert set(cfg) == {"name", "options"}
+    assert OmegaConf.to_container(cfg.options) == {"layer": FastV().layer, "budget_mode": FastV().budget_mode}
+
+
+def test_avg_layers_golden_counts():
+    # spec §0 / §8: k = (L * N' - K * N) / (L - K), rounded; LLaVA-1.5-7B (N = 576, L = 32, K = 2): 166.4 / 98.1 / 29.9
+    assert average_layers_keep(192, 576, 2, 32) == 166
+    assert average_layers_keep(128, 576, 2, 32) == 98
+    assert average_layers_keep(64, 576, 2, 32) == 30
+    for budget, keep in ((192, 166), (128, 98), (64, 30)):
+        assert FastV(budget=budget).drop_schedule(576, 32) == [DropStage(2, keep)]
+        assert FastV(budget=budget, budget_mode="keep_after").drop_schedule(576, 32) == [DropStage(2, budget)]
+    # LLaVA-NeXT, 2880-token protocol: 640 -> 490.67 -> 491, 320 -> 149.33 -> 149, 160 -> (5120 - 5760) / 30 < 0
+    assert FastV(budget=640).drop_schedule(2880, 32) == [DropStage(2, 491)]
+    assert FastV(budget=320).drop_schedule(2880, 32) == [DropStage(2, 149)]
+    with pytest.raises(ValueError, match=r"32\*160 - 2\*2880.*-21\.33.*infeasible"):
+        FastV(budget=160).drop_schedule(2880, 32)
+    # the solved count makes the per-layer average the budget (up to rounding), for any K
+    for layer in (1, 2, 3, 5):
+        keep = FastV(budget=128, layer=layer).drop_schedule(576, 32)[0].keep
+        assert abs((layer * 576 + (32 - layer) * keep) / 32 - 128) <= 0.5 * (32 - layer) / 32
+    # a ratio budget resolves first: 0.5 of 576 = 288 -> (32 * 288 - 2 * 576) / 30 = 268.8 -> 269
+    assert FastV(budget=0.5).drop_schedule(576, 32) == [DropStage(2, 269)]
+    # rounding half up, exactly: L = 4, K = 2, N = 3, N' = 2 -> (8 - 6) / 2 = 1; N' = 3 (all) keeps all 3
+    assert average_layers_keep(2, 3, 2, 4) == 1 and average_layers_keep(3, 3, 2, 4) == 3
+    assert average_layers_keep(5, 8, 1, 3) == 4  # (15 - 8) / 2 = 3.5 -> 4
 
 
 def test_check_llm_method_rejects_what_the_plumbing_cannot_run():
     text = SimpleNamespace(model_type="llama", num_hidden_layers=4, _attn_implementation="sdpa")
-    check_llm_method(FastV(budget=8, layer=3), text, "llava")
+    keep_after = {"budget": 8, "budget_mode": "keep_after"}
+    check_llm_method(FastV(layer=3, **keep_after), text, "llava", 64)
     with pytest.raises(ValueError, match=r"1\.\.3"):
-        check_llm_method(FastV(budget=8, layer=4), text, "llava")
+        check_llm_method(FastV(layer=4, **keep_after), text, "llava", 64)
+    flash = SimpleNamespace(**{**vars(text), "_attn_implementation": "flash_attention_2"})
     with pytest.raises(ValueError, match="flash_attention_2"):
-        check_llm_method(
-            FastV(budget=8), SimpleNamespace(**{**vars(text), "_attn_implementation": "flash_attention_2"}), "llava"
-        )
+        check_llm_method(FastV(**keep_after), flash, "llava", 64)
     with pytest.raises(ValueError, match="'qwen2'"):
-        check_llm_method(FastV(budget=8), SimpleNamespace(**{**vars(text), "model_type": "qwen2"}), "llava")
+        check_llm_method(FastV(**keep_after), SimpleNamespace(**{**vars(text), "model_type": "qwen2"}), "llava", 64)
+    # avg_layers: 4 layers, K = 2, N = 64: an average of 8 needs (4*8 - 2*64) / 2 < 1 tokens after layer 1
+    with pytest.raises(ValueError, match=r"infeasible.*budget_mode=keep_after"):
+        check_llm_method(FastV(budget=8), text, "llava", 64)
+    check_llm_method(FastV(budget=40), text, "llava", 64)  # (160 - 128) / 2 = 16 after layer 1
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -265,7 +301,12 @@ def test_hooked_model_equals_reference_prefill_and_decode(scene_llava, tiny_llav
     steps = 4
     expected_prefill, expected_kept, expected_decode = reference_fastv(model, ids, pixels, layer, budget, steps)
 
-    with hiprune.apply(model, hiprune.build_method("fastv", budget=budget, layer=layer)) as session, torch.no_grad():
+    with (
+        hiprune.apply(
+            model, hiprune.build_method("fastv", budget=budget, layer=layer, budget_mode="keep_after")
+        ) as session,
+        torch.no_grad(),
+    ):
         out = model(input_ids=ids, pixel_values=pixels, use_cache=True)
         cache, token = out.cache, out.logits[:, -1].argmax(-1, keepdim=True)
         decode = []
@@ -290,7 +331,7 @@ def test_layers_before_k_match_the_unpruned_model(scene_llava):
     ids, pixels = _single_input(model, 64)
     with torch.no_grad():
         plain = model(input_ids=ids, pixel_values=pixels, output_hidden_states=True).hidden_states
-        with hiprune.apply(model, hiprune.build_method("fastv", budget=16, layer=2)):
+        with hiprune.apply(model, hiprune.build_method("fastv", budget=16, layer=2, budget_mode="keep_after")):
             pruned = model(input_ids=ids, pixel_values=pixels, output_hidden_states=True).hidden_states
     # hidden_states[i] is the input of layer i (the last one is the final normed output)
     assert len(plain) == len(pruned) == 4
@@ -304,7 +345,7 @@ def test_full_budget_generates_exactly_like_the_unpruned_model(scene_llava):
     model, processor = scene_llava
     batch = _batch(model, processor, _images(128), QUESTIONS)
     plain_tokens, plain_scores = _generate(model, batch)
-    with hiprune.apply(model, hiprune.build_method("fastv", budget=64)) as session:
+    with hiprune.apply(model, hiprune.build_method("fastv", budget=64, budget_mode="keep_after")) as session:
         tokens, scores = _generate(model, batch)
     assert torch.equal(tokens, plain_tokens)
     assert torch.equal(scores, plain_scores)
@@ -319,7 +360,9 @@ def test_left_padded_batch_equals_each_prompt_alone(scene_llava, tiny_llava, whi
     images = _images(processor.image_processor.crop_size["height"])
     batch = _batch(model, processor, images, QUESTIONS)
     assert (batch["attention_mask"] == 0).any()  # the prompts differ in length: one row is left-padded
-    with hiprune.apply(model, hiprune.build_method("fastv", budget=budget, layer=layer)) as session:
+    with hiprune.apply(
+        model, hiprune.build_method("fastv", budget=budget, layer=layer, budget_mode="keep_after")
+    ) as session:
         tokens, scores = _generate(model, batch)
         [batched] = session.pop_layer_records()
         for row, (image, question) in enumerate(zip(images, QUESTIONS)):
@@ -336,12 +379,12 @@ def test_beam_search_batch_equals_each_prompt_alone(scene_llava):
     model, processor = scene_llava
     images = _images(128)
     batch = _batch(model, processor, images, QUESTIONS)
-    with hiprune.apply(model, hiprune.build_method("fastv", budget=16)):
+    with hiprune.apply(model, hiprune.build_method("fastv", budget=16, budget_mode="keep_after")):
         tokens, _ = _generate(model, batch, num_beams=3)
         for row, (image, question) in enumerate(zip(images, QUESTIONS)):
             alone, _ = _generate(model, _batch(model, processor, [image], [question]), num_beams=3)
             assert torch.equal(alone[0], tokens[row])
-        full = hiprune.build_method("fastv", budget=64)
+        full = hiprune.build_method("fastv", budget=64, budget_mode="keep_after")
     with hiprune.apply(model, full):
         full_tokens, _ = _generate(model, batch, num_beams=3)
     plain_tokens, _ = _generate(model, batch, num_beams=3)
@@ -352,7 +395,10 @@ def test_embeddings_input(scene_llava):
     model, _ = scene_llava
     ids, pixels = _single_input(model, 64)
     embeds = model.model.get_input_embeddings()(ids)
-    with hiprune.apply(model, hiprune.build_method("fastv", budget=8)) as session, torch.no_grad():
+    with (
+        hiprune.apply(model, hiprune.build_method("fastv", budget=8, budget_mode="keep_after")) as session,
+        torch.no_grad(),
+    ):
         from_ids = model(input_ids=ids, pixel_values=pixels).logits
         # placeholder embeddings + pixel_values: the image tokens are found the way HF finds them
         from_embeds = model(inputs_embeds=embeds, pixel_values=pixels).logits
@@ -370,7 +416,7 @@ def test_pruning_changes_the_answer_path(scene_llava):
     ids, pixels = _single_input(model, 64)
     with torch.no_grad():
         plain = model(input_ids=ids, pixel_values=pixels).logits[0, -1]
-        with hiprune.apply(model, hiprune.build_method("fastv", budget=4, layer=1)):
+        with hiprune.apply(model, hiprune.build_method("fastv", budget=4, layer=1, budget_mode="keep_after")):
             pruned = model(input_ids=ids, pixel_values=pixels).logits[0, -1]
     assert not torch.allclose(plain, pruned, atol=1e-3)
 
@@ -378,7 +424,10 @@ def test_pruning_changes_the_answer_path(scene_llava):
 def test_ratio_budget_keeps_a_share_per_image(tiny_llava):
     model, _ = tiny_llava
     ids, pixels = _single_input(model, 576)
-    with hiprune.apply(model, hiprune.build_method("fastv", budget=0.25, layer=1)) as session, torch.no_grad():
+    with (
+        hiprune.apply(model, hiprune.build_method("fastv", budget=0.25, layer=1, budget_mode="keep_after")) as session,
+        torch.no_grad(),
+    ):
         model(input_ids=ids, pixel_values=pixels)
         assert session.tokens_per_image() == 576  # the LLM's input still holds every visual token
     assert session.layer_records[0].visual == [576, 144]
@@ -390,7 +439,10 @@ def test_two_images_per_row_keep_budget_each(scene_llava):
     image = torch.full((64,), model.config.image_token_id)
     ids = torch.cat([torch.tensor([1, 5, 6]), image, torch.tensor([7, 8]), image, torch.tensor([9, 10, 11])])[None]
     pixels = torch.randn(2, 3, 128, 128, generator=g)
-    with hiprune.apply(model, hiprune.build_method("fastv", budget=10, layer=2)) as session, torch.no_grad():
+    with (
+        hiprune.apply(model, hiprune.build_method("fastv", budget=10, layer=2, budget_mode="keep_after")) as session,
+        torch.no_grad(),
+    ):
         out = model(input_ids=ids, pixel_values=pixels)
     [record] = session.layer_records
     assert record.visual == [128, 128, 20] and record.indices.shape == (2, 10)
@@ -404,7 +456,7 @@ def test_model_is_restored_after_exit(scene_llava):
     with torch.no_grad():
         before = model(input_ids=ids, pixel_values=pixels).logits
     configs = [layer.self_attn.config for layer in lm.layers]
-    method = hiprune.build_method("fastv", budget=8, layer=2)
+    method = hiprune.build_method("fastv", budget=8, layer=2, budget_mode="keep_after")
     with pytest.raises(RuntimeError, match="boom"), hiprune.apply(model, method), torch.no_grad():
         assert "forward" in vars(model.model)
         assert all(len(layer._forward_pre_hooks) == 1 for layer in lm.layers)
@@ -426,7 +478,7 @@ def test_right_padding_is_rejected(scene_llava):
     ids, pixels = _single_input(model, 64)
     padded = torch.cat([ids, torch.zeros(1, 2, dtype=torch.long)], dim=1)
     mask = torch.cat([torch.ones_like(ids), torch.zeros(1, 2, dtype=torch.long)], dim=1)
-    method = hiprune.build_method("fastv", budget=8)
+    method = hiprune.build_method("fastv", budget=8, budget_mode="keep_after")
     with hiprune.apply(model, method), torch.no_grad(), pytest.raises(hiprune.PruningError, match="right padding"):
         model(input_ids=padded, attention_mask=mask, pixel_values=pixels)
 
@@ -435,7 +487,7 @@ def test_static_cache_is_rejected(scene_llava):
     model, processor = scene_llava
     batch = _batch(model, processor, _images(128)[:1], QUESTIONS[:1])
     with (
-        hiprune.apply(model, hiprune.build_method("fastv", budget=8)),
+        hiprune.apply(model, hiprune.build_method("fastv", budget=8, budget_mode="keep_after")),
         pytest.raises(hiprune.PruningError, match="DynamicCache"),
     ):
         _generate(model, batch, cache_implementation="static")
@@ -445,7 +497,7 @@ def test_rows_with_different_image_counts_are_rejected(scene_llava):
     model, _ = scene_llava
     ids, pixels = _single_input(model, 64)
     text_only = torch.randint(3, 500, ids.shape, generator=torch.Generator().manual_seed(1))
-    method = hiprune.build_method("fastv", budget=8)
+    method = hiprune.build_method("fastv", budget=8, budget_mode="keep_after")
     with hiprune.apply(model, method), torch.no_grad(), pytest.raises(hiprune.PruningError, match=r"\[64, 0\] image"):
         model(input_ids=torch.cat([ids, text_only]), pixel_values=pixels)
 
@@ -453,7 +505,7 @@ def test_rows_with_different_image_counts_are_rejected(scene_llava):
 def test_cropped_cache_is_rejected(scene_llava):
     model, _ = scene_llava
     ids, pixels = _single_input(model, 64)
-    with hiprune.apply(model, hiprune.build_method("fastv", budget=8)), torch.no_grad():
+    with hiprune.apply(model, hiprune.build_method("fastv", budget=8, budget_mode="keep_after")), torch.no_grad():
         out = model(input_ids=ids, pixel_values=pixels, use_cache=True)
         out.cache.crop(-3)  # what assisted decoding does: the cache no longer ends where the pruned prefill did
         with pytest.raises(hiprune.PruningError, match="cropped"):
@@ -465,7 +517,7 @@ def test_decode_step_undone_by_crop_repeats_exactly(scene_llava):
     # loses the same token, so the cache stays consistent with the pruned prefill.
     model, _ = scene_llava
     ids, pixels = _single_input(model, 64)
-    with hiprune.apply(model, hiprune.build_method("fastv", budget=8)), torch.no_grad():
+    with hiprune.apply(model, hiprune.build_method("fastv", budget=8, budget_mode="keep_after")), torch.no_grad():
         out = model(input_ids=ids, pixel_values=pixels, use_cache=True)
         token = out.logits[:, -1:].argmax(-1)
         first = model(input_ids=token, cache=out.cache, use_cache=True).logits
@@ -477,11 +529,14 @@ def test_decode_step_undone_by_crop_repeats_exactly(scene_llava):
 def test_impossible_settings_are_rejected_before_patching(tiny_llava):
     model, _ = tiny_llava
     # the tiny LLM has 2 layers: the default K = 2 would prune nothing
-    with pytest.raises(ValueError, match=r"1\.\.1"), hiprune.apply(model, hiprune.build_method("fastv", budget=64)):
+    with (
+        pytest.raises(ValueError, match=r"1\.\.1"),
+        hiprune.apply(model, hiprune.build_method("fastv", budget=64, budget_mode="keep_after")),
+    ):
         pass
     with (
         pytest.raises(ValueError, match="only 576"),
-        hiprune.apply(model, hiprune.build_method("fastv", budget=600, layer=1)),
+        hiprune.apply(model, hiprune.build_method("fastv", budget=600, layer=1, budget_mode="keep_after")),
     ):
         pass
     assert "forward" not in vars(model.model)
@@ -495,7 +550,9 @@ def test_other_families_reject_fastv_clearly(tiny_model_dir):
     with torch.device("meta"):
         model = cls(config)
     with pytest.raises(ValueError, match="prunes inside the LLM"):
-        hiprune.adapter_for(model).check_supported(hiprune.build_method("fastv", budget=8, layer=1))
+        hiprune.adapter_for(model).check_supported(
+            hiprune.build_method("fastv", budget=8, layer=1, budget_mode="keep_after")
+        )
 
 
 def test_decode_step_that_generates_the_image_token_id_is_a_plain_decode_step(scene_llava):
@@ -503,7 +560,10 @@ def test_decode_step_that_generates_the_image_token_id_is_a_plain_decode_step(sc
     model, _ = scene_llava
     ids, pixels = _single_input(model, 64)
     image_token = torch.tensor([[model.config.image_token_id]])
-    with hiprune.apply(model, hiprune.build_method("fastv", budget=8)) as session, torch.no_grad():
+    with (
+        hiprune.apply(model, hiprune.build_method("fastv", budget=8, budget_mode="keep_after")) as session,
+        torch.no_grad(),
+    ):
         out = model(input_ids=ids, pixel_values=pixels, use_cache=True)
         pruned_prefills = len(session.pop_layer_records())
         step = model(input_ids=image_token, cache=out.cache, use_cache=True).logits

@@ -42,7 +42,7 @@ class LlavaAdapter(ClipTowerAdapter):
     stages = ("none", "vision", "encoder", "llm")
 
     def tokens_per_image(self, method: Method) -> int:
-        if method.stage == "llm":
+        if method.stage == "llm" and method.budget is not None:  # PyramidDrop with explicit ratios has none
             resolve_budget(method.budget, self.num_patches())  # validates the budget against the grid
         if method.stage not in ("vision", "encoder"):
             return self.num_patches()  # the LLM's input holds every visual token; LLM-side methods drop them later
@@ -96,7 +96,8 @@ class LlavaAdapter(ClipTowerAdapter):
         return {"image": lambda inputs, index: keep}
 
     def _install_llm_pruning(self, stack: ExitStack, session: PruningSession) -> None:
-        drop = VisualTokenDrop(session, self.inner.language_model.layers, self.num_patches())
+        language_model = self.inner.language_model
+        drop = VisualTokenDrop(session, language_model.layers, self.num_patches(), language_model.rotary_emb)
         drop.install(stack)
         original = self.inner.forward  # bound method of the class
         signature = inspect.signature(original)

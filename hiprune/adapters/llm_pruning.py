@@ -1,9 +1,19 @@
 """LLM-side pruning plumbing: run a method's drop schedule inside a Llama-style decoder during prefill.
 
 A drop schedule (:meth:`hiprune.methods.base.Method.drop_schedule`) is any number of stages
-:class:`~hiprune.methods.base.DropStage` ``(layer, keep)``: from decoder layer ``layer`` on, every image keeps the
-``keep`` of its current visual tokens that the last prompt token attends to most in layer ``layer - 1`` (heads
-averaged), chosen by the method's ``select_from_attention``. FastV is the one-stage schedule ``[(K, R)]``.
+:class:`~hiprune.methods.base.DropStage` ``(layer, keep, score)``: from decoder layer ``layer`` on, every image keeps
+the ``keep`` of its current visual tokens that the last prompt token attends to most (heads averaged), chosen by the
+method's ``select_from_attention``; the attention is layer ``layer - 1``'s (``score="previous"``, FastV: the one-stage
+schedule ``[(K, k)]``) or layer ``layer``'s own on its input (``score="own"``, PyramidDrop:
+:func:`own_last_query_attention` computes only the last query row from the layer's norm, q / k projections and RoPE).
+Positions (:meth:`~hiprune.methods.base.Method.drop_positions`): "original" keeps every token's position of the
+unpruned sequence; "compact" renumbers them without gaps after each stage (cos / sin from the decoder's rotary
+embedding) and shifts later decode steps, per layer, by the visual tokens dropped before that layer. A stage may also
+rank by the attention of the method's text raters (``score="raters"``: :meth:`~hiprune.methods.base.Method.text_raters`
+chosen once on the LLM's input embeddings, one image per row; their rows of layer ``layer - 1``'s attention, computed
+from that layer's inputs) and add tokens after the kept ones (``added``: :meth:`~hiprune.methods.base.Method.
+recycle_tokens` of the dropped tokens' outputs of layer ``layer - 1``, SparseVLM's recycling; compact positions only).
+An added token takes the prefill column of a token its stage dropped, so decode-step masks stay aligned.
 :func:`resolve_schedule` is the one place a schedule is validated (:func:`check_schedule`), before anything runs.
 
 How it enters a transformers 5 decoder (``LlamaModel``) without replacing its forward:
@@ -11,16 +21,16 @@ How it enters a transformers 5 decoder (``LlamaModel``) without replacing its fo
 - The family adapter wraps its multimodal forward in :meth:`VisualTokenDrop.forward`, which is told where the image
   tokens are (a [B, T] mask). A forward with image tokens is a *prefill*; any other forward is a decode step (or a
   text-only call).
-- During a prefill, the attention module of every layer ``layer - 1`` the schedule scores with is rerouted through
+- During a prefill, the attention module of every layer ``layer - 1`` a "previous" stage scores with is rerouted through
   :class:`hiprune.capture.AttentionScores` with the "last" query mode: the layer's output still comes from the
   model's own kernel, and the last token's attention row (mean over heads) is recorded on the side. Other layers
   keep their kernel untouched.
-- A forward pre-hook on each stage's layer ranks the visual tokens each image still holds, keeps ``keep`` of them,
-  and replaces the layer's inputs with the kept positions only: hidden states, position embeddings (cos, sin of the
-  *original* positions), position ids and the 4-D attention mask (rows and columns). Hooks on the later layers hand
-  them the same shortened inputs (``LlamaModel`` gives every layer the full-length ones) until the next stage
-  shortens them again. The decoder output, and so the logits, then cover the positions the last stage kept (text +
-  kept visual tokens, in order).
+- A forward pre-hook on each stage's layer ranks the visual tokens each image still holds, keeps ``keep`` of them, and
+  replaces the layer's inputs with the kept positions only: hidden states, position embeddings (cos, sin of the kept
+  positions, or compact ones), position ids and the 4-D attention mask (rows and columns). Hooks on the later layers
+  hand them the same shortened inputs (``LlamaModel`` gives every layer the full-length ones) until the next stage
+  shortens them again. "own" stages capture nothing: the stage's hook scores from the layer's own inputs. The decoder
+  output, and so the logits, then cover the positions the last stage kept (text + kept visual tokens, in order).
 - The prefill positions each stage's layers hold are stored on the KV cache object (:class:`PrunedPrefill`). In
   later (decode) forwards the hooks of layers from the first stage on drop the pruned prefill columns of their own
   stage from the attention mask (when there is one: padding, or eager attention), so each layer's mask matches its
@@ -52,15 +62,12 @@ from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from hiprune.adapters.base import LayerRecord, PruningError, PruningSession
 from hiprune.capture import AttentionScores
-from hiprune.methods.base import DropStage, Method
+from hiprune.methods.base import DROP_POSITIONS, SCORE_SOURCES, DropStage, Method
 
 SUPPORTED_DECODERS = ("llama",)
 SUPPORTED_ATTENTION = ("eager", "sdpa")
 # Attribute of the KV cache object holding what a pruned prefill kept (the cache lives as long as the generation).
 _PRUNED_PREFILL = "_hiprune_pruned_prefill"
-# check_llm_method without an image size: the schedule is resolved for an image this large, which checks its layers
-# and the order of its counts against the decoder, but not the counts against a real image.
-_ANY_IMAGE = 2**31 - 1
 
 
 def check_schedule(
@@ -80,9 +87,11 @@ def check_schedule(
     for stage in stages:
         if not isinstance(stage, DropStage):
             raise ValueError(f"{who}: drop schedule entries must be DropStage's, got {stage!r}")
-        for what, value in (("layer", stage.layer), ("keep", stage.keep)):
+        for what, value in (("layer", stage.layer), ("keep", stage.keep), ("added", stage.added)):
             if isinstance(value, bool) or not isinstance(value, Integral):
                 raise ValueError(f"{who}: drop stage {what} must be an int, got {value!r} in {stage}")
+        if stage.score not in SCORE_SOURCES:
+            raise ValueError(f"{who}: drop stage score must be one of {SCORE_SOURCES}, got {stage.score!r}")
         if not 1 <= stage.layer < decoder_layers:
             raise ValueError(
                 f"{who} prunes from decoder layer {stage.layer} (0-based), but this LLM has "
@@ -90,8 +99,10 @@ def check_schedule(
             )
         if stage.keep < 1:
             raise ValueError(f"{who}: drop stage {stage} keeps no visual token (keep must be >= 1)")
+        if stage.added < 0:
+            raise ValueError(f"{who}: drop stage {stage} adds a negative number of tokens")
     for before, after in pairwise(stages):
-        if after.layer <= before.layer or after.keep >= before.keep:
+        if after.layer <= before.layer or after.keep >= before.keep + before.added:
             raise ValueError(
                 f"{who}: drop stages must have strictly increasing layers and strictly decreasing keep "
                 f"counts, got {before} then {after}"
@@ -117,26 +128,34 @@ def visual_per_layer(schedule: Sequence[DropStage], visual_tokens: int, decoder_
     stages = check_schedule(schedule, visual_tokens, decoder_layers)
     counts = [int(visual_tokens)] * decoder_layers
     for stage in stages:
-        counts[stage.layer :] = [int(stage.keep)] * (decoder_layers - stage.layer)
+        counts[stage.layer :] = [int(stage.keep + stage.added)] * (decoder_layers - stage.layer)
     return counts
 
 
-def check_llm_method(method: Method, text_config: Any, family: str, visual_tokens: int | None = None) -> None:
-    """Raise ValueError if this plumbing cannot run ``method`` on a decoder with ``text_config``.
-
-    visual_tokens: visual tokens of one image at the LLM's input; None checks the schedule's layers only.
-    """
+def check_llm_method(method: Method, text_config: Any, family: str, visual_tokens: int) -> None:
+    """Raise ValueError if this plumbing cannot run ``method`` on a decoder with ``text_config`` for images of
+    ``visual_tokens`` tokens at the LLM's input (a schedule's counts may depend on both, e.g. FastV's avg_layers)."""
     n_layers = text_config.num_hidden_layers
     try:
         if type(method).select_from_attention is Method.select_from_attention:
             raise NotImplementedError
-        resolve_schedule(method, _ANY_IMAGE if visual_tokens is None else visual_tokens, n_layers)
+        schedule = resolve_schedule(method, visual_tokens, n_layers)
+        if any(s.score == "raters" for s in schedule) and type(method).text_raters is Method.text_raters:
+            raise NotImplementedError
+        if any(s.added for s in schedule) and type(method).recycle_tokens is Method.recycle_tokens:
+            raise NotImplementedError
     except NotImplementedError:
         raise ValueError(
             f"method {method.name!r} prunes inside the LLM in a way the {family} adapter does not implement (it "
             "runs a drop schedule: a method's drop_schedule, each stage ranked with its select_from_attention by "
-            "the last prompt token's attention in the layer before)"
+            "the last prompt token's attention in the layer before or in the stage's own layer)"
         ) from None
+    if method.drop_positions() not in DROP_POSITIONS:
+        raise ValueError(
+            f"method {method.name!r}: drop positions must be one of {DROP_POSITIONS}, got {method.drop_positions()!r}"
+        )
+    if any(s.added for s in schedule) and method.drop_positions() != "compact":
+        raise ValueError(f"method {method.name!r} adds tokens at a drop stage, which needs compact positions")
     model_type = getattr(text_config, "model_type", None)
     if model_type not in SUPPORTED_DECODERS:
         raise ValueError(
@@ -177,7 +196,7 @@ class _Prefill:
 
     image_positions: torch.Tensor  # [B, images per row, tokens per image] sequence positions of every image token
     length: int  # T, the prefill's sequence length
-    captures: list[AttentionScores]  # per stage: last-query attention of the layer before it
+    captures: dict[int, AttentionScores]  # stage index -> last-query attention of the layer before it ("previous")
     layer_tokens: list[int] = field(default_factory=list)  # sequence length each decoder layer ran on
     layer_visual: list[int] = field(default_factory=list)  # visual tokens per row each decoder layer ran on
     held: torch.Tensor | None = None  # [B, T'] prefill positions the current (shortened) sequence holds; None: all
@@ -185,20 +204,44 @@ class _Prefill:
     shortened: dict[str, Any] | None = None  # layer inputs for the current sequence, set by the last stage's hook
     stages: list[tuple[int, torch.Tensor]] = field(default_factory=list)  # (layer, image_kept after that stage)
     cached: PrunedPrefill | None = None  # what this prefill stored on its KV cache
+    real: torch.Tensor | None = None  # [B, T] False at padding (None: no padding mask)
+    raters: list[torch.Tensor] | None = None  # per row: prefill positions of its text raters ("raters" stages)
+    stash: dict[int, tuple[torch.Tensor, dict]] = field(default_factory=dict)  # layer -> its inputs ("raters")
+    # [B * images, N + added so far]: the prefill column each image token id stands at; ids >= N are tokens a stage
+    # added (they take the column of a token dropped at that stage, so decode masks stay valid); None: no additions
+    columns: torch.Tensor | None = None
 
 
 class VisualTokenDrop:
     """Runs ``session.method``'s drop schedule on ``decoder_layers`` (a Llama decoder's layers).
 
     tokens_per_image: visual tokens of one image in the sequence (LLaVA-1.5: 576).
+    rotary: the decoder's rotary embedding (``LlamaModel.rotary_emb``: (hidden, position_ids) -> (cos, sin)); needed
+        by methods with compact positions (:meth:`Method.drop_positions`), which renumber the kept tokens.
     """
 
-    def __init__(self, session: PruningSession, decoder_layers: nn.ModuleList, tokens_per_image: int):
+    def __init__(
+        self,
+        session: PruningSession,
+        decoder_layers: nn.ModuleList,
+        tokens_per_image: int,
+        rotary: nn.Module | None = None,
+    ):
         self.session = session
         self.method = session.method
         self.layers = decoder_layers
         self.tokens_per_image = int(tokens_per_image)
         self.schedule = resolve_schedule(self.method, self.tokens_per_image, len(decoder_layers))
+        positions = self.method.drop_positions()
+        if positions not in DROP_POSITIONS:
+            raise PruningError(f"{self.method.name}: drop positions must be one of {DROP_POSITIONS}, got {positions!r}")
+        self.compact = positions == "compact"
+        if any(stage.added for stage in self.schedule) and not self.compact:
+            raise PruningError(f"{self.method.name} adds tokens at a drop stage, which needs compact positions")
+        self._raters_layers = {stage.layer - 1 for stage in self.schedule if stage.score == "raters"}
+        if self.compact and rotary is None:
+            raise PruningError(f"{self.method.name} renumbers positions after each drop and needs the rotary embedding")
+        self.rotary = rotary
         self.first_layer = self.schedule[0].layer
         self._stage_at = {stage.layer: i for i, stage in enumerate(self.schedule)}
         self._prefill: _Prefill | None = None
@@ -223,14 +266,16 @@ class VisualTokenDrop:
         self._check_attention()
         with ExitStack() as captures:
             prefill = _Prefill(
+                real=None if attention_mask is None else attention_mask.bool(),
                 image_positions=image_positions,
                 length=image_mask.shape[1],
-                captures=[
-                    captures.enter_context(
+                captures={
+                    i: captures.enter_context(
                         AttentionScores({"last": self.layers[s.layer - 1].self_attn}, queries="last")
                     )
-                    for s in self.schedule
-                ],
+                    for i, s in enumerate(self.schedule)
+                    if s.score == "previous"
+                },
             )
             self._prefill = prefill
             try:
@@ -312,7 +357,11 @@ class VisualTokenDrop:
         """Decoder layer ``index`` of a prefill: run a stage at its layer, hand later layers the shortened inputs."""
         prefill = self._prefill
         images = prefill.image_positions.shape[1]
+        if self._raters_layers and index == 0:
+            prefill.raters = self._text_raters(hidden)
         if index < self.first_layer:
+            if index in self._raters_layers:
+                prefill.stash[index] = (hidden, kwargs)
             prefill.layer_tokens.append(hidden.shape[1])
             prefill.layer_visual.append(images * self.tokens_per_image)
             return None
@@ -328,6 +377,8 @@ class VisualTokenDrop:
             if len(prefill.stages) != stage:
                 raise PruningError(f"decoder layer {index} ran before the drop stages of the layers before it")
             args, kwargs = self._drop(stage, args, kwargs, hidden)
+        if index in self._raters_layers:
+            prefill.stash[index] = (args[0] if args else kwargs["hidden_states"], kwargs)
         prefill.layer_tokens.append((args[0] if args else kwargs["hidden_states"]).shape[1])
         prefill.layer_visual.append(images * prefill.image_kept.shape[1])
         return args, kwargs
@@ -338,10 +389,15 @@ class VisualTokenDrop:
         batch, length = hidden.shape[:2]
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         self._check_cache(cache, stage.layer)
-        try:
-            scores = prefill.captures[stage_index].collect()["last"]
-        except RuntimeError as exc:
-            raise PruningError(f"layer {stage.layer - 1}'s attention was not captured: {exc}") from exc
+        if stage.score == "own":
+            scores = own_last_query_attention(self.layers[stage.layer], hidden, kwargs)
+        elif stage.score == "raters":
+            scores = self._rater_scores(stage)
+        else:
+            try:
+                scores = prefill.captures[stage_index].collect()["last"]
+            except RuntimeError as exc:
+                raise PruningError(f"layer {stage.layer - 1}'s attention was not captured: {exc}") from exc
         if scores.shape != (batch, length):
             raise PruningError(f"last-query attention has shape {tuple(scores.shape)}, expected ({batch}, {length})")
         positions = prefill.image_positions.to(hidden.device)
@@ -356,15 +412,13 @@ class VisualTokenDrop:
             image_kept = torch.arange(per_image, device=hidden.device).expand(rows, per_image)
         image_kept = image_kept.to(hidden.device)
         held = image_kept.shape[1]
-        original = positions.view(rows, per_image).gather(1, image_kept).view(batch, images * held)
+        table = positions.view(rows, per_image) if prefill.columns is None else prefill.columns.to(hidden.device)
+        original = table.gather(1, image_kept).view(batch, images * held)
         if prefill.held is None:
             current = original
         else:
-            sequence = prefill.held.to(hidden.device)
-            current = torch.searchsorted(sequence, original)
-            if bool((current >= length).any()) or not torch.equal(
-                sequence.gather(1, current.clamp(max=length - 1)), original
-            ):
+            current = _inverse(prefill.held.to(hidden.device), prefill.length).gather(1, original)
+            if bool((current < 0).any()):
                 raise PruningError(f"stage at layer {stage.layer}: an image token kept so far is not in the sequence")
 
         image_scores = scores.gather(1, current).view(rows, held)
@@ -396,13 +450,30 @@ class VisualTokenDrop:
         if int(keep_mask.sum()) != batch * short:
             raise PruningError(f"{self.method.name} kept duplicate visual tokens")
         keep = keep_mask.nonzero()[:, 1].view(batch, short)  # row-major: each row's kept positions, sorted
+        if stage.added:
+            return self._drop_and_add(
+                stage_index, args, kwargs, hidden, keep, current, kept, image_scores, image_kept, table
+            )
 
         hidden = _take(hidden, keep, dim=1)
         shortened: dict[str, Any] = {}
-        cos, sin = kwargs["position_embeddings"]
-        shortened["position_embeddings"] = (_take(cos, keep, dim=1), _take(sin, keep, dim=1))
-        if kwargs.get("position_ids") is not None:
-            shortened["position_ids"] = _take(kwargs["position_ids"], keep, dim=1)
+        if self.compact:
+            # renumber without gaps: every kept token moves down by the visual tokens dropped before it
+            position_ids = kwargs.get("position_ids")
+            if position_ids is None or position_ids.dim() != 2 or position_ids.shape[-1] != length:
+                raise PruningError(
+                    f"{self.method.name} renumbers positions and needs the decoder's [B, {length}] position_ids; got "
+                    f"{None if position_ids is None else tuple(position_ids.shape)}"
+                )
+            dropped_before = (~keep_mask).long().cumsum(dim=1)
+            position_ids = _take(position_ids, keep, dim=1) - dropped_before.gather(1, keep).to(position_ids.device)
+            shortened["position_ids"] = position_ids
+            shortened["position_embeddings"] = self.rotary(hidden, position_ids)
+        else:
+            cos, sin = kwargs["position_embeddings"]
+            shortened["position_embeddings"] = (_take(cos, keep, dim=1), _take(sin, keep, dim=1))
+            if kwargs.get("position_ids") is not None:
+                shortened["position_ids"] = _take(kwargs["position_ids"], keep, dim=1)
         mask = kwargs.get("attention_mask")
         if mask is not None:
             if not isinstance(mask, torch.Tensor) or mask.dim() != 4 or mask.shape[-2:] != (length, length):
@@ -414,6 +485,12 @@ class VisualTokenDrop:
         shortened["attention_mask"] = mask  # None stays None: SDPA's is_causal is right for the kept order too
 
         held_positions = keep if prefill.held is None else prefill.held.to(keep.device).gather(1, keep)
+        image_kept = image_kept.gather(1, kept).sort(dim=1).values
+        return self._finish_stage(stage, args, kwargs, cache, hidden, shortened, held_positions, image_kept)
+
+    def _finish_stage(self, stage, args, kwargs, cache, hidden, shortened, held_positions, image_kept):
+        """Record a stage's result on the prefill (and the KV cache) and hand the layer its new inputs."""
+        prefill = self._prefill
         if cache is not None:
             if prefill.cached is None:
                 prefill.cached = PrunedPrefill(stages=[], prefill_length=prefill.length)
@@ -422,7 +499,7 @@ class VisualTokenDrop:
                 raise PruningError(f"decoder layer {stage.layer} got another KV cache than the earlier drop stages")
             prefill.cached.stages.append((stage.layer, held_positions))
         prefill.held = held_positions
-        prefill.image_kept = image_kept.gather(1, kept).sort(dim=1).values
+        prefill.image_kept = image_kept
         prefill.stages.append((stage.layer, prefill.image_kept))
         prefill.shortened = shortened
         kwargs = {**kwargs, **shortened}
@@ -431,6 +508,137 @@ class VisualTokenDrop:
         else:
             kwargs["hidden_states"] = hidden
         return args, kwargs
+
+    def _drop_and_add(self, stage_index, args, kwargs, hidden, keep, current, kept, image_scores, image_kept, table):
+        """A stage that adds tokens (:meth:`Method.recycle_tokens`) after dropping: each image's new tokens go right after
+        its last kept visual token; they take the prefill columns of dropped tokens of that image (for decode-step
+        masks) and new image token ids N, N + 1, ... (for the records and the later stages). Positions: compact."""
+        prefill, stage = self._prefill, self.schedule[stage_index]
+        batch, length, width = hidden.shape
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        images = prefill.image_positions.shape[1]
+        rows, held = image_scores.shape
+        added, short = stage.added, keep.shape[1]
+        device = hidden.device
+        # the dropped tokens of every image (indices into its held tokens, in order), their layer outputs and scores
+        dropped_mask = torch.ones(rows, held, dtype=torch.bool, device=device)
+        dropped_mask.scatter_(1, kept, False)
+        dropped = dropped_mask.nonzero()[:, 1].view(rows, held - stage.keep)
+        if added > dropped.shape[1]:
+            raise PruningError(f"stage at layer {stage.layer} adds {added} tokens but drops only {dropped.shape[1]}")
+        dropped_current = current.view(rows, held).gather(1, dropped).view(batch, -1)
+        dropped_hidden = _take(hidden, dropped_current, dim=1).view(rows, -1, width)
+        dropped_scores = image_scores.gather(1, dropped)
+        new_tokens = []
+        for row in range(rows):
+            try:
+                tokens = self.method.recycle_tokens(dropped_hidden[row], dropped_scores[row], stage_index)
+            except ValueError as exc:
+                raise PruningError(f"{self.method.name} recycling failed: {exc}") from exc
+            if not isinstance(tokens, torch.Tensor) or tuple(tokens.shape) != (added, width):
+                got = tuple(tokens.shape) if isinstance(tokens, torch.Tensor) else type(tokens).__name__
+                raise PruningError(f"{self.method.name} recycled {got}; expected ({added}, {width})")
+            new_tokens.append(tokens.to(device=device, dtype=hidden.dtype))
+        new_hidden = torch.stack(new_tokens).view(batch, images * added, width)
+        new_columns = table.gather(1, image_kept).gather(1, dropped[:, :added]).view(batch, images * added)
+
+        # order: the kept sequence with each image's new tokens after its last kept visual token
+        kept_current = current.view(rows, held).gather(1, kept).view(batch, images, stage.keep)
+        after = torch.searchsorted(keep, kept_current.amax(dim=2))  # [B, images] index in ``keep``
+        step = added + 1
+        keys = torch.cat(
+            [
+                torch.arange(short, device=device).expand(batch, short) * step,
+                after.repeat_interleave(added, dim=1) * step + 1 + torch.arange(added, device=device).repeat(images),
+            ],
+            dim=1,
+        )
+        order = keys.argsort(dim=1, stable=True)
+        source = torch.cat([keep, torch.full((batch, images * added), -1, device=device)], dim=1).gather(1, order)
+        is_new = source < 0
+        hidden = torch.cat([_take(hidden, keep, dim=1), new_hidden], dim=1)
+        hidden = hidden.gather(1, order.unsqueeze(-1).expand(-1, -1, width))
+        previous = keep if prefill.held is None else prefill.held.to(device).gather(1, keep)
+        held_positions = torch.cat([previous, new_columns], dim=1).gather(1, order)
+        real = (
+            torch.ones_like(held_positions, dtype=torch.bool)
+            if prefill.real is None
+            else prefill.real.to(device).gather(1, held_positions)
+        )
+        position_ids = (real.long().cumsum(dim=1) - 1).masked_fill(~real, 1)  # HF's numbering of a padded row
+        shortened: dict[str, Any] = {
+            "position_ids": position_ids,
+            "position_embeddings": self.rotary(hidden, position_ids),
+        }
+        mask = kwargs.get("attention_mask")
+        if mask is not None:
+            if not isinstance(mask, torch.Tensor) or mask.dim() != 4 or mask.shape[-2:] != (length, length):
+                raise PruningError(
+                    f"expected a [B, 1, {length}, {length}] attention mask in the prefill, got "
+                    f"{tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__}"
+                )
+            index = source.clamp(min=0)
+            old = _take(_take(mask, index, dim=2), index, dim=3)
+            size = held_positions.shape[1]
+            allowed = torch.ones(size, size, dtype=torch.bool, device=device).tril()[None, None] & real[:, None, None]
+            fresh = (
+                allowed
+                if mask.dtype == torch.bool
+                else torch.zeros((), dtype=mask.dtype, device=device).where(allowed, torch.finfo(mask.dtype).min)
+            )
+            involves_new = is_new[:, None, :, None] | is_new[:, None, None, :]
+            mask = torch.where(involves_new, fresh, old)
+        shortened["attention_mask"] = mask
+
+        start = table.shape[1]
+        ids = torch.arange(start, start + added, device=device).expand(rows, added)
+        prefill.columns = torch.cat([table, new_columns.view(rows, added)], dim=1)
+        image_kept = torch.cat([image_kept.gather(1, kept).sort(dim=1).values, ids], dim=1)
+        return self._finish_stage(stage, args, kwargs, cache, hidden, shortened, held_positions, image_kept)
+
+    def _text_raters(self, embeds: torch.Tensor) -> list[torch.Tensor]:
+        """Per batch row, the prefill positions of the method's text raters among the tokens after its image."""
+        positions = self._prefill.image_positions
+        if positions.shape[1] != 1:
+            raise PruningError(
+                f"{self.method.name} rates one image per sample by the text after it; got "
+                f"{positions.shape[1]} images per row"
+            )
+        raters = []
+        for row in range(embeds.shape[0]):
+            image = positions[row, 0].to(embeds.device)
+            after = torch.arange(int(image[-1]) + 1, embeds.shape[1], device=embeds.device)
+            try:
+                chosen = self.method.text_raters(embeds[row, image], embeds[row, after])
+            except ValueError as exc:
+                raise PruningError(f"{self.method.name} raters failed: {exc}") from exc
+            if not isinstance(chosen, torch.Tensor) or chosen.dtype != torch.bool or chosen.shape != after.shape:
+                raise PruningError(f"{self.method.name} text_raters must return [{len(after)}] bool")
+            if not bool(chosen.any()):
+                raise PruningError(f"{self.method.name} chose no text rater for batch row {row}")
+            raters.append(after[chosen])
+        return raters
+
+    def _rater_scores(self, stage: DropStage) -> torch.Tensor:
+        """[B, T] mean over each row's raters of layer ``stage.layer - 1``'s head-averaged attention (its inputs
+        were kept by its hook), T the length that layer ran on."""
+        prefill = self._prefill
+        try:
+            hidden, kwargs = prefill.stash.pop(stage.layer - 1)
+        except KeyError:
+            raise PruningError(f"decoder layer {stage.layer - 1}'s inputs were not kept for its raters") from None
+        batch = hidden.shape[0]
+        inverse = None if prefill.held is None else _inverse(prefill.held.to(hidden.device), prefill.length)
+        count = max(len(r) for r in prefill.raters)
+        queries = torch.zeros(batch, count, dtype=torch.long, device=hidden.device)
+        valid = torch.zeros(batch, count, dtype=torch.bool, device=hidden.device)
+        for row, raters in enumerate(prefill.raters):
+            raters = raters.to(hidden.device)
+            current = raters if inverse is None else inverse[row].gather(0, raters)
+            if bool((current < 0).any()):
+                raise PruningError("a text rater is not in the sequence")
+            queries[row, : len(current)], valid[row, : len(current)] = current, True
+        return query_rows_attention(self.layers[stage.layer - 1], hidden, kwargs, queries, valid)
 
     def _check_cache(self, cache: Any, layer: int) -> None:
         if cache is None:
@@ -468,17 +676,105 @@ class VisualTokenDrop:
                 f"implies {expected} for a batch of {held_positions.shape[0]}: the cache was cropped, reordered across "
                 "samples or reused in a way LLM-side pruning does not support"
             )
+        changed: dict[str, Any] = {}
+        if self.compact:
+            # the prefill renumbered this layer's tokens: new tokens move down by the visual tokens it dropped
+            position_ids = kwargs.get("position_ids")
+            if position_ids is None:
+                raise PruningError(f"{self.method.name} renumbers positions and needs the decoder's position_ids")
+            shifted = position_ids - (record.prefill_length - held_positions.shape[1])
+            changed["position_ids"] = shifted
+            changed["position_embeddings"] = self.rotary(hidden, shifted)
         mask = kwargs.get("attention_mask")
-        if mask is None:
+        if mask is not None:
+            if not isinstance(mask, torch.Tensor) or mask.dim() != 4 or mask.shape[-1] != full:
+                raise PruningError(
+                    f"expected a [B, 1, {q_len}, {full}] attention mask in a decode step, got "
+                    f"{tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__}"
+                )
+            later = torch.arange(record.prefill_length, full, device=held_positions.device).expand(batch, -1)
+            columns = torch.cat([held_positions, later], dim=1).to(mask.device)
+            changed["attention_mask"] = _take(mask, columns, dim=3)
+        if not changed:
             return None
-        if not isinstance(mask, torch.Tensor) or mask.dim() != 4 or mask.shape[-1] != full:
+        return args, {**kwargs, **changed}
+
+
+def own_last_query_attention(layer: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
+    """[B, T] attention probabilities of the last token over all T tokens in decoder ``layer`` (heads averaged), from
+    its input ``hidden`` [B, T, D] and its call's ``kwargs`` (position_embeddings, attention_mask), as the layer
+    itself will compute them: input norm, q / k projections (only the last token's query), RoPE, causal softmax in
+    float32. Used by "own" drop stages; only the last query row is computed (O(T) instead of O(T^2))."""
+    attn = layer.self_attn
+    batch, length, _ = hidden.shape
+    head_dim = attn.head_dim
+    normed = layer.input_layernorm(hidden)
+    query = attn.q_proj(normed[:, -1:]).view(batch, 1, -1, head_dim).transpose(1, 2)  # [B, H, 1, d]
+    key = attn.k_proj(normed).view(batch, length, -1, head_dim).transpose(1, 2)  # [B, KV, T, d]
+    cos, sin = kwargs["position_embeddings"]
+    query = _rotate(query, cos[:, -1:], sin[:, -1:])
+    key = _rotate(key, cos, sin)
+    heads, kv_heads = query.shape[1], key.shape[1]
+    if heads % kv_heads:
+        raise PruningError(f"decoder layer has {heads} query heads and {kv_heads} key heads")
+    key = key.repeat_interleave(heads // kv_heads, dim=1)
+    logits = torch.matmul(query.float(), key.float().transpose(-1, -2)) * attn.scaling  # [B, H, 1, T]
+    mask = kwargs.get("attention_mask")
+    if mask is not None:
+        if not isinstance(mask, torch.Tensor) or mask.dim() != 4 or mask.shape[-1] != length:
             raise PruningError(
-                f"expected a [B, 1, {q_len}, {full}] attention mask in a decode step, got "
+                f"expected a [B, 1, T, {length}] attention mask, got "
                 f"{tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__}"
             )
-        later = torch.arange(record.prefill_length, full, device=held_positions.device).expand(batch, -1)
-        columns = torch.cat([held_positions, later], dim=1).to(mask.device)
-        return args, {**kwargs, "attention_mask": _take(mask, columns, dim=3)}
+        row = mask[:, :, -1:, :]
+        logits = logits.masked_fill(~row, float("-inf")) if row.dtype == torch.bool else logits + row.float()
+    return torch.softmax(logits, dim=-1).mean(dim=1)[:, 0]
+
+
+def query_rows_attention(
+    layer: nn.Module, hidden: torch.Tensor, kwargs: dict, queries: torch.Tensor, valid: torch.Tensor
+) -> torch.Tensor:
+    """[B, T] mean over the ``valid`` query rows ``queries`` [B, R] (sequence indices) of decoder ``layer``'s
+    attention probabilities (heads averaged), from its inputs as the layer computes them: norm, q / k projections,
+    RoPE, causal softmax (each query sees the keys up to itself, and the padding mask) in float32."""
+    attn = layer.self_attn
+    batch, length, _ = hidden.shape
+    head_dim = attn.head_dim
+    normed = layer.input_layernorm(hidden)
+    rows = _take(normed, queries, dim=1)
+    query = attn.q_proj(rows).view(batch, queries.shape[1], -1, head_dim).transpose(1, 2)  # [B, H, R, d]
+    key = attn.k_proj(normed).view(batch, length, -1, head_dim).transpose(1, 2)
+    cos, sin = kwargs["position_embeddings"]
+    query = _rotate(query, _take(cos, queries, dim=1), _take(sin, queries, dim=1))
+    key = _rotate(key, cos, sin)
+    heads, kv_heads = query.shape[1], key.shape[1]
+    key = key.repeat_interleave(heads // kv_heads, dim=1)
+    logits = torch.matmul(query.float(), key.float().transpose(-1, -2)) * attn.scaling  # [B, H, R, T]
+    causal = torch.arange(length, device=hidden.device)[None, None, :] <= queries[:, :, None]  # [B, R, T]
+    mask = kwargs.get("attention_mask")
+    if mask is not None:
+        row_mask = _take(mask, queries, dim=2)[:, 0]  # [B, R, T]
+        causal = causal & (row_mask if row_mask.dtype == torch.bool else row_mask == 0)
+    causal = causal | ~valid[:, :, None]  # unused query slots (index 0, maybe padding): any finite row, weighted 0
+    logits = logits.masked_fill(~causal[:, None], float("-inf"))
+    probabilities = torch.softmax(logits, dim=-1).mean(dim=1)  # [B, R, T]
+    weights = valid.float()
+    return (probabilities * weights[:, :, None]).sum(dim=1) / weights.sum(dim=1, keepdim=True)
+
+
+def _inverse(held: torch.Tensor, length: int) -> torch.Tensor:
+    """[B, T'] prefill columns the sequence holds -> [B, length] index of each column in the sequence (-1: none)."""
+    inverse = torch.full((held.shape[0], length), -1, dtype=torch.long, device=held.device)
+    order = torch.arange(held.shape[1], device=held.device).expand_as(held)
+    return inverse.scatter_(1, held, order)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Llama's RoPE on x [B, heads, T, d] with cos / sin [B, T, d] (rotate-half convention)."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
 
 
 def _take(tensor: torch.Tensor, index: torch.Tensor, dim: int) -> torch.Tensor:

@@ -30,7 +30,9 @@ from hiprune.methods.fastv import FastV, select_fastv  # noqa: E402  (re-exporte
 from hiprune.methods.hiprune import HiPrune, select_hiprune  # noqa: E402
 from hiprune.methods.hiprune_pp import HiPrunePP  # noqa: E402
 from hiprune.methods.none import NoPrune  # noqa: E402
+from hiprune.methods.pdrop import PyramidDrop, select_pdrop  # noqa: E402
 from hiprune.methods.random import RandomPrune  # noqa: E402
+from hiprune.methods.sparsevlm import SparseVLM  # noqa: E402
 
 
 def build_method(name: str, **options: Any) -> Method:
@@ -57,13 +59,16 @@ __all__ = [
     "HiPrunePP",
     "Method",
     "NoPrune",
+    "PyramidDrop",
     "RandomPrune",
     "Request",
     "Selection",
+    "SparseVLM",
     "VisionTokens",
     "build_method",
     "register_method",
     "resolve_budget",
     "select_fastv",
     "select_hiprune",
+    "select_pdrop",
 ]

@@ -219,6 +219,22 @@ class Method:
         """
         raise NotImplementedError(f"method {self.name!r} (stage {self.stage!r}) has no decoder drop schedule")
 
+    def drop_positions(self) -> DropPositions:
+        """LLM-side methods: the RoPE positions of the tokens after a drop stage: "original" (each keeps its position
+        in the unpruned sequence, FastV) or "compact" (renumbered without gaps after every stage, and later decode
+        steps shifted by the tokens dropped before them, PyramidDrop)."""
+        return "original"
+
+    def text_raters(self, image_embeds: torch.Tensor, text_embeds: torch.Tensor) -> torch.Tensor:
+        """LLM-side methods with "raters" stages: image_embeds [N, D] (one image) and text_embeds [M, D] (the tokens
+        after it) at the LLM's input -> [M] bool, the text tokens whose attention ranks the image tokens."""
+        raise NotImplementedError(f"method {self.name!r} has no text raters")
+
+    def recycle_tokens(self, hidden: torch.Tensor, scores: torch.Tensor, stage: int) -> torch.Tensor:
+        """LLM-side methods with stages that add tokens: the dropped tokens of one image at stage ``stage`` (0-based),
+        hidden [n, D] (the outputs of the layer before the stage) and scores [n] -> [added, D] new tokens."""
+        raise NotImplementedError(f"method {self.name!r} does not recycle dropped tokens")
+
     def select_from_attention(self, scores: torch.Tensor, keep: int) -> torch.Tensor:
         """LLM-side methods, once per stage of :meth:`drop_schedule`: scores [B, N] (the attention the last prompt
         token pays each of one image's N current visual tokens, heads averaged) -> [B, keep] kept indices into
@@ -258,14 +274,29 @@ def resolve_budget(budget: int | float, num_tokens: int) -> int:
     return count
 
 
+ScoreSource = Literal["previous", "own", "raters"]
+SCORE_SOURCES: tuple[str, ...] = ("previous", "own", "raters")
+DropPositions = Literal["original", "compact"]
+DROP_POSITIONS: tuple[str, ...] = ("original", "compact")
+
+
 @dataclass(frozen=True)
 class DropStage:
     """One stage of an LLM-side method's drop schedule (:meth:`Method.drop_schedule`).
 
-    layer: 0-based index of the first decoder layer that runs on the shortened sequence; the visual tokens are
-        ranked by layer ``layer - 1``'s last-query attention (as FastV's K).
+    layer: 0-based index of the first decoder layer that runs on the shortened sequence.
     keep: visual tokens per image kept from that layer on (until the next stage drops more).
+    score: which attention ranks the visual tokens (the last prompt token's row, heads averaged):
+        "previous" -- the one layer ``layer - 1`` computed (FastV's K);
+        "own" -- layer ``layer``'s own: its input norm, query / key projections and RoPE applied to its (not yet
+        shortened) input hidden states, causal softmax over all keys (PyramidDrop);
+        "raters" -- layer ``layer - 1``'s attention from the method's text raters (:meth:`Method.text_raters`, chosen
+        once on the LLM's input embeddings), mean over the raters (SparseVLM).
+    added: tokens per image the stage adds after the ``keep`` kept ones (:meth:`Method.recycle_tokens`: SparseVLM's
+        cluster tokens of the dropped ones); they are visual tokens for the later stages.
     """
 
     layer: int
     keep: int
+    score: ScoreSource = "previous"
+    added: int = 0
