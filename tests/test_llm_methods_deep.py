@@ -25,15 +25,7 @@ def deep_dir():
     [
         ("fastv", [576] * 2 + [30] * 30),
         ("pdrop", [576] * 2 + [110] * 6 + [21] * 8 + [4] * 16),
-        pytest.param(  # 66 / 30 / 17 kept + recycled tokens (spec §10)
-            "sparsevlm",
-            [576] * 3 + [82] * 4 + [32] * 9 + [18] * 16,
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="eval/lmms_model.py checks a record's kept count against the last stage's keep without the "
-                "tokens it added (schedule[-1].keep + schedule[-1].added): an eval-side edit after the eval move",
-            ),
-        ),
+        ("sparsevlm", [576] * 3 + [82] * 4 + [32] * 9 + [18] * 16),  # 66 / 30 / 17 kept + recycled (spec §10)
     ],
 )
 def test_default_schedule_runs_per_doc(tmp_path, deep_dir, smoke_task_dir, method, per_layer):

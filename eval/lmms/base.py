@@ -363,7 +363,8 @@ class HiPruneLMM(lmms):
         indices = record.indices
         schedule = resolve_schedule(self.method, visual_in // images, n_layers)
         per_layer = [images * v for v in visual_per_layer(schedule, visual_in // images, n_layers)]
-        if (indices is None or indices.dim() != 2 or record.visual != per_layer or indices.shape[1] != schedule[-1].keep
+        last = schedule[-1].keep + schedule[-1].added  # SparseVLM: recycled tokens come after the kept ones
+        if (indices is None or indices.dim() != 2 or record.visual != per_layer or indices.shape[1] != last
                 or record.tokens[0] != sequence_length):
             raise hiprune.PruningError(
                 f"{name}: the prefill record (visual tokens per layer {record.visual}, tokens {record.tokens}, kept "
@@ -411,7 +412,7 @@ class HiPruneLMM(lmms):
         if self.method.stage == "llm":
             llm_input = summary["per_image_target"]
             schedule = resolve_schedule(self.method, llm_input, self.decoder_layers)
-            summary["per_image_target"] = schedule[-1].keep
+            summary["per_image_target"] = schedule[-1].keep + schedule[-1].added
             summary.update(llm_input_per_image=llm_input, pruned_from_layer=schedule[0].layer)
         return summary
 
