@@ -72,3 +72,13 @@ def test_a_built_method_is_the_one_the_model_runs(tiny_llava_dir):
         assert model.tokens_per_image == 32
     finally:
         model.close()
+
+
+def test_list_options_are_semicolon_separated(tmp_path):
+    from eval.lmms.base import list_option
+
+    assert list_option("2;8;16") == [2, 8, 16] and list_option("0.5;0.25;0.125") == [0.5, 0.25, 0.125]
+    assert list_option("true;none;x") == [True, None, "x"] and list_option("2") == "2" and list_option(3) == 3
+    # the list reaches the method, which validates it before the (missing) model would load
+    with pytest.raises(ValueError, match="strictly increasing, got \\[8, 2\\]"):
+        HiPruneLlava(pretrained=str(tmp_path / "missing"), method="pdrop", budget=64, layers="8;2")

@@ -114,7 +114,7 @@ class HiPruneLMM(lmms):
                 raise ValueError(f"options {sorted(options)} given with an already built method {method.name!r}")
             self.method = method
         else:
-            self.method = hiprune.build_method(method, **options)
+            self.method = hiprune.build_method(method, **{name: list_option(v) for name, v in options.items()})
         self._device = self._setup_data_parallel(device)
         self._dtype = resolve_dtype(dtype, self._device)
         self.batch_size_per_gpu = int(batch_size)
@@ -415,6 +415,31 @@ class HiPruneLMM(lmms):
             summary["per_image_target"] = schedule[-1].keep + schedule[-1].added
             summary.update(llm_input_per_image=llm_input, pruned_from_layer=schedule[0].layer)
         return summary
+
+
+def list_option(value: Any) -> Any:
+    """A ``--model_args`` value with semicolons is a list (lmms-eval splits the arguments on commas):
+    ``layers=2;8;16`` -> [2, 8, 16], ``ratios=0.5;0.25`` -> [0.5, 0.25]; items are ints, floats, true / false / none
+    or strings. Any other value is returned as lmms-eval parsed it."""
+    if not isinstance(value, str) or ";" not in value:
+        return value
+    items = []
+    for item in value.split(";"):
+        item = item.strip()
+        lowered = item.lower()
+        if lowered in ("true", "false"):
+            items.append(lowered == "true")
+        elif lowered in ("none", "null"):
+            items.append(None)
+        else:
+            try:
+                items.append(int(item))
+            except ValueError:
+                try:
+                    items.append(float(item))
+                except ValueError:
+                    items.append(item)
+    return items
 
 
 def lmms_model_class(name: str) -> type[HiPruneLMM]:
