@@ -79,6 +79,7 @@ def test_list_options_are_semicolon_separated(tmp_path):
 
     assert list_option("2;8;16") == [2, 8, 16] and list_option("0.5;0.25;0.125") == [0.5, 0.25, 0.125]
     assert list_option("true;none;x") == [True, None, "x"] and list_option("2") == "2" and list_option(3) == 3
+    assert list_option("none") is None and list_option("null") is None
     # the list reaches the method, which validates it before the (missing) model would load
     with pytest.raises(ValueError, match="strictly increasing, got \\[8, 2\\]"):
         HiPruneLlava(pretrained=str(tmp_path / "missing"), method="pdrop", budget=64, layers="8;2")

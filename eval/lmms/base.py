@@ -418,9 +418,12 @@ class HiPruneLMM(lmms):
 
 
 def list_option(value: Any) -> Any:
-    """A ``--model_args`` value with semicolons is a list (lmms-eval splits the arguments on commas):
-    ``layers=2;8;16`` -> [2, 8, 16], ``ratios=0.5;0.25`` -> [0.5, 0.25]; items are ints, floats, true / false / none
-    or strings. Any other value is returned as lmms-eval parsed it."""
+    """A method option from ``--model_args``: a value with semicolons is a list (lmms-eval splits the arguments on
+    commas): ``layers=2;8;16`` -> [2, 8, 16], ``ratios=0.5;0.25`` -> [0.5, 0.25]; items are ints, floats,
+    true / false / none or strings. ``none`` / ``null`` alone is None (``budget=none``); any other value is returned as
+    lmms-eval parsed it."""
+    if isinstance(value, str) and value.strip().lower() in ("none", "null"):
+        return None
     if not isinstance(value, str) or ";" not in value:
         return value
     items = []
