@@ -346,7 +346,8 @@ class Adapter:
             self.resolve_layers(method)
         if not self.has_cls and any(r.queries == "cls" for r in method.requests().values()):
             raise ValueError(
-                f"method {method.name!r} scores by the CLS token's attention; the {self.family} encoder has none"
+                f"method {method.name!r} scores by the CLS token's attention; the {self.family} encoder has none "
+                "(use a method that scores by global attention instead, e.g. hiprune, or vispruner attention=global)"
             )
 
     def capture(self, method: Method, tower: str = "image") -> Capture:

@@ -1,0 +1,223 @@
+"""Run a vision-stage method through ``hiprune.apply`` on each family's tiny model (LLaVA-1.5, LLaVA-NeXT in the
+official 'spatial' layout, Qwen2.5-VL, Video-LLaVA per frame) and check the path around it: the method's
+``select`` is spied on, the pipeline must record exactly what it returned, and the LLM must receive exactly the
+features it passed on, in the family's layout. Method tests then compare every spied selection with the method's
+pure selection function on the tokens it was shown.
+
+Used by tests/test_method_<name>.py (the tiny models are built by the project's scripts if missing).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from conftest import ASSETS, load_script
+from PIL import Image, ImageDraw
+
+import hiprune
+from hiprune.methods.base import Method, Selection, VisionTokens
+
+REPO = ASSETS.parent
+
+
+@dataclass
+class Call:
+    tokens: VisionTokens
+    budget: int
+    selection: Selection
+
+
+def spy(method: Method) -> list[Call]:
+    """Make ``method.select`` remember every call (an instance attribute: the class stays untouched)."""
+    calls: list[Call] = []
+    original = method.select
+
+    def select(tokens: VisionTokens, budget: int) -> Selection:
+        selection = original(tokens, budget)
+        calls.append(Call(tokens, budget, selection))
+        return selection
+
+    method.select = select
+    return calls
+
+
+def _llm_inputs(model):
+    seen = []
+    hook = model.model.language_model.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(kwargs["inputs_embeds"]), with_kwargs=True
+    )
+    return seen, hook
+
+
+def _image(width, height, seed):
+    image = Image.new("RGB", (width, height), (40 * seed % 255, 120, 200 - 30 * seed))
+    draw = ImageDraw.Draw(image)
+    draw.ellipse([width // 8, height // 8, width // 2, height // 2], fill="red")
+    draw.rectangle([width // 2, height // 3, width - 4, height - 4], fill="yellow")
+    return image
+
+
+def _noise(height, width, seed):
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+# --- models (loaded once per test session) ---------------------------------------------------------------------
+_MODELS: dict[str, tuple] = {}
+
+
+def family_model(family: str):
+    """(model, processor) of the family's tiny model, built if missing, loaded once."""
+    if family not in _MODELS:
+        import transformers
+
+        build = {
+            "llava": ("build_tiny_llava", "tiny-llava", "LlavaForConditionalGeneration"),
+            "llava_next": ("build_tiny_llava_next", "tiny-llava-next", "LlavaNextForConditionalGeneration"),
+            "qwen2_5_vl": ("build_tiny_qwen2_5_vl", "tiny-qwen2.5-vl", "Qwen2_5_VLForConditionalGeneration"),
+            "video_llava": ("build_tiny_video_llava", "tiny-video-llava", "VideoLlavaForConditionalGeneration"),
+        }[family]
+        script, folder, cls = build
+        path = getattr(load_script(script), script)(ASSETS / folder)
+        model = getattr(transformers, cls).from_pretrained(path).eval()
+        _MODELS[family] = (model, transformers.AutoProcessor.from_pretrained(path))
+    return _MODELS[family]
+
+
+# --- one run per family ----------------------------------------------------------------------------------------
+def run_llava(method: Method) -> list[Call]:
+    """Two images, batch 2; the LLM receives each image's selected features in the method's order."""
+    model, processor = family_model("llava")
+    calls = spy(method)
+    seen, hook = _llm_inputs(model)
+    try:
+        with torch.no_grad(), hiprune.apply(model, method, processor) as session:
+            _set_prompts(session, method, 2)
+            batch = processor(text=["USER: <image>\nIs there a red circle? ASSISTANT:"] * 2,
+                              images=[_image(200, 120, 1), _image(90, 160, 2)], return_tensors="pt", padding=True)
+            model(**batch)
+    finally:
+        hook.remove()
+    [call] = calls
+    _check_records(session, [call.selection], [0, 1])
+    image = batch["input_ids"] == model.config.image_token_id
+    for b in range(2):
+        torch.testing.assert_close(seen[0][b][image[b]], call.selection.features[b], rtol=0, atol=0)
+    return calls
+
+
+def run_llava_next(method: Method) -> list[Call]:
+    """One 700 x 660 image (2 x 2 grid: base + 4 crops), official layout: base kept tokens, then the crops' kept
+    tokens in raster order over the stitched grid."""
+    model, processor = family_model("llava_next")
+    calls = spy(method)
+    seen, hook = _llm_inputs(model)
+    try:
+        with torch.no_grad(), hiprune.apply(model, method, processor, layout="official") as session:
+            _set_prompts(session, method, 1)
+            batch = processor(text=["USER: <image>\nIs there a red circle? ASSISTANT:"],
+                              images=[_image(700, 660, 1)], return_tensors="pt", padding=True)
+            model(**batch)
+    finally:
+        hook.remove()
+    rows = [(call, row) for call in calls for row in range(call.selection.indices.shape[0])]
+    assert len(rows) == 5, "base + 4 crops"
+    adapter = hiprune.adapter_for(model)
+    side = adapter.side
+    records = session.records[0]
+    for record, (call, row) in zip(records, rows):
+        assert torch.equal(record.indices, call.selection.indices[row].cpu())
+    base_call, base_row = rows[0]
+    parts, positions = [], []
+    for crop, (call, row) in enumerate(rows[1:], start=1):
+        ci, cj = divmod(crop - 1, 2)
+        indices = call.selection.indices[row]
+        positions.append((ci * side + indices // side) * 2 * side + cj * side + indices % side)
+        parts.append(call.selection.features[row])
+    order = torch.cat(positions).argsort(stable=True)
+    expected = torch.cat([base_call.selection.features[base_row], torch.cat(parts)[order]])
+    image = batch["input_ids"][0] == model.config.image_token_id
+    torch.testing.assert_close(seen[0][0][image], expected, rtol=0, atol=0)
+    return calls
+
+
+def run_qwen(method: Method) -> list[Call]:
+    """Two noise images of 24 and 15 merged tokens; each is its own grid, the LLM receives its selection."""
+    model, processor = family_model("qwen2_5_vl")
+    calls = spy(method)
+    seen, hook = _llm_inputs(model)
+    questions = ["Is there a red circle in the image?", "What colour is the square?"]
+    texts = [
+        processor.apply_chat_template(
+            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q}]}],
+            tokenize=False, add_generation_prompt=True,
+        )
+        for q in questions
+    ]
+    try:
+        with torch.no_grad(), hiprune.apply(model, method, processor) as session:
+            _set_prompts(session, method, 2)
+            batch = processor(text=texts, images=[_noise(112, 168, 0), _noise(84, 140, 1)], padding=True,
+                              padding_side="left", return_tensors="pt")
+            model(**batch)
+    finally:
+        hook.remove()
+    assert [call.tokens.num_tokens for call in calls] == [24, 15]
+    _check_records(session, [call.selection for call in calls], [0, 0])
+    image = batch["input_ids"] == model.config.image_token_id
+    for b, call in enumerate(calls):
+        torch.testing.assert_close(seen[0][b][image[b]], call.selection.features[0], rtol=0, atol=0)
+    return calls
+
+
+def run_video(method: Method, frames: int = 4) -> list[Call]:
+    """Two videos of ``frames`` frames: every frame is a grid; the LLM receives, frame after frame, the frame's CLS
+    and its selected features."""
+    model, processor = family_model("video_llava")
+    calls = spy(method)
+    seen, hook = _llm_inputs(model)
+    videos = [np.asarray([np.asarray(_noise(48, 64, 10 * v + f)) for f in range(frames)]) for v in range(2)]
+    try:
+        with torch.no_grad(), hiprune.apply(model, method, processor) as session:
+            _set_prompts(session, method, 2)
+            batch = dict(processor(text=["USER: <video>\nWhat moves? ASSISTANT:"] * 2, videos=videos,
+                                   return_tensors="pt", padding=True))
+            model(**batch)
+    finally:
+        hook.remove()
+    [call] = calls
+    assert call.tokens.batch_size == 2 * frames
+    _check_records(session, [call.selection], list(range(2 * frames)))
+    video = batch["input_ids"] == model.config.video_token_id
+    for b in range(2):
+        tokens = seen[0][b][video[b]].view(frames, -1, seen[0].shape[-1])
+        torch.testing.assert_close(tokens[:, 1:], call.selection.features[b * frames:(b + 1) * frames], rtol=0, atol=0)
+    return calls
+
+
+def _set_prompts(session, method: Method, n: int) -> None:
+    if method.needs_prompt:
+        session.set_prompts(["Is there a red circle?"] * n)
+
+
+def _check_records(session, selections: list[Selection], rows: list[int]) -> None:
+    """The pipeline recorded, grid by grid, what the method returned."""
+    [records] = session.records
+    flat = [s.indices[r] for s in selections for r in range(s.indices.shape[0])]
+    assert len(records) == len(flat) == len(rows)
+    for record, indices in zip(records, flat):
+        assert torch.equal(record.indices, indices.cpu()) and record.tokens_kept == indices.shape[0]
+
+
+def refused_before_patching(family: str, method: Method, match: str) -> None:
+    """``hiprune.apply`` refuses ``method`` on ``family`` with a message matching ``match`` and patches nothing."""
+    import pytest
+
+    model, processor = family_model(family)
+    before = dict(vars(model.model))
+    with pytest.raises(ValueError, match=match):
+        with hiprune.apply(model, method, processor):
+            pass
+    assert dict(vars(model.model)).keys() == before.keys()
