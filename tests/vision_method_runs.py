@@ -217,7 +217,6 @@ def refused_before_patching(family: str, method: Method, match: str) -> None:
 
     model, processor = family_model(family)
     before = dict(vars(model.model))
-    with pytest.raises(ValueError, match=match):
-        with hiprune.apply(model, method, processor):
-            pass
+    with pytest.raises(ValueError, match=match), hiprune.apply(model, method, processor):
+        pass
     assert dict(vars(model.model)).keys() == before.keys()
