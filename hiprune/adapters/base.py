@@ -17,7 +17,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
 
 import torch
@@ -59,6 +59,8 @@ class GridInput:
     sample_id: seeds random methods (stable per image / crop / frame, independent of batching).
     visual: which image or video of the forward the grid belongs to (its prompt, for prompt-aware methods).
     token_embeds: [rows * cols, E] the grid's tokens in the prompt embedding's space (prompt-aware methods only).
+    tile: (row, col) of the grid in its image's tiling (LLaVA-NeXT sub-crops), None for a grid covering the whole
+        visual (an image, the base image, a frame); see ``Method.split_visual``.
     """
 
     shape: tuple[int, int]
@@ -69,6 +71,7 @@ class GridInput:
     sample_id: int
     visual: int = 0
     token_embeds: torch.Tensor | None = None
+    tile: tuple[int, int] | None = None
 
 
 @dataclass
@@ -380,6 +383,7 @@ class Adapter:
         for grid in grids:
             check_captured(grid.captured, (grid.shape[0] * grid.shape[1],))
         prompt_embeds = self.embed_prompts(session, session.take_prompts(n_visuals)) if method.needs_prompt else None
+        grids = split_visuals(method, grids)
         groups: dict[tuple[tuple[int, int], int, int], list[int]] = {}
         for k, grid in enumerate(grids):
             groups.setdefault((grid.shape, grid.budget, grid.keep), []).append(k)
@@ -387,6 +391,13 @@ class Adapter:
         selections: list[Selection | None] = [None] * len(grids)
         for (shape, budget, keep), members in groups.items():
             first = grids[members[0]]
+            if keep == 0:  # a grid the method's split left without tokens (Method.split_visual)
+                for k in members:
+                    features = grids[k].features
+                    empty = Selection(torch.zeros(1, 0, dtype=torch.long, device=features.device), features[None, :0])
+                    outputs[k] = GridOutput(empty.indices[0], empty.features[0])
+                    selections[k] = empty
+                continue
             tokens = VisionTokens(
                 features=torch.stack([grids[k].features for k in members]),
                 grid=shape,
@@ -526,6 +537,49 @@ class EncoderMerging:
         representative.scatter_reduce_(1, where, patches, reduce="amin")
         self.schedule = self.sizes = self.where = None
         return [GridOutput(representative[b], torch.empty(0), where[b]) for b in range(where.shape[0])]
+
+
+def splits_visuals(method: Method) -> bool:
+    """Whether ``method`` splits an image's budget over its grids itself (overrides ``Method.split_visual``)."""
+    return type(method).split_visual is not Method.split_visual
+
+
+def split_visuals(method: Method, grids: list[GridInput]) -> list[GridInput]:
+    """The grids with the budgets ``method.split_visual`` gives the grids of each visual that has several (the
+    family's own budgets where it returns None). Fails loudly unless a split keeps the visual's total number of
+    passed-on tokens (what the processor emitted) and fits every grid."""
+    if not splits_visuals(method):
+        return grids
+    by_visual: dict[int, list[int]] = {}
+    for k, grid in enumerate(grids):
+        by_visual.setdefault(grid.visual, []).append(k)
+    grids = list(grids)
+    for visual, members in by_visual.items():
+        if len(members) < 2:
+            continue
+        tokens = []
+        for k in members:
+            grid = grids[k]
+            view = VisionTokens(features=grid.features[None], grid=grid.shape, sample_ids=[grid.sample_id])
+            for name, value in grid.captured.items():
+                (view.scores if value.dim() == 1 else view.states)[name] = value[None]
+            tokens.append(view)
+        budget = sum(grids[k].budget for k in members)
+        split = method.split_visual(tokens, budget, [grids[k].tile for k in members])
+        if split is None:
+            continue
+        split = [int(b) for b in split]
+        keep = [method.kept_count(b) if b else 0 for b in split]
+        capacities = [grids[k].shape[0] * grids[k].shape[1] for k in members]
+        if (len(split) != len(members) or any(b < 0 for b in split) or sum(split) != budget
+                or sum(keep) != sum(grids[k].keep for k in members) or any(n > c for n, c in zip(keep, capacities))):
+            raise PruningError(
+                f"method {method.name!r} split visual {visual}'s budget {budget} over grids of {capacities} tokens "
+                f"as {split}: expected one count >= 0 per grid, at most its tokens, summing to {budget}"
+            )
+        for k, b, n in zip(members, split, keep):
+            grids[k] = replace(grids[k], budget=b, keep=n)
+    return grids
 
 
 def selection_row(selection: Selection, row: int) -> Selection:

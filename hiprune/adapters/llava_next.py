@@ -58,8 +58,9 @@ from hiprune.adapters.base import (
     derived_id,
     patch_attribute,
     register_adapter,
-    spread_budget,
     split_budget,
+    splits_visuals,
+    spread_budget,
     stable_ids,
 )
 from hiprune.adapters.clip_tower import ClipTowerAdapter
@@ -201,6 +202,11 @@ class LlavaNextAdapter(ClipTowerAdapter):
 
     def check_supported(self, method: Method, prompt_encoder: Any = None) -> None:
         super().check_supported(method, prompt_encoder)
+        if splits_visuals(method) and self.layout != "official":
+            raise ValueError(
+                f"method {method.name!r} splits an image's budget over its full crops: it runs the official "
+                "'spatial' layout only (layout=official), not the unpadded native layout"
+            )
         if method.stage == "encoder" and self.layout != "official":
             raise ValueError(
                 f"method {method.name!r} merges inside the vision encoder, crop by crop: it runs the official "
@@ -329,6 +335,7 @@ class LlavaNextAdapter(ClipTowerAdapter):
                     (grid.rows, grid.cols), cut(features[grid.crop]),
                     {name: cut(value[row]) for name, value in patches.items()}, grid.budget, grid.keep,
                     derived_id(image_id, grid.crop), visual=i, token_embeds=None if embeds is None else cut(embeds[row]),
+                    tile=None if grid.crop == 0 else divmod(grid.crop - 1, layout.crop_grid[1]),
                 ))
                 placed.append((i, grid))
             offset += features.shape[0]

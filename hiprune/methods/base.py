@@ -196,6 +196,17 @@ class Method:
         """Choose ``kept_count(budget)`` tokens of each grid. Vision-side methods override this."""
         raise NotImplementedError(f"method {self.name!r} (stage {self.stage!r}) does not select vision tokens")
 
+    def split_visual(self, grids: list[VisionTokens], budget: int, tiles: list[tuple[int, int] | None]) -> list[int] | None:
+        """Vision-stage methods that split one image's budget over its grids themselves (HiRED over LLaVA-NeXT
+        crops). The pipeline calls it once per image with more than one grid, before any ``select``: ``grids`` are
+        that image's grids in the family's order, one row each, with their requests filled; ``budget`` is the
+        image's budget (the sum of what the family's own rule gives its grids, so the processor's placeholder count
+        stays right); ``tiles`` the (row, col) of every grid in the image's tiling, None for a grid that covers the
+        whole visual (LLaVA-NeXT: the base image first, None, then the sub-crops (i, j) in raster order; video
+        frames: all None). Returns one budget per grid summing to ``budget`` (0 allowed: the grid passes nothing
+        on), or None to keep the family's split. The default keeps it."""
+        return None
+
     def merge_schedule(self, num_patches: int, budget: int, layers: int) -> list[int]:
         """Encoder-stage methods: merges per encoder layer 1..``layers`` (the feature layer), summing to
         ``num_patches - budget``, so that exactly ``budget`` patch tokens leave the feature layer."""
