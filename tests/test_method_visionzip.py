@@ -1,13 +1,16 @@
-"""VisionZip's selection rule (hiprune/methods/visionzip.py): the spec's golden cases, the budget splits and
-properties. The method itself is not registered yet (pipeline extensions pending)."""
+"""VisionZip (hiprune/methods/visionzip.py): the spec's golden cases, the budget splits, properties, and runs on the
+tiny models: the CLS token in front, the merged (projected) contextual tokens reach the LLM, sources recorded;
+LLaVA-NeXT and Qwen2.5-VL refused before patching."""
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from omegaconf import OmegaConf
+from vision_method_runs import REPO, family_model, refused_before_patching, run_llava, run_video
 
 import hiprune
-from hiprune.methods.visionzip import official_split, qwen_split, select_visionzip, visionzip_groups
+from hiprune.methods.visionzip import VisionZip, official_split, qwen_split, select_visionzip, visionzip_groups
 
 # baselines.md §2 Golden A: CLS + 6 patches, d = 3 (CLS + 2 patches), C = 2
 C = torch.tensor([[0.05, 0.30, 0.10, 0.20, 0.02, 0.08]])
@@ -57,7 +60,8 @@ def test_properties(case):
     batch, n, dominant, seed = case
     g = torch.Generator().manual_seed(seed)
     contextual = 1 + seed % (n - dominant)
-    c, keys, x = torch.rand(batch, n, generator=g), torch.randn(batch, n, 3, generator=g), torch.randn(batch, n, 4, generator=g)
+    c = torch.rand(batch, n, generator=g)
+    keys, x = torch.randn(batch, n, 3, generator=g), torch.randn(batch, n, 4, generator=g)
     groups = visionzip_groups(c, keys, x, dominant, contextual)
     assert groups.dominant.shape == (batch, dominant) and groups.contextual.shape == (batch, contextual, 4)
     assert (groups.dominant[:, 1:] > groups.dominant[:, :-1]).all()
@@ -82,5 +86,72 @@ def test_malformed_input_is_rejected(args, match):
         visionzip_groups(*args)
 
 
-def test_not_registered_until_the_pipeline_can_pass_the_cls_token_on():
-    assert "visionzip" not in hiprune.METHODS
+def test_config_and_registry():
+    cfg = OmegaConf.load(REPO / "configs" / "method" / "visionzip.yaml")
+    assert cfg.name == "visionzip" and "implemented" not in cfg and "stage" not in cfg
+    method = hiprune.build_method("visionzip", budget=192, **cfg.options)
+    assert isinstance(method, VisionZip) and method.keeps_cls and method.kept_count(192) == 191
+    for bad, match in (({"merge": "sum"}, "merge"), ({"budget": 1}, "at least 2")):
+        with pytest.raises(ValueError, match=match):
+            hiprune.build_method("visionzip", **{"budget": 64, **bad})
+
+
+def _check(calls, model):
+    for call in calls:
+        tokens = call.tokens
+        with_cls, contextual = official_split(call.budget)
+        groups = visionzip_groups(tokens.scores["cls"], tokens.states["keys"], tokens.states["hidden"],
+                                  with_cls - 1, contextual)
+        selection = call.selection
+        assert torch.equal(selection.indices, torch.cat([groups.dominant, groups.targets], dim=1))
+        assert torch.equal(selection.sources, groups.sources)
+        d = with_cls - 1
+        torch.testing.assert_close(selection.features[:, :d], tokens.features.gather(
+            1, groups.dominant[..., None].expand(-1, -1, tokens.features.shape[-1])), rtol=0, atol=0)
+        with torch.no_grad():  # the merged pre-projector states through the model's own projector
+            merged = model.model.multi_modal_projector(groups.contextual)
+        torch.testing.assert_close(selection.features[:, d:], merged, rtol=1e-5, atol=1e-6)
+        assert selection.roles["contextual"].sum(1).tolist() == [contextual] * tokens.batch_size
+
+
+def test_llava_cls_dominant_and_merged_tokens_reach_the_llm():
+    calls = run_llava(hiprune.build_method("visionzip", budget=64))  # 54 + 10: CLS + 53 patches + 10 contextual
+    assert calls[0].selection.indices.shape == (2, 63)
+    _check(calls, family_model("llava")[0])
+
+
+def test_video_llava_per_frame():
+    calls = run_video(hiprune.build_method("visionzip", budget=64))  # 16 per frame: its CLS + 14 + 2 contextual
+    assert calls[0].budget == 16 and calls[0].selection.indices.shape == (8, 15)
+    _check(calls, family_model("video_llava")[0])
+
+
+def test_video_llava_images_get_their_cls_in_front():
+    model, processor = family_model("video_llava")
+    method = hiprune.build_method("visionzip", budget=32)
+    adapter = hiprune.adapter_for(model)
+    assert adapter.image_tokens(method) == 32 and adapter.frame_tokens(method, 4) == 7  # + the frame's own CLS
+    seen = []
+    hook = model.model.language_model.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(kwargs["inputs_embeds"]), with_kwargs=True)
+    image = torch.zeros(3, 60, 80, dtype=torch.uint8)
+    image[0, 10:30, 20:50] = 200
+    try:
+        with torch.no_grad(), hiprune.apply(model, method, processor) as session:
+            batch = dict(processor(text=["USER: <image>\nWhat is it? ASSISTANT:"], images=[image], return_tensors="pt"))
+            if "pixel_values_images" in batch:
+                batch["pixel_values"] = batch.pop("pixel_values_images")
+            model(**batch)
+    finally:
+        hook.remove()
+    tokens = seen[0][0][batch["input_ids"][0] == model.config.image_token_id]
+    with torch.no_grad():
+        hidden = model.model.image_tower(batch["pixel_values"], output_hidden_states=True).hidden_states
+        cls = model.model.multi_modal_projector(hidden[model.config.vision_feature_layer][:, 0])
+    assert tokens.shape[0] == 32 and session.records[0][0].tokens_kept == 31
+    torch.testing.assert_close(tokens[0], cls[0], rtol=1e-5, atol=1e-6)
+
+
+def test_llava_next_and_qwen_are_refused_before_patching():
+    refused_before_patching("llava_next", hiprune.build_method("visionzip", budget=160), "does not lay out yet")
+    refused_before_patching("qwen2_5_vl", hiprune.build_method("visionzip", budget=0.25), "has none")

@@ -103,8 +103,15 @@ def run_llava(method: Method) -> list[Call]:
     [call] = calls
     _check_records(session, [call.selection], [0, 1])
     image = batch["input_ids"] == model.config.image_token_id
+    cls = 1 if method.keeps_cls else 0
     for b in range(2):
-        torch.testing.assert_close(seen[0][b][image[b]], call.selection.features[b], rtol=0, atol=0)
+        torch.testing.assert_close(seen[0][b][image[b]][cls:], call.selection.features[b], rtol=0, atol=0)
+    if cls:  # the CLS token in front: the feature layer's CLS state through the projector, from the plain modules
+        with torch.no_grad():
+            hidden = model.model.vision_tower(batch["pixel_values"], output_hidden_states=True).hidden_states
+            expected = model.model.multi_modal_projector(hidden[model.config.vision_feature_layer][:, 0])
+        for b in range(2):
+            torch.testing.assert_close(seen[0][b][image[b]][0], expected[b], rtol=1e-5, atol=1e-6)
     return calls
 
 

@@ -288,6 +288,8 @@ class Adapter:
     has_cls: ClassVar[bool] = True
     # Why a stage this family does not support cannot run here (said before anything loads), where it is by design.
     stage_limits: ClassVar[dict[str, str]] = {}
+    # Whether the family lays out a grid's CLS token in front of its kept tokens (methods with ``keeps_cls``).
+    passes_cls: ClassVar[bool] = False
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -314,6 +316,11 @@ class Adapter:
 
     def tokens_per_image(self, method: Method) -> int:
         raise NotImplementedError
+
+    def projector(self, tower: str = "image") -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """The map from the feature layer's hidden states to the tokens the LLM receives (``VisionTokens.project``),
+        or None where the grid's tokens are not such a projection."""
+        return None
 
     def describe_encoder(self) -> dict[str, Any]:
         """How this family presents visual tokens to methods: grid, CLS, feature layer, merge (recorded per run)."""
@@ -352,6 +359,11 @@ class Adapter:
                 f"method {method.name!r} scores by the CLS token's attention; the {self.family} encoder has none "
                 "(use a method that scores by global attention instead, e.g. hiprune, or vispruner attention=global)"
             )
+        if method.keeps_cls and not (self.has_cls and self.passes_cls):
+            raise ValueError(
+                f"method {method.name!r} passes every grid's CLS token on to the LLM, which the {self.family} adapter "
+                f"{'cannot: its encoder has no CLS token' if not self.has_cls else 'does not lay out yet'}"
+            )
 
     def capture(self, method: Method, tower: str = "image") -> Capture:
         """A capture of exactly the method's requests on ``tower`` (nothing for methods outside the vision stage)."""
@@ -372,7 +384,8 @@ class Adapter:
         return session.prompt_encoder.encode_prompts(prompts)
 
     def select_grids(
-        self, session: PruningSession, grids: list[GridInput], n_visuals: int, kind: str = "image"
+        self, session: PruningSession, grids: list[GridInput], n_visuals: int, kind: str = "image",
+        tower: str = "image",
     ) -> list[GridOutput]:
         """Run the method on every grid of one vision forward and record what it kept.
 
@@ -402,6 +415,7 @@ class Adapter:
                 features=torch.stack([grids[k].features for k in members]),
                 grid=shape,
                 sample_ids=[grids[k].sample_id for k in members],
+                project=self.projector(tower),
             )
             for name in first.captured:
                 stacked = torch.stack([grids[k].captured[name] for k in members])

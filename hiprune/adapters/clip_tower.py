@@ -55,6 +55,14 @@ class ClipTowerAdapter(Adapter):
     def attention_module(self, layer: int, tower: str = "image") -> nn.Module:
         return self.layer_module(layer, tower).self_attn
 
+    def projector(self, tower: str = "image"):
+        return self.inner.multi_modal_projector
+
+    def cls_tokens(self, hidden_states: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """[rows, D] every encoder row's CLS token as the LLM would receive it: the feature layer's CLS state
+        (``hidden_states`` of the tower, [0] = embeddings), projected like the patches (methods with ``keeps_cls``)."""
+        return self.inner.multi_modal_projector(hidden_states[self.feature_layer()][:, 0])
+
     def num_patches(self) -> int:
         return self.grid[0] * self.grid[1]
 

@@ -334,7 +334,8 @@ class LlavaNextAdapter(ClipTowerAdapter):
                 grids.append(GridInput(
                     (grid.rows, grid.cols), cut(features[grid.crop]),
                     {name: cut(value[row]) for name, value in patches.items()}, grid.budget, grid.keep,
-                    derived_id(image_id, grid.crop), visual=i, token_embeds=None if embeds is None else cut(embeds[row]),
+                    derived_id(image_id, grid.crop), visual=i,
+                    token_embeds=None if embeds is None else cut(embeds[row]),
                     tile=None if grid.crop == 0 else divmod(grid.crop - 1, layout.crop_grid[1]),
                 ))
                 placed.append((i, grid))

@@ -48,6 +48,7 @@ class VideoLlavaAdapter(ClipTowerAdapter):
     family = "video_llava"
     model_types = (VideoLlavaForConditionalGeneration,)
     stages = ("none", "vision", "encoder")
+    passes_cls = True  # methods with keeps_cls: images get their CLS in front; video frames carry it anyway
 
     def __init__(self, model: VideoLlavaForConditionalGeneration, num_frames: int = DEFAULT_FRAMES):
         super().__init__(model)
@@ -83,7 +84,8 @@ class VideoLlavaAdapter(ClipTowerAdapter):
         """Visual tokens the LLM receives per image."""
         if method.stage not in ("vision", "encoder"):
             return self.num_patches()
-        return self._kept(method, self.image_budget(method))
+        cls = 1 if method.stage == "vision" and method.keeps_cls else 0  # video frames carry their CLS anyway
+        return self._kept(method, self.image_budget(method)) + cls
 
     def frame_tokens(self, method: Method, num_frames: int) -> int:
         """Patch tokens the LLM receives per frame (the frame's CLS comes on top)."""
@@ -137,6 +139,8 @@ class VideoLlavaAdapter(ClipTowerAdapter):
                 session, features, captured, stable_ids(pixel_values), self.image_budget(method),
                 out.last_hidden_state, "image", visuals=list(range(features.shape[0])),
             )
+            if method.keeps_cls:  # CLS in front, as video frames have it
+                out.pooler_output = torch.cat([self.cls_tokens(out.hidden_states)[:, None], out.pooler_output], dim=1)
             return out
 
         def get_video_features(pixel_values_videos: torch.Tensor, *args, **kwargs):
@@ -197,5 +201,5 @@ class VideoLlavaAdapter(ClipTowerAdapter):
                       ids[r], visual=visuals[r], token_embeds=None if embeds is None else embeds[r])
             for r in range(features.shape[0])
         ]
-        outputs = self.select_grids(session, grids, max(visuals) + 1, kind)
+        outputs = self.select_grids(session, grids, max(visuals) + 1, kind, tower=kind)
         return torch.stack([o.features for o in outputs])

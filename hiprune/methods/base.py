@@ -15,6 +15,7 @@ Stages (``Method.stage``, declared by the class):
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import ClassVar, Literal
 
@@ -57,6 +58,9 @@ class VisionTokens:
     prompt_embeds: [B, E] prompt embedding for prompt-aware methods, else None.
     token_embeds: [B, N, E] visual tokens in the prompt embedding's space, for prompt-aware methods, else None.
     sample_ids: one id per row (used to seed random methods per sample, so results do not depend on batching).
+    project: maps the feature layer's hidden states [B, K, d] (``Request("hidden", FEATURE_LAYER)``) into the space of
+        ``features`` [B, K, D] (LLaVA: the multi-modal projector), for methods that merge pre-projector states; None
+        where ``features`` are not a projection of them (Qwen2.5-VL's merged tokens).
     """
 
     features: torch.Tensor
@@ -66,6 +70,7 @@ class VisionTokens:
     prompt_embeds: torch.Tensor | None = None
     token_embeds: torch.Tensor | None = None
     sample_ids: list[int] | None = None
+    project: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     def __post_init__(self) -> None:
         if self.features.dim() != 3:
@@ -158,6 +163,10 @@ class Method:
     stage: ClassVar[Stage] = "none"
     # Prompt-aware methods set this; adapters then fill VisionTokens.prompt_embeds / token_embeds.
     needs_prompt: ClassVar[bool] = False
+    # Vision-stage methods that pass every grid's CLS token on (VisionZip) set this: the family puts the grid's CLS
+    # token (its feature-layer state, projected like the patches) in front of the kept_count(budget) tokens that
+    # ``select`` returns. Families without a CLS token, or without that layout, refuse such a method before loading.
+    keeps_cls: ClassVar[bool] = False
 
     budget: int | float | None = None
 
@@ -196,7 +205,9 @@ class Method:
         """Choose ``kept_count(budget)`` tokens of each grid. Vision-side methods override this."""
         raise NotImplementedError(f"method {self.name!r} (stage {self.stage!r}) does not select vision tokens")
 
-    def split_visual(self, grids: list[VisionTokens], budget: int, tiles: list[tuple[int, int] | None]) -> list[int] | None:
+    def split_visual(
+        self, grids: list[VisionTokens], budget: int, tiles: list[tuple[int, int] | None]
+    ) -> list[int] | None:
         """Vision-stage methods that split one image's budget over its grids themselves (HiRED over LLaVA-NeXT
         crops). The pipeline calls it once per image with more than one grid, before any ``select``: ``grids`` are
         that image's grids in the family's order, one row each, with their requests filled; ``budget`` is the

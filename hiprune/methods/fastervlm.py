@@ -71,6 +71,8 @@ class FasterVLM(Method):
 
     def select(self, tokens: VisionTokens, budget: int) -> Selection:
         if "cls" not in tokens.scores:
-            raise ValueError(f"FasterVLM needs the CLS attention 'cls' in VisionTokens.scores, got {sorted(tokens.scores)}")
+            raise ValueError(
+                f"FasterVLM needs the CLS attention 'cls' in VisionTokens.scores, got {sorted(tokens.scores)}"
+            )
         indices = select_fastervlm(tokens.scores["cls"], budget).to(tokens.features.device)
         return Selection(indices, gather_tokens(tokens.features, indices))

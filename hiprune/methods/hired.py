@@ -147,7 +147,9 @@ class HiRED(Method):
             "late": Request("attention", FEATURE_LAYER, queries="cls"),
         }
 
-    def split_visual(self, grids: list[VisionTokens], budget: int, tiles: list[tuple[int, int] | None]) -> list[int] | None:
+    def split_visual(
+        self, grids: list[VisionTokens], budget: int, tiles: list[tuple[int, int] | None]
+    ) -> list[int] | None:
         if tiles[0] is not None or any(tile is None for tile in tiles[1:]):
             return None  # not a base image with tiled crops (video frames): the family's split
         gr, gc = 1 + max(i for i, _ in tiles[1:]), 1 + max(j for _, j in tiles[1:])
@@ -160,6 +162,8 @@ class HiRED(Method):
 
     def select(self, tokens: VisionTokens, budget: int) -> Selection:
         if "late" not in tokens.scores:
-            raise ValueError(f"HiRED needs the CLS attention 'late' in VisionTokens.scores, got {sorted(tokens.scores)}")
+            raise ValueError(
+                f"HiRED needs the CLS attention 'late' in VisionTokens.scores, got {sorted(tokens.scores)}"
+            )
         indices = select_fastervlm(tokens.scores["late"], budget).to(tokens.features.device)
         return Selection(indices, gather_tokens(tokens.features, indices))

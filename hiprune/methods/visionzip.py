@@ -12,19 +12,38 @@ Per grid of N patches, ``dominant`` patch tokens and ``contextual`` tokens:
      feature layer's hidden states (official code; ``merge="mean_group"``: the mean over the whole group, the paper's
      prose), in target order.
 
-Status: this module holds the rule and its golden tests. The ``visionzip`` method (``configs/method/visionzip.yaml``
-still ``implemented: false``) also needs two pipeline extensions that do not exist yet: passing the grid's CLS token
-on (a token without grid position) and projecting merged pre-projector states into the LLM's input space.
+The method (``method=visionzip``) passes every grid's CLS token on in front (``Method.keeps_cls``: the family puts
+the feature layer's CLS state, projected, first; it counts toward the budget), then the dominant patches (raster
+order), then the contextual tokens (target order), whose merged pre-projector states go through the family's
+projector (``VisionTokens.project``). Splits: d + C = 162 + 30 / 108 + 20 / 54 + 10 for 192 / 128 / 64, C = 5/32 of
+the budget elsewhere (:func:`official_split`). Each merged token stands at its target's index
+(``Selection.indices``) and ``Selection.sources`` says which patches went into it.
+
+Families: LLaVA-1.5; Video-LLaVA (images: CLS in front; video frames carry their CLS anyway, per frame). Not yet:
+LLaVA-NeXT (the official layout puts the sub-crops' CLS and contextual tokens after all dominant tokens; refused
+before loading) and the official Qwen2.5-VL port (:func:`qwen_split`; global attention, LLM-input embeddings, no CLS;
+refused before loading).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from numbers import Integral
+from typing import ClassVar
 
 import torch
 
-from hiprune.methods.base import top_k
+from hiprune.methods.base import (
+    FEATURE_LAYER,
+    Method,
+    Request,
+    Selection,
+    Stage,
+    VisionTokens,
+    gather_tokens,
+    register_method,
+    top_k,
+)
 from hiprune.methods.divprune import check_features
 from hiprune.methods.fastervlm import check_scores
 
@@ -99,7 +118,8 @@ def visionzip_groups(
         slot[target] = dominant + torch.arange(contextual, device=slot.device)
         slot[others] = dominant + joined
         x = hidden[b].float()
-        summed = torch.zeros(contextual, x.shape[1], device=device).index_add_(0, joined.to(device), x[others.to(device)])
+        summed = torch.zeros(contextual, x.shape[1], device=device)
+        summed.index_add_(0, joined.to(device), x[others.to(device)])
         count = torch.bincount(joined, minlength=contextual).to(device).unsqueeze(1).float()
         if merge == "add_mean":
             merged = x[target.to(device)] + torch.where(count > 0, summed / count.clamp(min=1), 0.0)
@@ -134,3 +154,54 @@ def qwen_split(ratio: float, merged: int) -> tuple[int, int]:
     if isinstance(ratio, bool) or not isinstance(ratio, float) or not 0.05 <= ratio <= 1.0:
         raise ValueError(f"VisionZip's Qwen2.5-VL port needs a ratio budget in [0.05, 1], got {ratio!r}")
     return int((ratio - 0.05) * merged), max(int(0.05 * merged), 1)
+
+
+@register_method
+@dataclass
+class VisionZip(Method):
+    """VisionZip with the official rule and splits; ``merge`` "add_mean" (official code) or "mean_group" (prose)."""
+
+    name: ClassVar[str] = "visionzip"
+    stage: ClassVar[Stage] = "vision"
+    keeps_cls: ClassVar[bool] = True
+
+    merge: str = "add_mean"
+
+    def validate(self) -> None:
+        super().validate()
+        if self.merge not in MERGES:
+            raise ValueError(f"unknown VisionZip merge {self.merge!r}; expected one of {MERGES}")
+        if isinstance(self.budget, int) and self.budget < 2:
+            raise ValueError(f"VisionZip needs a budget of at least 2 tokens (CLS + 1 contextual), got {self.budget}")
+
+    def requests(self) -> dict[str, Request]:
+        return {
+            "cls": Request("attention", FEATURE_LAYER, queries="cls"),
+            "keys": Request("keys", FEATURE_LAYER),
+            "hidden": Request("hidden", FEATURE_LAYER),
+        }
+
+    def kept_count(self, budget: int) -> int:
+        return budget - 1  # the grid's CLS token, put in front by the family, is the budget's last token
+
+    def select(self, tokens: VisionTokens, budget: int) -> Selection:
+        missing = [k for k in ("cls",) if k not in tokens.scores]
+        missing += [k for k in ("keys", "hidden") if k not in tokens.states]
+        if missing:
+            raise ValueError(f"VisionZip needs {missing} in VisionTokens.scores / states")
+        if tokens.project is None:
+            raise ValueError("VisionZip merges the feature layer's hidden states and needs VisionTokens.project")
+        with_cls, contextual = official_split(budget)
+        groups = visionzip_groups(tokens.scores["cls"], tokens.states["keys"], tokens.states["hidden"],
+                                  with_cls - 1, contextual, self.merge)
+        features = tokens.features
+        merged = tokens.project(groups.contextual).to(features.dtype)
+        indices = torch.cat([groups.dominant, groups.targets], dim=1).to(features.device)
+        dominant = torch.arange(indices.shape[1], device=features.device) < groups.dominant.shape[1]
+        dominant = dominant.expand(indices.shape[0], -1)
+        return Selection(
+            indices,
+            torch.cat([gather_tokens(features, groups.dominant.to(features.device)), merged], dim=1),
+            roles={"dominant": dominant, "contextual": ~dominant},
+            sources=groups.sources.to(features.device),
+        )
