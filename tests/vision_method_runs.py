@@ -93,7 +93,7 @@ def run_llava(method: Method) -> list[Call]:
     calls = spy(method)
     seen, hook = _llm_inputs(model)
     try:
-        with torch.no_grad(), hiprune.apply(model, method, processor) as session:
+        with torch.no_grad(), hiprune.apply(model, method, processor, prompt_encoder(method)) as session:
             _set_prompts(session, method, 2)
             batch = processor(text=["USER: <image>\nIs there a red circle? ASSISTANT:"] * 2,
                               images=[_image(200, 120, 1), _image(90, 160, 2)], return_tensors="pt", padding=True)
@@ -123,7 +123,8 @@ def run_llava_next(method: Method) -> list[Call]:
     calls = spy(method)
     seen, hook = _llm_inputs(model)
     try:
-        with torch.no_grad(), hiprune.apply(model, method, processor, layout="official") as session:
+        encoder = prompt_encoder(method)
+        with torch.no_grad(), hiprune.apply(model, method, processor, encoder, layout="official") as session:
             _set_prompts(session, method, 1)
             batch = processor(text=["USER: <image>\nIs there a red circle? ASSISTANT:"],
                               images=[_image(700, 660, 1)], return_tensors="pt", padding=True)
@@ -135,20 +136,23 @@ def run_llava_next(method: Method) -> list[Call]:
         crops = model.model.multi_modal_projector(hidden[model.config.vision_feature_layer][:, 1:])
     records = session.records[0]
     assert len(records) == 5, "base + 4 crops"
+    passed = {k: crops[k][:0] for k in range(5)}  # what each crop passed on (none for a crop without a call)
     for call in calls:
         for row in range(call.tokens.batch_size):
             [crop] = [k for k in range(5) if torch.allclose(call.tokens.features[row], crops[k], atol=1e-5)]
             assert torch.equal(records[crop].indices, call.selection.indices[row].cpu())
-            torch.testing.assert_close(call.selection.features[row], crops[crop][records[crop].indices])
+            passed[crop] = call.selection.features[row]
+            if call.selection.sources is None:  # a pure selection passes the crop's own tokens on
+                torch.testing.assert_close(passed[crop], crops[crop][records[crop].indices])
     side = hiprune.adapter_for(model).side
     parts, positions = [], []
     for crop in range(1, 5):
         ci, cj = divmod(crop - 1, 2)
         indices = records[crop].indices
         positions.append((ci * side + indices // side) * 2 * side + cj * side + indices % side)
-        parts.append(crops[crop][indices])
+        parts.append(passed[crop])
     order = torch.cat(positions).argsort(stable=True)
-    expected = torch.cat([crops[0][records[0].indices], torch.cat(parts)[order]])
+    expected = torch.cat([passed[0], torch.cat(parts)[order]])
     image = batch["input_ids"][0] == model.config.image_token_id
     torch.testing.assert_close(seen[0][0][image], expected, rtol=1e-5, atol=1e-5)
     return calls
@@ -168,7 +172,7 @@ def run_qwen(method: Method) -> list[Call]:
         for q in questions
     ]
     try:
-        with torch.no_grad(), hiprune.apply(model, method, processor) as session:
+        with torch.no_grad(), hiprune.apply(model, method, processor, prompt_encoder(method)) as session:
             _set_prompts(session, method, 2)
             batch = processor(text=texts, images=[_noise(112, 168, 0), _noise(84, 140, 1)], padding=True,
                               padding_side="left", return_tensors="pt")
@@ -191,7 +195,7 @@ def run_video(method: Method, frames: int = 4) -> list[Call]:
     seen, hook = _llm_inputs(model)
     videos = [np.asarray([np.asarray(_noise(48, 64, 10 * v + f)) for f in range(frames)]) for v in range(2)]
     try:
-        with torch.no_grad(), hiprune.apply(model, method, processor) as session:
+        with torch.no_grad(), hiprune.apply(model, method, processor, prompt_encoder(method)) as session:
             _set_prompts(session, method, 2)
             batch = dict(processor(text=["USER: <video>\nWhat moves? ASSISTANT:"] * 2, videos=videos,
                                    return_tensors="pt", padding=True))
@@ -206,6 +210,14 @@ def run_video(method: Method, frames: int = 4) -> list[Call]:
         tokens = seen[0][b][video[b]].view(frames, -1, seen[0].shape[-1])
         torch.testing.assert_close(tokens[:, 1:], call.selection.features[b * frames:(b + 1) * frames], rtol=0, atol=0)
     return calls
+
+
+def prompt_encoder(method: Method):
+    """The tiny CLIP text tower paired with the tiny CLIP-tower models, for prompt-aware methods (else None)."""
+    if not method.needs_prompt:
+        return None
+    path = load_script("build_tiny_clip").build_tiny_clip(ASSETS / "tiny-clip", ASSETS / "tiny-llava")
+    return hiprune.ClipPromptEncoder.from_pretrained(str(path))
 
 
 def _set_prompts(session, method: Method, n: int) -> None:

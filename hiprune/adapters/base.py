@@ -350,6 +350,12 @@ class Adapter:
                 "prompt encoder, e.g. apply(model, method, processor, "
                 "prompt_encoder=hiprune.ClipPromptEncoder.from_pretrained('openai/clip-vit-large-patch14-336'))"
             )
+        if method.needs_prompt and method.needs_clip_text and not self.needs_prompt_encoder:
+            raise ValueError(
+                f"method {method.name!r} compares visual tokens with the prompt through a CLIP text tower paired with "
+                f"the vision tower; the {self.family} encoder has none (use hiprune_pp, which compares prompts in the "
+                "LLM's embedding space there)"
+            )
         if method.stage not in self.stages:
             raise ValueError(unsupported_stage_message(method.name, self.family, method.stage))
         if method.stage == "vision":
@@ -381,7 +387,10 @@ class Adapter:
     # --- the pipeline ----------------------------------------------------------------------------------------
     def embed_prompts(self, session: PruningSession, prompts: list[str]) -> torch.Tensor:
         """[n, E] one embedding per prompt (default: the session's prompt encoder)."""
-        return session.prompt_encoder.encode_prompts(prompts)
+        pooling = session.method.prompt_pooling
+        if pooling is None:
+            return session.prompt_encoder.encode_prompts(prompts)
+        return session.prompt_encoder.encode_prompts(prompts, pooling=pooling)
 
     def select_grids(
         self, session: PruningSession, grids: list[GridInput], n_visuals: int, kind: str = "image",

@@ -138,7 +138,7 @@ class LlavaAdapter(ClipTowerAdapter):
         if n_tokens != self.num_patches():
             raise PruningError(f"expected {self.num_patches()} visual tokens per image, got {n_tokens}")
         patches = self.patch_captures(captured, n_images)
-        embeds = self.patch_embeds(session, out.last_hidden_state) if session.method.needs_prompt else None
+        embeds = self.patch_embeds(session, out) if session.method.needs_prompt else None
         ids = stable_ids(pixel_values)
         grids = [
             GridInput(self.grid, features[i], {name: value[i] for name, value in patches.items()}, budget, keep,

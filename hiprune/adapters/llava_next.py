@@ -311,7 +311,7 @@ class LlavaNextAdapter(ClipTowerAdapter):
         if len(image_features) != len(layouts):
             raise PruningError(f"{len(image_features)} images of features for {len(layouts)} image sizes")
         patches = self.patch_captures(captured, sum(f.shape[0] for f in image_features))
-        embeds = self.patch_embeds(session, out.last_hidden_state) if method.needs_prompt else None
+        embeds = self.patch_embeds(session, out) if method.needs_prompt else None
 
         # One grid per crop (native: its unpadded part), cut out of its crop's side x side tokens.
         grids: list[GridInput] = []

@@ -163,6 +163,12 @@ class Method:
     stage: ClassVar[Stage] = "none"
     # Prompt-aware methods set this; adapters then fill VisionTokens.prompt_embeds / token_embeds.
     needs_prompt: ClassVar[bool] = False
+    # Prompt-aware methods: which tower layer token_embeds come from on CLIP towers (None: the last layer, HiPrune++;
+    # FEATURE_LAYER: the layer that feeds the LLM, TRIM), the prompt pooling they need from the prompt encoder (None:
+    # the encoder's own), and whether only a CLIP text tower paired with the vision tower will do (refused elsewhere).
+    prompt_patch_layer: ClassVar[str | None] = None
+    prompt_pooling: ClassVar[str | None] = None
+    needs_clip_text: ClassVar[bool] = False
     # Vision-stage methods that pass every grid's CLS token on (VisionZip) set this: the family puts the grid's CLS
     # token (its feature-layer state, projected like the patches) in front of the kept_count(budget) tokens that
     # ``select`` returns. Families without a CLS token, or without that layout, refuse such a method before loading.
