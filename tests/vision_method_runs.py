@@ -231,7 +231,8 @@ def _check_records(session, selections: list[Selection], rows: list[int]) -> Non
     flat = [s.indices[r] for s in selections for r in range(s.indices.shape[0])]
     assert len(records) == len(flat) == len(rows)
     for record, indices in zip(records, flat):
-        assert torch.equal(record.indices, indices.cpu()) and record.tokens_kept == indices.shape[0]
+        front = 1 if session.method.keeps_cls and records.kind == "image" else 0  # the CLS put in front, counted
+        assert torch.equal(record.indices, indices.cpu()) and record.tokens_kept == indices.shape[0] + front
 
 
 def refused_before_patching(family: str, method: Method, match: str) -> None:

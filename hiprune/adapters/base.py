@@ -36,7 +36,7 @@ class GridRecord:
     """One grid (image or crop) that went through a method in one forward pass."""
 
     tokens_in: int
-    tokens_kept: int
+    tokens_kept: int  # tokens the LLM receives from the grid (with a CLS token put in front for keeps_cls methods)
     indices: torch.Tensor | None  # kept (or representative) indices (CPU, long), None when nothing was pruned
     sources: torch.Tensor | None = None  # merging methods: [tokens_in] output slot of every token (-1: dropped)
 
@@ -437,16 +437,20 @@ class Adapter:
                 sources = selection.sources[row] if selection.sources is not None else None
                 outputs[k] = GridOutput(selection.indices[row], selection.features[row], sources)
                 selections[k] = selection_row(selection, row)
-        self.record_outputs(session, [grid.shape[0] * grid.shape[1] for grid in grids], outputs, kind)
+        # keeps_cls: images get their CLS token in front (counted); video frames carry theirs for every method
+        front = 1 if method.keeps_cls and kind == "image" else 0
+        self.record_outputs(session, [grid.shape[0] * grid.shape[1] for grid in grids], outputs, kind, front)
         session.last_selection = stack_selections(selections)
         return outputs
 
     def record_outputs(
-        self, session: PruningSession, tokens_in: Sequence[int], outputs: Sequence[GridOutput], kind: str = "image"
+        self, session: PruningSession, tokens_in: Sequence[int], outputs: Sequence[GridOutput], kind: str = "image",
+        front: int = 0,
     ) -> None:
-        """Record what one vision forward passed on from each of its grids."""
+        """Record what one vision forward passed on from each of its grids (``front``: tokens without grid position
+        the family puts in front of every grid's tokens, such as a CLS token)."""
         session.records.append(ForwardRecord(kind, [
-            GridRecord(n, out.indices.shape[0], out.indices.detach().cpu(),
+            GridRecord(n, out.indices.shape[0] + front, out.indices.detach().cpu(),
                        None if out.sources is None else out.sources.detach().cpu())
             for n, out in zip(tokens_in, outputs)
         ]))
