@@ -203,6 +203,14 @@ class Method:
         """The attention requests' layers: name -> encoder layer (what FLOPs counting needs to know)."""
         return {name: r.layer for name, r in self.requests().items() if r.kind == "attention"}
 
+    def selection_flops(self, num_tokens: int, budget: int, widths: dict[str, int]) -> int:
+        """Vision-stage methods: the FLOPs of one grid's selection arithmetic beyond the captures (matrix products,
+        2 per multiply-add, as torch's FlopCounterMode counts them), for FLOPs accounting. ``widths``: "features"
+        (width of the tokens passed on), "hidden" (the feature layer's hidden states), "keys" (a head's key width).
+        Tokens a method sends through ``VisionTokens.project`` cost the family's projector on top (not counted here).
+        Default: 0 (selection by sorting scores)."""
+        return 0
+
     def kept_count(self, budget: int) -> int:
         """Tokens per grid the LLM receives for a resolved budget (methods that add tokens on top override it)."""
         return budget

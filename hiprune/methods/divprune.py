@@ -93,6 +93,9 @@ class DivPrune(Method):
     name: ClassVar[str] = "divprune"
     stage: ClassVar[Stage] = "vision"
 
+    def selection_flops(self, num_tokens: int, budget: int, widths: dict[str, int]) -> int:
+        return 2 * num_tokens * num_tokens * widths["features"]  # the N x N cosine similarities
+
     def select(self, tokens: VisionTokens, budget: int) -> Selection:
         indices = select_divprune(tokens.features, budget).to(tokens.features.device)
         return Selection(indices, gather_tokens(tokens.features, indices))

@@ -121,6 +121,11 @@ class TRIM(Method):
     def kept_count(self, budget: int) -> int:
         return budget + 1 if self.total == "budget_plus_one" else budget
 
+    def selection_flops(self, num_tokens: int, budget: int, widths: dict[str, int]) -> int:
+        # the N similarities v . t (the prompt encoder's own work, and the aggregate through the family's projector,
+        # are counted elsewhere)
+        return 2 * num_tokens * widths["prompt"]
+
     def select(self, tokens: VisionTokens, budget: int) -> Selection:
         if tokens.prompt_embeds is None or tokens.token_embeds is None:
             raise ValueError("TRIM needs prompt_embeds and token_embeds in VisionTokens (the adapter fills them)")

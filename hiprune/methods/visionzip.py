@@ -184,6 +184,12 @@ class VisionZip(Method):
     def kept_count(self, budget: int) -> int:
         return budget - 1  # the grid's CLS token, put in front by the family, is the budget's last token
 
+    def selection_flops(self, num_tokens: int, budget: int, widths: dict[str, int]) -> int:
+        with_cls, contextual = official_split(budget)
+        others = num_tokens - (with_cls - 1) - contextual
+        # every other against every target; the C contextual tokens then cost the family's projector (not here)
+        return 2 * others * contextual * widths["keys"]
+
     def select(self, tokens: VisionTokens, budget: int) -> Selection:
         missing = [k for k in ("cls",) if k not in tokens.scores]
         missing += [k for k in ("keys", "hidden") if k not in tokens.states]

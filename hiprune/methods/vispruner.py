@@ -85,6 +85,22 @@ def select_vispruner(
     return torch.stack(rows)
 
 
+def removal_flops(num_tokens: int, budget: int, important_ratio: float, width: int) -> int:
+    """FLOPs of the duplicate-removal rounds of one grid: 2 |A| |B| width per round (the rounds' sizes depend only on
+    N, T and r)."""
+    remaining = num_tokens - important_count(budget, important_ratio)
+    diverse = budget - important_count(budget, important_ratio)
+    flops = 0
+    while diverse > 0:
+        m = min(ROUND_LIMIT, remaining - diverse)
+        if m <= 0:
+            break
+        a, b = (remaining + 1) // 2, remaining // 2
+        flops += 2 * a * b * width
+        remaining -= min(m, a)
+    return flops
+
+
 def _diverse(candidates: torch.Tensor, unit: torch.Tensor, n_diverse: int) -> torch.Tensor:
     """The official duplicate-removal rounds on the candidate order ``candidates`` [|R|] -> [n_diverse]."""
     while True:
@@ -126,6 +142,9 @@ class VisPruner(Method):
             "importance": Request("attention", FEATURE_LAYER, queries=ATTENTION[self.attention]),
             "hidden": Request("hidden", FEATURE_LAYER),
         }
+
+    def selection_flops(self, num_tokens: int, budget: int, widths: dict[str, int]) -> int:
+        return removal_flops(num_tokens, budget, self.important_ratio, widths["hidden"])
 
     def select(self, tokens: VisionTokens, budget: int) -> Selection:
         if "importance" not in tokens.scores or "hidden" not in tokens.states:
