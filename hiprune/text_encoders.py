@@ -52,12 +52,15 @@ class ClipPromptEncoder:
         return self.text_projection.weight.device
 
     @torch.no_grad()
-    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
-        """[B, E] prompt embeddings."""
+    def encode_prompts(self, prompts: list[str], pooling: str | None = None) -> torch.Tensor:
+        """[B, E] prompt embeddings; ``pooling`` overrides the encoder's own ("mean" or "eos")."""
+        pooling = self.pooling if pooling is None else pooling
+        if pooling not in POOLINGS:
+            raise ValueError(f"unknown prompt pooling {pooling!r}; expected one of {POOLINGS}")
         batch = self.tokenizer(prompts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
         batch = {k: v.to(self.device) for k, v in batch.items() if k in ("input_ids", "attention_mask")}
         out = self.text_model(**batch)
-        if self.pooling == "eos":
+        if pooling == "eos":
             return self.text_projection(out.pooler_output)
         projected = self.text_projection(out.last_hidden_state)  # [B, L, E]
         mask = batch["attention_mask"].unsqueeze(-1).to(projected.dtype)

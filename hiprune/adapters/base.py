@@ -17,7 +17,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
 
 import torch
@@ -36,7 +36,7 @@ class GridRecord:
     """One grid (image or crop) that went through a method in one forward pass."""
 
     tokens_in: int
-    tokens_kept: int
+    tokens_kept: int  # tokens the LLM receives from the grid (with a CLS token put in front for keeps_cls methods)
     indices: torch.Tensor | None  # kept (or representative) indices (CPU, long), None when nothing was pruned
     sources: torch.Tensor | None = None  # merging methods: [tokens_in] output slot of every token (-1: dropped)
 
@@ -59,6 +59,8 @@ class GridInput:
     sample_id: seeds random methods (stable per image / crop / frame, independent of batching).
     visual: which image or video of the forward the grid belongs to (its prompt, for prompt-aware methods).
     token_embeds: [rows * cols, E] the grid's tokens in the prompt embedding's space (prompt-aware methods only).
+    tile: (row, col) of the grid in its image's tiling (LLaVA-NeXT sub-crops), None for a grid covering the whole
+        visual (an image, the base image, a frame); see ``Method.split_visual``.
     """
 
     shape: tuple[int, int]
@@ -69,6 +71,7 @@ class GridInput:
     sample_id: int
     visual: int = 0
     token_embeds: torch.Tensor | None = None
+    tile: tuple[int, int] | None = None
 
 
 @dataclass
@@ -286,6 +289,8 @@ class Adapter:
     has_cls: ClassVar[bool] = True
     # Why a stage this family does not support cannot run here (said before anything loads), where it is by design.
     stage_limits: ClassVar[dict[str, str]] = {}
+    # Whether the family lays out a grid's CLS token in front of its kept tokens (methods with ``keeps_cls``).
+    passes_cls: ClassVar[bool] = False
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -312,6 +317,11 @@ class Adapter:
 
     def tokens_per_image(self, method: Method) -> int:
         raise NotImplementedError
+
+    def projector(self, tower: str = "image") -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """The map from the feature layer's hidden states to the tokens the LLM receives (``VisionTokens.project``),
+        or None where the grid's tokens are not such a projection."""
+        return None
 
     def describe_encoder(self) -> dict[str, Any]:
         """How this family presents visual tokens to methods: grid, CLS, feature layer, merge (recorded per run)."""
@@ -341,13 +351,25 @@ class Adapter:
                 "prompt encoder, e.g. apply(model, method, processor, "
                 "prompt_encoder=hiprune.ClipPromptEncoder.from_pretrained('openai/clip-vit-large-patch14-336'))"
             )
+        if method.needs_prompt and method.needs_clip_text and not self.needs_prompt_encoder:
+            raise ValueError(
+                f"method {method.name!r} compares visual tokens with the prompt through a CLIP text tower paired with "
+                f"the vision tower; the {self.family} encoder has none (use hiprune_pp, which compares prompts in the "
+                "LLM's embedding space there)"
+            )
         if method.stage not in self.stages:
             raise ValueError(unsupported_stage_message(method.name, self.family, method.stage))
         if method.stage == "vision":
             self.resolve_layers(method)
         if not self.has_cls and any(r.queries == "cls" for r in method.requests().values()):
             raise ValueError(
-                f"method {method.name!r} scores by the CLS token's attention; the {self.family} encoder has none"
+                f"method {method.name!r} scores by the CLS token's attention; the {self.family} encoder has none "
+                "(use a method that scores by global attention instead, e.g. hiprune, or vispruner attention=global)"
+            )
+        if method.keeps_cls and not (self.has_cls and self.passes_cls):
+            raise ValueError(
+                f"method {method.name!r} passes every grid's CLS token on to the LLM, which the {self.family} adapter "
+                f"{'cannot: its encoder has no CLS token' if not self.has_cls else 'does not lay out yet'}"
             )
 
     def capture(self, method: Method, tower: str = "image") -> Capture:
@@ -366,10 +388,14 @@ class Adapter:
     # --- the pipeline ----------------------------------------------------------------------------------------
     def embed_prompts(self, session: PruningSession, prompts: list[str]) -> torch.Tensor:
         """[n, E] one embedding per prompt (default: the session's prompt encoder)."""
-        return session.prompt_encoder.encode_prompts(prompts)
+        pooling = session.method.prompt_pooling
+        if pooling is None:
+            return session.prompt_encoder.encode_prompts(prompts)
+        return session.prompt_encoder.encode_prompts(prompts, pooling=pooling)
 
     def select_grids(
-        self, session: PruningSession, grids: list[GridInput], n_visuals: int, kind: str = "image"
+        self, session: PruningSession, grids: list[GridInput], n_visuals: int, kind: str = "image",
+        tower: str = "image",
     ) -> list[GridOutput]:
         """Run the method on every grid of one vision forward and record what it kept.
 
@@ -380,6 +406,7 @@ class Adapter:
         for grid in grids:
             check_captured(grid.captured, (grid.shape[0] * grid.shape[1],))
         prompt_embeds = self.embed_prompts(session, session.take_prompts(n_visuals)) if method.needs_prompt else None
+        grids = split_visuals(method, grids)
         groups: dict[tuple[tuple[int, int], int, int], list[int]] = {}
         for k, grid in enumerate(grids):
             groups.setdefault((grid.shape, grid.budget, grid.keep), []).append(k)
@@ -387,10 +414,18 @@ class Adapter:
         selections: list[Selection | None] = [None] * len(grids)
         for (shape, budget, keep), members in groups.items():
             first = grids[members[0]]
+            if keep == 0:  # a grid the method's split left without tokens (Method.split_visual)
+                for k in members:
+                    features = grids[k].features
+                    empty = Selection(torch.zeros(1, 0, dtype=torch.long, device=features.device), features[None, :0])
+                    outputs[k] = GridOutput(empty.indices[0], empty.features[0])
+                    selections[k] = empty
+                continue
             tokens = VisionTokens(
                 features=torch.stack([grids[k].features for k in members]),
                 grid=shape,
                 sample_ids=[grids[k].sample_id for k in members],
+                project=self.projector(tower),
             )
             for name in first.captured:
                 stacked = torch.stack([grids[k].captured[name] for k in members])
@@ -403,16 +438,20 @@ class Adapter:
                 sources = selection.sources[row] if selection.sources is not None else None
                 outputs[k] = GridOutput(selection.indices[row], selection.features[row], sources)
                 selections[k] = selection_row(selection, row)
-        self.record_outputs(session, [grid.shape[0] * grid.shape[1] for grid in grids], outputs, kind)
+        # keeps_cls: images get their CLS token in front (counted); video frames carry theirs for every method
+        front = 1 if method.keeps_cls and kind == "image" else 0
+        self.record_outputs(session, [grid.shape[0] * grid.shape[1] for grid in grids], outputs, kind, front)
         session.last_selection = stack_selections(selections)
         return outputs
 
     def record_outputs(
-        self, session: PruningSession, tokens_in: Sequence[int], outputs: Sequence[GridOutput], kind: str = "image"
+        self, session: PruningSession, tokens_in: Sequence[int], outputs: Sequence[GridOutput], kind: str = "image",
+        front: int = 0,
     ) -> None:
-        """Record what one vision forward passed on from each of its grids."""
+        """Record what one vision forward passed on from each of its grids (``front``: tokens without grid position
+        the family puts in front of every grid's tokens, such as a CLS token)."""
         session.records.append(ForwardRecord(kind, [
-            GridRecord(n, out.indices.shape[0], out.indices.detach().cpu(),
+            GridRecord(n, out.indices.shape[0] + front, out.indices.detach().cpu(),
                        None if out.sources is None else out.sources.detach().cpu())
             for n, out in zip(tokens_in, outputs)
         ]))
@@ -526,6 +565,49 @@ class EncoderMerging:
         representative.scatter_reduce_(1, where, patches, reduce="amin")
         self.schedule = self.sizes = self.where = None
         return [GridOutput(representative[b], torch.empty(0), where[b]) for b in range(where.shape[0])]
+
+
+def splits_visuals(method: Method) -> bool:
+    """Whether ``method`` splits an image's budget over its grids itself (overrides ``Method.split_visual``)."""
+    return type(method).split_visual is not Method.split_visual
+
+
+def split_visuals(method: Method, grids: list[GridInput]) -> list[GridInput]:
+    """The grids with the budgets ``method.split_visual`` gives the grids of each visual that has several (the
+    family's own budgets where it returns None). Fails loudly unless a split keeps the visual's total number of
+    passed-on tokens (what the processor emitted) and fits every grid."""
+    if not splits_visuals(method):
+        return grids
+    by_visual: dict[int, list[int]] = {}
+    for k, grid in enumerate(grids):
+        by_visual.setdefault(grid.visual, []).append(k)
+    grids = list(grids)
+    for visual, members in by_visual.items():
+        if len(members) < 2:
+            continue
+        tokens = []
+        for k in members:
+            grid = grids[k]
+            view = VisionTokens(features=grid.features[None], grid=grid.shape, sample_ids=[grid.sample_id])
+            for name, value in grid.captured.items():
+                (view.scores if value.dim() == 1 else view.states)[name] = value[None]
+            tokens.append(view)
+        budget = sum(grids[k].budget for k in members)
+        split = method.split_visual(tokens, budget, [grids[k].tile for k in members])
+        if split is None:
+            continue
+        split = [int(b) for b in split]
+        keep = [method.kept_count(b) if b else 0 for b in split]
+        capacities = [grids[k].shape[0] * grids[k].shape[1] for k in members]
+        if (len(split) != len(members) or any(b < 0 for b in split) or sum(split) != budget
+                or sum(keep) != sum(grids[k].keep for k in members) or any(n > c for n, c in zip(keep, capacities))):
+            raise PruningError(
+                f"method {method.name!r} split visual {visual}'s budget {budget} over grids of {capacities} tokens "
+                f"as {split}: expected one count >= 0 per grid, at most its tokens, summing to {budget}"
+            )
+        for k, b, n in zip(members, split, keep):
+            grids[k] = replace(grids[k], budget=b, keep=n)
+    return grids
 
 
 def selection_row(selection: Selection, row: int) -> Selection:

@@ -11,6 +11,7 @@ from torch import nn
 
 from hiprune.adapters.base import Adapter, EncoderMerging, PruningError, PruningSession, patch_attribute
 from hiprune.capture import Capture, Tap
+from hiprune.methods.base import FEATURE_LAYER
 
 
 class ClipTowerAdapter(Adapter):
@@ -55,6 +56,14 @@ class ClipTowerAdapter(Adapter):
     def attention_module(self, layer: int, tower: str = "image") -> nn.Module:
         return self.layer_module(layer, tower).self_attn
 
+    def projector(self, tower: str = "image"):
+        return self.inner.multi_modal_projector
+
+    def cls_tokens(self, hidden_states: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """[rows, D] every encoder row's CLS token as the LLM would receive it: the feature layer's CLS state
+        (``hidden_states`` of the tower, [0] = embeddings), projected like the patches (methods with ``keeps_cls``)."""
+        return self.inner.multi_modal_projector(hidden_states[self.feature_layer()][:, 0])
+
     def num_patches(self) -> int:
         return self.grid[0] * self.grid[1]
 
@@ -81,10 +90,15 @@ class ClipTowerAdapter(Adapter):
             out[name] = value[:, 1:]
         return out
 
-    def patch_embeds(self, session: PruningSession, last_hidden_state: torch.Tensor, tower: str = "image"):
-        """[rows, N, E] patch tokens in the prompt encoder's space (prompt-aware methods)."""
+    def patch_embeds(self, session: PruningSession, out: Any, tower: str = "image"):
+        """[rows, N, E] patch tokens in the prompt encoder's space (prompt-aware methods), from the tower output
+        ``out``: its last layer, or the feature layer for methods whose ``prompt_patch_layer`` is FEATURE_LAYER."""
         post_layernorm = self.vision_model(self.vision_tower(tower)).post_layernorm
-        return session.prompt_encoder.encode_patches(last_hidden_state, post_layernorm)
+        if session.method.prompt_patch_layer == FEATURE_LAYER:
+            states = out.hidden_states[self.feature_layer()]
+        else:
+            states = out.last_hidden_state
+        return session.prompt_encoder.encode_patches(states, post_layernorm)
 
     # --- encoder-stage methods (merging between CLIP layers) ----------------------------------------------
     def install_merging(self, stack: ExitStack, session: PruningSession, tower: str = "image") -> EncoderMerging:

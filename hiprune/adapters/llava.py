@@ -40,13 +40,15 @@ class LlavaAdapter(ClipTowerAdapter):
     model_types = (LlavaForConditionalGeneration,)
     # encoder: merging inside the CLIP tower (ClipTowerAdapter.install_merging); llm: hiprune.adapters.llm_pruning
     stages = ("none", "vision", "encoder", "llm")
+    passes_cls = True  # methods with keeps_cls: the CLS token in front of the image's kept tokens
 
     def tokens_per_image(self, method: Method) -> int:
         if method.stage == "llm" and method.budget is not None:  # PyramidDrop with explicit ratios has none
             resolve_budget(method.budget, self.num_patches())  # validates the budget against the grid
         if method.stage not in ("vision", "encoder"):
             return self.num_patches()  # the LLM's input holds every visual token; LLM-side methods drop them later
-        return method.kept_count(resolve_budget(method.budget, self.num_patches()))
+        cls = 1 if method.stage == "vision" and method.keeps_cls else 0
+        return method.kept_count(resolve_budget(method.budget, self.num_patches())) + cls
 
     def check_supported(self, method: Method, prompt_encoder: Any = None) -> None:
         if method.stage != "llm":
@@ -59,6 +61,8 @@ class LlavaAdapter(ClipTowerAdapter):
         method = session.method
         keep = self.tokens_per_image(method)  # validates the budget against the grid before anything runs
         budget = split_budget(method.budget, [self.num_patches()])[0] if method.stage in ("vision", "encoder") else None
+        if method.stage == "vision" and method.keeps_cls:
+            keep -= 1  # select returns the patch part; the CLS token goes in front (_select)
         original = self.inner.get_image_features  # bound method of the class
         merging = self.install_merging(stack, session) if method.stage == "encoder" else None
         if merging is not None:
@@ -135,11 +139,15 @@ class LlavaAdapter(ClipTowerAdapter):
         if n_tokens != self.num_patches():
             raise PruningError(f"expected {self.num_patches()} visual tokens per image, got {n_tokens}")
         patches = self.patch_captures(captured, n_images)
-        embeds = self.patch_embeds(session, out.last_hidden_state) if session.method.needs_prompt else None
+        embeds = self.patch_embeds(session, out) if session.method.needs_prompt else None
         ids = stable_ids(pixel_values)
         grids = [
             GridInput(self.grid, features[i], {name: value[i] for name, value in patches.items()}, budget, keep,
                       ids[i], visual=i, token_embeds=None if embeds is None else embeds[i])
             for i in range(n_images)
         ]
-        return [grid.features for grid in self.select_grids(session, grids, n_images)]
+        kept = [grid.features for grid in self.select_grids(session, grids, n_images)]
+        if session.method.keeps_cls:
+            cls = self.cls_tokens(out.hidden_states)
+            kept = [torch.cat([cls[i : i + 1], tokens]) for i, tokens in enumerate(kept)]
+        return kept

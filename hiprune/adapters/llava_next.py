@@ -58,8 +58,9 @@ from hiprune.adapters.base import (
     derived_id,
     patch_attribute,
     register_adapter,
-    spread_budget,
     split_budget,
+    splits_visuals,
+    spread_budget,
     stable_ids,
 )
 from hiprune.adapters.clip_tower import ClipTowerAdapter
@@ -201,6 +202,11 @@ class LlavaNextAdapter(ClipTowerAdapter):
 
     def check_supported(self, method: Method, prompt_encoder: Any = None) -> None:
         super().check_supported(method, prompt_encoder)
+        if splits_visuals(method) and self.layout != "official":
+            raise ValueError(
+                f"method {method.name!r} splits an image's budget over its full crops: it runs the official "
+                "'spatial' layout only (layout=official), not the unpadded native layout"
+            )
         if method.stage == "encoder" and self.layout != "official":
             raise ValueError(
                 f"method {method.name!r} merges inside the vision encoder, crop by crop: it runs the official "
@@ -305,7 +311,7 @@ class LlavaNextAdapter(ClipTowerAdapter):
         if len(image_features) != len(layouts):
             raise PruningError(f"{len(image_features)} images of features for {len(layouts)} image sizes")
         patches = self.patch_captures(captured, sum(f.shape[0] for f in image_features))
-        embeds = self.patch_embeds(session, out.last_hidden_state) if method.needs_prompt else None
+        embeds = self.patch_embeds(session, out) if method.needs_prompt else None
 
         # One grid per crop (native: its unpadded part), cut out of its crop's side x side tokens.
         grids: list[GridInput] = []
@@ -328,7 +334,9 @@ class LlavaNextAdapter(ClipTowerAdapter):
                 grids.append(GridInput(
                     (grid.rows, grid.cols), cut(features[grid.crop]),
                     {name: cut(value[row]) for name, value in patches.items()}, grid.budget, grid.keep,
-                    derived_id(image_id, grid.crop), visual=i, token_embeds=None if embeds is None else cut(embeds[row]),
+                    derived_id(image_id, grid.crop), visual=i,
+                    token_embeds=None if embeds is None else cut(embeds[row]),
+                    tile=None if grid.crop == 0 else divmod(grid.crop - 1, layout.crop_grid[1]),
                 ))
                 placed.append((i, grid))
             offset += features.shape[0]

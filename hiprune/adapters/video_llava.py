@@ -48,6 +48,7 @@ class VideoLlavaAdapter(ClipTowerAdapter):
     family = "video_llava"
     model_types = (VideoLlavaForConditionalGeneration,)
     stages = ("none", "vision", "encoder")
+    passes_cls = True  # methods with keeps_cls: images get their CLS in front; video frames carry it anyway
 
     def __init__(self, model: VideoLlavaForConditionalGeneration, num_frames: int = DEFAULT_FRAMES):
         super().__init__(model)
@@ -83,7 +84,8 @@ class VideoLlavaAdapter(ClipTowerAdapter):
         """Visual tokens the LLM receives per image."""
         if method.stage not in ("vision", "encoder"):
             return self.num_patches()
-        return self._kept(method, self.image_budget(method))
+        cls = 1 if method.stage == "vision" and method.keeps_cls else 0  # video frames carry their CLS anyway
+        return self._kept(method, self.image_budget(method)) + cls
 
     def frame_tokens(self, method: Method, num_frames: int) -> int:
         """Patch tokens the LLM receives per frame (the frame's CLS comes on top)."""
@@ -135,8 +137,10 @@ class VideoLlavaAdapter(ClipTowerAdapter):
                 return out
             out.pooler_output = self._select(
                 session, features, captured, stable_ids(pixel_values), self.image_budget(method),
-                out.last_hidden_state, "image", visuals=list(range(features.shape[0])),
+                out, "image", visuals=list(range(features.shape[0])),
             )
+            if method.keeps_cls:  # CLS in front, as video frames have it
+                out.pooler_output = torch.cat([self.cls_tokens(out.hidden_states)[:, None], out.pooler_output], dim=1)
             return out
 
         def get_video_features(pixel_values_videos: torch.Tensor, *args, **kwargs):
@@ -160,7 +164,7 @@ class VideoLlavaAdapter(ClipTowerAdapter):
                 for f in range(frames)
             ]
             selected = self._select(
-                session, features[:, 1:], captured, ids, self.frame_budget(method, frames), out.last_hidden_state,
+                session, features[:, 1:], captured, ids, self.frame_budget(method, frames), out,
                 "video", visuals=[v for v in range(videos) for _ in range(frames)],
             )
             out.pooler_output = torch.cat([features[:, :1], selected], dim=1)  # CLS, then kept patches
@@ -186,16 +190,16 @@ class VideoLlavaAdapter(ClipTowerAdapter):
         if features.dim() != 3 or features.shape[:2] != (rows, n):
             raise PruningError(f"expected {kind} features [{rows}, {n}, D], got {tuple(features.shape)}")
 
-    def _select(self, session, features, captured, ids, budget, last_hidden_state, kind, visuals) -> torch.Tensor:
+    def _select(self, session, features, captured, ids, budget, tower_out, kind, visuals) -> torch.Tensor:
         """Every image or frame is one grid; frames of a video share its prompt (``visuals``: row -> visual)."""
         method = session.method
         keep = method.kept_count(budget)
         patches = self.patch_captures(captured, features.shape[0], kind)
-        embeds = self.patch_embeds(session, last_hidden_state, kind) if method.needs_prompt else None
+        embeds = self.patch_embeds(session, tower_out, kind) if method.needs_prompt else None
         grids = [
             GridInput(self.grid, features[r], {name: value[r] for name, value in patches.items()}, budget, keep,
                       ids[r], visual=visuals[r], token_embeds=None if embeds is None else embeds[r])
             for r in range(features.shape[0])
         ]
-        outputs = self.select_grids(session, grids, max(visuals) + 1, kind)
+        outputs = self.select_grids(session, grids, max(visuals) + 1, kind, tower=kind)
         return torch.stack([o.features for o in outputs])

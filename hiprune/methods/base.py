@@ -15,6 +15,7 @@ Stages (``Method.stage``, declared by the class):
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import ClassVar, Literal
 
@@ -57,6 +58,9 @@ class VisionTokens:
     prompt_embeds: [B, E] prompt embedding for prompt-aware methods, else None.
     token_embeds: [B, N, E] visual tokens in the prompt embedding's space, for prompt-aware methods, else None.
     sample_ids: one id per row (used to seed random methods per sample, so results do not depend on batching).
+    project: maps the feature layer's hidden states [B, K, d] (``Request("hidden", FEATURE_LAYER)``) into the space of
+        ``features`` [B, K, D] (LLaVA: the multi-modal projector), for methods that merge pre-projector states; None
+        where ``features`` are not a projection of them (Qwen2.5-VL's merged tokens).
     """
 
     features: torch.Tensor
@@ -66,6 +70,7 @@ class VisionTokens:
     prompt_embeds: torch.Tensor | None = None
     token_embeds: torch.Tensor | None = None
     sample_ids: list[int] | None = None
+    project: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     def __post_init__(self) -> None:
         if self.features.dim() != 3:
@@ -158,6 +163,16 @@ class Method:
     stage: ClassVar[Stage] = "none"
     # Prompt-aware methods set this; adapters then fill VisionTokens.prompt_embeds / token_embeds.
     needs_prompt: ClassVar[bool] = False
+    # Prompt-aware methods: which tower layer token_embeds come from on CLIP towers (None: the last layer, HiPrune++;
+    # FEATURE_LAYER: the layer that feeds the LLM, TRIM), the prompt pooling they need from the prompt encoder (None:
+    # the encoder's own), and whether only a CLIP text tower paired with the vision tower will do (refused elsewhere).
+    prompt_patch_layer: ClassVar[str | None] = None
+    prompt_pooling: ClassVar[str | None] = None
+    needs_clip_text: ClassVar[bool] = False
+    # Vision-stage methods that pass every grid's CLS token on (VisionZip) set this: the family puts the grid's CLS
+    # token (its feature-layer state, projected like the patches) in front of the kept_count(budget) tokens that
+    # ``select`` returns. Families without a CLS token, or without that layout, refuse such a method before loading.
+    keeps_cls: ClassVar[bool] = False
 
     budget: int | float | None = None
 
@@ -188,6 +203,14 @@ class Method:
         """The attention requests' layers: name -> encoder layer (what FLOPs counting needs to know)."""
         return {name: r.layer for name, r in self.requests().items() if r.kind == "attention"}
 
+    def selection_flops(self, num_tokens: int, budget: int, widths: dict[str, int]) -> int:
+        """Vision-stage methods: the FLOPs of one grid's selection arithmetic beyond the captures (matrix products,
+        2 per multiply-add, as torch's FlopCounterMode counts them), for FLOPs accounting. ``widths``: "features"
+        (width of the tokens passed on), "hidden" (the feature layer's hidden states), "keys" (a head's key width).
+        Tokens a method sends through ``VisionTokens.project`` cost the family's projector on top (not counted here).
+        Default: 0 (selection by sorting scores)."""
+        return 0
+
     def kept_count(self, budget: int) -> int:
         """Tokens per grid the LLM receives for a resolved budget (methods that add tokens on top override it)."""
         return budget
@@ -195,6 +218,19 @@ class Method:
     def select(self, tokens: VisionTokens, budget: int) -> Selection:
         """Choose ``kept_count(budget)`` tokens of each grid. Vision-side methods override this."""
         raise NotImplementedError(f"method {self.name!r} (stage {self.stage!r}) does not select vision tokens")
+
+    def split_visual(
+        self, grids: list[VisionTokens], budget: int, tiles: list[tuple[int, int] | None]
+    ) -> list[int] | None:
+        """Vision-stage methods that split one image's budget over its grids themselves (HiRED over LLaVA-NeXT
+        crops). The pipeline calls it once per image with more than one grid, before any ``select``: ``grids`` are
+        that image's grids in the family's order, one row each, with their requests filled; ``budget`` is the
+        image's budget (the sum of what the family's own rule gives its grids, so the processor's placeholder count
+        stays right); ``tiles`` the (row, col) of every grid in the image's tiling, None for a grid that covers the
+        whole visual (LLaVA-NeXT: the base image first, None, then the sub-crops (i, j) in raster order; video
+        frames: all None). Returns one budget per grid summing to ``budget`` (0 allowed: the grid passes nothing
+        on), or None to keep the family's split. The default keeps it."""
+        return None
 
     def merge_schedule(self, num_patches: int, budget: int, layers: int) -> list[int]:
         """Encoder-stage methods: merges per encoder layer 1..``layers`` (the feature layer), summing to
