@@ -72,11 +72,11 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 import hiprune
 from eval.config import CONFIG_DIR, ConfigError, repo_path
 from eval.efficiency.flops import (
-    encoder_merges,
     fastv_tokens_per_layer,
     flops_exact,
     flops_measured,
     tflops_fastv,
+    vision_method_costs,
 )
 from eval.efficiency.measure import (
     DTYPES,
@@ -356,6 +356,11 @@ def prompt_encoder_flops(encoder, n_patches: int, batch: int) -> dict[str, int]:
             "total": batch * (linear + heads + attention), "prompt_tokens": t}
 
 
+def prompt_width(encoder) -> int | None:
+    """Width of a prompt encoder's embeddings (what prompt-aware methods compare in), or None without one."""
+    return None if encoder is None else int(encoder.visual_projection.out_features)
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # CUDA graphs and calls
 # ------------------------------------------------------------------------------------------------------------------
@@ -412,24 +417,25 @@ class Call:
 # FLOPs and roofline per case
 # ------------------------------------------------------------------------------------------------------------------
 def case_flops(config, n_text: int, visual: int | Sequence[int], batch: int, score_layers: int, new_tokens: int,
-               prompt: dict[str, int] | None = None, merges: Sequence[int] | None = None) -> dict[str, Any]:
+               prompt: dict[str, int] | None = None, vision: dict[str, Any] | None = None) -> dict[str, Any]:
     """FLOPs of one case (whole batch), from eval.efficiency.flops; ``visual``: visual tokens per sequence, one count
     for every decoder layer or one per layer (LLM-side methods); ``prompt``: a prompt encoder's FLOPs
-    (:func:`prompt_encoder_flops`), added to the whole-model counts (not to the LLM's); ``merges``: an encoder-stage
-    method's merges per encoder layer (:func:`eval.efficiency.flops.encoder_merges`)."""
+    (:func:`prompt_encoder_flops`), added to the whole-model counts (not to the LLM's); ``vision``: what the method adds
+    to the vision side (:func:`eval.efficiency.flops.vision_method_costs`; then ``score_layers`` is unused)."""
     tc = config.text_config
     if isinstance(visual, Sequence):
         visual = [int(v) for v in visual]
         tokens = [n_text + v for v in visual]
     else:
         tokens = fastv_tokens_per_layer(tc.num_hidden_layers, n_text, visual)
-    vision = {"score_layers": score_layers, "encoder_merges": merges}
+    vision = vision if vision is not None else {"score_layers": score_layers}
     prefill = flops_exact(config, n_text, visual, logits_to_keep=1, **vision)
     prefill_tri = flops_exact(config, n_text, visual, logits_to_keep=1, attention="triangular", **vision)
     generate = flops_exact(config, n_text, visual, decode_tokens=max(new_tokens - 1, 0), logits_to_keep=1, **vision)
     one_step = flops_exact(config, n_text, visual, decode_tokens=1, logits_to_keep=1)["decode"]
     # logits at every position, no scoring: what calflops sees (merging is part of the encoder it counts)
-    full_forward = flops_exact(config, n_text, visual, encoder_merges=merges)
+    full_forward = flops_exact(config, n_text, visual, encoder_merges=vision.get("encoder_merges"),
+                               projected_extra=vision.get("projected_extra", 0))
     fastv = tflops_fastv(tc.num_hidden_layers, tc.hidden_size, tc.intermediate_size, tokens)
     extra, extra_linear = (prompt["total"], prompt["linear"]) if prompt else (0, 0)
     return {
@@ -700,8 +706,8 @@ class Case:
         score_layers = len(method.score_layers()) if method.stage == "vision" else 0
         prompt = prompt_encoder_flops(self.encoder, adapter_patches(self.model), self.batch) if self.encoder else None
         visual = self.visual_per_layer  # LLM-side methods: what every pruned prefill of this case recorded
-        flops = case_flops(self.config, self.n_text, visual, self.batch, score_layers, self.new_tokens, prompt,
-                           encoder_merges(method, self.config))
+        costs = vision_method_costs(method, self.config, prompt_width(self.encoder))
+        flops = case_flops(self.config, self.n_text, visual, self.batch, score_layers, self.new_tokens, prompt, costs)
         measured = self.measured_flops
         if measured is not None:
             flops["tflops_measured"] = measured["total"] / 1e12
@@ -914,8 +920,9 @@ def dry_run(cfg: DictConfig, config, source: str, cases: list[dict], n_params: i
             patches = (config.vision_config.image_size // config.vision_config.patch_size) ** 2
             prompt = (prompt_encoder_flops(prompt_encoder, patches, int(cfg.batch_size))
                       if method.needs_prompt and prompt_encoder is not None else None)
+            costs = vision_method_costs(method, config, prompt_width(prompt_encoder) if prompt else None)
             entry["flops"] = case_flops(config, n_text, case["visual_per_layer"], int(cfg.batch_size), score_layers,
-                                        int(cfg.new_tokens), prompt, encoder_merges(method, config))
+                                        int(cfg.new_tokens), prompt, costs)
             tokens = tokens_label(case["keep"], case["visual_per_layer"])
             log(f"  {case['name']:>10} {tokens:>4} tokens: TFLOPs paper convention "
                 f"{entry['flops']['tflops_paper_convention']:.2f}, exact {entry['flops']['tflops_exact']:.2f}, "

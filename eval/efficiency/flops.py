@@ -56,6 +56,7 @@ from hiprune.methods.base import DropStage, resolve_budget
 __all__ = [
     "encoder_merges",
     "fastv_layer_flops",
+    "vision_method_costs",
     "fastv_tokens_per_layer",
     "flops_exact",
     "flops_measured",
@@ -143,6 +144,29 @@ def _sdpa_flops(batch: int, q_heads: int, qk_dim: int, v_dim: int, pairs: int) -
 # ------------------------------------------------------------------------------------------------------------------
 # 2. Exact count from the architecture
 # ------------------------------------------------------------------------------------------------------------------
+def vision_method_costs(method: Any, config: Any, prompt_width: int | None = None) -> dict[str, Any]:
+    """:func:`flops_exact`'s keyword arguments for what a vision- or encoder-stage method adds to the vision side of
+    one image of a LLaVA-style ``config``: its score maps by query rows, its own selection arithmetic
+    (``Method.selection_flops``; ``prompt_width``: the prompt embedding's width, for prompt-aware ones), tokens it
+    projects on top, and an encoder-stage method's merges. Empty for other stages."""
+    if method.stage == "encoder":
+        return {"encoder_merges": encoder_merges(method, config)}
+    if method.stage != "vision":
+        return {}
+    vc = config.vision_config
+    patches = (vc.image_size // vc.patch_size) ** 2
+    budget = resolve_budget(method.budget, patches)
+    widths = {"features": _get(config, "text_config", default=config).hidden_size, "hidden": vc.hidden_size,
+              "keys": vc.hidden_size // vc.num_attention_heads}
+    if prompt_width is not None:
+        widths["prompt"] = int(prompt_width)
+    return {
+        "score_queries": [r.queries for r in method.requests().values() if r.kind == "attention"],
+        "selection": method.selection_flops(patches, budget, widths),
+        "projected_extra": method.projected_tokens(budget),
+    }
+
+
 def encoder_merges(method: Any, config: Any) -> list[int] | None:
     """The merge schedule an encoder-stage method (ToMe) runs on one image (crop, frame) of a LLaVA-style ``config``,
     for :func:`flops_exact`'s ``encoder_merges``; None for methods of other stages."""
@@ -175,6 +199,9 @@ def flops_exact(
     attention: str = "dense",
     score_layers: int = 0,
     encoder_merges: Sequence[int] | None = None,
+    score_queries: Sequence[str] | None = None,
+    selection: int = 0,
+    projected_extra: int = 0,
 ) -> dict[str, int]:
     """FLOPs (2 x MACs) of one sample through a LLaVA-1.5-style model (HF ``LlavaConfig``: CLIP vision tower,
     2-layer MLP projector, Llama-style LLM), as the HF implementation runs it.
@@ -200,6 +227,11 @@ def flops_exact(
         schedule that ran). Layer l's attention runs on its t_l input tokens and its MLP on t_l - r_l; the
         bipartite matching costs 2 * ceil(t_l / 2) * floor(t_l / 2) * head_dim (in "scoring"); the projector runs
         on what leaves the feature layer. The LLM still sees ``n_visual_kept``.
+    score_queries: the query rows of each recomputed score map instead of ``score_layers`` full maps: "all" (every
+        query: 2 * T^2 * (hidden + heads)) or "cls" / "last" (one row: 2 * T * (hidden + heads)).
+    selection: a vision method's own selection arithmetic per image (``Method.selection_flops``), in "scoring".
+    projected_extra: tokens per image a method sends through the projector on top of the patches (merged states, a
+        CLS token passed on: ``Method.projected_tokens``).
 
     Returns FLOPs (not T) for "vision", "projector", "llm_prefill" (decoder layers), "lm_head" (prefill logits),
     "decode" (decoder layers and lm_head of all decode steps) and their sum "total"; plus two informational
@@ -238,7 +270,8 @@ def flops_exact(
         t -= r
     # per scored layer: one extra QK^T (all heads), then the column sums of the softmax as one product with the
     # reciprocal row sums (hiprune.capture.key_scores): 2 * seq * seq * (head_dim + 1) per head
-    scoring = n_images * (score_layers * 2 * seq * seq * (dv + vc.num_attention_heads) + matching)
+    rows = [seq if q == "all" else 1 for q in score_queries] if score_queries is not None else [seq] * score_layers
+    scoring = n_images * (sum(2 * r * seq * (dv + vc.num_attention_heads) for r in rows) + matching + int(selection))
     vision_attn = n_images * vision_attn
     vision = n_images * (conv + vision_layers) + scoring
 
@@ -247,7 +280,7 @@ def flops_exact(
     feature_layer = _get(config, "vision_feature_layer", default=-2)
     proj_in = dv * (len(feature_layer) if isinstance(feature_layer, (list, tuple)) else 1)
     strategy = _get(config, "vision_feature_select_strategy", default="default")
-    proj_tokens = patches - sum(merges) + (0 if strategy == "default" else 1)
+    proj_tokens = patches - sum(merges) + (0 if strategy == "default" else 1) + int(projected_extra)
     projector = n_images * 2 * proj_tokens * (proj_in * d + d * d)
 
     # --- LLM -------------------------------------------------------------------------------------------------

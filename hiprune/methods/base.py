@@ -211,6 +211,11 @@ class Method:
         Default: 0 (selection by sorting scores)."""
         return 0
 
+    def projected_tokens(self, budget: int) -> int:
+        """Vision-stage methods: tokens per grid that go through the family's projector on top of the grid's own
+        (merged pre-projector states, a CLS token passed on), for FLOPs accounting. Default: 0."""
+        return 0
+
     def kept_count(self, budget: int) -> int:
         """Tokens per grid the LLM receives for a resolved budget (methods that add tokens on top override it)."""
         return budget

@@ -121,6 +121,9 @@ class TRIM(Method):
     def kept_count(self, budget: int) -> int:
         return budget + 1 if self.total == "budget_plus_one" else budget
 
+    def projected_tokens(self, budget: int) -> int:
+        return 1  # the aggregate of the unselected feature-layer states
+
     def selection_flops(self, num_tokens: int, budget: int, widths: dict[str, int]) -> int:
         # the N similarities v . t (the prompt encoder's own work, and the aggregate through the family's projector,
         # are counted elsewhere)

@@ -184,6 +184,9 @@ class VisionZip(Method):
     def kept_count(self, budget: int) -> int:
         return budget - 1  # the grid's CLS token, put in front by the family, is the budget's last token
 
+    def projected_tokens(self, budget: int) -> int:
+        return official_split(budget)[1] + 1  # the contextual tokens' merged states and the CLS token
+
     def selection_flops(self, num_tokens: int, budget: int, widths: dict[str, int]) -> int:
         with_cls, contextual = official_split(budget)
         others = num_tokens - (with_cls - 1) - contextual
