@@ -13,10 +13,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from conftest import ASSETS, load_script
+from conftest import ASSETS, built, loaded
 from PIL import Image, ImageDraw
 
 import hiprune
+from scripts import build_tiny_clip
 from hiprune.methods.base import Method, Selection, VisionTokens
 
 REPO = ASSETS.parent
@@ -64,26 +65,10 @@ def _noise(height, width, seed):
     return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
 
 
-# --- models (loaded once per test session) ---------------------------------------------------------------------
-_MODELS: dict[str, tuple] = {}
-
-
+# --- models (loaded once per test session, shared with the conftest fixtures) ---------------------------------
 def family_model(family: str):
-    """(model, processor) of the family's tiny model, built if missing, loaded once."""
-    if family not in _MODELS:
-        import transformers
-
-        build = {
-            "llava": ("build_tiny_llava", "tiny-llava", "LlavaForConditionalGeneration"),
-            "llava_next": ("build_tiny_llava_next", "tiny-llava-next", "LlavaNextForConditionalGeneration"),
-            "qwen2_5_vl": ("build_tiny_qwen2_5_vl", "tiny-qwen2.5-vl", "Qwen2_5_VLForConditionalGeneration"),
-            "video_llava": ("build_tiny_video_llava", "tiny-video-llava", "VideoLlavaForConditionalGeneration"),
-        }[family]
-        script, folder, cls = build
-        path = getattr(load_script(script), script)(ASSETS / folder)
-        model = getattr(transformers, cls).from_pretrained(path).eval()
-        _MODELS[family] = (model, transformers.AutoProcessor.from_pretrained(path))
-    return _MODELS[family]
+    """(model, processor) of the family's tiny model, built if missing, loaded once (conftest.loaded)."""
+    return loaded(family)
 
 
 # --- one run per family ----------------------------------------------------------------------------------------
@@ -216,7 +201,7 @@ def prompt_encoder(method: Method):
     """The tiny CLIP text tower paired with the tiny CLIP-tower models, for prompt-aware methods (else None)."""
     if not method.needs_prompt:
         return None
-    path = load_script("build_tiny_clip").build_tiny_clip(ASSETS / "tiny-clip", ASSETS / "tiny-llava")
+    path = build_tiny_clip.build_tiny_clip(ASSETS / "tiny-clip", built("llava"))
     return hiprune.ClipPromptEncoder.from_pretrained(str(path))
 
 
