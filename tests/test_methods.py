@@ -38,7 +38,7 @@ def test_the_full_model_takes_no_budget_and_options_reach_the_method():
     ({"name": "hiprune", "options": {}}, 0, "budget must be >= 1"),
     ({"name": "hiprune", "options": {"colour": "red"}}, 64, "no option"),
     ({"name": "fastv", "options": {}}, None, "needs a budget"),
-    ({"name": "pdrop", "options": {}}, 64, "method pdrop is not implemented in the harness"),
+    ({"name": "future_baseline", "options": {}}, 64, "method future_baseline is not implemented in the harness"),
 ])
 def test_impossible_configs_are_config_errors(method_cfg, budget, message):
     with pytest.raises(ConfigError, match=message):
@@ -46,10 +46,10 @@ def test_impossible_configs_are_config_errors(method_cfg, budget, message):
 
 
 def test_a_listed_baseline_is_not_implemented_and_its_runs_are_skipped():
-    unimplemented = [p.stem for p in METHOD_CONFIGS if not is_implemented(p.stem)]
-    assert "pdrop" in unimplemented and "hiprune" not in unimplemented
-    for name in unimplemented:
-        assert stage_of(name) is None
-        notice = not_implemented_notice(compose_config([f"method={name}"]))
-        assert notice.startswith(f"method {name} is not implemented in the harness; skipped")
+    # every config in configs/method/ has a registered method today; a config listed before its method lands
+    # (its name registered by no class) is skipped with the notice
+    assert all(is_implemented(p.stem) for p in METHOD_CONFIGS)
+    assert not is_implemented("future_baseline") and stage_of("future_baseline") is None
+    notice = not_implemented_notice(compose_config(["method=divprune", "method.name=future_baseline"]))
+    assert notice.startswith("method future_baseline is not implemented in the harness; skipped")
     assert not_implemented_notice(compose_config(["method=hiprune"])) is None
