@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from transformers import AutoTokenizer, CLIPModel
 
 POOLINGS = ("mean", "eos")
 
@@ -39,8 +40,6 @@ class ClipPromptEncoder:
     def from_pretrained(cls, path: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
                         pooling: str = "mean", revision: str | None = None) -> ClipPromptEncoder:
         """Load a CLIP checkpoint's text tower and both projection heads (its vision tower is dropped)."""
-        from transformers import AutoTokenizer, CLIPModel
-
         clip = CLIPModel.from_pretrained(path, revision=revision, dtype=dtype)
         del clip.vision_model  # the VLM has its own copy of the tower; keep only the heads
         clip.to(device).eval()

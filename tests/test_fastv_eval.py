@@ -98,14 +98,14 @@ def _scene_fastv(store, batch_size):
 @pytest.mark.slow
 def test_fastv_run_records_per_layer_tokens_and_flops(tmp_path, monkeypatch, scene_llava_dir, scene_tasks_dir):
     captured = {}
-    summarize = run_module._flops_summary
+    summarize = run_module.flops_summary
 
     def spy(model, config):  # the per-doc prompt lengths the record does not keep
         captured["prefill"] = {key: dict(docs) for key, docs in model.prefill_tokens.items()}
         captured["config"] = config
         return summarize(model, config)
 
-    monkeypatch.setattr(run_module, "_flops_summary", spy)
+    monkeypatch.setattr(run_module, "flops_summary", spy)
     record = read_record(run_module.run(_scene_fastv(tmp_path / "bs3", 3)))  # 2 batches, left-padded
     key, docs = "hiprune_scene_qa/test", [str(d) for d in range(6)]
     assert record["identity"]["method"] == {"name": "fastv", "budget": 16, "layer": 2, "budget_mode": "keep_after"}

@@ -482,7 +482,7 @@ def test_eval_log_and_summary_follow_the_schedule():
     # the run's FLOPs summary counts each decoder layer with the tokens the schedule left there
     lmm.prefill_tokens[key] = {7: 80, 3: 80}
     config = AutoConfig.from_pretrained(SCENE_DIR)
-    flops = run_module._flops_summary(lmm, config)
+    flops = run_module.flops_summary(lmm, config)
     assert flops["mean_visual_tokens_per_layer"] == [64, 32, 8]
     assert flops["tflops_exact"] == pytest.approx(
         flops_exact(config, 16, [64, 32, 8], logits_to_keep=1)["total"] / 1e12

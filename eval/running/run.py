@@ -200,7 +200,7 @@ def _metrics(results: dict[str, Any]) -> dict[str, dict[str, float]]:
     return metrics
 
 
-def _flops_summary(model, config) -> dict[str, Any]:
+def flops_summary(model, config) -> dict[str, Any]:
     """Mean per-sample prefill FLOPs over the samples with one image, from the tokens the LLM actually got.
 
     tflops_fastv: the FastV/VisionZip convention (LLM prefill only); flops_exact: 2 x MACs of everything that ran
@@ -286,7 +286,7 @@ def execute(plan: RunPlan, ranks: Ranks = Ranks()) -> dict[str, Any] | None:
         # LLM-side methods (FastV): visual tokens per decoder layer of each doc's prefill (absent for the others)
         **({"llm_visual_per_layer_by_doc": {f"{t}/{s}": docs for (t, s), docs in model.llm_visual_per_layer.items()}}
            if plan.method.stage == "llm" else {}),
-        "flops": _flops_summary(model, config),
+        "flops": flops_summary(model, config),
         # not part of the identity: a sharded run gives the same result
         "data_parallel": {"processes": ranks.world_size, "docs_per_rank": docs_per_rank},
         "versions": _versions(),

@@ -17,9 +17,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from numbers import Integral
 from typing import ClassVar, Literal
 
 import torch
+
+from hiprune.scores import check_finite
 
 Stage = Literal["none", "vision", "encoder", "llm"]
 RequestKind = Literal["attention", "keys", "hidden"]
@@ -144,6 +147,21 @@ def rank_descending(scores: torch.Tensor) -> torch.Tensor:
 def top_k(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Indices of the k highest scores per row, best first; ties go to the lower index."""
     return rank_descending(scores)[:, :k]
+
+
+def top_k_sorted(scores: torch.Tensor, keep: int, what: str, count_name: str = "budget") -> torch.Tensor:
+    """Kept indices [B, keep] (int64, sorted ascending) of the ``keep`` highest of each row of ``scores`` [B, N],
+    compared in float32, ties to the lower index. ``what`` names the scores in errors; a malformed input, a
+    non-finite score or a count outside [1, N] is a ValueError."""
+    if not isinstance(scores, torch.Tensor) or scores.dim() != 2:
+        shape = tuple(scores.shape) if isinstance(scores, torch.Tensor) else None
+        raise ValueError(f"{what} must be a [B, N] tensor, got shape {shape}")
+    if not scores.is_floating_point():
+        raise ValueError(f"{what} must be floating point, got {scores.dtype}")
+    n = scores.shape[1]
+    if isinstance(keep, bool) or not isinstance(keep, Integral) or not 1 <= keep <= n:
+        raise ValueError(f"{count_name} must be an int in [1, {n}] (visual tokens of this image), got {keep!r}")
+    return top_k(check_finite(scores.float(), what), int(keep)).sort(dim=1).values
 
 
 def gather_tokens(features: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:

@@ -39,8 +39,7 @@ from typing import ClassVar, Literal
 
 import torch
 
-from hiprune.methods.base import DropStage, Method, Stage, register_method, resolve_budget, top_k
-from hiprune.scores import check_finite
+from hiprune.methods.base import DropStage, Method, Stage, register_method, resolve_budget, top_k_sorted
 
 
 def select_fastv(last_query_attention: torch.Tensor, budget: int) -> torch.Tensor:
@@ -53,16 +52,7 @@ def select_fastv(last_query_attention: torch.Tensor, budget: int) -> torch.Tenso
     The ``budget`` highest scores of each row are kept; equal scores go to the lower index.
     Raises ValueError on a malformed input, a non-finite score or a budget outside [1, N].
     """
-    if not isinstance(last_query_attention, torch.Tensor) or last_query_attention.dim() != 2:
-        shape = tuple(last_query_attention.shape) if isinstance(last_query_attention, torch.Tensor) else None
-        raise ValueError(f"last-query attention must be a [B, N] tensor, got shape {shape}")
-    if not last_query_attention.is_floating_point():
-        raise ValueError(f"last-query attention must be floating point, got {last_query_attention.dtype}")
-    n = last_query_attention.shape[1]
-    if isinstance(budget, bool) or not isinstance(budget, Integral) or not 1 <= budget <= n:
-        raise ValueError(f"budget must be an int in [1, {n}] (visual tokens of this image), got {budget!r}")
-    scores = check_finite(last_query_attention.float(), "FastV last-query attention")
-    return top_k(scores, int(budget)).sort(dim=1).values
+    return top_k_sorted(last_query_attention, budget, "FastV last-query attention")
 
 
 BudgetMode = Literal["avg_layers", "keep_after"]

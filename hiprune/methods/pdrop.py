@@ -45,9 +45,8 @@ from hiprune.methods.base import (
     Stage,
     register_method,
     resolve_budget,
-    top_k,
+    top_k_sorted,
 )
-from hiprune.scores import check_finite
 
 DEFAULT_LAYERS: tuple[int, ...] = (2, 8, 16)  # the harness's budget-matched boundaries (spec §9; derived, not official)
 _BISECTION_STEPS = 200
@@ -101,16 +100,7 @@ def solve_lambda(budget: int, visual_tokens: int, layers: Sequence[int], decoder
 def select_pdrop(last_query_attention: torch.Tensor, keep: int) -> torch.Tensor:
     """Kept visual-token indices [B, keep] (int64, sorted ascending): the ``keep`` highest scores of each row of the
     last prompt token's attention [B, N] (ties to the lower index)."""
-    if not isinstance(last_query_attention, torch.Tensor) or last_query_attention.dim() != 2:
-        shape = tuple(last_query_attention.shape) if isinstance(last_query_attention, torch.Tensor) else None
-        raise ValueError(f"last-query attention must be a [B, N] tensor, got shape {shape}")
-    if not last_query_attention.is_floating_point():
-        raise ValueError(f"last-query attention must be floating point, got {last_query_attention.dtype}")
-    n = last_query_attention.shape[1]
-    if isinstance(keep, bool) or not isinstance(keep, Integral) or not 1 <= keep <= n:
-        raise ValueError(f"keep must be an int in [1, {n}] (current visual tokens of this image), got {keep!r}")
-    scores = check_finite(last_query_attention.float(), "PyramidDrop last-query attention")
-    return top_k(scores, int(keep)).sort(dim=1).values
+    return top_k_sorted(last_query_attention, keep, "PyramidDrop last-query attention", "keep")
 
 
 @register_method
