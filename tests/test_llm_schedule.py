@@ -10,7 +10,6 @@ decode steps, must give the same logits.
 
 from __future__ import annotations
 
-import copy
 import math
 from dataclasses import dataclass
 from types import SimpleNamespace
@@ -20,7 +19,8 @@ import pandas as pd
 import pytest
 import torch
 from conftest import REPO
-from transformers import AutoConfig, AutoProcessor, LlavaForConditionalGeneration
+from llm_support import attention_variant, single_input
+from transformers import AutoConfig
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 import hiprune
@@ -63,31 +63,12 @@ def two_stage(schedule=TWO_STAGES) -> Scheduled:
 
 
 @pytest.fixture(scope="module")
-def scene():
-    model = LlavaForConditionalGeneration.from_pretrained(SCENE_DIR, local_files_only=True, dtype=torch.float32)
-    return model.eval(), AutoProcessor.from_pretrained(SCENE_DIR, local_files_only=True)
+def scene(scene_llava):
+    return scene_llava
 
 
-def _variant(model, attention):
-    if attention == model.config.text_config._attn_implementation:
-        return model
-    variant = copy.deepcopy(model)
-    variant.set_attn_implementation(attention)
-    return variant
 
 
-def _single_input(model, seed=0, before=5, after=7):
-    g = torch.Generator().manual_seed(seed)
-    vocab = model.config.image_token_id  # text ids below the image token (pad / image ids are the last two)
-    ids = torch.cat(
-        [
-            torch.randint(3, vocab - 1, (before,), generator=g),
-            torch.full((model.config.image_seq_length,), model.config.image_token_id),
-            torch.randint(3, vocab - 1, (after,), generator=g),
-        ]
-    )[None]
-    size = model.config.vision_config.image_size
-    return ids, torch.randn(1, 3, size, size, generator=g)
 
 
 def _images(count):
@@ -177,8 +158,8 @@ def reference(model, prompt, pixels, schedule, generated=()):
 # ------------------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
 def test_two_stages_equal_the_reference_prefill_and_cached_decode(scene, attention):
-    model = _variant(scene[0], attention)
-    ids, pixels = _single_input(model)
+    model = attention_variant(scene[0], attention)
+    ids, pixels = single_input(model)
     T, steps = ids.shape[1], 4
     layers = model.model.language_model.layers
     seen: list[int] = []
@@ -227,7 +208,7 @@ def test_two_stages_equal_the_reference_prefill_and_cached_decode(scene, attenti
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
 def test_left_padded_batch_of_four_equals_each_prompt_alone(scene, attention):
     model, processor = scene
-    model = _variant(model, attention)
+    model = attention_variant(model, attention)
     images = _images(4)
 
     def batch(imgs, questions):
@@ -252,7 +233,7 @@ def test_left_padded_batch_of_four_equals_each_prompt_alone(scene, attention):
 def test_stages_are_not_a_no_op(scene):
     # the second stage changes what the last layer sees, hence the logits, against the first stage alone
     model, _ = scene
-    ids, pixels = _single_input(model)
+    ids, pixels = single_input(model)
     with torch.no_grad():
         with hiprune.apply(model, two_stage()):
             both = model(input_ids=ids, pixel_values=pixels).logits[0, -1]
@@ -264,7 +245,7 @@ def test_stages_are_not_a_no_op(scene):
 
 def test_fastv_is_the_one_stage_schedule(scene):
     model, _ = scene
-    ids, pixels = _single_input(model)
+    ids, pixels = single_input(model)
     fastv = hiprune.build_method("fastv", budget=16, layer=2, budget_mode="keep_after")
     assert fastv.drop_schedule(64, 3) == [DropStage(2, 16)]
     quarter = hiprune.build_method("fastv", budget=0.25, layer=1, budget_mode="keep_after")
@@ -354,7 +335,7 @@ def test_visual_per_layer():
 # ------------------------------------------------------------------------------------------------------------------
 def test_flops_exact_matches_measured_for_two_stages(scene):
     model, _ = scene
-    ids, pixels = _single_input(model)
+    ids, pixels = single_input(model)
     n_text = ids.shape[1] - 64
     with hiprune.apply(model, two_stage()) as session:
         measured = flops_measured(model, {"input_ids": ids, "pixel_values": pixels})

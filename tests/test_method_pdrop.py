@@ -17,7 +17,7 @@ import torch
 from conftest import REPO
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from transformers import AutoProcessor, LlavaForConditionalGeneration
+from llm_support import attention_variant, single_input
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 import hiprune
@@ -158,33 +158,12 @@ def test_config_matches_the_method():
 # the plumbing on the scene model
 # ------------------------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def scene():
-    model = LlavaForConditionalGeneration.from_pretrained(SCENE_DIR, local_files_only=True, dtype=torch.float32)
-    return model.eval(), AutoProcessor.from_pretrained(SCENE_DIR, local_files_only=True)
+def scene(scene_llava):
+    return scene_llava
 
 
-def _variant(model, attention):
-    import copy
-
-    if attention == model.config.text_config._attn_implementation:
-        return model
-    variant = copy.deepcopy(model)
-    variant.set_attn_implementation(attention)
-    return variant
 
 
-def _single_input(model, seed=0, before=5, after=7):
-    g = torch.Generator().manual_seed(seed)
-    vocab = model.config.image_token_id
-    ids = torch.cat(
-        [
-            torch.randint(3, vocab - 1, (before,), generator=g),
-            torch.full((model.config.image_seq_length,), model.config.image_token_id),
-            torch.randint(3, vocab - 1, (after,), generator=g),
-        ]
-    )[None]
-    size = model.config.vision_config.image_size
-    return ids, torch.randn(1, 3, size, size, generator=g)
 
 
 def _own_attention(layer, x, positions, row, rotary):
@@ -243,11 +222,11 @@ def reference(model, prompt, pixels, schedule, compact, generated=()):
 @pytest.mark.parametrize("positions", ["compact", "original"])
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
 def test_prefill_and_cached_decode_equal_the_reference(scene, attention, positions):
-    model = _variant(scene[0], attention)
+    model = attention_variant(scene[0], attention)
     method = hiprune.build_method("pdrop", positions=positions, **SCENE_OPTIONS)
     schedule = method.drop_schedule(64, 3)
     assert schedule == [DropStage(1, 32, "own"), DropStage(2, 8, "own")]
-    ids, pixels = _single_input(model)
+    ids, pixels = single_input(model)
     T, steps = ids.shape[1], 4
     seen: list[int] = []
 
@@ -288,7 +267,7 @@ def test_own_scores_and_compact_positions_change_the_result(scene):
     # each choice matters on this input: the own layer's ranking differs from the layer before's, and renumbered
     # positions change the logits of the same kept tokens
     model, _ = scene
-    ids, pixels = _single_input(model)
+    ids, pixels = single_input(model)
     with torch.no_grad():
         lm = model.model.language_model
         with hiprune.apply(model, hiprune.build_method("pdrop", **SCENE_OPTIONS)) as own:
@@ -305,8 +284,8 @@ def test_own_scores_and_compact_positions_change_the_result(scene):
 
 def test_own_attention_matches_eager_attention_of_that_layer(scene):
     # the plumbing's cheap last-row score equals the eager attention probabilities the layer itself computes
-    model = _variant(scene[0], "eager")
-    ids, pixels = _single_input(model)
+    model = attention_variant(scene[0], "eager")
+    ids, pixels = single_input(model)
     lm = model.model.language_model
     captured = {}
 
@@ -331,7 +310,7 @@ def test_left_padded_batch_of_four_equals_each_prompt_alone(scene, attention):
     from PIL import Image
 
     model, processor = scene
-    model = _variant(model, attention)
+    model = attention_variant(model, attention)
     images = []
     for seed in range(4):
         g = torch.Generator().manual_seed(seed)

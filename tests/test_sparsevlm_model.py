@@ -11,13 +11,12 @@ model's prefill and cached decode steps must give the same logits; a left-padded
 
 from __future__ import annotations
 
-import copy
 import math
 
 import pytest
 import torch
 from conftest import REPO
-from transformers import AutoProcessor, LlavaForConditionalGeneration
+from llm_support import attention_variant, single_input
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 import hiprune
@@ -35,31 +34,12 @@ QUESTIONS = [
 
 
 @pytest.fixture(scope="module")
-def scene():
-    model = LlavaForConditionalGeneration.from_pretrained(SCENE_DIR, local_files_only=True, dtype=torch.float32)
-    return model.eval(), AutoProcessor.from_pretrained(SCENE_DIR, local_files_only=True)
+def scene(scene_llava):
+    return scene_llava
 
 
-def _variant(model, attention):
-    if attention == model.config.text_config._attn_implementation:
-        return model
-    variant = copy.deepcopy(model)
-    variant.set_attn_implementation(attention)
-    return variant
 
 
-def _single_input(model, seed=0, before=5, after=7):
-    g = torch.Generator().manual_seed(seed)
-    vocab = model.config.image_token_id
-    ids = torch.cat(
-        [
-            torch.randint(3, vocab - 1, (before,), generator=g),
-            torch.full((model.config.image_seq_length,), model.config.image_token_id),
-            torch.randint(3, vocab - 1, (after,), generator=g),
-        ]
-    )[None]
-    size = model.config.vision_config.image_size
-    return ids, torch.randn(1, 3, size, size, generator=g)
 
 
 def _rater_attention(layer, x, raters, rotary):
@@ -141,9 +121,9 @@ def reference(model, method, prompt, pixels, generated=()):
 
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
 def test_prefill_and_cached_decode_equal_the_reference(scene, attention):
-    model = _variant(scene[0], attention)
+    model = attention_variant(scene[0], attention)
     method = hiprune.build_method("sparsevlm", **OPTIONS)
-    ids, pixels = _single_input(model)
+    ids, pixels = single_input(model)
     T, steps = ids.shape[1], 4
     seen: list[int] = []
 
@@ -186,7 +166,7 @@ def test_left_padded_batch_of_four_equals_each_prompt_alone(scene, attention):
     from PIL import Image
 
     model, processor = scene
-    model = _variant(model, attention)
+    model = attention_variant(model, attention)
     images = []
     for seed in range(4):
         g = torch.Generator().manual_seed(seed)
