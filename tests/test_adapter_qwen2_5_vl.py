@@ -4,6 +4,7 @@ invariance with images of different sizes, every method, exact restore, and an l
 
 from __future__ import annotations
 
+import io
 import json
 import subprocess
 import sys
@@ -399,7 +400,8 @@ def test_lmms_inputs_match_lmms_eval_qwen2_5_vl(tiny_qwen_dir, images):
     from eval.lmms.qwen2_5_vl import HiPruneQwen25VL
 
     limits = {"min_pixels": 4 * 28 * 28, "max_pixels": 64 * 28 * 28}
-    model = HiPruneQwen25VL(pretrained=str(tiny_qwen_dir), method="none", device="cpu", **limits)
+    # lmms-eval 0.7.3's data URLs are JPEG quality 85 (the harness's default is the authors' 75: test below)
+    model = HiPruneQwen25VL(pretrained=str(tiny_qwen_dir), method="none", device="cpu", jpeg_quality=85, **limits)
     try:
         contexts = [f"<image>{q}" for q in QUESTIONS]
         ours, expected = model.build_inputs(contexts, [[im] for im in images])
@@ -420,6 +422,32 @@ def test_lmms_inputs_match_lmms_eval_qwen2_5_vl(tiny_qwen_dir, images):
     for key in ("input_ids", "attention_mask", "pixel_values", "image_grid_thw"):
         assert torch.equal(ours[key], theirs[key]), key
     assert expected == [[_merged(g)] for g in theirs["image_grid_thw"]]
+
+
+def test_default_jpeg_round_trip_is_pil_default_quality_75(tiny_qwen_dir, images):
+    """The authors' lmms-eval copy saves each image with PIL's default JPEG quality (75) before the processor."""
+    from eval.lmms import qwen2_5_vl as lq
+
+    assert lq.HiPruneQwen25VL.loading_options["jpeg_quality"] == 75
+    limits = {"min_pixels": 4 * 28 * 28, "max_pixels": 64 * 28 * 28}
+    model = lq.HiPruneQwen25VL(pretrained=str(tiny_qwen_dir), method="none", device="cpu", **limits)
+    try:
+        assert model.settings["jpeg_quality"] == 75
+        for image in images:
+            buffer = io.BytesIO()
+            image.convert("RGB").save(buffer, format="JPEG")  # PIL's default quality, as the authors' copy
+            buffer.seek(0)
+            reference = lq.fetch_image({"image": Image.open(buffer), **limits}, model.patch_size, model.merge_size)
+            ours = model.prepare_image(image)
+            assert ours.size == reference.size
+            assert np.array_equal(np.asarray(ours), np.asarray(reference))
+            buffer = io.BytesIO()
+            image.convert("RGB").save(buffer, format="JPEG", quality=85)
+            buffer.seek(0)
+            at_85 = lq.fetch_image({"image": Image.open(buffer), **limits}, model.patch_size, model.merge_size)
+            assert not np.array_equal(np.asarray(ours), np.asarray(at_85))  # the quality is not a no-op here
+    finally:
+        model.close()
 
 
 # --- lmms-eval ---------------------------------------------------------------------------------------------------

@@ -4,10 +4,12 @@
         --model_args pretrained=Qwen/Qwen2.5-VL-3B-Instruct,method=hiprune,budget=0.334,object_layer=16 \\
         --tasks pope --batch_size 8
 
-Prompts and images are prepared as lmms-eval 0.7.3's own ``qwen2_5_vl`` model does (the protocol of the paper's
-Qwen2.5-VL numbers): a system message "You are a helpful assistant.", then one user turn with every image before the
-question ("<image>" placeholders removed from the question), the checkpoint's chat template with the generation
-prompt; each image is JPEG-encoded (quality 85, as lmms-eval's data URLs) and resized by qwen-vl-utils' ``fetch_image``
+Prompts and images are prepared as lmms-eval's own ``qwen2_5_vl`` model does: a system message "You are a helpful
+assistant.", then one user turn with every image before the question ("<image>" placeholders removed from the
+question), the checkpoint's chat template with the generation prompt; each image is saved as a JPEG and resized by
+qwen-vl-utils' ``fetch_image``. The JPEG quality is 75 by default, PIL's default quality, as the authors' lmms-eval copy
+saves each image (the protocol of the paper's Qwen2.5-VL numbers); lmms-eval 0.7.3 encodes its data URLs at quality
+85 (``jpeg_quality=85``), and ``jpeg_quality=0`` passes the decoded image on with no round trip. Images are resized
 within ``min_pixels`` / ``max_pixels`` (lmms-eval's defaults 256*28*28 and 1605632), and the processor is loaded with
 the same limits. Unlike lmms-eval's model, batches larger than 1 run together with left padding (lmms-eval pads on the
 right at batch size 1; a single sample has no padding, so this changes nothing), and every failure stops the run.
@@ -39,7 +41,10 @@ except ImportError:
 DEFAULT_MIN_PIXELS = 256 * 28 * 28
 DEFAULT_MAX_PIXELS = 1605632
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
-DEFAULT_JPEG_QUALITY = 85
+# The authors' lmms-eval copy saves each image with PIL's default JPEG quality (75) before the processor; lmms-eval
+# 0.7.3's data URLs use 85.
+DEFAULT_JPEG_QUALITY = 75
+LMMS_EVAL_JPEG_QUALITY = 85
 
 
 class HiPruneQwen25VL(HiPruneLMM):
@@ -106,7 +111,7 @@ class HiPruneQwen25VL(HiPruneLMM):
         return dict(batch), expected
 
     def prepare_image(self, image: Image.Image) -> Image.Image:
-        """lmms-eval's path: JPEG data URL (quality 85), decoded and resized by qwen-vl-utils' fetch_image."""
+        """lmms-eval's path: a JPEG round trip (``jpeg_quality``; 0: none), then qwen-vl-utils' fetch_image resize."""
         if self.jpeg_quality:
             buffer = io.BytesIO()
             image.convert("RGB").save(buffer, format="JPEG", quality=self.jpeg_quality)
