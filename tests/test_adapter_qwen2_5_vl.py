@@ -450,6 +450,41 @@ def test_default_jpeg_round_trip_is_pil_default_quality_75(tiny_qwen_dir, images
         model.close()
 
 
+def test_generation_defaults_match_lmms_eval_qwen2_5_vl(tiny_qwen_dir):
+    """128 new tokens unless the task or model_args say otherwise; "\\n\\n" never stops an answer; the end-of-text token
+    is the default stop; answers are cut at each stop string in turn and not stripped (lmms-eval's qwen2_5_vl)."""
+    from eval.lmms.qwen2_5_vl import HiPruneQwen25VL
+
+    model = HiPruneQwen25VL(pretrained=str(tiny_qwen_dir), method="none", device="cpu")
+    try:
+        assert model.max_new_tokens == 128
+        eos = model.tokenizer.decode(model.tokenizer.eos_token_id)
+        answers = [" A\n\nB", f"yes{eos}no", "x Q: y\nz"]
+        assert model.finish_answers(answers, ["\n\n"]) == answers
+        assert model.finish_answers(answers, None) == [" A\n\nB", "yes", "x Q: y\nz"]
+        assert model.finish_answers(answers, ["Q:", "\n", ""]) == [" A", f"yes{eos}no", "x "]
+
+        seen = {}
+        generate = model._model.generate
+
+        def recording_generate(**kwargs):
+            seen.update(kwargs)
+            return generate(**kwargs)
+
+        model._model.generate = recording_generate
+        model._generate_batch(["Say something."], {"until": ["\n\n"]}, [None], [0], "t", "s")
+        assert seen["max_new_tokens"] == 128
+        model._generate_batch(["Say something."], {"max_new_tokens": 3}, [None], [0], "t", "s")
+        assert seen["max_new_tokens"] == 3
+    finally:
+        model.close()
+    model = HiPruneQwen25VL(pretrained=str(tiny_qwen_dir), method="none", device="cpu", max_new_tokens=1024)
+    try:
+        assert model.max_new_tokens == 1024  # model_args still set the default
+    finally:
+        model.close()
+
+
 # --- lmms-eval ---------------------------------------------------------------------------------------------------
 
 @pytest.mark.slow

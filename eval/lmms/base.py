@@ -92,6 +92,8 @@ class HiPruneLMM(lmms):
     loading_options: ClassVar[dict[str, Any]] = {}
     # loading options that are adapter options of hiprune.apply (e.g. Qwen2.5-VL "positions", LLaVA-NeXT "layout")
     adapter_option_names: ClassVar[tuple[str, ...]] = ()
+    # generation length when neither the task's generation_kwargs nor model_args give max_new_tokens
+    default_max_new_tokens: ClassVar[int] = 1024
 
     def __init__(
         self,
@@ -102,7 +104,7 @@ class HiPruneLMM(lmms):
         dtype: str = "auto",
         batch_size: int | str = 1,
         attn_implementation: str = "sdpa",
-        max_new_tokens: int = 1024,
+        max_new_tokens: int | None = None,
         **options: Any,
     ) -> None:
         super().__init__()
@@ -120,7 +122,7 @@ class HiPruneLMM(lmms):
         self.batch_size_per_gpu = int(batch_size)
         if self.batch_size_per_gpu < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        self.max_new_tokens = int(max_new_tokens)
+        self.max_new_tokens = int(self.default_max_new_tokens if max_new_tokens is None else max_new_tokens)
         pretrained = pretrained or self.default_pretrained
 
         self._model, self.processor = self.load(pretrained, revision, attn_implementation, **loading)
@@ -290,7 +292,10 @@ class HiPruneLMM(lmms):
         self._log_kept_tokens(task, split, doc_ids, expected)
         self._log_llm_pruning(task, split, doc_ids, expected, batch["input_ids"].shape[1])
         new_tokens = output[:, batch["input_ids"].shape[1] :]
-        answers = self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+        return self.finish_answers(self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True), until)
+
+    def finish_answers(self, answers: list[str], until: list[str] | None) -> list[str]:
+        """Post-process decoded answers: cut at the first stop string of ``until``, strip (families may override)."""
         if until:
             answers = [_cut(a, until) for a in answers]
         return [a.strip() for a in answers]

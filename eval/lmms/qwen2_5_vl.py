@@ -45,6 +45,9 @@ DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
 # 0.7.3's data URLs use 85.
 DEFAULT_JPEG_QUALITY = 75
 LMMS_EVAL_JPEG_QUALITY = 85
+# lmms-eval's qwen2_5_vl generation: 128 new tokens unless the task sets max_new_tokens (the authors' copy; 0.7.3 has
+# 32768), and "\n\n" is never a stop string (it would cut Qwen's answers short)
+DEFAULT_MAX_NEW_TOKENS = 128
 
 
 class HiPruneQwen25VL(HiPruneLMM):
@@ -53,6 +56,7 @@ class HiPruneQwen25VL(HiPruneLMM):
     family = "qwen2_5_vl"
     default_pretrained = "Qwen/Qwen2.5-VL-3B-Instruct"
     adapter_option_names = ("positions",)
+    default_max_new_tokens = DEFAULT_MAX_NEW_TOKENS
     loading_options = {
         "min_pixels": DEFAULT_MIN_PIXELS,
         "max_pixels": DEFAULT_MAX_PIXELS,
@@ -109,6 +113,19 @@ class HiPruneQwen25VL(HiPruneLMM):
         adapter = self.session.adapter
         expected = [[adapter.tokens_for_grid(self.method, next(grids)) for _ in sample] for sample in images]
         return dict(batch), expected
+
+    def finish_answers(self, answers: list[str], until: list[str] | None) -> list[str]:
+        """lmms-eval's qwen2_5_vl: the stop strings default to the end-of-text token, "\\n\\n" is dropped from them,
+        and each answer is cut at every remaining stop string in turn, with no stripping."""
+        stops = [self.tokenizer.decode(self.tokenizer.eos_token_id)] if until is None else until
+        stops = [stop for stop in stops if stop != "\n\n"]
+        finished = []
+        for answer in answers:
+            for stop in stops:
+                if stop:
+                    answer = answer.split(stop)[0]
+            finished.append(answer)
+        return finished
 
     def prepare_image(self, image: Image.Image) -> Image.Image:
         """lmms-eval's path: a JPEG round trip (``jpeg_quality``; 0: none), then qwen-vl-utils' fetch_image resize."""
