@@ -4,8 +4,8 @@
         --model_args pretrained=llava-hf/llava-v1.6-vicuna-7b-hf,method=hiprune,budget=640 --tasks pope --batch_size 4
 
 Defaults reproduce the official HiPrune evaluation of LLaVA-NeXT (the authors' lmms-eval ``llava`` model with
-``conv_template=vicuna_v1``): Vicuna v1 prompt with its system prompt and LLaVA's chunk-wise tokenisation around
-``<image>``; anyres preprocessing by the checkpoint's image processor (best-fit grid, black padding, base image
+``conv_template=vicuna_v1``): the vicuna_v1 conversation ("curious user" system prompt) and LLaVA's chunk-wise
+tokenisation around ``<image>``; anyres preprocessing by the checkpoint's image processor (best-fit grid, black padding, base image
 squashed to 336 x 336, as LLaVA's ``process_anyres_image``) with LLaVA's tie-breaking between grids
 (``pinpoint_order``); the 'spatial' layout without unpadding or newline tokens
 (``layout=native`` gives HF's unpad + newline layout; see hiprune/adapters/llava_next.py). The expected kept tokens
@@ -19,13 +19,14 @@ from transformers import AutoProcessor, LlavaNextForConditionalGeneration
 
 from eval.lmms.base import HiPruneLMM
 from eval.lmms.prompting import (
+    CONVERSATION_SYSTEMS,
     IMAGE_PLACEHOLDER,
     PROMPT_STYLES,
+    conversation_prompt,
     fill_placeholders,
     left_pad,
     to_rgb,
     tokenize_with_visuals,
-    vicuna_v1_prompt,
     with_image_placeholders,
 )
 
@@ -38,7 +39,7 @@ class HiPruneLlavaNext(HiPruneLMM):
     default_pretrained = "llava-hf/llava-v1.6-vicuna-7b-hf"
     adapter_option_names = ("layout",)
     loading_options = {
-        "prompt_style": "vicuna_v1",  # or hf_chat (the checkpoint's chat template)
+        "prompt_style": "vicuna_v1",  # LLaVA's eval conversation; llava_v1 (the "curious human" wording) | hf_chat
         "layout": "official",  # official ('spatial', 5 x 576 on a 2x2 grid) | native (HF: unpad + image_newline)
         # official: LLaVA reads image_grid_pinpoints as (width, height), HF as (height, width); the v1.6 list is
         # symmetric, so only ties differ (a square image <= 336 px: LLaVA picks a 2x1 grid, HF a 1x2 grid).
@@ -77,8 +78,8 @@ class HiPruneLlavaNext(HiPruneLMM):
 
     def prompt(self, context: str, n_images: int) -> str:
         question = with_image_placeholders(context, n_images)
-        if self.prompt_style == "vicuna_v1":
-            return vicuna_v1_prompt(question)
+        if self.prompt_style in CONVERSATION_SYSTEMS:
+            return conversation_prompt(question, self.prompt_style)
         content = [{"type": "image"}] * n_images + [{"type": "text", "text": context}]
         return self.processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
 
@@ -100,7 +101,7 @@ class HiPruneLlavaNext(HiPruneLMM):
             sample_layouts = layouts[cursor : cursor + len(sample)]
             cursor += len(sample)
             prompt = self.prompt(context, len(sample))
-            if self.prompt_style == "vicuna_v1":
+            if self.prompt_style in CONVERSATION_SYSTEMS:
                 fills = [(IMAGE_PLACEHOLDER, image_id, layout.total) for layout in sample_layouts]
                 sequences.append(tokenize_with_visuals(self.tokenizer, prompt, fills))
             else:
