@@ -109,7 +109,6 @@ class HiPruneLMM(lmms):
     ) -> None:
         super().__init__()
         loading = {k: options.pop(k, default) for k, default in self.loading_options.items()}
-        self.adapter_options = {k: loading[k] for k in self.adapter_option_names}
         # Validate everything cheap before the (possibly multi-GB) model loads.
         if isinstance(method, hiprune.Method):
             if options:
@@ -117,6 +116,10 @@ class HiPruneLMM(lmms):
             self.method = method
         else:
             self.method = hiprune.build_method(method, **{name: list_option(v) for name, v in options.items()})
+        # adapter options that depend on the method (LLaVA-NeXT's layout=auto) resolve here: loading and the settings
+        # recorded with the run hold what runs
+        loading.update(self.resolve_adapter_options({k: loading[k] for k in self.adapter_option_names}, self.method))
+        self.adapter_options = {k: loading[k] for k in self.adapter_option_names}
         self._device = self._setup_data_parallel(device)
         self._dtype = resolve_dtype(dtype, self._device)
         self.batch_size_per_gpu = int(batch_size)
@@ -158,6 +161,11 @@ class HiPruneLMM(lmms):
         }
 
     # --- family hooks -------------------------------------------------------------------------------------
+    @classmethod
+    def resolve_adapter_options(cls, options: dict[str, Any], method: hiprune.Method) -> dict[str, Any]:
+        """The adapter options a run of ``method`` uses (as given unless a family resolves a method-dependent one)."""
+        return dict(options)
+
     def load_clip_prompt_encoder(self, text_tower: str, prompt_pooling: str) -> None:
         """CLIP-tower families: load the paired text tower for prompt-aware methods only, on the model's device and
         dtype (so it is part of the measured cost)."""

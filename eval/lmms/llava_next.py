@@ -5,10 +5,13 @@
 
 Defaults reproduce the official HiPrune evaluation of LLaVA-NeXT (the authors' lmms-eval ``llava`` model with
 ``conv_template=vicuna_v1``): the vicuna_v1 conversation ("curious user" system prompt) and LLaVA's chunk-wise
-tokenisation around ``<image>``; anyres preprocessing by the checkpoint's image processor (best-fit grid, black padding, base image
-squashed to 336 x 336, as LLaVA's ``process_anyres_image``) with LLaVA's tie-breaking between grids
-(``pinpoint_order``); the 'spatial' layout without unpadding or newline tokens
-(``layout=native`` gives HF's unpad + newline layout; see hiprune/adapters/llava_next.py). The expected kept tokens
+tokenisation around ``<image>``; anyres preprocessing by the checkpoint's image processor (best-fit grid, black
+padding, base image squashed to 336 x 336, as LLaVA's ``process_anyres_image``) with LLaVA's tie-breaking between
+grids (``pinpoint_order``). Layout (``layout=auto``, the default): pruning methods run the 'spatial' layout without
+unpadding or newline tokens that the authors' pruning code forces (``official``), while ``method=none`` runs the
+standard model (``native``: HF's unpad + newline layout, LLaVA's ``spatial_unpad``), as the paper's vanilla rows;
+``layout=official`` / ``native`` force one for every method (see hiprune/adapters/llava_next.py). The settings
+recorded with a run hold the layout that ran. The expected kept tokens
 per sample list one entry per crop grid (base first, then the sub-image crops), matching the adapter's records.
 """
 
@@ -29,6 +32,7 @@ from eval.lmms.prompting import (
     tokenize_with_visuals,
     with_image_placeholders,
 )
+from hiprune.adapters.llava_next import resolve_layout
 
 
 class HiPruneLlavaNext(HiPruneLMM):
@@ -40,7 +44,9 @@ class HiPruneLlavaNext(HiPruneLMM):
     adapter_option_names = ("layout",)
     loading_options = {
         "prompt_style": "vicuna_v1",  # LLaVA's eval conversation; llava_v1 (the "curious human" wording) | hf_chat
-        "layout": "official",  # official ('spatial', 5 x 576 on a 2x2 grid) | native (HF: unpad + image_newline)
+        # auto: native for method none (the standard model, the paper's vanilla rows), official for pruning methods;
+        # official ('spatial', 5 x 576 on a 2x2 grid, the authors' pruning code) | native (HF: unpad + image_newline)
+        "layout": "auto",
         # official: LLaVA reads image_grid_pinpoints as (width, height), HF as (height, width); the v1.6 list is
         # symmetric, so only ties differ (a square image <= 336 px: LLaVA picks a 2x1 grid, HF a 1x2 grid).
         # "official" swaps every pinpoint in the model config and the image processor so HF breaks ties like LLaVA;
@@ -50,6 +56,10 @@ class HiPruneLlavaNext(HiPruneLMM):
         "text_tower": "openai/clip-vit-large-patch14-336",
         "prompt_pooling": "mean",
     }
+
+    @classmethod
+    def resolve_adapter_options(cls, options, method):
+        return {**options, "layout": resolve_layout(options["layout"], method)}
 
     def load(self, pretrained, revision, attn_implementation, prompt_style, layout, pinpoint_order, text_tower,
              prompt_pooling):
