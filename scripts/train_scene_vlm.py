@@ -7,7 +7,8 @@ distinct layers), LLaVA's two-layer GELU projector and a small Llama, with a loc
 Vicuna-v1 chat template of scripts/build_tiny_llava.py. Everything is trained end to end.
 
 Training uses exactly what the harness uses at evaluation (eval.lmms.prompting.LlavaInputBuilder): the Vicuna-v1
-prompt with its system prompt, "<image>\\n" + question + lmms-eval's post prompt, LLaVA's chunk-wise tokenisation,
+conversation with LLaVA's conv_llava_v1 system prompt (prompt_style=llava_v1, pinned in configs/model/scene_llava.yaml),
+"<image>\\n" + question + lmms-eval's post prompt, LLaVA's chunk-wise tokenisation,
 pad-to-square + PIL preprocessing (the normalised pixels are checked against the builder's image processor). The
 loss is next-token cross entropy on the answer tokens and </s> only (teacher forcing), plus an auxiliary per-patch
 loss on the vision features (which colour-shape covers each patch, which object centre lies in it), from a linear
@@ -519,7 +520,7 @@ def train(args) -> dict:
 
     tokenizer = tiny.build_tokenizer(ARCH["bpe_vocab_size"], corpus(), model_max_length=ARCH["max_position_embeddings"])
     processor = build_processor(tokenizer)
-    builder = LlavaInputBuilder(processor)  # the harness defaults: vicuna_v1, pil, pad_to_square
+    builder = LlavaInputBuilder(processor, prompt_style="llava_v1")  # the trained prompt; pil, pad_to_square
     model = build_model(tokenizer, args.seed)
     encoder = Encoder(builder, model.config.image_seq_length)
 

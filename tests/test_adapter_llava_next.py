@@ -11,9 +11,10 @@ from typing import ClassVar
 import pytest
 import torch
 from PIL import Image, ImageDraw
+from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape
 
 import hiprune
-from hiprune.adapters.llava_next import spread_budget
+from hiprune.adapters.llava_next import resolve_layout, spread_budget
 from hiprune.capture import AttentionScores
 
 SIDE = 24
@@ -277,6 +278,51 @@ def test_impossible_settings_are_rejected_before_patching(tiny_next):
         assert "get_image_features" not in vars(model.model) and "pack_image_features" not in vars(model.model)
     with pytest.raises(ValueError, match="unknown LLaVA-NeXT layout"):
         hiprune.adapter_for(model, layout="unpadded")
+
+
+def test_resolve_layout_auto_is_native_for_none_and_official_for_pruning():
+    none, pruning = hiprune.build_method("none"), hiprune.build_method("hiprune", budget=320)
+    assert resolve_layout("auto", none) == "native"
+    assert resolve_layout("auto", pruning) == "official"
+    assert resolve_layout("auto", hiprune.build_method("random", budget=320)) == "official"
+    for forced in ("official", "native"):
+        assert resolve_layout(forced, none) == resolve_layout(forced, pruning) == forced
+    with pytest.raises(ValueError, match="layout"):
+        resolve_layout("spatial", none)
+
+
+def test_lmms_vanilla_runs_the_standard_layout_and_pruned_rows_the_official_one(tiny_next):
+    """layout=auto (the default): method none gets HF's unpad + newline layout, exactly the token count an unpatched
+    processor gives; a pruning method gets the official layout; the settings say which ran."""
+    from transformers import AutoProcessor
+
+    from eval.lmms.llava_next import HiPruneLlavaNext
+
+    _, _, path = tiny_next
+    image = _image(500, 300, 1)  # not square: unpadding removes rows, and the grid choice has no tie
+    fresh = AutoProcessor.from_pretrained(path)
+    standard = fresh(text=[PROMPT], images=[image], return_tensors="pt")
+    standard_tokens = int((standard["input_ids"] == fresh.image_token_id).sum())
+    grid = get_anyres_image_grid_shape(tuple(standard["image_sizes"][0].tolist()),
+                                       fresh.image_processor.image_grid_pinpoints, fresh.image_processor.crop_size["height"])
+    crops = 1 + grid[0] * grid[1]
+    assert standard_tokens != crops * SIDE * SIDE  # unpadded, with newline tokens
+
+    counts = {}
+    for method, options, layout in [("none", {}, "native"), ("hiprune", {"budget": 320}, "official"),
+                                    ("none", {"layout": "official"}, "official")]:
+        lmm = HiPruneLlavaNext(pretrained=str(path), method=method, device="cpu", pinpoint_order="checkpoint",
+                               **options)
+        try:
+            assert lmm.settings["layout"] == layout
+            assert lmm.session.adapter.layout == layout
+            batch, _ = lmm.build_inputs(["Is there a red circle?"], [[image]])
+            counts[(method, layout)] = int((batch["input_ids"] == lmm.processor.image_token_id).sum())
+        finally:
+            lmm.close()
+    assert counts[("none", "native")] == standard_tokens
+    assert counts[("hiprune", "official")] == crops * (320 // crops)
+    assert counts[("none", "official")] == crops * SIDE * SIDE
 
 
 # --- lmms-eval ---------------------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ invariance with images of different sizes, every method, exact restore, and an l
 
 from __future__ import annotations
 
+import io
 import json
 import subprocess
 import sys
@@ -399,7 +400,8 @@ def test_lmms_inputs_match_lmms_eval_qwen2_5_vl(tiny_qwen_dir, images):
     from eval.lmms.qwen2_5_vl import HiPruneQwen25VL
 
     limits = {"min_pixels": 4 * 28 * 28, "max_pixels": 64 * 28 * 28}
-    model = HiPruneQwen25VL(pretrained=str(tiny_qwen_dir), method="none", device="cpu", **limits)
+    # lmms-eval 0.7.3's data URLs are JPEG quality 85 (the harness's default is the authors' 75: test below)
+    model = HiPruneQwen25VL(pretrained=str(tiny_qwen_dir), method="none", device="cpu", jpeg_quality=85, **limits)
     try:
         contexts = [f"<image>{q}" for q in QUESTIONS]
         ours, expected = model.build_inputs(contexts, [[im] for im in images])
@@ -420,6 +422,67 @@ def test_lmms_inputs_match_lmms_eval_qwen2_5_vl(tiny_qwen_dir, images):
     for key in ("input_ids", "attention_mask", "pixel_values", "image_grid_thw"):
         assert torch.equal(ours[key], theirs[key]), key
     assert expected == [[_merged(g)] for g in theirs["image_grid_thw"]]
+
+
+def test_default_jpeg_round_trip_is_pil_default_quality_75(tiny_qwen_dir, images):
+    """The authors' lmms-eval copy saves each image with PIL's default JPEG quality (75) before the processor."""
+    from eval.lmms import qwen2_5_vl as lq
+
+    assert lq.HiPruneQwen25VL.loading_options["jpeg_quality"] == 75
+    limits = {"min_pixels": 4 * 28 * 28, "max_pixels": 64 * 28 * 28}
+    model = lq.HiPruneQwen25VL(pretrained=str(tiny_qwen_dir), method="none", device="cpu", **limits)
+    try:
+        assert model.settings["jpeg_quality"] == 75
+        for image in images:
+            buffer = io.BytesIO()
+            image.convert("RGB").save(buffer, format="JPEG")  # PIL's default quality, as the authors' copy
+            buffer.seek(0)
+            reference = lq.fetch_image({"image": Image.open(buffer), **limits}, model.patch_size, model.merge_size)
+            ours = model.prepare_image(image)
+            assert ours.size == reference.size
+            assert np.array_equal(np.asarray(ours), np.asarray(reference))
+            buffer = io.BytesIO()
+            image.convert("RGB").save(buffer, format="JPEG", quality=85)
+            buffer.seek(0)
+            at_85 = lq.fetch_image({"image": Image.open(buffer), **limits}, model.patch_size, model.merge_size)
+            assert not np.array_equal(np.asarray(ours), np.asarray(at_85))  # the quality is not a no-op here
+    finally:
+        model.close()
+
+
+def test_generation_defaults_match_lmms_eval_qwen2_5_vl(tiny_qwen_dir):
+    """128 new tokens unless the task or model_args say otherwise; "\\n\\n" never stops an answer; the end-of-text token
+    is the default stop; answers are cut at each stop string in turn and not stripped (lmms-eval's qwen2_5_vl)."""
+    from eval.lmms.qwen2_5_vl import HiPruneQwen25VL
+
+    model = HiPruneQwen25VL(pretrained=str(tiny_qwen_dir), method="none", device="cpu")
+    try:
+        assert model.max_new_tokens == 128
+        eos = model.tokenizer.decode(model.tokenizer.eos_token_id)
+        answers = [" A\n\nB", f"yes{eos}no", "x Q: y\nz"]
+        assert model.finish_answers(answers, ["\n\n"]) == answers
+        assert model.finish_answers(answers, None) == [" A\n\nB", "yes", "x Q: y\nz"]
+        assert model.finish_answers(answers, ["Q:", "\n", ""]) == [" A", f"yes{eos}no", "x "]
+
+        seen = {}
+        generate = model._model.generate
+
+        def recording_generate(**kwargs):
+            seen.update(kwargs)
+            return generate(**kwargs)
+
+        model._model.generate = recording_generate
+        model._generate_batch(["Say something."], {"until": ["\n\n"]}, [None], [0], "t", "s")
+        assert seen["max_new_tokens"] == 128
+        model._generate_batch(["Say something."], {"max_new_tokens": 3}, [None], [0], "t", "s")
+        assert seen["max_new_tokens"] == 3
+    finally:
+        model.close()
+    model = HiPruneQwen25VL(pretrained=str(tiny_qwen_dir), method="none", device="cpu", max_new_tokens=1024)
+    try:
+        assert model.max_new_tokens == 1024  # model_args still set the default
+    finally:
+        model.close()
 
 
 # --- lmms-eval ---------------------------------------------------------------------------------------------------

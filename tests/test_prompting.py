@@ -1,27 +1,61 @@
 """Official LLaVA-1.5 prompt and tokenisation, image mode handling, left padding."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
+from omegaconf import OmegaConf
 from PIL import Image
 
+from eval.lmms.llava import HiPruneLlava
+from eval.lmms.llava_next import HiPruneLlavaNext
 from eval.lmms.prompting import (
-    VICUNA_V1_SYSTEM,
     LlavaInputBuilder,
+    conversation_prompt,
     left_pad,
     to_rgb,
     tokenize_with_images,
-    vicuna_v1_prompt,
     with_image_placeholders,
 )
+from eval.lmms.video_llava import HiPruneVideoLlava
+
+REPO = Path(__file__).resolve().parents[1]
+# LLaVA's llava/conversation.py, typed in: conv_vicuna_v1 (the LLaVA-1.5 / LLaVA-NeXT evaluation scripts'
+# --conv-mode vicuna_v1) and conv_llava_v1 (Video-LLaVA's evaluation; the models trained here)
+VICUNA_V1 = ("A chat between a curious user and an artificial intelligence assistant. "
+             "The assistant gives helpful, detailed, and polite answers to the user's questions.")
+LLAVA_V1 = ("A chat between a curious human and an artificial intelligence assistant. "
+            "The assistant gives helpful, detailed, and polite answers to the human's questions.")
 
 
 def test_vicuna_v1_prompt_matches_llava_conversation_format():
-    prompt = vicuna_v1_prompt(with_image_placeholders("Is there a dog?", 1))
-    assert prompt == f"{VICUNA_V1_SYSTEM} USER: <image>\nIs there a dog? ASSISTANT:"
+    prompt = conversation_prompt(with_image_placeholders("Is there a dog?", 1))
+    assert prompt == f"{VICUNA_V1} USER: <image>\nIs there a dog? ASSISTANT:"
+    assert conversation_prompt("Q", "llava_v1") == f"{LLAVA_V1} USER: Q ASSISTANT:"
+    with pytest.raises(ValueError, match="conversation"):
+        conversation_prompt("Q", "hf_chat")
     assert with_image_placeholders("<image>\nQ", 1) == "<image>\nQ"  # the task placed it already
     assert with_image_placeholders("Q", 2) == "<image> <image>\nQ"
     assert with_image_placeholders("Q", 0) == "Q"
+
+
+def test_system_prompt_defaults_real_checkpoints_vicuna_v1_models_trained_here_pinned(tiny_llava):
+    """LLaVA-1.5 / LLaVA-NeXT default to conv_vicuna_v1 ("curious user"); Video-LLaVA to its llava_v1; the models
+    trained or built here keep the "curious human" prompt they were built with, pinned in their own model config."""
+    _, processor = tiny_llava
+    assert LlavaInputBuilder(processor).prompt("Is it red?", 1) == f"{VICUNA_V1} USER: <image>\nIs it red? ASSISTANT:"
+    assert LlavaInputBuilder(processor, prompt_style="llava_v1").prompt("Q", 0) == f"{LLAVA_V1} USER: Q ASSISTANT:"
+    assert HiPruneLlava.loading_options["prompt_style"] == "vicuna_v1"
+    assert HiPruneLlavaNext.loading_options["prompt_style"] == "vicuna_v1"
+    assert HiPruneVideoLlava.loading_options["prompt_style"] == "llava_v1"
+    styles = {name: OmegaConf.load(REPO / "configs" / "model" / f"{name}.yaml").get("prompt_style")
+              for name in ("llava15_7b", "llava15_13b", "llava_next_7b", "video_llava_7b",
+                           "scene_llava", "tiny_llava", "tiny_llava_next", "tiny_video_llava")}
+    assert styles == {"llava15_7b": "vicuna_v1", "llava15_13b": "vicuna_v1", "llava_next_7b": "vicuna_v1",
+                      "video_llava_7b": "llava_v1", "scene_llava": "llava_v1", "tiny_llava": "llava_v1",
+                      "tiny_llava_next": "llava_v1", "tiny_video_llava": "llava_v1"}
+    assert "prompt_style" not in OmegaConf.load(REPO / "configs" / "model" / "llava_next_13b.yaml")  # inherits 7b's
 
 
 def test_chunkwise_tokenisation_splices_image_tokens(tiny_llava):

@@ -116,3 +116,25 @@ def test_cli_sweep_and_cli_error(tmp_path, tiny_llava_dir, smoke_task_dir):
 def test_unknown_model_method_or_benchmark_is_a_composition_error(tmp_path, override):
     with pytest.raises(MissingConfigException):
         _tiny(tmp_path, override)
+
+
+@pytest.mark.parametrize(("overrides", "layout"), [
+    (["method=none"], "native"),  # the paper's vanilla rows: the standard model
+    (["method=hiprune", "budget=320"], "official"),  # pruned rows: the authors' 'spatial' layout
+    (["method=none", "model.layout=official"], "official"),
+    (["method=hiprune", "budget=320", "model.layout=native"], "native"),
+])
+def test_llava_next_layout_auto_is_resolved_per_method_and_recorded(tmp_path, tiny_llava_next_dir, smoke_task_dir,
+                                                                     overrides, layout):
+    cfg = _cfg("model=tiny_llava_next", "benchmark=smoke_pope", "device=cpu", f"store={tmp_path}", *overrides)
+    plan = run_module.plan_run(cfg)
+    assert plan.encoder["layout"] == layout  # recorded with the run
+    assert plan.identity["loading"]["layout"] == layout
+    assert plan.model_args["layout"] == layout
+
+
+def test_llava_next_unknown_layout_is_a_config_error(tmp_path, tiny_llava_next_dir, smoke_task_dir):
+    cfg = _cfg("model=tiny_llava_next", "benchmark=smoke_pope", "device=cpu", f"store={tmp_path}", "method=none",
+               "model.layout=spatial")
+    with pytest.raises(ConfigError, match="layout"):
+        run_module.plan_run(cfg)

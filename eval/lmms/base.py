@@ -92,6 +92,8 @@ class HiPruneLMM(lmms):
     loading_options: ClassVar[dict[str, Any]] = {}
     # loading options that are adapter options of hiprune.apply (e.g. Qwen2.5-VL "positions", LLaVA-NeXT "layout")
     adapter_option_names: ClassVar[tuple[str, ...]] = ()
+    # generation length when neither the task's generation_kwargs nor model_args give max_new_tokens
+    default_max_new_tokens: ClassVar[int] = 1024
 
     def __init__(
         self,
@@ -102,12 +104,11 @@ class HiPruneLMM(lmms):
         dtype: str = "auto",
         batch_size: int | str = 1,
         attn_implementation: str = "sdpa",
-        max_new_tokens: int = 1024,
+        max_new_tokens: int | None = None,
         **options: Any,
     ) -> None:
         super().__init__()
         loading = {k: options.pop(k, default) for k, default in self.loading_options.items()}
-        self.adapter_options = {k: loading[k] for k in self.adapter_option_names}
         # Validate everything cheap before the (possibly multi-GB) model loads.
         if isinstance(method, hiprune.Method):
             if options:
@@ -115,12 +116,16 @@ class HiPruneLMM(lmms):
             self.method = method
         else:
             self.method = hiprune.build_method(method, **{name: list_option(v) for name, v in options.items()})
+        # adapter options that depend on the method (LLaVA-NeXT's layout=auto) resolve here: loading and the settings
+        # recorded with the run hold what runs
+        loading.update(self.resolve_adapter_options({k: loading[k] for k in self.adapter_option_names}, self.method))
+        self.adapter_options = {k: loading[k] for k in self.adapter_option_names}
         self._device = self._setup_data_parallel(device)
         self._dtype = resolve_dtype(dtype, self._device)
         self.batch_size_per_gpu = int(batch_size)
         if self.batch_size_per_gpu < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        self.max_new_tokens = int(max_new_tokens)
+        self.max_new_tokens = int(self.default_max_new_tokens if max_new_tokens is None else max_new_tokens)
         pretrained = pretrained or self.default_pretrained
 
         self._model, self.processor = self.load(pretrained, revision, attn_implementation, **loading)
@@ -156,6 +161,11 @@ class HiPruneLMM(lmms):
         }
 
     # --- family hooks -------------------------------------------------------------------------------------
+    @classmethod
+    def resolve_adapter_options(cls, options: dict[str, Any], method: hiprune.Method) -> dict[str, Any]:
+        """The adapter options a run of ``method`` uses (as given unless a family resolves a method-dependent one)."""
+        return dict(options)
+
     def load_clip_prompt_encoder(self, text_tower: str, prompt_pooling: str) -> None:
         """CLIP-tower families: load the paired text tower for prompt-aware methods only, on the model's device and
         dtype (so it is part of the measured cost)."""
@@ -290,7 +300,10 @@ class HiPruneLMM(lmms):
         self._log_kept_tokens(task, split, doc_ids, expected)
         self._log_llm_pruning(task, split, doc_ids, expected, batch["input_ids"].shape[1])
         new_tokens = output[:, batch["input_ids"].shape[1] :]
-        answers = self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+        return self.finish_answers(self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True), until)
+
+    def finish_answers(self, answers: list[str], until: list[str] | None) -> list[str]:
+        """Post-process decoded answers: cut at the first stop string of ``until``, strip (families may override)."""
         if until:
             answers = [_cut(a, until) for a in answers]
         return [a.strip() for a in answers]

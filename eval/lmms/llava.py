@@ -20,7 +20,7 @@ class HiPruneLlava(HiPruneLMM):
     family = "llava"
     default_pretrained = "llava-hf/llava-1.5-7b-hf"
     loading_options = {
-        "prompt_style": "vicuna_v1",
+        "prompt_style": "vicuna_v1",  # LLaVA's eval conversation; llava_v1 (the "curious human" wording) | hf_chat
         "image_backend": "pil",
         "pad_to_square": True,
         # CLIP checkpoint paired with the vision tower; loaded only for prompt-aware methods (HiPrune++)

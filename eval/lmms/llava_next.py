@@ -4,11 +4,14 @@
         --model_args pretrained=llava-hf/llava-v1.6-vicuna-7b-hf,method=hiprune,budget=640 --tasks pope --batch_size 4
 
 Defaults reproduce the official HiPrune evaluation of LLaVA-NeXT (the authors' lmms-eval ``llava`` model with
-``conv_template=vicuna_v1``): Vicuna v1 prompt with its system prompt and LLaVA's chunk-wise tokenisation around
-``<image>``; anyres preprocessing by the checkpoint's image processor (best-fit grid, black padding, base image
-squashed to 336 x 336, as LLaVA's ``process_anyres_image``) with LLaVA's tie-breaking between grids
-(``pinpoint_order``); the 'spatial' layout without unpadding or newline tokens
-(``layout=native`` gives HF's unpad + newline layout; see hiprune/adapters/llava_next.py). The expected kept tokens
+``conv_template=vicuna_v1``): the vicuna_v1 conversation ("curious user" system prompt) and LLaVA's chunk-wise
+tokenisation around ``<image>``; anyres preprocessing by the checkpoint's image processor (best-fit grid, black
+padding, base image squashed to 336 x 336, as LLaVA's ``process_anyres_image``) with LLaVA's tie-breaking between
+grids (``pinpoint_order``). Layout (``layout=auto``, the default): pruning methods run the 'spatial' layout without
+unpadding or newline tokens that the authors' pruning code forces (``official``), while ``method=none`` runs the
+standard model (``native``: HF's unpad + newline layout, LLaVA's ``spatial_unpad``), as the paper's vanilla rows;
+``layout=official`` / ``native`` force one for every method (see hiprune/adapters/llava_next.py). The settings
+recorded with a run hold the layout that ran. The expected kept tokens
 per sample list one entry per crop grid (base first, then the sub-image crops), matching the adapter's records.
 """
 
@@ -19,15 +22,17 @@ from transformers import AutoProcessor, LlavaNextForConditionalGeneration
 
 from eval.lmms.base import HiPruneLMM
 from eval.lmms.prompting import (
+    CONVERSATION_SYSTEMS,
     IMAGE_PLACEHOLDER,
     PROMPT_STYLES,
+    conversation_prompt,
     fill_placeholders,
     left_pad,
     to_rgb,
     tokenize_with_visuals,
-    vicuna_v1_prompt,
     with_image_placeholders,
 )
+from hiprune.adapters.llava_next import resolve_layout
 
 
 class HiPruneLlavaNext(HiPruneLMM):
@@ -38,8 +43,10 @@ class HiPruneLlavaNext(HiPruneLMM):
     default_pretrained = "llava-hf/llava-v1.6-vicuna-7b-hf"
     adapter_option_names = ("layout",)
     loading_options = {
-        "prompt_style": "vicuna_v1",  # or hf_chat (the checkpoint's chat template)
-        "layout": "official",  # official ('spatial', 5 x 576 on a 2x2 grid) | native (HF: unpad + image_newline)
+        "prompt_style": "vicuna_v1",  # LLaVA's eval conversation; llava_v1 (the "curious human" wording) | hf_chat
+        # auto: native for method none (the standard model, the paper's vanilla rows), official for pruning methods;
+        # official ('spatial', 5 x 576 on a 2x2 grid, the authors' pruning code) | native (HF: unpad + image_newline)
+        "layout": "auto",
         # official: LLaVA reads image_grid_pinpoints as (width, height), HF as (height, width); the v1.6 list is
         # symmetric, so only ties differ (a square image <= 336 px: LLaVA picks a 2x1 grid, HF a 1x2 grid).
         # "official" swaps every pinpoint in the model config and the image processor so HF breaks ties like LLaVA;
@@ -49,6 +56,10 @@ class HiPruneLlavaNext(HiPruneLMM):
         "text_tower": "openai/clip-vit-large-patch14-336",
         "prompt_pooling": "mean",
     }
+
+    @classmethod
+    def resolve_adapter_options(cls, options, method):
+        return {**options, "layout": resolve_layout(options["layout"], method)}
 
     def load(self, pretrained, revision, attn_implementation, prompt_style, layout, pinpoint_order, text_tower,
              prompt_pooling):
@@ -77,8 +88,8 @@ class HiPruneLlavaNext(HiPruneLMM):
 
     def prompt(self, context: str, n_images: int) -> str:
         question = with_image_placeholders(context, n_images)
-        if self.prompt_style == "vicuna_v1":
-            return vicuna_v1_prompt(question)
+        if self.prompt_style in CONVERSATION_SYSTEMS:
+            return conversation_prompt(question, self.prompt_style)
         content = [{"type": "image"}] * n_images + [{"type": "text", "text": context}]
         return self.processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
 
@@ -100,7 +111,7 @@ class HiPruneLlavaNext(HiPruneLMM):
             sample_layouts = layouts[cursor : cursor + len(sample)]
             cursor += len(sample)
             prompt = self.prompt(context, len(sample))
-            if self.prompt_style == "vicuna_v1":
+            if self.prompt_style in CONVERSATION_SYSTEMS:
                 fills = [(IMAGE_PLACEHOLDER, image_id, layout.total) for layout in sample_layouts]
                 sequences.append(tokenize_with_visuals(self.tokenizer, prompt, fills))
             else:

@@ -1,7 +1,11 @@
 """Model inputs for LLaVA-family checkpoints, as the official LLaVA-1.5 evaluation builds them (default) or as HF does.
 
 official ("vicuna_v1"):
-  - prompt  = "<system> USER: <image>\\n<question> ASSISTANT:" (LLaVA's conv_vicuna_v1, separator " ");
+  - prompt  = "<system> USER: <image>\\n<question> ASSISTANT:" (LLaVA's conv_vicuna_v1, separator " "), the system
+    prompt "A chat between a curious user ... the user's questions." that LLaVA-1.5's and LLaVA-NeXT's evaluation
+    scripts use (``--conv-mode vicuna_v1``); "llava_v1" is the same conversation with LLaVA's conv_llava_v1 wording
+    ("curious human ... the human's questions"), which Video-LLaVA evaluates with and the models trained here
+    (models/scene-llava, the tiny assets) were trained with;
   - tokens  = each text chunk around an ``<image>`` placeholder tokenised on its own (BOS kept only on the first),
     the placeholder replaced by the image's visual tokens: what LLaVA's chunk-wise tokenisation does, which differs
     from tokenising the whole string (e.g. the newline after the image becomes its own word-initial piece);
@@ -26,17 +30,26 @@ from transformers.models.llava.image_processing_pil_llava import LlavaImageProce
 IMAGE_PLACEHOLDER = "<image>"
 VIDEO_PLACEHOLDER = "<video>"
 _PLACEHOLDERS = re.compile(f"({re.escape(IMAGE_PLACEHOLDER)}|{re.escape(VIDEO_PLACEHOLDER)})")
+# LLaVA's conv_vicuna_v1 (LLaVA-1.5 / LLaVA-NeXT evaluation) and conv_llava_v1: the same two-separator conversation
+# (roles USER / ASSISTANT, separator " "), only the system prompt differs
 VICUNA_V1_SYSTEM = (
+    "A chat between a curious user and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the user's questions."
+)
+LLAVA_V1_SYSTEM = (
     "A chat between a curious human and an artificial intelligence assistant. "
     "The assistant gives helpful, detailed, and polite answers to the human's questions."
 )
-PROMPT_STYLES = ("vicuna_v1", "hf_chat")
+CONVERSATION_SYSTEMS = {"vicuna_v1": VICUNA_V1_SYSTEM, "llava_v1": LLAVA_V1_SYSTEM}
+PROMPT_STYLES = (*CONVERSATION_SYSTEMS, "hf_chat")
 IMAGE_BACKENDS = ("pil", "torchvision", "checkpoint")  # checkpoint: the processor as saved, as is
 
 
-def vicuna_v1_prompt(question: str) -> str:
-    """LLaVA's conv_vicuna_v1 with one user turn and an open assistant turn."""
-    return f"{VICUNA_V1_SYSTEM} USER: {question} ASSISTANT:"
+def conversation_prompt(question: str, style: str = "vicuna_v1") -> str:
+    """LLaVA's conversation ``style`` (conv_vicuna_v1 / conv_llava_v1): one user turn and an open assistant turn."""
+    if style not in CONVERSATION_SYSTEMS:
+        raise ValueError(f"unknown conversation {style!r}; choose one of {tuple(CONVERSATION_SYSTEMS)}")
+    return f"{CONVERSATION_SYSTEMS[style]} USER: {question} ASSISTANT:"
 
 
 def with_image_placeholders(context: str, n_images: int) -> str:
@@ -153,8 +166,8 @@ class LlavaInputBuilder:
 
     def prompt(self, context: str, n_images: int) -> str:
         question = with_image_placeholders(context, n_images)
-        if self.prompt_style == "vicuna_v1":
-            return vicuna_v1_prompt(question)
+        if self.prompt_style in CONVERSATION_SYSTEMS:
+            return conversation_prompt(question, self.prompt_style)
         content = [{"type": "image"}] * n_images + [{"type": "text", "text": context}]
         return self.processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
 
@@ -167,7 +180,7 @@ class LlavaInputBuilder:
             n_placeholders = prompt.count(IMAGE_PLACEHOLDER)
             if n_placeholders != len(sample_images):
                 raise ValueError(f"prompt has {n_placeholders} image placeholders but the sample has {len(sample_images)} images")
-            if self.prompt_style == "vicuna_v1":
+            if self.prompt_style in CONVERSATION_SYSTEMS:
                 sequences.append(tokenize_with_images(self.tokenizer, prompt, self.image_token_id, tokens_per_image))
             else:
                 text = prompt.replace(IMAGE_PLACEHOLDER, self.processor.image_token * tokens_per_image)

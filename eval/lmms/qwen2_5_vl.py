@@ -4,10 +4,12 @@
         --model_args pretrained=Qwen/Qwen2.5-VL-3B-Instruct,method=hiprune,budget=0.334,object_layer=16 \\
         --tasks pope --batch_size 8
 
-Prompts and images are prepared as lmms-eval 0.7.3's own ``qwen2_5_vl`` model does (the protocol of the paper's
-Qwen2.5-VL numbers): a system message "You are a helpful assistant.", then one user turn with every image before the
-question ("<image>" placeholders removed from the question), the checkpoint's chat template with the generation
-prompt; each image is JPEG-encoded (quality 85, as lmms-eval's data URLs) and resized by qwen-vl-utils' ``fetch_image``
+Prompts and images are prepared as lmms-eval's own ``qwen2_5_vl`` model does: a system message "You are a helpful
+assistant.", then one user turn with every image before the question ("<image>" placeholders removed from the
+question), the checkpoint's chat template with the generation prompt; each image is saved as a JPEG and resized by
+qwen-vl-utils' ``fetch_image``. The JPEG quality is 75 by default, PIL's default quality, as the authors' lmms-eval copy
+saves each image (the protocol of the paper's Qwen2.5-VL numbers); lmms-eval 0.7.3 encodes its data URLs at quality
+85 (``jpeg_quality=85``), and ``jpeg_quality=0`` passes the decoded image on with no round trip. Images are resized
 within ``min_pixels`` / ``max_pixels`` (lmms-eval's defaults 256*28*28 and 1605632), and the processor is loaded with
 the same limits. Unlike lmms-eval's model, batches larger than 1 run together with left padding (lmms-eval pads on the
 right at batch size 1; a single sample has no padding, so this changes nothing), and every failure stops the run.
@@ -39,7 +41,13 @@ except ImportError:
 DEFAULT_MIN_PIXELS = 256 * 28 * 28
 DEFAULT_MAX_PIXELS = 1605632
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
-DEFAULT_JPEG_QUALITY = 85
+# The authors' lmms-eval copy saves each image with PIL's default JPEG quality (75) before the processor; lmms-eval
+# 0.7.3's data URLs use 85.
+DEFAULT_JPEG_QUALITY = 75
+LMMS_EVAL_JPEG_QUALITY = 85
+# lmms-eval's qwen2_5_vl generation: 128 new tokens unless the task sets max_new_tokens (the authors' copy; 0.7.3 has
+# 32768), and "\n\n" is never a stop string (it would cut Qwen's answers short)
+DEFAULT_MAX_NEW_TOKENS = 128
 
 
 class HiPruneQwen25VL(HiPruneLMM):
@@ -48,6 +56,7 @@ class HiPruneQwen25VL(HiPruneLMM):
     family = "qwen2_5_vl"
     default_pretrained = "Qwen/Qwen2.5-VL-3B-Instruct"
     adapter_option_names = ("positions",)
+    default_max_new_tokens = DEFAULT_MAX_NEW_TOKENS
     loading_options = {
         "min_pixels": DEFAULT_MIN_PIXELS,
         "max_pixels": DEFAULT_MAX_PIXELS,
@@ -105,8 +114,21 @@ class HiPruneQwen25VL(HiPruneLMM):
         expected = [[adapter.tokens_for_grid(self.method, next(grids)) for _ in sample] for sample in images]
         return dict(batch), expected
 
+    def finish_answers(self, answers: list[str], until: list[str] | None) -> list[str]:
+        """lmms-eval's qwen2_5_vl: the stop strings default to the end-of-text token, "\\n\\n" is dropped from them,
+        and each answer is cut at every remaining stop string in turn, with no stripping."""
+        stops = [self.tokenizer.decode(self.tokenizer.eos_token_id)] if until is None else until
+        stops = [stop for stop in stops if stop != "\n\n"]
+        finished = []
+        for answer in answers:
+            for stop in stops:
+                if stop:
+                    answer = answer.split(stop)[0]
+            finished.append(answer)
+        return finished
+
     def prepare_image(self, image: Image.Image) -> Image.Image:
-        """lmms-eval's path: JPEG data URL (quality 85), decoded and resized by qwen-vl-utils' fetch_image."""
+        """lmms-eval's path: a JPEG round trip (``jpeg_quality``; 0: none), then qwen-vl-utils' fetch_image resize."""
         if self.jpeg_quality:
             buffer = io.BytesIO()
             image.convert("RGB").save(buffer, format="JPEG", quality=self.jpeg_quality)

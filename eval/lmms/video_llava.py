@@ -6,8 +6,8 @@
 Visuals may be images (PIL) or videos (a file path, as lmms-eval's video tasks pass them, e.g. MVBench). A video is
 read with decord and ``num_frames`` frames (default 8, Video-LLaVA's) are sampled uniformly over it
 (``np.linspace(0, frames - 1, num_frames)``, as the original Video-LLaVA and lmms-eval's ``load_video_decord``).
-Prompt (default): Vicuna v1 with its system prompt (Video-LLaVA's ``llava_v1`` conversation), LLaVA's chunk-wise
-tokenisation, one ``<image>`` / ``<video>`` placeholder per visual before the question; HF's layout for a video:
+Prompt (default): Video-LLaVA's ``llava_v1`` conversation (Vicuna v1 format, "curious human" system prompt), LLaVA's
+chunk-wise tokenisation, one ``<image>`` / ``<video>`` placeholder per visual before the question; HF's layout for a video:
 one ``<video>`` placeholder expanded to frames x (kept patches + CLS) tokens. Images are padded to a square with
 the mean colour before the processor (Video-LLaVA's ``image_aspect_ratio='pad'``) unless ``pad_to_square=false``.
 
@@ -29,10 +29,11 @@ from transformers import AutoProcessor, VideoLlavaForConditionalGeneration
 
 from eval.lmms.base import HiPruneLMM
 from eval.lmms.prompting import (
+    CONVERSATION_SYSTEMS,
     IMAGE_PLACEHOLDER,
     PROMPT_STYLES,
-    VICUNA_V1_SYSTEM,
     VIDEO_PLACEHOLDER,
+    conversation_prompt,
     fill_placeholders,
     left_pad,
     to_rgb,
@@ -80,7 +81,7 @@ class HiPruneVideoLlava(HiPruneLMM):
     default_pretrained = "LanguageBind/Video-LLaVA-7B-hf"
     adapter_option_names = ("num_frames",)
     loading_options = {
-        "prompt_style": "vicuna_v1",  # or hf_chat (the checkpoint's chat template)
+        "prompt_style": "llava_v1",  # Video-LLaVA's conversation; vicuna_v1 (LLaVA's wording) | hf_chat (chat template)
         "num_frames": 8,
         "pad_to_square": True,
         # Text tower for prompt-aware methods (HiPrune++); Video-LLaVA's towers are LanguageBind's, whose paired text
@@ -147,8 +148,8 @@ class HiPruneVideoLlava(HiPruneLMM):
             question = " ".join(placeholders) + "\n" + context
         else:
             question = context
-        if self.prompt_style == "vicuna_v1":
-            return f"{VICUNA_V1_SYSTEM} USER: {question} ASSISTANT:"
+        if self.prompt_style in CONVERSATION_SYSTEMS:
+            return conversation_prompt(question, self.prompt_style)
         content = [{"type": p.strip("<>")} for p in placeholders] + [{"type": "text", "text": context}]
         return self.processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
 
@@ -184,7 +185,7 @@ class HiPruneVideoLlava(HiPruneLMM):
                     kept.extend([adapter.frame_tokens(method, frames)] * frames)
                     layout.append(("video", frames))
             prompt = self.prompt(context, [p for p, _ in fills])
-            if self.prompt_style == "vicuna_v1":
+            if self.prompt_style in CONVERSATION_SYSTEMS:
                 ids = {IMAGE_PLACEHOLDER: self.processor.image_token_id, VIDEO_PLACEHOLDER: self.processor.video_token_id}
                 sequences.append(tokenize_with_visuals(self.tokenizer, prompt, [(p, ids[p], n) for p, n in fills]))
             else:

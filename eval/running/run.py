@@ -91,6 +91,11 @@ def plan_run(cfg: DictConfig) -> RunPlan:
     if method.needs_prompt and m.local and "text_tower" in loading and not Path(resolved_loading["text_tower"]).exists():
         raise ConfigError(f"local text tower {loading['text_tower']} not found; build it first (make assets)")
     adapter_options = {k: loading[k] for k in model_class.adapter_option_names if k in loading}
+    try:  # method-dependent options (LLaVA-NeXT's layout=auto): the encoder description records what runs
+        adapter_options = model_class.resolve_adapter_options(adapter_options, method)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
+    loading, resolved_loading = {**loading, **adapter_options}, {**resolved_loading, **adapter_options}
     encoder = _check_against_architecture(pretrained, m.revision, method, "text_tower" in loading, adapter_options)
 
     include_path = str(repo_path(cfg.benchmark.include_path)) if cfg.benchmark.include_path else None

@@ -8,8 +8,9 @@ LLaVA-1.5, pruning happens after the projector and before the LLM: the adapter w
 the number of ``<image>`` tokens the layout produces. HF's generate, KV cache, left padding and contiguous position
 ids then work unchanged.
 
-Two layouts (``hiprune.apply(model, method, processor, layout=...)``; the default reproduces the official HiPrune
-evaluation):
+Two layouts (``hiprune.apply(model, method, processor, layout=...)``; the default is the official HiPrune pruning
+layout; the evaluation's ``layout=auto``, ``resolve_layout``, runs ``native`` for method ``none``, as the paper's
+vanilla rows, and ``official`` for every pruning method):
 
 official -- what the authors' code does (it forces LLaVA's ``mm_patch_merge_type='spatial'``):
     every crop, base included, is pruned on its own 24 x 24 grid with ``int(N' / crops)`` tokens (crops = 1 +
@@ -66,10 +67,25 @@ from hiprune.adapters.base import (
 from hiprune.adapters.clip_tower import ClipTowerAdapter
 from hiprune.methods.base import Method
 
-__all__ = ["LAYOUTS", "CropGrid", "ImageLayout", "LlavaNextAdapter", "spread_budget"]
+__all__ = [
+    "LAYOUTS", "LAYOUT_CHOICES", "CropGrid", "ImageLayout", "LlavaNextAdapter", "resolve_layout", "spread_budget",
+]
 
 LAYOUTS = ("official", "native")
+# "auto" (the evaluation default): the paper's vanilla rows are the standard model, its pruned rows the official layout
+LAYOUT_CHOICES = (*LAYOUTS, "auto")
 REDUCING = ("vision", "encoder")  # stages whose tokens leave the encoder already reduced, per crop
+def resolve_layout(layout: str, method: Method) -> str:
+    """The layout a run uses: ``auto`` is ``native`` (the standard model: unpadding and newline tokens) for a method
+    that leaves the model unmodified (``none``) and ``official`` (the authors' 'spatial' pruning layout) for every
+    other method; ``official`` / ``native`` as given."""
+    if layout not in LAYOUT_CHOICES:
+        raise ValueError(f"unknown LLaVA-NeXT layout {layout!r}; choose one of {LAYOUT_CHOICES}")
+    if layout == "auto":
+        return "native" if method.stage == "none" else "official"
+    return layout
+
+
 @dataclass(frozen=True)
 class CropGrid:
     """The token grid of one crop that a method sees."""
