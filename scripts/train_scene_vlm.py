@@ -416,7 +416,7 @@ def generate_answers(model, processor, rows: list[dict], batch: int = 50, prune=
 
     import hiprune
 
-    builder = LlavaInputBuilder(processor)
+    builder = LlavaInputBuilder(processor, prompt_style="llava_v1")  # the prompt the scene model was trained with
     tok = processor.tokenizer
     answers = []
     with hiprune.apply(model, prune) if prune is not None else contextlib.nullcontext() as session:
