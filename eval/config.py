@@ -24,6 +24,12 @@ def repo_path(path: str | Path) -> Path:
     return path if path.is_absolute() else REPO_ROOT / path
 
 
+def repo_relative(text: str | Path) -> str:
+    """``text`` (a path or a command line) with every path under the repository written relative to its root, so
+    committed results read the same on every clone."""
+    return str(text).replace(f"{REPO_ROOT}/", "").replace(str(REPO_ROOT), ".")
+
+
 def compose_config(overrides: Sequence[str] = (), config_name: str = "config") -> DictConfig:
     """configs/<config_name>.yaml composed with Hydra ``overrides`` (any Hydra state of this process is reset)."""
     GlobalHydra.instance().clear()

@@ -172,3 +172,13 @@ def test_a_method_the_family_cannot_run_is_not_run_and_skipped_with_a_notice(tmp
     fastv = cells[cells["method"] == "fastv"]
     assert len(fastv) and set(fastv["status"]) == {"not run"}
     assert set(cells[cells["method"] == "hiprune"]["status"]) <= {"pending", "ok"}
+
+
+def test_recorded_paths_are_relative_to_the_repository():
+    from eval.config import REPO_ROOT, repo_relative
+
+    assert repo_relative(REPO_ROOT / "results" / "runs" / "a.json") == "results/runs/a.json"
+    assert repo_relative(f"{REPO_ROOT}/eval/efficiency/bench.py model=x out_dir={REPO_ROOT}") == (
+        "eval/efficiency/bench.py model=x out_dir=."
+    )
+    assert repo_relative("/elsewhere/file") == "/elsewhere/file"  # outside the repository: unchanged

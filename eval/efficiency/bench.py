@@ -70,7 +70,7 @@ from transformers import AutoConfig, AutoModelForImageTextToText, CLIPTextConfig
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 import hiprune
-from eval.config import CONFIG_DIR, ConfigError, repo_path
+from eval.config import CONFIG_DIR, ConfigError, repo_path, repo_relative
 from eval.efficiency.flops import (
     fastv_tokens_per_layer,
     flops_exact,
@@ -854,7 +854,7 @@ def run(cfg: DictConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
     bench = {
         "meta": {
             "model": cfg.model.name,
-            "architecture": source,
+            "architecture": repo_relative(source),
             "arch_overrides": (OmegaConf.to_container(cfg.model.arch_overrides, resolve=True)
                                if cfg.model.get("arch_overrides") else {}),
             "parameters": n_params,
@@ -884,7 +884,7 @@ def run(cfg: DictConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
             "torch_threads": torch.get_num_threads(),
             "versions": versions(),
             "config": OmegaConf.to_container(cfg, resolve=True),
-            "command": " ".join(sys.argv),
+            "command": repo_relative(" ".join(sys.argv)),
             "timestamp": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             "wall_seconds": round(time.time() - started, 1),
         },

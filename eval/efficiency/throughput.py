@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from eval.config import REPO_ROOT
+from eval.config import REPO_ROOT, repo_relative
 from eval.efficiency.measure import load_average
 
 DEFAULT_OUT = REPO_ROOT / "results" / "efficiency" / "eval_throughput"
@@ -142,6 +142,7 @@ def run(
             evaluate_once(model, tasks, manager, warmup_limit, batch_sizes[0], seed)
         runs = [evaluate_once(model, tasks, manager, limit, bs, seed) for bs in batch_sizes]
         settings = dict(model.settings)
+        settings["pretrained"] = repo_relative(settings["pretrained"])
     finally:
         model.close()
     first = runs[0]
@@ -158,7 +159,7 @@ def run(
         "torch_threads": torch.get_num_threads(),
         "load_average": load_average(),
         "timestamp": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join(sys.argv),
+        "command": repo_relative(" ".join(sys.argv)),
         "runs": runs,
         "identical": all(r["identical_to_first"] for r in runs),
     }

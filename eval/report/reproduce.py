@@ -42,7 +42,7 @@ import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 from transformers import AutoConfig
 
-from eval.config import CONFIG_DIR, REPO_ROOT, ConfigError, compose_config, repo_path
+from eval.config import CONFIG_DIR, REPO_ROOT, ConfigError, compose_config, repo_path, repo_relative
 from eval.efficiency.flops import flops_exact
 from eval.report import paper as P
 from eval.report import plots as plotting
@@ -235,7 +235,7 @@ def load_results(store: Path) -> pd.DataFrame:
                         "n_samples": (record.get("n_samples") or {}).get(task),
                         "kept_per_image": (record.get("visual_tokens") or {}).get("mean_kept_per_image"),
                         "timestamp": record.get("timestamp", ""),
-                        "record": str(path),
+                        "record": repo_relative(path),
                     }
                 )
     return pd.DataFrame(rows, columns=["model", "benchmark", "task", "method", "budget", "limit", "settings",
@@ -522,7 +522,7 @@ def to_frame(rendered: Rendered) -> pd.DataFrame:
 
 def to_markdown(spec: Spec, rendered: Rendered) -> str:
     width = len(rendered.header)
-    out = [f"# {spec.title}", "", f"Experiment `{spec.experiment}`; store `{_rel(spec.store)}`.", ""]
+    out = [f"# {spec.title}", "", f"Experiment `{spec.experiment}`; store `{repo_relative(spec.store)}`.", ""]
     out.append("| " + " | ".join(rendered.header) + " |")
     out.append("|" + "|".join([":---"] + ["---:"] * (width - 1)) + "|")
     for kind, cells in rendered.lines:
@@ -565,12 +565,6 @@ def to_latex(spec: Spec, rendered: Rendered) -> str:
     out += [f"% {line}" for line in rendered.notes]
     return "\n".join(out) + "\n"
 
-
-def _rel(path: Path) -> str:
-    try:
-        return str(Path(path).resolve().relative_to(REPO_ROOT))
-    except ValueError:
-        return str(path)
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -766,7 +760,7 @@ def run(table: str, overrides: Sequence[str] = (), dry_run: bool = False, plots:
         return 0
     paths = render(table, overrides, plots=plots)
     for path in paths.values():
-        print(f"[reproduce] wrote {_rel(path)}")
+        print(f"[reproduce] wrote {repo_relative(path)}")
     if failed:
         print(f"[reproduce] {len(failed)} sweep(s) failed: {failed}; the table shows what finished", flush=True)
         return 1
@@ -785,12 +779,12 @@ def main(argv: list[str] | None = None) -> None:
     p_render.add_argument("table", nargs="?")
     p_render.add_argument("overrides", nargs="*")
     p_render.add_argument("--all", action="store_true", help="every table")
-    p_render.add_argument("--out", type=Path, help=f"output folder (default {_rel(TABLES_DIR)})")
+    p_render.add_argument("--out", type=Path, help=f"output folder (default {repo_relative(TABLES_DIR)})")
     p_render.add_argument("--no-plots", action="store_true")
     p_plots = sub.add_parser("plots", help="only the table's plots, from the store; runs nothing")
     p_plots.add_argument("table")
     p_plots.add_argument("overrides", nargs="*")
-    p_plots.add_argument("--out", type=Path, help=f"output folder (default {_rel(PLOTS_DIR)}/<experiment>)")
+    p_plots.add_argument("--out", type=Path, help=f"output folder (default {repo_relative(PLOTS_DIR)}/<experiment>)")
     sub.add_parser("list", help="tables and their experiment configs")
     args = parser.parse_args(argv)
 
@@ -801,7 +795,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "plots":
         spec = load_spec(args.table, args.overrides)
         for path in table_plots(spec, collect_cells(spec), args.out or PLOTS_DIR / spec.experiment).values():
-            print(f"[reproduce] wrote {_rel(path)}")
+            print(f"[reproduce] wrote {repo_relative(path)}")
         return
     if args.command == "run":
         sys.exit(run(args.table, args.overrides, dry_run=args.dry_run, plots=not args.no_plots))
@@ -813,7 +807,7 @@ def main(argv: list[str] | None = None) -> None:
     tables = list(dict.fromkeys(list_tables().values())) if args.all else [args.table]
     for table in tables:
         paths = render(table, overrides, out_dir=args.out, plots=not args.no_plots)
-        print(f"[reproduce] table {table}: " + ", ".join(_rel(p) for p in paths.values()))
+        print(f"[reproduce] table {table}: " + ", ".join(repo_relative(p) for p in paths.values()))
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 from transformers import AutoConfig, AutoModelForImageTextToText
 
 import hiprune
-from eval.config import CONFIG_DIR, REPO_ROOT, ConfigError, repo_path
+from eval.config import CONFIG_DIR, REPO_ROOT, ConfigError, repo_path, repo_relative
 from eval.efficiency.flops import encoder_merges, flops_exact, tflops_fastv
 from eval.lmms.base import lmms_model_class
 from eval.running.fingerprint import local_inputs
@@ -295,7 +295,7 @@ def execute(plan: RunPlan, ranks: Ranks = Ranks()) -> dict[str, Any] | None:
         # not part of the identity: a sharded run gives the same result
         "data_parallel": {"processes": ranks.world_size, "docs_per_rank": docs_per_rank},
         "versions": _versions(),
-        "command": " ".join(sys.argv),
+        "command": repo_relative(" ".join(sys.argv)),
         "timestamp": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "wall_seconds": round(time.time() - started, 3),
     }
