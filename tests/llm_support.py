@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 
 import torch
+from PIL import Image
 
 
 def attention_variant(model, attention):
@@ -30,3 +31,20 @@ def single_input(model, seed=0, before=5, after=7):
     )[None]
     size = model.config.vision_config.image_size
     return ids, torch.randn(1, 3, size, size, generator=g)
+
+
+def noise_images(count: int, size: int = 128) -> list[Image.Image]:
+    """``count`` random-noise RGB images, image i seeded with i."""
+    images = []
+    for seed in range(count):
+        g = torch.Generator().manual_seed(seed)
+        images.append(Image.fromarray(torch.randint(0, 256, (size, size, 3), generator=g, dtype=torch.uint8).numpy()))
+    return images
+
+
+def greedy_with_scores(model, inputs, steps: int = 5):
+    """(generated ids [B, steps], scores [B, steps, V]) of a greedy cached ``generate``."""
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=steps, min_new_tokens=steps, do_sample=False, pad_token_id=0,
+                             output_scores=True, return_dict_in_generate=True)
+    return out.sequences[:, inputs["input_ids"].shape[1] :], torch.stack(out.scores, dim=1)

@@ -16,7 +16,7 @@ import math
 import pytest
 import torch
 from conftest import REPO
-from llm_support import attention_variant, single_input
+from llm_support import attention_variant, greedy_with_scores, noise_images, single_input
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 import hiprune
@@ -163,30 +163,15 @@ def test_prefill_and_cached_decode_equal_the_reference(scene, attention):
 
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
 def test_left_padded_batch_of_four_equals_each_prompt_alone(scene, attention):
-    from PIL import Image
-
     model, processor = scene
     model = attention_variant(model, attention)
-    images = []
-    for seed in range(4):
-        g = torch.Generator().manual_seed(seed)
-        images.append(Image.fromarray(torch.randint(0, 256, (128, 128, 3), generator=g, dtype=torch.uint8).numpy()))
+    images = noise_images(4)
 
     def batch(imgs, questions):
         return LlavaInputBuilder(processor)(questions, [[im] for im in imgs], model.config.image_seq_length)
 
     def generate(inputs):
-        with torch.no_grad():
-            out = model.generate(
-                **inputs,
-                max_new_tokens=5,
-                min_new_tokens=5,
-                do_sample=False,
-                pad_token_id=0,
-                output_scores=True,
-                return_dict_in_generate=True,
-            )
-        return out.sequences[:, inputs["input_ids"].shape[1] :], torch.stack(out.scores, dim=1)
+        return greedy_with_scores(model, inputs)
 
     together = batch(images, QUESTIONS)
     assert (together["attention_mask"] == 0).any()
