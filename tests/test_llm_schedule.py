@@ -19,7 +19,7 @@ import pandas as pd
 import pytest
 import torch
 from conftest import REPO
-from llm_support import attention_variant, single_input
+from llm_support import attention_variant, prefill_and_decode, single_input
 from transformers import AutoConfig
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
@@ -161,27 +161,7 @@ def test_two_stages_equal_the_reference_prefill_and_cached_decode(scene, attenti
     model = attention_variant(scene[0], attention)
     ids, pixels = single_input(model)
     T, steps = ids.shape[1], 4
-    layers = model.model.language_model.layers
-    seen: list[int] = []
-
-    def spy(module, args, kwargs):  # registered after the plumbing's hooks: sees the inputs the layer really gets
-        seen.append((args[0] if args else kwargs["hidden_states"]).shape[1])
-
-    with hiprune.apply(model, two_stage()) as session, torch.no_grad():
-        handles = [layer.register_forward_pre_hook(spy, with_kwargs=True) for layer in layers]
-        try:
-            out = model(input_ids=ids, pixel_values=pixels, use_cache=True)
-            prefill_lengths = list(seen)
-            cache, token = out.cache, out.logits[:, -1].argmax(-1, keepdim=True)
-            generated, decode = [int(token)], [out.logits[0, -1]]
-            for _ in range(steps):
-                step = model(input_ids=token, cache=cache, use_cache=True)
-                decode.append(step.logits[0, -1])
-                token = step.logits[:, -1].argmax(-1, keepdim=True)
-                generated.append(int(token))
-        finally:
-            for handle in handles:
-                handle.remove()
+    session, prefill_lengths, out, generated, decode = prefill_and_decode(model, two_stage(), ids, pixels, steps)
 
     # per-layer sequence lengths follow the schedule: T, then 32 and 8 of the 64 visual tokens
     assert prefill_lengths == [T, T - 32, T - 56]
@@ -192,7 +172,7 @@ def test_two_stages_equal_the_reference_prefill_and_cached_decode(scene, attenti
     assert first.shape == (1, 32) and last.shape == (1, 8) and torch.equal(record.indices, last)
     assert set(last[0].tolist()) <= set(first[0].tolist())  # the second stage ranks what the first kept
     # each layer's cache holds what that layer saw, plus the decoded tokens
-    assert [cache.layers[i].get_seq_length() for i in range(3)] == [n + steps for n in record.tokens]
+    assert [out.cache.layers[i].get_seq_length() for i in range(3)] == [n + steps for n in record.tokens]
 
     expected_prefill, expected_kept = reference(model, ids, pixels, TWO_STAGES)
     assert [k.tolist() for k in expected_kept] == [first[0].tolist(), last[0].tolist()]

@@ -16,7 +16,7 @@ import math
 import pytest
 import torch
 from conftest import REPO
-from llm_support import attention_variant, greedy_with_scores, noise_images, single_input
+from llm_support import attention_variant, prefill_and_decode, greedy_with_scores, noise_images, single_input
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 import hiprune
@@ -125,32 +125,12 @@ def test_prefill_and_cached_decode_equal_the_reference(scene, attention):
     method = hiprune.build_method("sparsevlm", **OPTIONS)
     ids, pixels = single_input(model)
     T, steps = ids.shape[1], 4
-    seen: list[int] = []
-
-    def spy(module, args, kwargs):
-        seen.append((args[0] if args else kwargs["hidden_states"]).shape[1])
-
-    layers = model.model.language_model.layers
-    with hiprune.apply(model, method) as session, torch.no_grad():
-        handles = [layer.register_forward_pre_hook(spy, with_kwargs=True) for layer in layers]
-        try:
-            out = model(input_ids=ids, pixel_values=pixels, use_cache=True)
-            prefill_lengths = list(seen)
-            cache, token = out.cache, out.logits[:, -1].argmax(-1, keepdim=True)
-            generated, decode = [int(token)], [out.logits[0, -1]]
-            for _ in range(steps):
-                step = model(input_ids=token, cache=cache, use_cache=True)
-                decode.append(step.logits[0, -1])
-                token = step.logits[:, -1].argmax(-1, keepdim=True)
-                generated.append(int(token))
-        finally:
-            for handle in handles:
-                handle.remove()
+    session, prefill_lengths, out, generated, decode = prefill_and_decode(model, method, ids, pixels, steps)
 
     assert prefill_lengths == [T, T - 64 + 34, T - 64 + 13]
     [record] = session.layer_records
     assert record.visual == [64, 34, 13] and record.tokens == prefill_lengths
-    assert [cache.layers[i].get_seq_length() for i in range(3)] == [n + steps for n in record.tokens]
+    assert [out.cache.layers[i].get_seq_length() for i in range(3)] == [n + steps for n in record.tokens]
     expected, kept = reference(model, method, ids, pixels)
     assert kept == [record.stages[0][1][0].tolist(), record.stages[1][1][0].tolist()]
     assert kept[0][-2:] == [64, 65] and max(kept[1]) == 66  # cluster ids follow the image's 64 tokens
