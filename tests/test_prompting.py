@@ -1,5 +1,6 @@
 """Official LLaVA-1.5 prompt and tokenisation, image mode handling, left padding."""
 
+import copy
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,8 @@ from eval.lmms.prompting import (
     with_image_placeholders,
 )
 from eval.lmms.video_llava import HiPruneVideoLlava
+from lmms_eval.api.task import ConfigurableTask
+from lmms_eval.utils import load_yaml_config
 
 REPO = Path(__file__).resolve().parents[1]
 # LLaVA's llava/conversation.py, typed in: conv_vicuna_v1 (the LLaVA-1.5 / LLaVA-NeXT evaluation scripts'
@@ -56,6 +59,34 @@ def test_system_prompt_defaults_real_checkpoints_vicuna_v1_models_trained_here_p
                       "video_llava_7b": "llava_v1", "scene_llava": "llava_v1", "tiny_llava": "llava_v1",
                       "tiny_llava_next": "llava_v1", "tiny_video_llava": "llava_v1"}
     assert "prompt_style" not in OmegaConf.load(REPO / "configs" / "model" / "llava_next_13b.yaml")  # inherits 7b's
+
+
+# LLaVA-1.5's TextVQA question file (llava_textvqa_val_v051_ocr.jsonl, question 34602) as its script prompts with it
+LLAVA_TEXTVQA_34602 = ("What is the brand of this camera?\nReference OCR token: DAKOTA, DIGITAL, Single-Use, Camera, "
+                       "Pire, digitat\nAnswer the question using a single word or phrase.")
+
+
+def test_textvqa_benchmark_prompts_llava_families_with_the_ocr_tokens():
+    """benchmark=textvqa renders LLaVA's TextVQA script prompt (question, OCR-token line, short-answer instruction)
+    for the LLaVA families through lmms-eval's own task machinery; other models, and lmms-eval's plain textvqa_val
+    (benchmark=textvqa_no_ocr), get lmms-eval's default without OCR tokens. The sample is local (tests/data)."""
+    bench = OmegaConf.load(REPO / "configs" / "benchmark" / "textvqa.yaml")
+    assert list(bench.tasks) == ["hiprune_textvqa_val"] and bench.include_path == "eval/tasks"
+    assert list(OmegaConf.load(REPO / "configs" / "benchmark" / "textvqa_no_ocr.yaml").tasks) == ["textvqa_val"]
+    config = load_yaml_config(str(REPO / "eval" / "tasks" / "hiprune_textvqa" / "hiprune_textvqa_val.yaml"))
+    assert config["dataset_path"] == "lmms-lab/textvqa" and config["test_split"] == "validation"
+    config.update(dataset_path="json", dataset_kwargs={
+        "data_files": {"validation": str(REPO / "tests" / "data" / "textvqa_sample" / "validation.jsonl")}})
+    rendered = {}
+    for name in ("hiprune_llava", "hiprune_llava_next", "hiprune_qwen2_5_vl", None):  # the registered names
+        task = ConfigurableTask(config=copy.deepcopy(config), model_name=name)
+        rendered[name] = task.doc_to_text(task.test_docs()[0])
+    assert rendered["hiprune_llava"] == rendered["hiprune_llava_next"] == LLAVA_TEXTVQA_34602
+    no_ocr = "What is the brand of this camera?\nAnswer the question using a single word or phrase."
+    assert rendered["hiprune_qwen2_5_vl"] == rendered[None] == no_ocr
+    # the whole prompt the LLaVA-1.5 model builds from it (vicuna_v1, image first)
+    assert conversation_prompt(with_image_placeholders(rendered["hiprune_llava"], 1)) == (
+        f"{VICUNA_V1} USER: <image>\n{LLAVA_TEXTVQA_34602} ASSISTANT:")
 
 
 def test_chunkwise_tokenisation_splices_image_tokens(tiny_llava):

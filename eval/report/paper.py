@@ -85,6 +85,7 @@ TASK_METRICS = {
     "scienceqa_img": _percent("exact_match"),
     "vqav2_val": _percent("exact_match"),
     "textvqa_val": _percent("exact_match"),
+    "hiprune_textvqa_val": _percent("exact_match"),
     "vizwiz_vqa_val": _percent("exact_match"),
 }
 

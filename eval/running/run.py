@@ -100,7 +100,7 @@ def plan_run(cfg: DictConfig) -> RunPlan:
 
     include_path = str(repo_path(cfg.benchmark.include_path)) if cfg.benchmark.include_path else None
     tasks = list(cfg.benchmark.tasks)
-    _check_tasks(tasks, include_path)
+    _check_tasks(tasks, include_path, m.lmms_model)
     if int(cfg.batch_size) < 1:
         raise ConfigError(f"batch_size must be >= 1, got {cfg.batch_size}")
 
@@ -146,15 +146,18 @@ def _check_against_architecture(
 
 
 @functools.lru_cache(maxsize=4)
-def task_manager(include_path: str | None):
-    """lmms-eval's task index (seconds to build): once per process, shared by every run of a sweep."""
+def task_manager(include_path: str | None, model_name: str | None = None):
+    """lmms-eval's task index (seconds to build): once per process, shared by every run of a sweep.
+
+    ``model_name`` is the lmms-eval model's registered name: tasks resolve their model-specific prompt kwargs by it,
+    as under lmms-eval's own CLI (e.g. hiprune_textvqa_val's OCR tokens for hiprune_llava)."""
     from lmms_eval.tasks import TaskManager  # deferred on purpose: lmms_eval.tasks takes ~7 s to import
 
-    return TaskManager(include_path=include_path)
+    return TaskManager(include_path=include_path, model_name=model_name)
 
 
-def _check_tasks(tasks: list[str], include_path: str | None) -> None:
-    manager = task_manager(include_path)
+def _check_tasks(tasks: list[str], include_path: str | None, model_name: str | None = None) -> None:
+    manager = task_manager(include_path, model_name)
     unknown = [t for t in tasks if t not in manager.all_tasks]
     if unknown:
         raise ConfigError(f"unknown lmms-eval task(s) {unknown}" + (f" (include_path {include_path})" if include_path else ""))
@@ -264,7 +267,7 @@ def execute(plan: RunPlan, ranks: Ranks = Ranks()) -> dict[str, Any] | None:
             tasks=plan.tasks,
             limit=cfg.limit,
             batch_size=cfg.batch_size,
-            task_manager=task_manager(plan.include_path),
+            task_manager=task_manager(plan.include_path, cfg.model.lmms_model),
             log_samples=bool(cfg.log_samples),
             random_seed=cfg.seed,
             numpy_random_seed=cfg.seed,
