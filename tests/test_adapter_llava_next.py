@@ -6,11 +6,14 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 from typing import ClassVar
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageDraw
+from transformers import AutoConfig
 from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape
 
 import hiprune
@@ -356,3 +359,61 @@ def test_lmms_eval_runs_the_registered_model_on_the_local_task(tiny_next, smoke_
     # LLaVA's tie-breaking between grids: a small square image gets a 2x1 (tall) grid, as in the official code
     assert lmm.session.adapter.image_layout((200, 200), lmm.method).crop_grid == (2, 1)
     assert lmm.processor.image_processor.image_grid_pinpoints == lmm.session.adapter.config.image_grid_pinpoints
+
+
+# --- preprocessing: LLaVA's process_anyres_image ------------------------------------------------------------------
+def _llava_anyres_reference(image: Image.Image, pinpoints_wh, crop: int, mean, std) -> torch.Tensor:
+    """LLaVA's process_anyres_image written out from its description: pick the grid (w, h) with the largest effective
+    resolution, then the least waste; resize into it keeping the aspect ratio (PIL bicubic, ceil, capped) and paste
+    centred on black; cut crop x crop tiles in raster order; the base image squashed to crop x crop; each tile scaled
+    to [0, 1] and normalised (CLIP's resize and centre crop leave a crop-sized tile as it is)."""
+    w, h = image.size
+    best, best_effective, best_waste = None, -1, float("inf")
+    for gw, gh in pinpoints_wh:
+        scale = min(gw / w, gh / h)
+        effective = min(int(w * scale) * int(h * scale), w * h)
+        waste = gw * gh - effective
+        if effective > best_effective or (effective == best_effective and waste < best_waste):
+            best, best_effective, best_waste = (gw, gh), effective, waste
+    gw, gh = best
+    if gw / w < gh / h:
+        new_w, new_h = gw, min(math.ceil(h * gw / w), gh)
+    else:
+        new_w, new_h = min(math.ceil(w * gh / h), gw), gh
+    canvas = Image.new("RGB", (gw, gh), (0, 0, 0))
+    canvas.paste(image.resize((new_w, new_h), Image.BICUBIC), ((gw - new_w) // 2, (gh - new_h) // 2))
+    tiles = [image.resize((crop, crop), Image.BICUBIC)]
+    tiles += [canvas.crop((x, y, x + crop, y + crop)) for y in range(0, gh, crop) for x in range(0, gw, crop)]
+    mean, std = np.asarray(mean, np.float32), np.asarray(std, np.float32)
+    return torch.stack([torch.from_numpy(((np.asarray(t, np.float32) / 255.0 - mean) / std).transpose(2, 0, 1))
+                        for t in tiles])
+
+
+def test_lmms_preprocessing_defaults_to_llavas_anyres_pil_path(tiny_next):
+    """image_backend=pil (the default) gives LLaVA's process_anyres_image pixels (independent reference above) on a
+    wide, a tall and a near-square image; the torchvision backend (the option) differs from it."""
+    from eval.lmms.llava_next import HiPruneLlavaNext, anyres_image_processor
+
+    _, _, path = tiny_next
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for w, h in
+              [(500, 300), (170, 410), (640, 600)]]
+    lmm = HiPruneLlavaNext(pretrained=str(path), method="none", device="cpu")
+    try:
+        assert lmm.settings["image_backend"] == "pil"
+        saved = lmm.processor.image_processor
+        # the checkpoint's pinpoints as LLaVA reads them, (width, height), in the checkpoint's order
+        pinpoints_wh = [tuple(p) for p in AutoConfig.from_pretrained(path).image_grid_pinpoints]
+        batch, _ = lmm.build_inputs(["Q"] * len(images), [[image] for image in images])
+        torchvision = anyres_image_processor(saved, "torchvision")(images, return_tensors="pt")["pixel_values"]
+    finally:
+        lmm.close()
+    crop = saved.crop_size["height"]
+    for row, image in enumerate(images):
+        reference = _llava_anyres_reference(image, pinpoints_wh, crop, saved.image_mean, saved.image_std)
+        assert len(reference) in (3, 5)
+        got = batch["pixel_values"][row, : len(reference)]
+        assert torch.allclose(got, reference, atol=1e-5), f"image {row}: {(got - reference).abs().max()}"
+        assert (torchvision[row, : len(reference)] - reference).abs().max() > 1e-2
+    with pytest.raises(ValueError, match="image_backend"):
+        anyres_image_processor(saved, "opencv")

@@ -9,7 +9,7 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
-from eval.lmms.llava import HiPruneLlava
+from eval.lmms.llava import HiPruneLlava, llava_answers
 from eval.lmms.llava_next import HiPruneLlavaNext
 from eval.lmms.prompting import (
     LlavaInputBuilder,
@@ -143,3 +143,24 @@ def test_builder_rejects_unknown_options(tiny_llava):
         LlavaInputBuilder(processor, prompt_style="alpaca")
     with pytest.raises(ValueError, match="image_backend"):
         LlavaInputBuilder(processor, image_backend="opencv")
+
+
+def test_llava_answers_are_returned_as_lmms_evals_llava_class_returns_them(tiny_llava_dir):
+    """answers=official (the default, LLaVA-1.5 and LLaVA-NeXT): the decoded new tokens as they are, neither cut at
+    the task's `until` strings nor stripped (lmms-eval's llava class; lmms-eval strips before scoring);
+    answers=cut_strip: cut at the first stop string, stripped."""
+    decoded = [" Yes ASSISTANT: no\n", "two\n\nthree "]
+    assert llava_answers(decoded, ["ASSISTANT:", "\n\n"], "official") == decoded
+    assert llava_answers(decoded, ["ASSISTANT:", "\n\n"], "cut_strip") == ["Yes", "two"]
+    assert llava_answers(decoded, None, "cut_strip") == ["Yes ASSISTANT: no", "two\n\nthree"]
+    with pytest.raises(ValueError, match="answers"):
+        llava_answers(decoded, None, "strip")
+    assert HiPruneLlava.loading_options["answers"] == HiPruneLlavaNext.loading_options["answers"] == "official"
+    for style, expected in [("official", decoded), ("cut_strip", ["Yes", "two"])]:
+        lmm = HiPruneLlava(pretrained=str(tiny_llava_dir), method="none", device="cpu", answers=style)
+        try:
+            assert lmm.finish_answers(decoded, ["ASSISTANT:", "\n\n"]) == expected
+        finally:
+            lmm.close()
+    with pytest.raises(ValueError, match="answers"):
+        HiPruneLlava(pretrained=str(tiny_llava_dir), method="none", device="cpu", answers="strip")

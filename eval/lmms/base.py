@@ -304,9 +304,7 @@ class HiPruneLMM(lmms):
 
     def finish_answers(self, answers: list[str], until: list[str] | None) -> list[str]:
         """Post-process decoded answers: cut at the first stop string of ``until``, strip (families may override)."""
-        if until:
-            answers = [_cut(a, until) for a in answers]
-        return [a.strip() for a in answers]
+        return cut_and_strip(answers, until)
 
     def _check_context(self, attention_mask: torch.Tensor, max_new_tokens: int, doc_ids) -> None:
         """A sequence past the LLM's trained context would silently degrade: refuse it, naming the sample."""
@@ -476,6 +474,13 @@ def selection_digest(grids) -> str:
         h.update(b"full" if grid.indices is None else grid.indices.to(torch.int64).numpy().tobytes())
         h.update(b"|")
     return h.hexdigest()
+
+
+def cut_and_strip(answers: list[str], until: list[str] | None) -> list[str]:
+    """Each answer cut at the first stop string of ``until`` (if any), then stripped."""
+    if until:
+        answers = [_cut(a, until) for a in answers]
+    return [a.strip() for a in answers]
 
 
 def _cut(text: str, stops: list[str]) -> str:

@@ -10,8 +10,22 @@ from __future__ import annotations
 
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-from eval.lmms.base import HiPruneLMM
+from eval.lmms.base import HiPruneLMM, cut_and_strip
 from eval.lmms.prompting import LlavaInputBuilder
+
+# how a decoded answer is returned: "official" as lmms-eval's llava model class (the authors' evaluation of LLaVA-1.5
+# and LLaVA-NeXT) returns it, the decoded new tokens as they are (its cut at the task's `until` strings is commented
+# out; lmms-eval strips every answer before scoring); "cut_strip" cuts at the first stop string of `until` and strips
+ANSWER_STYLES = ("official", "cut_strip")
+
+
+def llava_answers(answers: list[str], until: list[str] | None, style: str) -> list[str]:
+    """Decoded answers post-processed as ``style`` (ANSWER_STYLES) says."""
+    if style == "official":
+        return list(answers)
+    if style == "cut_strip":
+        return cut_and_strip(answers, until)
+    raise ValueError(f"unknown answers {style!r}; choose one of {ANSWER_STYLES}")
 
 
 class HiPruneLlava(HiPruneLMM):
@@ -26,10 +40,14 @@ class HiPruneLlava(HiPruneLMM):
         # CLIP checkpoint paired with the vision tower; loaded only for prompt-aware methods (HiPrune++)
         "text_tower": "openai/clip-vit-large-patch14-336",
         "prompt_pooling": "mean",
+        "answers": "official",  # official (lmms-eval's llava: decoded as is) | cut_strip (cut at `until`, strip)
     }
 
     def load(self, pretrained, revision, attn_implementation, prompt_style, image_backend, pad_to_square,
-             text_tower, prompt_pooling):
+             text_tower, prompt_pooling, answers):
+        if answers not in ANSWER_STYLES:
+            raise ValueError(f"unknown answers {answers!r}; choose one of {ANSWER_STYLES}")
+        self.answers = answers
         self.load_clip_prompt_encoder(text_tower, prompt_pooling)
 
         processor = AutoProcessor.from_pretrained(pretrained, revision=revision)
@@ -45,6 +63,9 @@ class HiPruneLlava(HiPruneLMM):
     @property
     def tokens_per_image(self) -> int:
         return self.session.tokens_per_image()
+
+    def finish_answers(self, answers, until):
+        return llava_answers(answers, until, self.answers)
 
     def build_inputs(self, contexts, images):
         keep = self.tokens_per_image

@@ -5,12 +5,12 @@
 
 Defaults reproduce the official HiPrune evaluation of LLaVA-NeXT (the authors' lmms-eval ``llava`` model with
 ``conv_template=vicuna_v1``): the vicuna_v1 conversation ("curious user" system prompt) and LLaVA's chunk-wise
-tokenisation around ``<image>``; anyres preprocessing by the checkpoint's image processor (best-fit grid, black
-padding, base image squashed to 336 x 336, as LLaVA's ``process_anyres_image``) with LLaVA's tie-breaking between
-grids (``pinpoint_order``). Layout (``layout=auto``, the default): pruning methods run the 'spatial' layout without
-unpadding or newline tokens that the authors' pruning code forces (``official``), while ``method=none`` runs the
-standard model (``native``: HF's unpad + newline layout, LLaVA's ``spatial_unpad``), as the paper's vanilla rows;
-``layout=official`` / ``native`` force one for every method (see hiprune/adapters/llava_next.py). The settings
+tokenisation around ``<image>``; anyres preprocessing as LLaVA's ``process_anyres_image`` (best-fit grid, black
+padding, base image squashed to 336 x 336, PIL bicubic: HF's PIL backend, ``image_backend=pil``; ``torchvision`` /
+``checkpoint`` as options) with LLaVA's tie-breaking between grids (``pinpoint_order``). Layout (``layout=auto``,
+the default): pruning methods run the 'spatial' layout without unpadding or newline tokens that the authors'
+pruning code forces (``official``), while ``method=none`` runs the standard model (``native``: HF's unpad +
+newline layout, LLaVA's ``spatial_unpad``), as the paper's vanilla rows; ``layout=official`` / ``native`` force one for every method (see hiprune/adapters/llava_next.py). The settings
 recorded with a run hold the layout that ran. The expected kept tokens
 per sample list one entry per crop grid (base first, then the sub-image crops), matching the adapter's records.
 """
@@ -19,10 +19,14 @@ from __future__ import annotations
 
 import torch
 from transformers import AutoProcessor, LlavaNextForConditionalGeneration
+from transformers.models.llava_next.image_processing_llava_next import LlavaNextImageProcessor
+from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
 
 from eval.lmms.base import HiPruneLMM
+from eval.lmms.llava import ANSWER_STYLES, llava_answers
 from eval.lmms.prompting import (
     CONVERSATION_SYSTEMS,
+    IMAGE_BACKENDS,
     IMAGE_PLACEHOLDER,
     PROMPT_STYLES,
     conversation_prompt,
@@ -33,6 +37,24 @@ from eval.lmms.prompting import (
     with_image_placeholders,
 )
 from hiprune.adapters.llava_next import resolve_layout
+
+# the anyres settings a backend processor takes over from the checkpoint's (pinpoints as the model reads them)
+_ANYRES_SETTINGS = ("size", "crop_size", "image_mean", "image_std", "resample", "do_resize", "do_center_crop",
+                    "do_rescale", "rescale_factor", "do_normalize", "do_convert_rgb", "do_pad", "image_grid_pinpoints")
+
+
+def anyres_image_processor(saved, backend: str):
+    """The LLaVA-NeXT image processor of ``backend`` with the checkpoint processor's settings.
+
+    pil: HF's PIL backend, PIL bicubic resizes on uint8 images as LLaVA's ``process_anyres_image`` (resize into the
+    best-fit grid and pad black, crop; the base image squashed to the crop size); torchvision: HF's tensor backend
+    (antialiased bicubic on tensors, close but not equal); checkpoint: the processor as saved."""
+    if backend not in IMAGE_BACKENDS:
+        raise ValueError(f"unknown image_backend {backend!r}; choose one of {IMAGE_BACKENDS}")
+    if backend == "checkpoint":
+        return saved
+    cls = LlavaNextImageProcessorPil if backend == "pil" else LlavaNextImageProcessor
+    return cls(**{k: getattr(saved, k) for k in _ANYRES_SETTINGS if getattr(saved, k, None) is not None})
 
 
 class HiPruneLlavaNext(HiPruneLMM):
@@ -52,19 +74,27 @@ class HiPruneLlavaNext(HiPruneLMM):
         # "official" swaps every pinpoint in the model config and the image processor so HF breaks ties like LLaVA;
         # "checkpoint" keeps HF's reading.
         "pinpoint_order": "official",
+        # pil: LLaVA's process_anyres_image (PIL bicubic), as the official evaluation | torchvision | checkpoint
+        "image_backend": "pil",
         # CLIP checkpoint paired with the vision tower; loaded only for prompt-aware methods (HiPrune++)
         "text_tower": "openai/clip-vit-large-patch14-336",
         "prompt_pooling": "mean",
+        "answers": "official",  # official (lmms-eval's llava: decoded as is) | cut_strip (cut at `until`, strip)
     }
 
     @classmethod
     def resolve_adapter_options(cls, options, method):
         return {**options, "layout": resolve_layout(options["layout"], method)}
 
-    def load(self, pretrained, revision, attn_implementation, prompt_style, layout, pinpoint_order, text_tower,
-             prompt_pooling):
+    def load(self, pretrained, revision, attn_implementation, prompt_style, layout, pinpoint_order, image_backend,
+             text_tower, prompt_pooling, answers):
+        if answers not in ANSWER_STYLES:
+            raise ValueError(f"unknown answers {answers!r}; choose one of {ANSWER_STYLES}")
+        self.answers = answers
         if prompt_style not in PROMPT_STYLES:
             raise ValueError(f"unknown prompt_style {prompt_style!r}; choose one of {PROMPT_STYLES}")
+        if image_backend not in IMAGE_BACKENDS:
+            raise ValueError(f"unknown image_backend {image_backend!r}; choose one of {IMAGE_BACKENDS}")
         if pinpoint_order not in ("official", "checkpoint"):
             raise ValueError(f"unknown pinpoint_order {pinpoint_order!r}; choose official or checkpoint")
         self.load_clip_prompt_encoder(text_tower, prompt_pooling)
@@ -76,6 +106,7 @@ class HiPruneLlavaNext(HiPruneLMM):
             swapped = [[int(b), int(a)] for a, b in model.config.image_grid_pinpoints]
             model.config.image_grid_pinpoints = swapped
             processor.image_processor.image_grid_pinpoints = swapped
+        self.image_processor = anyres_image_processor(processor.image_processor, image_backend)
         self.prompt_style = prompt_style
         tokenizer = processor.tokenizer
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -93,6 +124,9 @@ class HiPruneLlavaNext(HiPruneLMM):
         content = [{"type": "image"}] * n_images + [{"type": "text", "text": context}]
         return self.processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
 
+    def finish_answers(self, answers, until):
+        return llava_answers(answers, until, self.answers)
+
     def build_inputs(self, contexts, images):
         if len(contexts) != len(images):
             raise ValueError(f"{len(contexts)} prompts but {len(images)} image lists")
@@ -101,7 +135,7 @@ class HiPruneLlavaNext(HiPruneLMM):
         batch: dict[str, torch.Tensor] = {}
         layouts = []
         if flat:
-            pixels = self.processor.image_processor(flat, return_tensors="pt")
+            pixels = self.image_processor(flat, return_tensors="pt")
             batch["pixel_values"] = pixels["pixel_values"]
             batch["image_sizes"] = pixels["image_sizes"]
             layouts = [adapter.image_layout(size, self.method) for size in pixels["image_sizes"]]
