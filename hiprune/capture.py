@@ -34,9 +34,10 @@ _MAX_CHUNK_ELEMENTS = 64 * 2**20
 QUERY_MODES = ("all", "cls", "last")
 
 
-# What a capture can record from one layer: its attention (a per-key score), its keys (mean over heads) or its
-# output hidden states.
-KINDS = ("attention", "keys", "hidden")
+# What a capture can record from one layer: its attention (a per-key score), its keys (mean over heads), its output
+# hidden states, or its scaled queries and keys ("query_key": [2, B, H, T, Dh], key heads repeated to the query heads;
+# for scores over several calls of one layer, e.g. a windowed block's windows scored as one sequence).
+KINDS = ("attention", "keys", "hidden", "query_key")
 
 
 @dataclass(frozen=True)
@@ -116,6 +117,9 @@ def _capture_attention(module: nn.Module, query, key, value, attention_mask, *ar
         for tap in route.taps:
             if tap.kind == "keys":  # [B, Tk, Dh]: the keys the layer attended with (after any rotary), heads averaged
                 route.sink.record(tap.name, key.detach().float().mean(dim=1))
+            elif tap.kind == "query_key":  # key_scores(q, k, None, 1.0) of these equals the layer's unmasked scores
+                k = key.repeat_interleave(query.shape[1] // key.shape[1], dim=1)
+                route.sink.record(tap.name, torch.stack([query.detach().float() * scaling, k.detach().float()]))
             else:
                 route.sink.record(tap.name, _query_scores(tap.queries, query, key, attention_mask, scaling))
     return output

@@ -5,6 +5,7 @@ invariance with images of different sizes, every method, exact restore, and an l
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import subprocess
 import sys
@@ -126,11 +127,12 @@ def test_kept_counts_follow_the_ratio_per_image(tiny_qwen, images, budget):
 
 # --- scores ------------------------------------------------------------------------------------------------------
 
-def _reference_scores(model, pixel_values, grid_thw, layers):
+def _reference_scores(model, pixel_values, grid_thw, layers, windows=False):
     """Per image [n] merged scores of each 1-based block in ``layers``, recomputed from the block's inputs.
 
     The window permutation is recovered by matching the rows entering block 1 with the patch embeddings in processor
-    order; each chunk of cu_seqlens (an image, or a window) is a separate softmax; heads then queries are averaged
+    order; each image is a separate softmax (the official flash path's scores: no window mask), or with ``windows``
+    each chunk of the block's cu_seqlens (an image, or a window); heads then queries are averaged
     (hiprune.global_attention on the full probability maps); a merged token averages its 4 patches.
     """
     from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb_vision
@@ -164,6 +166,8 @@ def _reference_scores(model, pixel_values, grid_thw, layers):
             q, k, _ = attn.qkv(hidden).reshape(hidden.shape[0], 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
             q, k = apply_rotary_pos_emb_vision(q, k, cos, sin)
             parts = []
+            if not windows:  # the images lie one after the other in window order
+                cu_seqlens = torch.tensor([0, *itertools.accumulate(int(g.prod()) for g in grid_thw)])
             for a, b in zip(cu_seqlens[:-1].tolist(), cu_seqlens[1:].tolist()):
                 logits = torch.einsum("qhd,khd->hqk", q[a:b], k[a:b]) * attn.scaling
                 parts.append(hiprune.global_attention(torch.softmax(logits, -1).unsqueeze(0), skip_cls=False)[0])
@@ -175,15 +179,23 @@ def _reference_scores(model, pixel_values, grid_thw, layers):
     return out
 
 
-@pytest.mark.parametrize("object_layer", [OBJECT_LAYER, 2])  # a full-attention block and a windowed one
-def test_captured_scores_equal_a_manual_recomputation(tiny_qwen, images, object_layer):
+# a full-attention block; a windowed one scored over each image without the window mask (the default, as the
+# official flash path), and per window (window_scores="window")
+@pytest.mark.parametrize("object_layer, window_scores", [(OBJECT_LAYER, "image"), (2, "image"), (2, "window")])
+def test_captured_scores_equal_a_manual_recomputation(tiny_qwen, images, object_layer, window_scores):
     model, processor = tiny_qwen
     assert Qwen25VLAdapter(model).full_attention_layers() == [4, 8]
+    assert Qwen25VLAdapter(model).window_scores == "image"
     method = SpyHiPrune(budget=0.334, object_layer=object_layer)
     batch = _batch(processor, images, QUESTIONS)
-    with hiprune.apply(model, method, processor), torch.no_grad():
+    with hiprune.apply(model, method, processor, window_scores=window_scores), torch.no_grad():
         model(**_batch(processor, images, QUESTIONS))
-    reference = _reference_scores(model, batch["pixel_values"], batch["image_grid_thw"], [object_layer, 8])
+    reference = _reference_scores(model, batch["pixel_values"], batch["image_grid_thw"], [object_layer, 8],
+                                  windows=window_scores == "window")
+    if object_layer == 2:  # the two readings of a windowed block differ
+        other = _reference_scores(model, batch["pixel_values"], batch["image_grid_thw"], [2],
+                                  windows=window_scores != "window")
+        assert not torch.allclose(other[2][0], reference[2][0], rtol=1e-3)
     grids = [(int(h) // 2, int(w) // 2) for _, h, w in batch["image_grid_thw"]]
     assert sorted(tokens.grid for tokens, _ in method.seen) == sorted(grids)  # one call per distinct grid
     for tokens, budget in method.seen:

@@ -24,7 +24,7 @@ from accelerate.utils import parse_flag_from_env
 from lmms_eval.api.instance import Instance
 from lmms_eval.api.model import lmms
 from lmms_eval.models import get_model
-from lmms_eval.utils import Collator
+from lmms_eval.utils import Collator, eval_logger
 from PIL import Image
 from tqdm import tqdm
 
@@ -37,7 +37,7 @@ from hiprune.adapters.llm_pruning import resolve_schedule, visual_per_layer
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # The model's per-doc logs, {(task, split): {doc: ...}} (llm_visual_per_layer: LLM-side methods only, else empty);
 # a run records them, a data-parallel run merges them over its ranks.
-DOC_LOGS = ("kept_tokens", "kept_digests", "prefill_tokens", "llm_visual_per_layer")
+DOC_LOGS = ("kept_tokens", "kept_digests", "prefill_tokens", "llm_visual_per_layer", "capped_new_tokens")
 
 
 class GenerationError(RuntimeError):
@@ -148,6 +148,8 @@ class HiPruneLMM(lmms):
         # LLM-side methods (FastV) only: doc ids per (task, split) -> visual tokens of that sample at each decoder
         # layer of its prefill (as the stages of the method's drop schedule left them), for FLOPs accounting
         self.llm_visual_per_layer: dict[tuple[str, str], dict[int, list[int]]] = {}
+        # doc ids per (task, split) -> max_new_tokens of a sample whose prompt left less context than the task asked
+        self.capped_new_tokens: dict[tuple[str, str], dict[int, int]] = {}
         self.settings = {
             "family": self.family,
             "pretrained": pretrained,
@@ -270,7 +272,7 @@ class HiPruneLMM(lmms):
             until = [until]
         batch, expected = self.build_inputs(contexts, images)
         max_new_tokens = int(gen_kwargs.get("max_new_tokens", self.max_new_tokens))
-        self._check_context(batch["attention_mask"], max_new_tokens, doc_ids)
+        caps = self._new_token_caps(batch["attention_mask"], max_new_tokens, doc_ids, task, split)
         prefill = self.prefill_tokens.setdefault((task, split), {})
         prefill.update(zip(doc_ids, batch["attention_mask"].sum(1).tolist()))
         batch = {k: v.to(self._device) for k, v in batch.items()}
@@ -279,7 +281,7 @@ class HiPruneLMM(lmms):
         temperature = float(gen_kwargs.get("temperature", 0) or 0)
         do_sample = temperature > 0
         generation = {
-            "max_new_tokens": max_new_tokens,
+            "max_new_tokens": max(caps),
             "do_sample": do_sample,
             "num_beams": int(gen_kwargs.get("num_beams", 1) or 1),
             "use_cache": True,
@@ -300,21 +302,31 @@ class HiPruneLMM(lmms):
         self._log_kept_tokens(task, split, doc_ids, expected)
         self._log_llm_pruning(task, split, doc_ids, expected, batch["input_ids"].shape[1])
         new_tokens = output[:, batch["input_ids"].shape[1] :]
+        if min(caps) < max(caps):  # a row past its own cap ran beyond its context: those tokens are not its answer
+            new_tokens = [row[:cap] for row, cap in zip(new_tokens, caps)]
         return self.finish_answers(self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True), until)
 
     def finish_answers(self, answers: list[str], until: list[str] | None) -> list[str]:
         """Post-process decoded answers: cut at the first stop string of ``until``, strip (families may override)."""
         return cut_and_strip(answers, until)
 
-    def _check_context(self, attention_mask: torch.Tensor, max_new_tokens: int, doc_ids) -> None:
-        """A sequence past the LLM's trained context would silently degrade: refuse it, naming the sample."""
+    def _new_token_caps(self, attention_mask: torch.Tensor, max_new_tokens: int, doc_ids, task, split) -> list[int]:
+        """Each sample's max_new_tokens: the task's, capped to the context its prompt leaves (each sample as at batch
+        size 1); capped samples are logged (``capped_new_tokens``). A prompt that leaves no room for one new token is
+        refused, naming the sample: a sequence past the LLM's trained context would silently degrade."""
         limit = self.context_length
+        caps = []
         for doc_id, length in zip(doc_ids, attention_mask.sum(1).tolist()):
-            if length + max_new_tokens > limit:
-                raise ValueError(
-                    f"doc {doc_id}: {length} prompt tokens + max_new_tokens {max_new_tokens} exceed the model's "
-                    f"context of {limit} tokens"
-                )
+            if length + 1 > limit:
+                raise ValueError(f"doc {doc_id}: {length} prompt tokens + 1 new token exceed the model's context of "
+                                 f"{limit} tokens")
+            caps.append(min(max_new_tokens, limit - length))
+        capped = {doc_id: cap for doc_id, cap in zip(doc_ids, caps) if cap < max_new_tokens}
+        if capped:
+            self.capped_new_tokens.setdefault((task, split), {}).update(capped)
+            eval_logger.warning(f"task {task!r} split {split!r}: max_new_tokens {max_new_tokens} capped to the context "
+                           f"({limit} tokens) the prompt leaves, per doc id: {capped}")
+        return caps
 
     @property
     def context_length(self) -> int:
@@ -401,6 +413,13 @@ class HiPruneLMM(lmms):
             log[doc_id] = [kept] * images
             digests[doc_id] = selection_digest([GridRecord(per_image_in, kept, image) for image in doc_indices])
             visual_log[doc_id] = list(record.visual)
+
+    def capped_generation_summary(self) -> dict:
+        """Samples whose max_new_tokens was capped to the context their prompt left, and each one's cap."""
+        return {
+            "capped_samples": sum(len(docs) for docs in self.capped_new_tokens.values()),
+            "capped_new_tokens_by_doc": {f"{t}/{s}": docs for (t, s), docs in self.capped_new_tokens.items()},
+        }
 
     def kept_token_summary(self) -> dict:
         """Visual tokens per image actually given to the LLM, over every sample answered so far.

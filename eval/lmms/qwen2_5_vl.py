@@ -55,7 +55,7 @@ class HiPruneQwen25VL(HiPruneLMM):
 
     family = "qwen2_5_vl"
     default_pretrained = "Qwen/Qwen2.5-VL-3B-Instruct"
-    adapter_option_names = ("positions",)
+    adapter_option_names = ("positions", "window_scores")
     default_max_new_tokens = DEFAULT_MAX_NEW_TOKENS
     loading_options = {
         "min_pixels": DEFAULT_MIN_PIXELS,
@@ -63,6 +63,9 @@ class HiPruneQwen25VL(HiPruneLMM):
         "system_prompt": DEFAULT_SYSTEM_PROMPT,
         "jpeg_quality": DEFAULT_JPEG_QUALITY,  # 0: pass the decoded image on as is (no JPEG round trip)
         "positions": "original",  # original (kept tokens keep their M-RoPE positions) | compact
+        # windowed vision blocks (non-default layers only): image (official flash path: all of the image's patches,
+        # no window mask) | window (each window on its own)
+        "window_scores": "image",
     }
 
     def __init__(self, *args: Any, dtype: str = "auto", device: str = "auto", **kwargs: Any) -> None:
@@ -72,7 +75,7 @@ class HiPruneQwen25VL(HiPruneLMM):
         super().__init__(*args, dtype=dtype, device=device, **kwargs)
 
     def load(self, pretrained, revision, attn_implementation, min_pixels, max_pixels, system_prompt, jpeg_quality,
-             positions):
+             positions, window_scores):
         self.min_pixels, self.max_pixels = int(min_pixels), int(max_pixels)
         if not 0 < self.min_pixels <= self.max_pixels:
             raise ValueError(f"need 0 < min_pixels <= max_pixels, got {min_pixels} and {max_pixels}")

@@ -295,6 +295,8 @@ def execute(plan: RunPlan, ranks: Ranks = Ranks()) -> dict[str, Any] | None:
         **({"llm_visual_per_layer_by_doc": {f"{t}/{s}": docs for (t, s), docs in model.llm_visual_per_layer.items()}}
            if plan.method.stage == "llm" else {}),
         "flops": flops_summary(model, config),
+        # samples whose max_new_tokens was capped to the context their prompt left (the official code runs them)
+        "generation": model.capped_generation_summary(),
         # not part of the identity: a sharded run gives the same result
         "data_parallel": {"processes": ranks.world_size, "docs_per_rank": docs_per_rank},
         "versions": _versions(),

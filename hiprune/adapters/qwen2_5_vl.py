@@ -10,8 +10,10 @@ last block) are routed through :class:`hiprune.capture.Capture`; every other blo
 flash mode ``Qwen2_5_VLVisionAttention`` calls the attention function once per chunk of ``cu_seqlens``: once per image
 in a full-attention block, once per window in a windowed block (the rerouted modules always take that path, flash
 or not). Each call yields one score per key of its chunk (mean over heads, then over that chunk's queries), so a
-score is always per image, and per window in a windowed block (the paper's blocks 16 and 32 are full-attention
-blocks; the official code's flash path ignores the windows of a windowed block, its eager path does not). The chunks
+score is always per image. A windowed block (only a non-default layer: the paper's blocks 16 and 32 attend fully) is
+scored as the official code's flash-attention path scores it, over all of the image's patches without the window
+mask (``window_scores="image"``, the default: its calls record queries and keys, scored per image afterwards);
+``window_scores="window"`` scores each window on its own, as the block attends (the official eager path). The chunks
 come in the tower's *window* order, undone with the inverse of ``window_index`` (one entry per group of 4 patches
 that the merger fuses); the score of a merged token is the mean of its 4 patches. Features are the merger's outputs,
 which transformers already returns in raster order. HiPrune++ compares the mean LLM input embedding of each image's
@@ -68,9 +70,13 @@ from hiprune.adapters.base import (
     split_budget,
     stable_ids,
 )
+from hiprune.capture import Capture, Tap, key_scores
 from hiprune.methods.base import Method
 
 POSITION_MODES = ("original", "compact")
+# How a windowed block's attention is scored: "image" (default, the official flash-attention path: softmax over all of
+# the image's patches, the window mask ignored) | "window" (each window on its own, as the block attends)
+WINDOW_SCORES = ("image", "window")
 # Set on the encoder outputs the adapter returns; forward() places the kept tokens with them.
 KEPT_ATTRIBUTE = "hiprune_kept_indices"
 GRID_ATTRIBUTE = "hiprune_grid_thw"
@@ -88,7 +94,8 @@ class Qwen25VLAdapter(Adapter):
     stage_limits = {"encoder": "its windowed attention and 2x2 patch merger leave no token pairs to merge; use a "
                                "method that prunes before the LLM"}
 
-    def __init__(self, model: Qwen2_5_VLForConditionalGeneration, positions: str = "original"):
+    def __init__(self, model: Qwen2_5_VLForConditionalGeneration, positions: str = "original",
+                 window_scores: str = "image"):
         super().__init__(model)
         self.inner = model.model
         self.vision_config = model.config.vision_config
@@ -96,6 +103,9 @@ class Qwen25VLAdapter(Adapter):
         if positions not in POSITION_MODES:
             raise ValueError(f"unknown Qwen2.5-VL position mode {positions!r}; expected one of {POSITION_MODES}")
         self.positions = positions
+        if window_scores not in WINDOW_SCORES:
+            raise ValueError(f"unknown window_scores {window_scores!r}; expected one of {WINDOW_SCORES}")
+        self.window_scores = window_scores
         self.tokenizer = None  # the processor's, for prompt-aware methods (set by install)
 
     # --- encoder description -------------------------------------------------------------------------------
@@ -125,6 +135,7 @@ class Qwen25VLAdapter(Adapter):
             "full_attention_layers": self.full_attention_layers(),
             "paper_object_layer": PAPER_OBJECT_LAYER,
             "positions": self.positions,
+            "window_scores": self.window_scores,
         }
 
     def tokens_per_image(self, method: Method) -> int | None:
@@ -203,6 +214,33 @@ class Qwen25VLAdapter(Adapter):
         return {"image": lambda inputs, index: self.tokens_for_grid(method, inputs["image_grid_thw"][index])}
 
     # --- captures ------------------------------------------------------------------------------------------
+    def capture(self, method: Method, tower: str = "image") -> Capture:
+        """The method's requests; with window_scores="image", an attention request on a windowed block records the
+        block's queries and keys instead, scored per image over all its patches by :meth:`merged_captures`."""
+        capture = super().capture(method, tower)
+        if self.window_scores == "window" or method.stage != "vision":
+            return capture
+        layers = self.resolve_layers(method)
+        windowed = {self.attention_module(layers[name]) for name, request in method.requests().items()
+                    if request.kind == "attention" and layers[name] not in self.full_attention_layers()}
+        for module in windowed:
+            for k, tap in enumerate(capture.taps[module]):
+                if tap.kind == "attention":
+                    if tap.queries != "all":
+                        raise PruningError(f"attention request {tap.name!r} reads the {tap.queries!r} query rows of a "
+                                           "windowed block; only window_scores='window' scores those")
+                    capture.taps[module][k] = Tap(tap.name, "query_key")
+        return capture
+
+    def image_scores(self, chunks: list[torch.Tensor], grid_thw: torch.Tensor) -> list[torch.Tensor]:
+        """A windowed block's per-window [2, 1, H, T_w, Dh] queries and keys (window order) -> per image a [1, T_i]
+        score over all of the image's patches without the window mask (the images lie one after the other)."""
+        qk = torch.cat(chunks, dim=3)
+        counts = [int(g.prod()) for g in grid_thw]
+        if qk.shape[3] != sum(counts):
+            raise PruningError(f"captured queries and keys of {qk.shape[3]} patches for {sum(counts)} patches")
+        return [key_scores(q, k, None, 1.0) for q, k in (part.unbind(0) for part in torch.split(qk, counts, dim=3))]
+
     def merged_captures(self, chunks: list[torch.Tensor] | None, grid_thw: torch.Tensor) -> list[torch.Tensor]:
         """What a vision block recorded, in window order -> per image [n_i] (scores) or [n_i, d] (keys, hidden
         states) per merged token in raster order: the mean over the patches of each merged token.
@@ -212,6 +250,8 @@ class Qwen25VLAdapter(Adapter):
         """
         if not chunks:
             raise PruningError("the captured vision block did not run in this forward pass")
+        if chunks[0].dim() == 5:  # queries and keys of a windowed block: scored per image first
+            chunks = self.image_scores(chunks, grid_thw)
         flat = [c.reshape(-1) if c.dim() == 2 and c.shape[0] == 1 else c.reshape(-1, *c.shape[-1:]) for c in chunks]
         values = torch.cat(flat)  # [patches(, d)], window order
         unit = self.merge**2
