@@ -171,6 +171,12 @@ class Qwen25VLAdapter(Adapter):
                 f"the {self.family} adapter compares prompts with the LLM's own input embeddings; "
                 "it takes no prompt encoder"
             )
+        if method.needs_prompt and (method.prompt_patch_layer is not None or method.prompt_pooling not in (None, "mean")):
+            raise ValueError(
+                f"method {method.name!r} asks for CLIP-tower prompt embeddings (patch layer "
+                f"{method.prompt_patch_layer!r}, pooling {method.prompt_pooling!r}); the {self.family} adapter compares "
+                "the mean LLM input embedding of the prompt with the merged visual tokens"
+            )
 
     # --- installation --------------------------------------------------------------------------------------
     def install_model(self, stack: ExitStack, session: PruningSession) -> None:

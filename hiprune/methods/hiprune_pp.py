@@ -12,7 +12,14 @@ The paper leaves two choices open; both are options:
   and the LLM receives N' + t tokens.
 Which embeddings are compared is the adapter's business (VisionTokens.prompt_embeds / token_embeds): for CLIP
 towers the paired CLIP text tower against CLIP-projected patch features, for Qwen2.5-VL mean LLM input embeddings
-against merged visual tokens.
+against merged visual tokens. On CLIP towers the method says which of them (the paper's "mean text embedding" leaves
+the rest open):
+- patch_layer: "last" (default) the tower's last layer; "feature" the layer that feeds the LLM (the penultimate,
+  vision_feature_layer -2, on the CLIP-tower families here), through post_layernorm and visual_projection as CDPruner,
+  the practice the paper cites, computes its image embeddings.
+- text_pooling: None (default) the prompt encoder's own pooling (the model config's prompt_pooling, "mean": the mean
+  of the projected token embeddings); "eos" the text tower's projected EOS embedding (CLIPTextModelWithProjection's
+  text_embeds, CDPruner's); "mean" forces the mean.
 """
 
 from __future__ import annotations
@@ -23,11 +30,13 @@ from typing import ClassVar
 
 import torch
 
-from hiprune.methods.base import Selection, VisionTokens, gather_tokens, register_method, top_k
+from hiprune.methods.base import FEATURE_LAYER, Selection, VisionTokens, gather_tokens, register_method, top_k
 from hiprune.methods.hiprune import HiPrune
 
 COUNTS = ("prose", "pseudocode")
 MODES = ("within_budget", "additive")
+PATCH_LAYERS = ("last", "feature")
+TEXT_POOLINGS = (None, "mean", "eos")
 
 
 def text_token_count(budget: int, beta: float, count: str = "prose") -> int:
@@ -69,8 +78,22 @@ class HiPrunePP(HiPrune):
     beta: float = 0.1
     count: str = "prose"
     mode: str = "within_budget"
+    patch_layer: str = "last"
+    text_pooling: str | None = None
+
+    @property
+    def prompt_patch_layer(self) -> str | None:  # read by CLIP-tower adapters (Method.prompt_patch_layer)
+        return FEATURE_LAYER if self.patch_layer == "feature" else None
+
+    @property
+    def prompt_pooling(self) -> str | None:  # read by CLIP-tower adapters (Method.prompt_pooling)
+        return self.text_pooling
 
     def validate(self) -> None:
+        if self.patch_layer not in PATCH_LAYERS:
+            raise ValueError(f"unknown HiPrune++ patch_layer {self.patch_layer!r}; expected one of {PATCH_LAYERS}")
+        if self.text_pooling not in TEXT_POOLINGS:
+            raise ValueError(f"unknown HiPrune++ text_pooling {self.text_pooling!r}; expected one of {TEXT_POOLINGS}")
         if self.mode not in MODES:
             raise ValueError(f"unknown HiPrune++ mode {self.mode!r}; expected one of {MODES}")
         if self.count not in COUNTS:
