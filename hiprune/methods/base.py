@@ -184,6 +184,7 @@ class Method:
     # Prompt-aware methods: which tower layer token_embeds come from on CLIP towers (None: the last layer, HiPrune++;
     # FEATURE_LAYER: the layer that feeds the LLM, TRIM), the prompt pooling they need from the prompt encoder (None:
     # the encoder's own), and whether only a CLIP text tower paired with the vision tower will do (refused elsewhere).
+    # HiPrune++ reads the first two from its options (patch_layer, text_pooling).
     prompt_patch_layer: ClassVar[str | None] = None
     prompt_pooling: ClassVar[str | None] = None
     needs_clip_text: ClassVar[bool] = False
