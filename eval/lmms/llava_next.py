@@ -10,9 +10,10 @@ padding, base image squashed to 336 x 336, PIL bicubic: HF's PIL backend, ``imag
 ``checkpoint`` as options) with LLaVA's tie-breaking between grids (``pinpoint_order``). Layout (``layout=auto``,
 the default): pruning methods run the 'spatial' layout without unpadding or newline tokens that the authors'
 pruning code forces (``official``), while ``method=none`` runs the standard model (``native``: HF's unpad +
-newline layout, LLaVA's ``spatial_unpad``), as the paper's vanilla rows; ``layout=official`` / ``native`` force one for every method (see hiprune/adapters/llava_next.py). The settings
-recorded with a run hold the layout that ran. The expected kept tokens
-per sample list one entry per crop grid (base first, then the sub-image crops), matching the adapter's records.
+newline layout, LLaVA's ``spatial_unpad``), as the paper's vanilla rows; ``layout=official`` / ``native`` force one
+for every method (see hiprune/adapters/llava_next.py). The settings recorded with a run hold the layout that ran.
+The expected kept tokens per sample list one entry per crop grid (base first, then the sub-image crops), matching
+the adapter's records.
 """
 
 from __future__ import annotations
