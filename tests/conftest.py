@@ -9,6 +9,7 @@ session; tests must leave a shared model as they found them (``hiprune.apply`` r
     llava_next         assets/tiny-llava-next      tiny_llava_next_dir, tiny_llava_next
     qwen2_5_vl         assets/tiny-qwen2.5-vl      tiny_qwen_dir, tiny_qwen
     video_llava        assets/tiny-video-llava     tiny_video_llava_dir, tiny_video_llava
+    llava_onevision    assets/tiny-llava-onevision loaded("llava_onevision")
     scene              models/scene-llava          scene_llava_dir, scene_llava   (trained, committed; not built)
 
 ``tiny_model_dir`` / ``tiny_model`` are the same, parametrised over the families, for tests that hold for every one
@@ -35,6 +36,7 @@ from scripts import (
     build_tiny_clip,
     build_tiny_llava,
     build_tiny_llava_next,
+    build_tiny_llava_onevision,
     build_tiny_qwen2_5_vl,
     build_tiny_video_llava,
 )
@@ -64,6 +66,8 @@ TINY_MODELS = {
                             "Qwen2_5_VLForConditionalGeneration"),
     "video_llava": TinyModel(ASSETS / "tiny-video-llava", build_tiny_video_llava.build_tiny_video_llava,
                              "VideoLlavaForConditionalGeneration"),
+    "llava_onevision": TinyModel(ASSETS / "tiny-llava-onevision", build_tiny_llava_onevision.build_tiny_llava_onevision,
+                                 "LlavaOnevisionForConditionalGeneration"),
     "scene": TinyModel(REPO / "models" / "scene-llava", None, "LlavaForConditionalGeneration"),
 }
 
