@@ -13,6 +13,7 @@ TINY_NEXT := assets/tiny-llava-next/build_info.json
 TINY_VIDEO_LLAVA := assets/tiny-video-llava/build_info.json
 TINY_DEEP := assets/tiny-llava-deep/build_info.json
 TINY_ONEVISION := assets/tiny-llava-onevision/build_info.json
+TINY_QWEN3 := assets/tiny-qwen3-vl/build_info.json
 SMOKE_VIDEO := assets/smoke_video/manifest.json
 SCENE_TASKS := assets/scene_tasks/manifest.json
 # Shared by every asset builder below: a change to it rebuilds (or re-checks) each asset.
@@ -30,7 +31,7 @@ $(STAMP): pyproject.toml requirements/constraints.txt
 	$(PY) -m pip install --quiet -c requirements/constraints.txt -e '.[test]'
 	touch $@
 
-assets: $(TINY_LLAVA) $(TINY_CLIP) $(TINY_QWEN) $(TINY_NEXT) $(TINY_VIDEO_LLAVA) $(TINY_DEEP) $(TINY_ONEVISION) $(SMOKE_TASK) $(SMOKE_VIDEO) $(SCENE_TASKS)
+assets: $(TINY_LLAVA) $(TINY_CLIP) $(TINY_QWEN) $(TINY_NEXT) $(TINY_VIDEO_LLAVA) $(TINY_DEEP) $(TINY_ONEVISION) $(TINY_QWEN3) $(SMOKE_TASK) $(SMOKE_VIDEO) $(SCENE_TASKS)
 
 $(TINY_LLAVA): scripts/build_tiny_llava.py $(ASSET_BUILD) | $(STAMP)
 	$(OFFLINE) $(PY) -m scripts.build_tiny_llava
@@ -52,6 +53,9 @@ $(TINY_DEEP): scripts/build_tiny_llava_deep.py scripts/build_tiny_llava.py $(ASS
 
 $(TINY_ONEVISION): scripts/build_tiny_llava_onevision.py scripts/build_tiny_qwen2_5_vl.py $(ASSET_BUILD) | $(STAMP)
 	$(OFFLINE) $(PY) -m scripts.build_tiny_llava_onevision
+
+$(TINY_QWEN3): scripts/build_tiny_qwen3_vl.py scripts/build_tiny_qwen2_5_vl.py $(ASSET_BUILD) | $(STAMP)
+	$(OFFLINE) $(PY) -m scripts.build_tiny_qwen3_vl
 
 $(SMOKE_VIDEO): scripts/build_smoke_video_task.py $(ASSET_BUILD) | $(STAMP)
 	$(OFFLINE) $(PY) -m scripts.build_smoke_video_task

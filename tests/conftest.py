@@ -10,6 +10,7 @@ session; tests must leave a shared model as they found them (``hiprune.apply`` r
     qwen2_5_vl         assets/tiny-qwen2.5-vl      tiny_qwen_dir, tiny_qwen
     video_llava        assets/tiny-video-llava     tiny_video_llava_dir, tiny_video_llava
     llava_onevision    assets/tiny-llava-onevision loaded("llava_onevision")
+    qwen3_vl           assets/tiny-qwen3-vl        loaded("qwen3_vl")
     scene              models/scene-llava          scene_llava_dir, scene_llava   (trained, committed; not built)
 
 ``tiny_model_dir`` / ``tiny_model`` are the same, parametrised over the families, for tests that hold for every one
@@ -38,6 +39,7 @@ from scripts import (
     build_tiny_llava_next,
     build_tiny_llava_onevision,
     build_tiny_qwen2_5_vl,
+    build_tiny_qwen3_vl,
     build_tiny_video_llava,
 )
 
@@ -68,6 +70,8 @@ TINY_MODELS = {
                              "VideoLlavaForConditionalGeneration"),
     "llava_onevision": TinyModel(ASSETS / "tiny-llava-onevision", build_tiny_llava_onevision.build_tiny_llava_onevision,
                                  "LlavaOnevisionForConditionalGeneration"),
+    "qwen3_vl": TinyModel(ASSETS / "tiny-qwen3-vl", build_tiny_qwen3_vl.build_tiny_qwen3_vl,
+                          "Qwen3VLForConditionalGeneration"),
     "scene": TinyModel(REPO / "models" / "scene-llava", None, "LlavaForConditionalGeneration"),
 }
 

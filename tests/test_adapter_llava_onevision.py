@@ -138,3 +138,14 @@ def test_lmms_eval_runs_the_registered_model_on_the_local_task(tiny_ov, smoke_ta
     assert len(kept) == 2
     for per_crop in kept.values():  # one entry per crop grid: round(729 * 0.25) each
         assert per_crop == [182] * len(per_crop) and len(per_crop) >= 2
+
+
+def test_object_layer_probe_reads_the_siglip_base_image(tiny_ov):
+    from eval.report.probe import probe
+
+    model, processor, _ = tiny_ov
+    result = probe(model, processor, [_image(300, 200, 1)], top=0.05,
+                   model_cfg={"image_backend": "checkpoint"})
+    assert result.grid == (SIDE, SIDE) and result.layers == list(range(1, 13))
+    assert result.top_k == int(SIDE * SIDE * 0.05) and len(result.dispersion) == 12
+    assert all(value > 0 for value in result.dispersion) and 1 <= result.suggested_layer <= 12
