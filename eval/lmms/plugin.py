@@ -12,4 +12,5 @@ def manifests() -> list[ModelManifest]:
         ModelManifest(model_id="hiprune_llava_onevision",
                       simple_class_path="eval.lmms.llava_onevision.HiPruneLlavaOnevision"),
         ModelManifest(model_id="hiprune_qwen3_vl", simple_class_path="eval.lmms.qwen3_vl.HiPruneQwen3VL"),
+        ModelManifest(model_id="hiprune_internvl", simple_class_path="eval.lmms.internvl.HiPruneInternVL"),
     ]
