@@ -124,18 +124,18 @@ def test_lmms_eval_runs_the_registered_model_on_the_local_task(tiny_ov, smoke_ta
     _, _, path = tiny_ov
     cls = get_model("hiprune_llava_onevision")
     assert cls is HiPruneLlavaOnevision
-    lmm = cls(pretrained=str(path), method="hiprune_pp", budget=0.25, device="cpu", batch_size=2)
+    lmm = cls(pretrained=str(path), method="hiprune_pp", budget=0.25, device="cpu", batch_size=1)
     try:
         assert lmm.settings["layout"] == "official"
         results = simple_evaluate(
-            model=lmm, tasks=["hiprune_smoke_pope"], limit=2, batch_size=2,
+            model=lmm, tasks=["hiprune_smoke_pope"], limit=1, batch_size=1,
             task_manager=task_manager(str(REPO_ROOT / "eval" / "tasks")), bootstrap_iters=0,
         )
     finally:
         lmm.close()
     assert 0.0 <= results["results"]["hiprune_smoke_pope"]["pope_accuracy,none"] <= 1.0
     kept = lmm.kept_tokens[("hiprune_smoke_pope", "test")]
-    assert len(kept) == 2
+    assert len(kept) == 1
     for per_crop in kept.values():  # one entry per crop grid: round(729 * 0.25) each
         assert per_crop == [182] * len(per_crop) and len(per_crop) >= 2
 
@@ -149,3 +149,26 @@ def test_object_layer_probe_reads_the_siglip_base_image(tiny_ov):
     assert result.grid == (SIDE, SIDE) and result.layers == list(range(1, 13))
     assert result.top_k == int(SIDE * SIDE * 0.05) and len(result.dispersion) == 12
     assert all(value > 0 for value in result.dispersion) and 1 <= result.suggested_layer <= 12
+
+
+def test_lmms_vanilla_rows_get_the_standard_layout(tiny_ov):
+    """layout=auto: method none counts exactly the tokens an unpatched processor emits (unpad + newlines), pruning
+    methods the 'spatial' layout."""
+    from transformers import AutoProcessor
+
+    from eval.lmms.llava_onevision import HiPruneLlavaOnevision
+
+    _, _, path = tiny_ov
+    image = _image(700, 300, 1)
+    fresh = AutoProcessor.from_pretrained(path)
+    standard = fresh(text=[PROMPT], images=[image], return_tensors="pt")
+    counts = {}
+    for method, options in [("none", {}), ("random", {"budget": 0.25})]:
+        lmm = HiPruneLlavaOnevision(pretrained=str(path), method=method, device="cpu", **options)
+        try:
+            batch, expected = lmm.build_inputs(["Is there a red circle?"], [[image]])
+            counts[method] = (lmm.settings["layout"], int((batch["input_ids"] == fresh.image_token_id).sum()), expected)
+        finally:
+            lmm.close()
+    assert counts["none"][:2] == ("native", int((standard["input_ids"] == fresh.image_token_id).sum()))
+    assert counts["random"] == ("official", 3 * 182, [[182] * 3])
