@@ -106,6 +106,9 @@ def probe(model, processor, images: list[Image.Image], top: float = 0.05, masks:
         raise ValueError(f"top must be a fraction in (0, 1], got {top}")
     adapter = hiprune.adapter_for(model)
     n_layers = adapter.num_encoder_layers()
+    if not isinstance(getattr(adapter, "grid", None), tuple):
+        raise ValueError(f"the object-layer probe reads fixed-grid towers; the {adapter.family} encoder's grid depends "
+                         "on the image size (pick the layer by a sweep of method.options.object_layer)")
     grid = tuple(adapter.grid)
     n = grid[0] * grid[1]
     k = max(2, int(n * top))
@@ -130,7 +133,8 @@ def probe(model, processor, images: list[Image.Image], top: float = 0.05, masks:
             scores = capture.collect()
         features = out.hidden_states[-1][:, front:, :].float()  # last encoder layer, CLS dropped
         if features.shape[1] != n:
-            raise RuntimeError(f"expected {n} patch tokens, got {features.shape[1]}")
+            raise RuntimeError(f"expected {n} patch tokens, got {features.shape[1]} (the probe reads one token per "
+                               f"patch; the {adapter.family} encoder merges patches before the LLM)")
         for b in range(len(chunk)):
             tops = []
             for l in range(1, n_layers + 1):
