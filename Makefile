@@ -12,6 +12,9 @@ TINY_QWEN := assets/tiny-qwen2.5-vl/build_info.json
 TINY_NEXT := assets/tiny-llava-next/build_info.json
 TINY_VIDEO_LLAVA := assets/tiny-video-llava/build_info.json
 TINY_DEEP := assets/tiny-llava-deep/build_info.json
+TINY_ONEVISION := assets/tiny-llava-onevision/build_info.json
+TINY_QWEN3 := assets/tiny-qwen3-vl/build_info.json
+TINY_INTERNVL := assets/tiny-internvl/build_info.json
 SMOKE_VIDEO := assets/smoke_video/manifest.json
 SCENE_TASKS := assets/scene_tasks/manifest.json
 # Shared by every asset builder below: a change to it rebuilds (or re-checks) each asset.
@@ -29,7 +32,7 @@ $(STAMP): pyproject.toml requirements/constraints.txt
 	$(PY) -m pip install --quiet -c requirements/constraints.txt -e '.[test]'
 	touch $@
 
-assets: $(TINY_LLAVA) $(TINY_CLIP) $(TINY_QWEN) $(TINY_NEXT) $(TINY_VIDEO_LLAVA) $(TINY_DEEP) $(SMOKE_TASK) $(SMOKE_VIDEO) $(SCENE_TASKS)
+assets: $(TINY_LLAVA) $(TINY_CLIP) $(TINY_QWEN) $(TINY_NEXT) $(TINY_VIDEO_LLAVA) $(TINY_DEEP) $(TINY_ONEVISION) $(TINY_QWEN3) $(TINY_INTERNVL) $(SMOKE_TASK) $(SMOKE_VIDEO) $(SCENE_TASKS)
 
 $(TINY_LLAVA): scripts/build_tiny_llava.py $(ASSET_BUILD) | $(STAMP)
 	$(OFFLINE) $(PY) -m scripts.build_tiny_llava
@@ -48,6 +51,15 @@ $(TINY_VIDEO_LLAVA): scripts/build_tiny_video_llava.py scripts/build_tiny_llava.
 
 $(TINY_DEEP): scripts/build_tiny_llava_deep.py scripts/build_tiny_llava.py $(ASSET_BUILD) | $(STAMP)
 	$(OFFLINE) $(PY) -m scripts.build_tiny_llava_deep
+
+$(TINY_ONEVISION): scripts/build_tiny_llava_onevision.py scripts/build_tiny_qwen2_5_vl.py $(ASSET_BUILD) | $(STAMP)
+	$(OFFLINE) $(PY) -m scripts.build_tiny_llava_onevision
+
+$(TINY_QWEN3): scripts/build_tiny_qwen3_vl.py scripts/build_tiny_qwen2_5_vl.py $(ASSET_BUILD) | $(STAMP)
+	$(OFFLINE) $(PY) -m scripts.build_tiny_qwen3_vl
+
+$(TINY_INTERNVL): scripts/build_tiny_internvl.py scripts/build_tiny_qwen2_5_vl.py $(ASSET_BUILD) | $(STAMP)
+	$(OFFLINE) $(PY) -m scripts.build_tiny_internvl
 
 $(SMOKE_VIDEO): scripts/build_smoke_video_task.py $(ASSET_BUILD) | $(STAMP)
 	$(OFFLINE) $(PY) -m scripts.build_smoke_video_task

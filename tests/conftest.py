@@ -9,6 +9,9 @@ session; tests must leave a shared model as they found them (``hiprune.apply`` r
     llava_next         assets/tiny-llava-next      tiny_llava_next_dir, tiny_llava_next
     qwen2_5_vl         assets/tiny-qwen2.5-vl      tiny_qwen_dir, tiny_qwen
     video_llava        assets/tiny-video-llava     tiny_video_llava_dir, tiny_video_llava
+    llava_onevision    assets/tiny-llava-onevision loaded("llava_onevision")
+    qwen3_vl           assets/tiny-qwen3-vl        loaded("qwen3_vl")
+    internvl           assets/tiny-internvl        loaded("internvl")
     scene              models/scene-llava          scene_llava_dir, scene_llava   (trained, committed; not built)
 
 ``tiny_model_dir`` / ``tiny_model`` are the same, parametrised over the families, for tests that hold for every one
@@ -33,9 +36,12 @@ from scripts import (
     build_smoke_task,
     build_smoke_video_task,
     build_tiny_clip,
+    build_tiny_internvl,
     build_tiny_llava,
     build_tiny_llava_next,
+    build_tiny_llava_onevision,
     build_tiny_qwen2_5_vl,
+    build_tiny_qwen3_vl,
     build_tiny_video_llava,
 )
 
@@ -64,6 +70,12 @@ TINY_MODELS = {
                             "Qwen2_5_VLForConditionalGeneration"),
     "video_llava": TinyModel(ASSETS / "tiny-video-llava", build_tiny_video_llava.build_tiny_video_llava,
                              "VideoLlavaForConditionalGeneration"),
+    "llava_onevision": TinyModel(ASSETS / "tiny-llava-onevision", build_tiny_llava_onevision.build_tiny_llava_onevision,
+                                 "LlavaOnevisionForConditionalGeneration"),
+    "qwen3_vl": TinyModel(ASSETS / "tiny-qwen3-vl", build_tiny_qwen3_vl.build_tiny_qwen3_vl,
+                          "Qwen3VLForConditionalGeneration"),
+    "internvl": TinyModel(ASSETS / "tiny-internvl", build_tiny_internvl.build_tiny_internvl,
+                          "InternVLForConditionalGeneration"),
     "scene": TinyModel(REPO / "models" / "scene-llava", None, "LlavaForConditionalGeneration"),
 }
 

@@ -332,6 +332,12 @@ def test_measured_decode_steps_match_exact_fastv(tiny_model):
         ("llava-1.5-13b-hf", "llava", (5120, 13824, 40, 40, 40, 32064)),
         ("llava-v1.6-vicuna-7b-hf", "llava_next", (4096, 11008, 32, 32, 32, 32064)),
         ("qwen2.5-vl-3b-instruct", "qwen2_5_vl", (2048, 11008, 36, 16, 2, 151936)),
+        ("llava-onevision-qwen2-0.5b-ov-hf", "llava_onevision", (896, 4864, 24, 14, 2, 152000)),
+        ("llava-onevision-qwen2-7b-ov-hf", "llava_onevision", (3584, 18944, 28, 28, 4, 152128)),
+        ("qwen3-vl-2b-instruct", "qwen3_vl", (2048, 6144, 28, 16, 8, 151936)),
+        ("qwen3-vl-8b-instruct", "qwen3_vl", (4096, 12288, 36, 32, 8, 151936)),
+        ("internvl3-1b-hf", "internvl", (896, 4864, 24, 14, 2, 151674)),
+        ("internvl3-8b-hf", "internvl", (3584, 18944, 28, 28, 4, 151674)),
     ],
 )
 def test_arch_configs_load(name, model_type, text_dims):
@@ -358,6 +364,13 @@ def test_arch_configs_load(name, model_type, text_dims):
         ("llava-1.5-13b-hf", "LlavaForConditionalGeneration", 13.351494656),
         ("llava-v1.6-vicuna-7b-hf", "LlavaNextForConditionalGeneration", 7.063431168),
         ("qwen2.5-vl-3b-instruct", "Qwen2_5_VLForConditionalGeneration", 3.754622976),
+        # beyond the paper (issue 19): the Hub lists 894M, 8.03B, 2.13B, 8.77B, 938M and 7.94B (from memory)
+        ("llava-onevision-qwen2-0.5b-ov-hf", "LlavaOnevisionForConditionalGeneration", 0.893675552),
+        ("llava-onevision-qwen2-7b-ov-hf", "LlavaOnevisionForConditionalGeneration", 8.030807584),
+        ("qwen3-vl-2b-instruct", "Qwen3VLForConditionalGeneration", 2.127532032),
+        ("qwen3-vl-8b-instruct", "Qwen3VLForConditionalGeneration", 8.767123696),
+        ("internvl3-1b-hf", "InternVLForConditionalGeneration", 0.938193024),
+        ("internvl3-8b-hf", "InternVLForConditionalGeneration", 7.94437376),
     ],
 )
 def test_arch_configs_build_on_meta(name, cls, billions):

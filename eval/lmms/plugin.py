@@ -9,4 +9,8 @@ def manifests() -> list[ModelManifest]:
         ModelManifest(model_id="hiprune_qwen2_5_vl", simple_class_path="eval.lmms.qwen2_5_vl.HiPruneQwen25VL"),
         ModelManifest(model_id="hiprune_llava_next", simple_class_path="eval.lmms.llava_next.HiPruneLlavaNext"),
         ModelManifest(model_id="hiprune_video_llava", simple_class_path="eval.lmms.video_llava.HiPruneVideoLlava"),
+        ModelManifest(model_id="hiprune_llava_onevision",
+                      simple_class_path="eval.lmms.llava_onevision.HiPruneLlavaOnevision"),
+        ModelManifest(model_id="hiprune_qwen3_vl", simple_class_path="eval.lmms.qwen3_vl.HiPruneQwen3VL"),
+        ModelManifest(model_id="hiprune_internvl", simple_class_path="eval.lmms.internvl.HiPruneInternVL"),
     ]

@@ -55,6 +55,7 @@ class HiPruneQwen25VL(HiPruneLMM):
 
     family = "qwen2_5_vl"
     default_pretrained = "Qwen/Qwen2.5-VL-3B-Instruct"
+    model_class = Qwen2_5_VLForConditionalGeneration  # Qwen3-VL's class reuses this one (eval/lmms/qwen3_vl.py)
     adapter_option_names = ("positions", "window_scores")
     default_max_new_tokens = DEFAULT_MAX_NEW_TOKENS
     loading_options = {
@@ -90,7 +91,7 @@ class HiPruneQwen25VL(HiPruneLMM):
         self.patch_size = int(processor.image_processor.patch_size)
         self.merge_size = int(processor.image_processor.merge_size)
         self.pad_token_id = processor.tokenizer.pad_token_id
-        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
+        model = self.model_class.from_pretrained(
             pretrained, revision=revision, dtype=self._dtype, attn_implementation=attn_implementation
         )
         return model, processor

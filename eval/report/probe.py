@@ -19,7 +19,7 @@ patches (the mask padded and resized like the image, a patch counts as object wh
 as in the paper's Table 1.
 
 Writes <out>/dispersion.{png,pdf}, <out>/overlap.{png,pdf}, <out>/probe.json (per-layer values and the suggestion)
-and <out>/probe.csv. Works for every encoder the harness has an adapter for (LLaVA's CLIP tower today): scores
+and <out>/probe.csv. Works for fixed-grid towers (CLIP on LLaVA-1.5; SigLIP on LLaVA-OneVision, base image): scores
 come from the adapter's attention modules through hiprune.capture, with SDPA kept for the layer outputs.
 """
 
@@ -106,6 +106,9 @@ def probe(model, processor, images: list[Image.Image], top: float = 0.05, masks:
         raise ValueError(f"top must be a fraction in (0, 1], got {top}")
     adapter = hiprune.adapter_for(model)
     n_layers = adapter.num_encoder_layers()
+    if not isinstance(getattr(adapter, "grid", None), tuple):
+        raise ValueError(f"the object-layer probe reads fixed-grid towers; the {adapter.family} encoder's grid depends "
+                         "on the image size (pick the layer by a sweep of method.options.object_layer)")
     grid = tuple(adapter.grid)
     n = grid[0] * grid[1]
     k = max(2, int(n * top))
@@ -113,6 +116,7 @@ def probe(model, processor, images: list[Image.Image], top: float = 0.05, masks:
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
     tower = adapter.inner.vision_tower
+    front = 1 if adapter.has_cls else 0  # a CLS token ahead of the patches (CLIP), none on SigLIP
     modules = {l: adapter.attention_module(l) for l in range(1, n_layers + 1)}
 
     distances = [[] for _ in range(n_layers)]
@@ -122,16 +126,19 @@ def probe(model, processor, images: list[Image.Image], top: float = 0.05, masks:
     for start in range(0, len(images), batch_size):
         chunk = images[start:start + batch_size]
         pixels = builder.image_processor([img.convert("RGB") for img in chunk], return_tensors="pt")["pixel_values"]
+        if pixels.dim() == 5:  # anyres processors (LLaVA-OneVision): the base image of every sample
+            pixels = pixels[:, 0]
         with AttentionScores({str(l): m for l, m in modules.items()}) as capture:
             out = tower(pixels.to(device, dtype), output_hidden_states=True)
             scores = capture.collect()
-        features = out.hidden_states[-1][:, 1:, :].float()  # last encoder layer, CLS dropped
+        features = out.hidden_states[-1][:, front:, :].float()  # last encoder layer, CLS dropped
         if features.shape[1] != n:
-            raise RuntimeError(f"expected {n} patch tokens, got {features.shape[1]}")
+            raise RuntimeError(f"expected {n} patch tokens, got {features.shape[1]} (the probe reads one token per "
+                               f"patch; the {adapter.family} encoder merges patches before the LLM)")
         for b in range(len(chunk)):
             tops = []
             for l in range(1, n_layers + 1):
-                s = scores[str(l)][b, 1:].float()
+                s = scores[str(l)][b, front:].float()
                 idx = torch.sort(-s, stable=True).indices[:k]
                 tops.append(set(idx.tolist()))
                 distances[l - 1].append(float(torch.pdist(features[b, idx]).mean()))

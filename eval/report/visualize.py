@@ -31,7 +31,7 @@ import torch
 from matplotlib.patches import Patch, Rectangle
 from omegaconf import DictConfig
 from PIL import Image
-from transformers import AutoProcessor, LlavaForConditionalGeneration
+from transformers import AutoModelForImageTextToText, AutoProcessor
 
 import hiprune
 from eval.config import REPO_ROOT, ConfigError, compose_config, repo_path
@@ -66,7 +66,7 @@ def load_vlm(cfg: DictConfig):
     device = resolve_device(str(cfg.device))
     dtype = resolve_dtype(str(m.dtype), device)
     processor = AutoProcessor.from_pretrained(pretrained, revision=m.revision)
-    model = LlavaForConditionalGeneration.from_pretrained(
+    model = AutoModelForImageTextToText.from_pretrained(
         pretrained, revision=m.revision, dtype=dtype, attn_implementation=m.attn_implementation
     ).to(device).eval()
     return model, processor, device

@@ -23,10 +23,12 @@ class ClipTowerAdapter(Adapter):
         self.inner = model.model
         self.config = model.config
         self.vision_config = self.config.vision_config
-        if self.config.vision_feature_select_strategy != "default":
+        # CLS towers drop their CLS token ("default"); towers without one (SigLIP) pass every token on ("full")
+        strategy = "default" if self.has_cls else "full"
+        if self.config.vision_feature_select_strategy != strategy:
             raise ValueError(
-                "only vision_feature_select_strategy='default' (CLS dropped, one token per patch) has a token grid; "
-                f"got {self.config.vision_feature_select_strategy!r}"
+                f"only vision_feature_select_strategy={strategy!r} (one token per patch) has a token grid on the "
+                f"{self.family} encoder; got {self.config.vision_feature_select_strategy!r}"
             )
         if not isinstance(self.config.vision_feature_layer, int):
             raise ValueError(f"a single vision_feature_layer is required, got {self.config.vision_feature_layer!r}")
@@ -71,23 +73,24 @@ class ClipTowerAdapter(Adapter):
         return {
             **super().describe_encoder(),
             "grid": list(self.grid),
-            "cls": "scored, dropped from the grid (vision_feature_select_strategy=default)",
+            "cls": "scored, dropped from the grid (vision_feature_select_strategy=default)" if self.has_cls else "none",
             "merge": "none (one token per patch)",
         }
 
     # --- grids ---------------------------------------------------------------------------------------------
     def patch_captures(self, captured: dict[str, torch.Tensor], rows: int, unit: str = "") -> dict[str, torch.Tensor]:
-        """Captures of ``rows`` encoder rows ([rows, 1 + N] or [rows, 1 + N, d], CLS first) -> their patch part
-        [rows, N(, d)]; a capture of another shape is a PruningError."""
+        """Captures of ``rows`` encoder rows ([rows, 1 + N] or [rows, 1 + N, d], CLS first; [rows, N(, d)] on towers
+        without CLS) -> their patch part [rows, N(, d)]; a capture of another shape is a PruningError."""
         n = self.num_patches()
+        front = 1 if self.has_cls else 0
         out = {}
         for name, value in captured.items():
-            if tuple(value.shape[:2]) != (rows, n + 1):
+            if tuple(value.shape[:2]) != (rows, n + front):
                 raise PruningError(
                     f"{unit + ' ' if unit else ''}score {name!r} has shape {tuple(value.shape)}, "
-                    f"expected ({rows}, {n + 1})"
+                    f"expected ({rows}, {n + front})"
                 )
-            out[name] = value[:, 1:]
+            out[name] = value[:, front:]
         return out
 
     def patch_embeds(self, session: PruningSession, out: Any, tower: str = "image"):
@@ -106,7 +109,7 @@ class ClipTowerAdapter(Adapter):
         attention and its MLP (CLIP's pre-norm layer: x + attn(ln1(x)), merge, then + mlp(ln2(.))), and every
         such layer attends with proportional attention (+ log size per key, as an additive mask: SDPA stays)."""
         layers = self.encoder_layers(self.vision_tower(tower))[: self.feature_layer()]
-        merging = EncoderMerging(session.method, self.num_patches(), len(layers), protected=1)
+        merging = EncoderMerging(session.method, self.num_patches(), len(layers), protected=int(self.has_cls))
         for index, layer in enumerate(layers, start=1):
             patch_attribute(stack, layer, "forward", _merging_forward(layer, index, merging))
         return merging

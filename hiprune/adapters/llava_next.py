@@ -42,6 +42,7 @@ grid the method saw (native: the crop's unpadded rectangle, raster order).
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -261,13 +262,16 @@ class LlavaNextAdapter(ClipTowerAdapter):
                                            out)
             return out
 
-        def pack_image_features(image_features, image_sizes, vision_feature_select_strategy, image_newline=None):
+        pack_signature = inspect.signature(original_pack)
+
+        def pack_image_features(image_features, image_sizes, *args, **kwargs):
             if not pending:
                 raise PruningError("pack_image_features was called outside get_image_features while pruning is installed")
             if passthrough:
-                return original_pack(image_features, image_sizes, vision_feature_select_strategy, image_newline)
+                return original_pack(image_features, image_sizes, *args, **kwargs)
             # Stash the per-crop features; get_image_features lays them out once the tower's outputs are at hand.
-            pending.update(features=image_features, newline=image_newline)
+            newline = pack_signature.bind(image_features, image_sizes, *args, **kwargs).arguments.get("image_newline")
+            pending.update(features=image_features, newline=newline)
             return list(image_features), torch.zeros(len(image_features), dtype=torch.long)
 
         def merged_image_features(pixel_values: torch.Tensor, image_sizes: torch.Tensor, *args, **kwargs):

@@ -417,7 +417,7 @@ class Qwen25VLAdapter(Adapter):
         images = iter(range(len(image_grid_thw) if image_grid_thw is not None else 0))
         videos = iter(video_grid_thw) if video_grid_thw is not None else iter(())
         seconds = iter(second_per_grid_ts) if second_per_grid_ts is not None else iter([1] * length)
-        tokens_per_second = self.vision_config.tokens_per_second
+        tokens_per_second = getattr(self.vision_config, "tokens_per_second", 1)  # Qwen3-VL: per-frame grids (t = 1)
         deltas = []
         for b in range(batch):
             valid = attention_mask[b].bool() if attention_mask is not None else torch.ones(length, dtype=torch.bool, device=device)

@@ -1,0 +1,82 @@
+"""lmms-eval model class ``hiprune_internvl``: an HF InternVL3 checkpoint (``-hf``) with any harness method installed.
+
+    python -m lmms_eval --model hiprune_internvl \\
+        --model_args pretrained=OpenGVLab/InternVL3-8B-hf,method=hiprune,budget=0.25 --tasks pope --batch_size 4
+
+As lmms-eval 0.7.3's ``internvl_hf`` chat model: one user turn with every image before the question, the
+checkpoint's chat template with the generation prompt, dynamic tiling by the checkpoint's processor with
+``min_patches=1`` / ``max_patches=12`` tiles (plus the thumbnail), 1024 new tokens unless the task sets
+``max_new_tokens``, greedy, answers decoded without cutting at stop strings or stripping. "<image>" placeholders in
+the question are removed (the images go first). Budgets are ratios of every tile (hiprune/adapters/internvl.py); the
+kept tokens per sample list one entry per tile, in tile order (thumbnail last).
+"""
+
+from __future__ import annotations
+
+import re
+
+from transformers import AutoProcessor, InternVLForConditionalGeneration
+
+from eval.lmms.base import HiPruneLMM
+from eval.lmms.prompting import IMAGE_PLACEHOLDER, to_rgb
+
+# lmms-eval's internvl_hf
+DEFAULT_MIN_PATCHES = 1
+DEFAULT_MAX_PATCHES = 12
+
+
+class HiPruneInternVL(HiPruneLMM):
+    """InternVL3 (HF ``InternVLForConditionalGeneration``), prompted and tiled like lmms-eval's internvl_hf."""
+
+    family = "internvl"
+    kept_unit = "tile (every 448-px tile and the thumbnail)"
+    default_pretrained = "OpenGVLab/InternVL3-8B-hf"
+    loading_options = {"min_patches": DEFAULT_MIN_PATCHES, "max_patches": DEFAULT_MAX_PATCHES}
+
+    def load(self, pretrained, revision, attn_implementation, min_patches, max_patches):
+        self.min_patches, self.max_patches = int(min_patches), int(max_patches)
+        if not 1 <= self.min_patches <= self.max_patches:
+            raise ValueError(f"need 1 <= min_patches <= max_patches, got {min_patches} and {max_patches}")
+        processor = AutoProcessor.from_pretrained(pretrained, revision=revision)
+        model = InternVLForConditionalGeneration.from_pretrained(
+            pretrained, revision=revision, dtype=self._dtype, attn_implementation=attn_implementation
+        )
+        tokenizer = processor.tokenizer
+        self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        return model, processor
+
+    @property
+    def tokens_per_image(self) -> None:
+        """None: the number of visual tokens depends on each image's tile count (kept counts are logged per tile)."""
+        return None
+
+    def build_inputs(self, contexts, images):
+        if len(contexts) != len(images):
+            raise ValueError(f"{len(contexts)} prompts but {len(images)} image lists")
+        texts = []
+        for context, sample in zip(contexts, images):
+            content = [{"type": "image"}] * len(sample)
+            content.append({"type": "text", "text": context.replace(IMAGE_PLACEHOLDER, "")})
+            texts.append(self.processor.apply_chat_template([{"role": "user", "content": content}],
+                                                            add_generation_prompt=True))
+        flat = [to_rgb(image) for sample in images for image in sample]
+        batch = self.processor(text=texts, images=flat or None, padding=True, padding_side="left",
+                               return_tensors="pt", min_patches=self.min_patches, max_patches=self.max_patches,
+                               crop_to_patches=True)
+        # tiles per image: the image tokens between each <img> ... </img>, divided by the kept tokens per tile
+        keep = self.session.adapter.kept_per_tile(self.method)
+        start, end = self.processor.start_image_token_id, self.processor.end_image_token_id
+        expected = []
+        for row, sample in zip(batch["input_ids"].tolist(), images):
+            spans = re.findall(r"s(c*)e", "".join("s" if t == start else "e" if t == end else
+                                                   "c" if t == self.processor.image_token_id else "." for t in row))
+            if len(spans) != len(sample) or any(len(span) % keep for span in spans):
+                raise ValueError(f"{len(spans)} image spans of {[len(s) for s in spans]} tokens for {len(sample)} "
+                                 f"images at {keep} tokens per tile")
+            expected.append([keep for span in spans for _ in range(len(span) // keep)])
+        batch = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "pixel_values")}
+        return batch, expected
+
+    def finish_answers(self, answers: list[str], until: list[str] | None) -> list[str]:
+        """lmms-eval's internvl_hf returns the decoded answers as they are (no stop strings, no stripping)."""
+        return list(answers)

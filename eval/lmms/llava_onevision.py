@@ -1,0 +1,97 @@
+"""lmms-eval model class ``hiprune_llava_onevision``: an HF LLaVA-OneVision checkpoint with any harness method.
+
+    python -m lmms_eval --model hiprune_llava_onevision \\
+        --model_args pretrained=llava-hf/llava-onevision-qwen2-7b-ov-hf,method=hiprune,budget=0.25 --tasks pope
+
+Prompts as lmms-eval's own ``llava_onevision`` model (LLaVA's ``qwen_1_5`` conversation): the system prompt "You are
+a helpful assistant.", one user turn "<image>\\n<question>" (the placeholder in front unless the task placed it) and an
+open assistant turn, tokenised chunk-wise around ``<image>`` as LLaVA's ``tokenizer_image_token``; answers are not cut
+at the task's stop strings (lmms-eval's model drops ``until``), only stripped. Images go through the checkpoint's
+anyres image processor. Layout (``layout=auto``): ``method=none`` runs the standard model (native: unpad,
+anyres_max_9 downsampling, newline tokens), pruning methods the 'spatial' layout with per-crop budgets (see
+hiprune/adapters/llava_onevision.py); the kept tokens per sample list one entry per crop grid, base first.
+
+Multi-image samples are refused (lmms-eval's model switches them to one padded 384 px image each, which this model
+does not lay out yet).
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import AutoProcessor, LlavaOnevisionForConditionalGeneration
+
+from eval.lmms.base import HiPruneLMM
+from eval.lmms.prompting import IMAGE_PLACEHOLDER, left_pad, to_rgb, tokenize_with_visuals, with_image_placeholders
+from hiprune.adapters.llava_next import resolve_layout
+
+DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."  # LLaVA's conv_qwen_1_5
+
+
+def qwen_conversation(question: str, system_prompt: str = DEFAULT_SYSTEM_PROMPT) -> str:
+    """LLaVA's ``qwen_1_5`` conversation: system turn, one user turn, an open assistant turn."""
+    return (f"<|im_start|>system\n{system_prompt}<|im_end|>\n<|im_start|>user\n{question}<|im_end|>\n"
+            "<|im_start|>assistant\n")
+
+
+class HiPruneLlavaOnevision(HiPruneLMM):
+    """LLaVA-OneVision (HF ``LlavaOnevisionForConditionalGeneration``), prompted like lmms-eval's llava_onevision."""
+
+    family = "llava_onevision"
+    kept_unit = "crop (the base image and each anyres crop)"
+    default_pretrained = "llava-hf/llava-onevision-qwen2-7b-ov-hf"
+    adapter_option_names = ("layout",)
+    loading_options = {
+        "system_prompt": DEFAULT_SYSTEM_PROMPT,
+        # auto: native for method none (the standard model), official ('spatial', per-crop budgets) for pruning
+        "layout": "auto",
+    }
+
+    @classmethod
+    def resolve_adapter_options(cls, options, method):
+        return {**options, "layout": resolve_layout(options["layout"], method)}
+
+    def load(self, pretrained, revision, attn_implementation, system_prompt, layout):
+        self.system_prompt = str(system_prompt)
+        processor = AutoProcessor.from_pretrained(pretrained, revision=revision)
+        model = LlavaOnevisionForConditionalGeneration.from_pretrained(
+            pretrained, revision=revision, dtype=self._dtype, attn_implementation=attn_implementation
+        )
+        tokenizer = processor.tokenizer
+        self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        return model, processor
+
+    @property
+    def tokens_per_image(self) -> int:
+        """Visual tokens of the reference image (one filling the largest anyres grid)."""
+        return self.session.tokens_per_image()
+
+    def build_inputs(self, contexts, images):
+        if len(contexts) != len(images):
+            raise ValueError(f"{len(contexts)} prompts but {len(images)} image lists")
+        many = [len(sample) for sample in images if len(sample) > 1]
+        if many:
+            raise ValueError(f"a sample has {many[0]} images: hiprune_llava_onevision runs single-image samples only")
+        adapter = self.session.adapter
+        flat = [to_rgb(image) for sample in images for image in sample]
+        batch: dict[str, torch.Tensor] = {}
+        layouts = []
+        if flat:
+            pixels = self.processor.image_processor(flat, return_tensors="pt")
+            batch["pixel_values"] = pixels["pixel_values"]
+            batch["image_sizes"] = pixels["image_sizes"]
+            layouts = [adapter.image_layout(size, self.method) for size in pixels["image_sizes"]]
+        image_id = self.processor.image_token_id
+        sequences, expected, cursor = [], [], 0
+        for context, sample in zip(contexts, images):
+            sample_layouts = layouts[cursor : cursor + len(sample)]
+            cursor += len(sample)
+            prompt = qwen_conversation(with_image_placeholders(context, len(sample)), self.system_prompt)
+            fills = [(IMAGE_PLACEHOLDER, image_id, layout.total) for layout in sample_layouts]
+            sequences.append(tokenize_with_visuals(self.tokenizer, prompt, fills))
+            expected.append([kept for layout in sample_layouts for kept in layout.kept])
+        batch["input_ids"], batch["attention_mask"] = left_pad(sequences, self.pad_token_id)
+        return batch, expected
+
+    def finish_answers(self, answers: list[str], until: list[str] | None) -> list[str]:
+        """lmms-eval's llava_onevision drops the task's stop strings and strips the answers."""
+        return [answer.strip() for answer in answers]

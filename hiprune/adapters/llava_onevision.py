@@ -1,0 +1,116 @@
+"""LLaVA-OneVision (``transformers.LlavaOnevisionForConditionalGeneration``): anyres-max crops pruned one by one.
+
+Geometry. A SigLIP tower (384 px, patch 14: a 27 x 27 grid of 729 tokens per crop, **no CLS token**, every token
+passed on: ``vision_feature_select_strategy="full"``, feature layer = the tower's last layer), a 2-layer MLP
+projector and a Qwen2 LLM. An image is a base image (the whole image resized to 384 x 384) plus the crops of the
+best-fitting anyres grid of up to 6 x 6 sub-images (``image_grid_pinpoints``).
+
+Layouts: everything else is LLaVA-NeXT's (``hiprune.adapters.llava_next``: the same crop cutting, per-crop budgets,
+records), with two differences:
+
+official (every pruning method; the default) -- LLaVA's ``mm_patch_merge_type='spatial'``, as the official HiPrune
+    code forces on LLaVA-NeXT: the base image and every crop are pruned on their own 27 x 27 grid with int(N' / crops)
+    tokens each (a ratio: round(729 * ratio) per crop); no unpadding, no newline tokens, no anyres_max downsampling.
+    Order: base kept tokens, then the kept tokens of all sub-images in raster order over the stitched grid.
+native (method none, and stages that leave the tokens to the LLM) -- HF's own layout, untouched: the stitched grid is
+    unpadded, bilinearly downsampled when it holds more than 1.1^2 x 9 crops' worth of tokens (``anyres_max_9``) and
+    given one ``image_newline`` per row. Pruning methods are refused here: the interpolation mixes tokens, so a kept
+    token of a crop has no place in it. Records: the base grid, then the (downsampled) stitched grid as one grid.
+
+Budgets are per crop (as LLaVA-NeXT's official mode): the crop count varies from 2 (base + 1) to 37 (base + 6 x 6),
+so an int budget gives int(N' / crops) per crop (the adapter validates it on the largest grid: N' >= 37), and a
+ratio keeps that share of every crop. HiPrune++ compares every crop with the mean LLM input embedding of its image's
+prompt (no paired CLIP text tower: TRIM is refused). Methods that read the CLS token's attention are refused.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from transformers import LlavaOnevisionForConditionalGeneration
+
+from hiprune.adapters.base import PruningError, PruningSession, register_adapter
+from hiprune.adapters.llava_next import REDUCING, CropGrid, ImageLayout, LlavaNextAdapter
+from hiprune.methods.base import Method
+
+# HiPrune's object layer by relative depth: CLIP-L's 9 of 24 layers (the paper's probe), scaled to SigLIP's 26 and
+# rounded; the deep (register) layer is the feature layer, as on CLIP-L. Not probed on real weights (eval.report.probe).
+DEFAULT_OBJECT_LAYER = 10
+
+
+@register_adapter
+class LlavaOnevisionAdapter(LlavaNextAdapter):
+    family = "llava_onevision"
+    model_types = (LlavaOnevisionForConditionalGeneration,)
+    stages = ("none", "vision", "encoder")
+    has_cls = False
+    # HiPrune++ compares prompts in the LLM's input-embedding space (the projected crop tokens live there)
+    needs_prompt_encoder = False
+
+    def __init__(self, model: LlavaOnevisionForConditionalGeneration, layout: str = "official"):
+        super().__init__(model, layout)
+        self.max_crops = int(str(self.config.vision_aspect_ratio).removeprefix("anyres_max_"))
+        self.tokenizer = None  # the processor's, for prompt-aware methods (set by install)
+
+    def describe_encoder(self) -> dict[str, Any]:
+        merge = {"official": "spatial: base + crops, no unpadding, no newline tokens",
+                 "native": f"spatial_unpad + anyres_max_{self.max_crops} downsampling + image_newline (HF)"}
+        return {**super().describe_encoder(), "merge": merge[self.layout],
+                "default_object_layer": DEFAULT_OBJECT_LAYER}
+
+    def image_layout(self, image_size: Any, method: Method) -> ImageLayout:
+        layout = super().image_layout(image_size, method)
+        if self.layout != "native":
+            return layout
+        _, _, rows, cols = layout.unpadded
+        ratio = math.sqrt(rows * cols / (self.max_crops * self.side**2))
+        if ratio <= 1.1:
+            return layout
+        # HF's anyres_max: the unpadded grid is resized to (int(rows // ratio), int(cols // ratio)), then newlines
+        rows, cols = int(rows // ratio), int(cols // ratio)
+        grids = (layout.grids[0], CropGrid(1, rows, cols, budget=rows * cols, keep=rows * cols))
+        return ImageLayout("native", layout.crop_grid, self.side, grids, (0, 0, rows, cols), rows)
+
+    def check_supported(self, method: Method, prompt_encoder: Any = None) -> None:
+        if self.layout == "native" and method.stage in REDUCING:
+            raise ValueError(
+                f"method {method.name!r} reduces the crops' tokens, but the native LLaVA-OneVision layout downsamples "
+                "the stitched crop grid by interpolation (anyres_max), where kept tokens have no place: pruning runs "
+                "the 'spatial' layout (layout=official)"
+            )
+        super().check_supported(method, prompt_encoder)
+        if prompt_encoder is not None:
+            raise ValueError(
+                f"the {self.family} adapter compares prompts with the LLM's own input embeddings; it takes no prompt "
+                "encoder"
+            )
+
+    def patch_embeds(self, session: PruningSession, out: Any, tower: str = "image") -> torch.Tensor:
+        """[crops, N, E] the crops' projected tokens (they live in the LLM's input-embedding space, as the prompts)."""
+        return torch.cat(list(out.pooler_output))
+
+    def install(self, stack, session: PruningSession, processor: Any | None) -> None:
+        if session.method.needs_prompt and getattr(processor, "tokenizer", None) is None:
+            raise ValueError(
+                f"method {session.method.name!r} embeds the prompt with the LLM's input embeddings: pass the "
+                "processor (its tokenizer) to hiprune.apply"
+            )
+        self.tokenizer = getattr(processor, "tokenizer", None)
+        super().install(stack, session, processor)
+
+    def embed_prompts(self, session: PruningSession, prompts: list[str]) -> torch.Tensor:
+        """[n, E]: mean LLM input embedding of each prompt's tokens (no special tokens added)."""
+        embed = self.model.get_input_embeddings()
+        rows = []
+        for prompt in prompts:
+            ids = self.tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
+            if ids.numel() == 0:
+                raise PruningError(f"prompt {prompt!r} has no tokens to compare the visual tokens with")
+            with torch.no_grad():
+                rows.append(embed(ids.to(embed.weight.device)).float().mean(dim=0))
+        return torch.stack(rows)
+
+
+__all__ = ["DEFAULT_OBJECT_LAYER", "LlavaOnevisionAdapter"]

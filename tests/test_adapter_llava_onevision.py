@@ -1,0 +1,174 @@
+"""LLaVA-OneVision adapter (SigLIP, no CLS, anyres_max crops): per-crop budgets in the 'spatial' layout, the LLM gets
+exactly the kept tokens, HF's native layout (anyres_max downsampling) counted exactly for method none, refusals
+before patching (CLS methods, TRIM's CLIP text tower, LLM-side methods, pruning in the native layout), and an
+lmms-eval run."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+import hiprune
+from conftest import built, loaded
+
+SIDE = 27
+PROMPT = "<|im_start|>user\n<image>\nIs there a red circle?<|im_end|>\n<|im_start|>assistant\n"
+
+
+@pytest.fixture(scope="module")
+def tiny_ov():
+    return (*loaded("llava_onevision"), built("llava_onevision"))
+
+
+def _image(width, height, seed):
+    image = Image.new("RGB", (width, height), (40 * seed % 255, 120, 200 - 30 * seed))
+    draw = ImageDraw.Draw(image)
+    draw.ellipse([width // 8, height // 8, width // 2, height // 2], fill="red")
+    draw.rectangle([width // 2, height // 3, width - 4, height - 4], fill="yellow")
+    return image
+
+
+def _expected_official(features, records, grid):
+    """Base kept tokens, then the kept sub-image tokens sorted by their position in the stitched grid."""
+    _, npw = grid
+    parts, positions = [], []
+    for crop, record in enumerate(records[1:], start=1):
+        ci, cj = divmod(crop - 1, npw)
+        r, c = record.indices // SIDE, record.indices % SIDE
+        positions.append((ci * SIDE + r) * npw * SIDE + cj * SIDE + c)
+        parts.append(features[crop][record.indices])
+    order = torch.cat(positions).argsort()
+    return torch.cat([features[0][records[0].indices], torch.cat(parts)[order]])
+
+
+def test_llm_receives_exactly_the_kept_tokens_of_every_crop(tiny_ov):
+    model, processor, _ = tiny_ov
+    images = [_image(700, 300, 1), _image(300, 120, 2)]  # a 1 x 2 grid (3 crops), a 1 x 1 grid (2 crops)
+    seen = []
+    hook = model.model.language_model.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(kwargs["inputs_embeds"]), with_kwargs=True
+    )
+    try:
+        with hiprune.apply(model, hiprune.build_method("hiprune", budget=320), processor) as session, torch.no_grad():
+            batch = processor(text=[PROMPT] * 2, images=images, return_tensors="pt", padding=True)
+            model(**batch)
+            [records] = session.pop_records()
+    finally:
+        hook.remove()
+    assert [r.tokens_kept for r in records] == [106] * 3 + [160] * 2  # int(320 / crops) per crop
+    assert session.adapter.describe_encoder()["cls"] == "none"
+    adapter = session.adapter
+    crops = adapter._crops_per_image(batch["pixel_values"], batch["image_sizes"])
+    with torch.no_grad():  # every token of the last SigLIP layer ("full"), projected
+        hidden = model.model.vision_tower(torch.cat(crops), output_hidden_states=True).hidden_states[-1]
+        features = torch.split(model.model.multi_modal_projector(hidden), [len(c) for c in crops])
+    for row, (recs, grid) in enumerate([(records[:3], (1, 2)), (records[3:], (1, 1))]):
+        got = seen[0][row][batch["input_ids"][row] == processor.image_token_id]
+        torch.testing.assert_close(got, _expected_official(features[row], recs, grid), rtol=0, atol=1e-6)
+    assert "get_image_features" not in vars(model.model) and "pack_image_features" not in vars(model.model)
+
+
+def test_ratio_budgets_and_the_native_layout_count_like_hf(tiny_ov):
+    model, processor, _ = tiny_ov
+    official = hiprune.adapter_for(model)
+    assert official.image_layout((660, 700), hiprune.build_method("random", budget=0.25)).kept == [182] * 5
+    assert official.tokens_per_image(hiprune.build_method("hiprune", budget=370)) == 370  # 37 crops x 10
+    native = hiprune.adapter_for(model, layout="native")
+    none = hiprune.build_method("none")
+    # 1500 x 1500: a 4 x 4 grid, unpadded 108 x 108 tokens, downsampled (anyres_max_9) to 81 x 81 + 81 newlines
+    for size in ((660, 700), (120, 300), (1500, 1500), (400, 2000)):
+        hf = processor._get_number_of_features(*size, 384, 384)
+        assert native.image_layout(size, none).total == hf, size
+    assert native.image_layout((1500, 1500), none).kept == [729, 81 * 81]
+
+
+@pytest.mark.parametrize("name, options, message", [
+    ("fastervlm", {}, "CLS token's attention; the llava_onevision encoder has none"),
+    ("visionzip", {}, "CLS token's attention"),
+    ("hired", {}, "CLS token's attention"),
+    ("trim", {}, "CLIP text tower"),
+    ("fastv", {}, "prunes inside the LLM"),
+    ("hiprune", {"object_layer": 13}, "layers 1..12"),
+    ("hiprune", {"budget": 36}, "int\\(36 / 37 crops\\) = 0"),
+])
+def test_impossible_settings_are_refused_before_patching(tiny_ov, name, options, message):
+    model, processor, _ = tiny_ov
+    method = hiprune.build_method(name, **{"budget": 64, **options})
+    with pytest.raises(ValueError, match=message), hiprune.apply(model, method, processor):
+        pass
+    with pytest.raises(ValueError, match="anyres_max"), hiprune.apply(
+            model, hiprune.build_method("random", budget=64), processor, layout="native"):
+        pass
+    assert "get_image_features" not in vars(model.model) and "replace_image_token" not in vars(processor)
+
+
+def test_refusals_come_before_loading_in_a_run_config():
+    from eval.config import ConfigError, compose_config
+    from eval.running import run as run_module
+
+    cfg = compose_config(["model=tiny_llava_onevision", "method=fastervlm", "budget=64", "benchmark=smoke_pope"])
+    with pytest.raises(ConfigError, match="CLS token"):
+        run_module.plan_run(cfg)
+
+
+@pytest.mark.slow
+def test_lmms_eval_runs_the_registered_model_on_the_local_task(tiny_ov, smoke_task_dir):
+    from lmms_eval.evaluator import simple_evaluate
+    from lmms_eval.models import get_model
+
+    from eval.config import REPO_ROOT
+    from eval.lmms.llava_onevision import HiPruneLlavaOnevision
+    from eval.running.run import task_manager
+
+    _, _, path = tiny_ov
+    cls = get_model("hiprune_llava_onevision")
+    assert cls is HiPruneLlavaOnevision
+    lmm = cls(pretrained=str(path), method="hiprune_pp", budget=0.25, device="cpu", batch_size=1)
+    try:
+        assert lmm.settings["layout"] == "official"
+        results = simple_evaluate(
+            model=lmm, tasks=["hiprune_smoke_pope"], limit=1, batch_size=1,
+            task_manager=task_manager(str(REPO_ROOT / "eval" / "tasks")), bootstrap_iters=0,
+        )
+    finally:
+        lmm.close()
+    assert 0.0 <= results["results"]["hiprune_smoke_pope"]["pope_accuracy,none"] <= 1.0
+    kept = lmm.kept_tokens[("hiprune_smoke_pope", "test")]
+    assert len(kept) == 1
+    for per_crop in kept.values():  # one entry per crop grid: round(729 * 0.25) each
+        assert per_crop == [182] * len(per_crop) and len(per_crop) >= 2
+
+
+def test_object_layer_probe_reads_the_siglip_base_image(tiny_ov):
+    from eval.report.probe import probe
+
+    model, processor, _ = tiny_ov
+    result = probe(model, processor, [_image(300, 200, 1)], top=0.05,
+                   model_cfg={"image_backend": "checkpoint"})
+    assert result.grid == (SIDE, SIDE) and result.layers == list(range(1, 13))
+    assert result.top_k == int(SIDE * SIDE * 0.05) and len(result.dispersion) == 12
+    assert all(value > 0 for value in result.dispersion) and 1 <= result.suggested_layer <= 12
+
+
+def test_lmms_vanilla_rows_get_the_standard_layout(tiny_ov):
+    """layout=auto: method none counts exactly the tokens an unpatched processor emits (unpad + newlines), pruning
+    methods the 'spatial' layout."""
+    from transformers import AutoProcessor
+
+    from eval.lmms.llava_onevision import HiPruneLlavaOnevision
+
+    _, _, path = tiny_ov
+    image = _image(700, 300, 1)
+    fresh = AutoProcessor.from_pretrained(path)
+    standard = fresh(text=[PROMPT], images=[image], return_tensors="pt")
+    counts = {}
+    for method, options in [("none", {}), ("random", {"budget": 0.25})]:
+        lmm = HiPruneLlavaOnevision(pretrained=str(path), method=method, device="cpu", **options)
+        try:
+            batch, expected = lmm.build_inputs(["Is there a red circle?"], [[image]])
+            counts[method] = (lmm.settings["layout"], int((batch["input_ids"] == fresh.image_token_id).sum()), expected)
+        finally:
+            lmm.close()
+    assert counts["none"][:2] == ("native", int((standard["input_ids"] == fresh.image_token_id).sum()))
+    assert counts["random"] == ("official", 3 * 182, [[182] * 3])
