@@ -285,3 +285,17 @@ def test_qwen_port_runs_and_keeps_m_rope_positions():
     kept = calls[0].selection.indices[0]
     assert positions["visionzip"].shape[1] == 11
     assert torch.equal(positions["visionzip"], positions["none"][:, kept])
+
+
+def test_qwen_port_selection_flops_match_the_flop_counter():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    method = hiprune.build_method("visionzip", budget=0.334, variant="global")
+    g = torch.Generator().manual_seed(0)
+    n, budget = 120, method.resolve_grid_budget(120)  # d + C = floor(0.284 * 120) + 6 = 34 + 6
+    tokens = VisionTokens(torch.randn(2, n, 24, generator=g), (10, 12), scores={"attention": torch.rand(2, n, generator=g)},
+                          states={"keys": torch.randn(2, n, 8, generator=g)})
+    with FlopCounterMode(display=False) as counter:
+        method.select(tokens, budget)
+    assert budget == 40 and method.projected_tokens(budget) == 0
+    assert counter.get_total_flops() == 2 * method.selection_flops(n, budget, {"keys": 8, "features": 24})
