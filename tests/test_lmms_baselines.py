@@ -81,18 +81,24 @@ def _placeholders(model, family: str):
     return counts, merged, hooks
 
 
-@pytest.mark.parametrize("family", sorted(RUNS))
-def test_each_method_runs_through_lmms_eval(family, monkeypatch, smoke_task_dir, smoke_video_dir, tiny_clip_dir):
-    from lmms_eval.evaluator import simple_evaluate
-
+@pytest.fixture(scope="module")
+def tasks():
+    """lmms-eval's task index with the local tasks: built once (it reads every task yaml lmms-eval has)."""
     from eval.running.run import task_manager
+
+    return task_manager(str(REPO_ROOT / "eval" / "tasks"))
+
+
+@pytest.mark.parametrize("family", sorted(RUNS))
+def test_each_method_runs_through_lmms_eval(family, tasks, monkeypatch, smoke_task_dir, smoke_video_dir,
+                                            tiny_clip_dir):
+    from lmms_eval.evaluator import simple_evaluate
 
     lmm_class, _, task, loading, budget = FAMILIES[family]
     if family != "qwen2_5_vl":
         loading = {**loading, "text_tower": str(tiny_clip_dir)}  # TRIM's paired CLIP text tower
     model, _ = loaded(family)
     _reuse_loaded_model(monkeypatch, family)
-    tasks = task_manager(str(REPO_ROOT / "eval" / "tasks"))
     for name in RUNS[family]:
         options = QWEN_OPTIONS.get(name, {}) if family == "qwen2_5_vl" else {}
         lmm = lmm_class(pretrained=str(built(family)), method=name, budget=budget, device="cpu", batch_size=1,
