@@ -20,7 +20,7 @@ from vision_method_runs import (
 )
 
 import hiprune
-from hiprune.methods.base import VisionTokens, gather_tokens
+from hiprune.methods.base import VisionTokens
 from hiprune.methods.visionzip import VisionZip, official_split, qwen_split, select_visionzip, visionzip_groups
 
 # baselines.md §2 Golden A: CLS + 6 patches, d = 3 (CLS + 2 patches), C = 2
@@ -271,9 +271,9 @@ def test_qwen_port_runs_and_keeps_m_rope_positions():
     positions = {}
     for name, m in (("none", hiprune.build_method("none")), ("visionzip", method)):
         calls = spy(m) if name == "visionzip" else []
-        seen = []
+        seen: list[torch.Tensor] = []
         hook = model.model.language_model.register_forward_pre_hook(
-            lambda module, args, kwargs: seen.append(kwargs["position_ids"]), with_kwargs=True)
+            lambda module, args, kwargs, seen=seen: seen.append(kwargs["position_ids"]), with_kwargs=True)
         try:
             with torch.no_grad(), hiprune.apply(model, m, processor):
                 batch = processor(text=[text], images=[_noise(112, 168, 0)], return_tensors="pt")
