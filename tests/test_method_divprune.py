@@ -98,6 +98,13 @@ def test_image_scope_selects_across_grids():
     assert method.select(grids[1], 2).indices.tolist() == [[0, 1]]
     assert method.select(grids[0], 1).indices.tolist() == [[0]]  # token 0 (0 deg), not token 1
     assert method.split_visual(grids, 3, [None, None]) is None  # frames: each covers the whole visual
+    # two copies of the image in one batch: the same ids, the same picks, one select call for both
+    method.split_visual(grids, 3, [None, (0, 0)])
+    twice = VisionTokens(features[:, 2:].expand(2, -1, -1), (1, 2), sample_ids=[12, 12])
+    assert method.select(twice, 2).indices.tolist() == [[0, 1], [0, 1]]
+    mixed = VisionTokens(features[:, :2].expand(2, -1, -1), (1, 2), sample_ids=[11, 13])
+    with pytest.raises(ValueError, match="mixes"):
+        method.select(mixed, 1)
     with pytest.raises(ValueError, match="distinct sample id"):
         method.split_visual([grids[0], grids[0]], 3, [None, (0, 0)])
 

@@ -132,15 +132,21 @@ class DivPrune(Method):
         for grid, sample_id in zip(grids, ids):
             end = start + grid.num_tokens
             mine = picks[(picks >= start) & (picks < end)] - start
-            self._picks[sample_id] = mine
+            if mine.numel():  # a grid without picks gets no select call
+                self._picks[sample_id] = mine
             split.append(int(mine.numel()))
             start = end
         return split
 
     def select(self, tokens: VisionTokens, budget: int) -> Selection:
         ids = tokens.sample_ids or []
-        if self.scope == "image" and ids and all(i in self._picks for i in ids):
-            indices = torch.stack([self._picks.pop(i) for i in ids])
+        picked = [i in self._picks for i in ids]
+        if any(picked) and not all(picked):
+            raise ValueError("DivPrune scope=image: a select call mixes grids picked across their image with others")
+        if ids and all(picked):
+            indices = torch.stack([self._picks[i] for i in ids])  # identical images share ids and picks
+            for i in set(ids):
+                del self._picks[i]
             if indices.shape[1] != budget:
                 raise ValueError(f"DivPrune scope=image picked {indices.shape[1]} tokens of a grid given {budget}")
         else:
