@@ -7,9 +7,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from omegaconf import OmegaConf
-from vision_method_runs import REPO, run_llava, run_llava_next, run_qwen, run_video
+from vision_method_runs import REPO, _image, family_model, run_llava, run_llava_next, run_qwen, run_video
 
 import hiprune
+from hiprune.methods.base import VisionTokens
 from hiprune.methods.divprune import DivPrune, select_divprune
 
 
@@ -79,6 +80,33 @@ def test_config_and_registry():
     assert cfg.name == "divprune" and "implemented" not in cfg and "stage" not in cfg
     method = hiprune.build_method("divprune", budget=64, **cfg.options)
     assert isinstance(method, DivPrune) and method.stage == "vision" and method.requests() == {}
+    assert method.scope == "grid" and not method.decides_split()  # the tables' protocol: N'/crops per crop
+    assert method.describe() == {"name": "divprune", "budget": 64, "scope": "grid"}
+    assert hiprune.build_method("divprune", budget=64, scope="image").decides_split()
+    with pytest.raises(ValueError, match="scope"):
+        hiprune.build_method("divprune", budget=64, scope="crop")
+
+
+def test_image_scope_selects_across_grids():
+    # Golden A's four tokens as two grids of two: the pooled selection [0, 2, 3] gives grid 0 one pick (its token 0)
+    # and grid 1 two (its tokens 0, 1); per grid at the same total the split would be [1, 2] only by chance.
+    features = _angles(0, 10, 90, 180)
+    method = hiprune.build_method("divprune", budget=3, scope="image")
+    grids = [VisionTokens(features[:, :2], (1, 2), sample_ids=[11]), VisionTokens(features[:, 2:], (1, 2),
+                                                                                  sample_ids=[12])]
+    assert method.split_visual(grids, 3, [None, (0, 0)]) == [1, 2]
+    assert method.select(grids[1], 2).indices.tolist() == [[0, 1]]
+    assert method.select(grids[0], 1).indices.tolist() == [[0]]  # token 0 (0 deg), not token 1
+    assert method.split_visual(grids, 3, [None, None]) is None  # frames: each covers the whole visual
+    # two copies of the image in one batch: the same ids, the same picks, one select call for both
+    method.split_visual(grids, 3, [None, (0, 0)])
+    twice = VisionTokens(features[:, 2:].expand(2, -1, -1), (1, 2), sample_ids=[12, 12])
+    assert method.select(twice, 2).indices.tolist() == [[0, 1], [0, 1]]
+    mixed = VisionTokens(features[:, :2].expand(2, -1, -1), (1, 2), sample_ids=[11, 13])
+    with pytest.raises(ValueError, match="mixes"):
+        method.select(mixed, 1)
+    with pytest.raises(ValueError, match="distinct sample id"):
+        method.split_visual([grids[0], grids[0]], 3, [None, (0, 0)])
 
 
 def _check(calls):
@@ -94,6 +122,24 @@ def test_llava_next_per_crop():
     calls = run_llava_next(hiprune.build_method("divprune", budget=160))
     assert [c.budget for c in calls] == [32]
     _check(calls)
+
+
+def test_llava_next_image_scope_is_one_selection_over_the_crops():
+    calls = run_llava_next(hiprune.build_method("divprune", budget=160, scope="image"))
+    assert sum(c.budget * c.tokens.batch_size for c in calls) == 160 and len({c.budget for c in calls}) > 1
+    # the crops' picks together are DivPrune over the image's pooled 5 x 576 tokens (base first, then the crops)
+    model, processor = family_model("llava_next")
+    batch = processor(text=["USER: <image>\nIs there a red circle? ASSISTANT:"], images=[_image(700, 660, 1)],
+                      return_tensors="pt")
+    with torch.no_grad():
+        hidden = model.model.vision_tower(batch["pixel_values"][0][:5], output_hidden_states=True).hidden_states
+        crops = model.model.multi_modal_projector(hidden[model.config.vision_feature_layer][:, 1:])
+    picked = []
+    for call in calls:
+        for row in range(call.tokens.batch_size):
+            [crop] = [k for k in range(5) if torch.allclose(call.tokens.features[row], crops[k], atol=1e-5)]
+            picked += (crop * 576 + call.selection.indices[row]).tolist()
+    assert sorted(picked) == select_divprune(crops.reshape(1, 5 * 576, -1), 160)[0].tolist()
 
 
 def test_qwen_on_merged_tokens():

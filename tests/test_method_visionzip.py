@@ -1,15 +1,26 @@
 """VisionZip (hiprune/methods/visionzip.py): the spec's golden cases, the budget splits, properties, and runs on the
 tiny models: the CLS token in front, the merged (projected) contextual tokens reach the LLM, sources recorded;
-LLaVA-NeXT and Qwen2.5-VL refused before patching."""
+LLaVA-NeXT in the VisionZip code's layout; the Qwen2.5-VL port (variant=global) with M-RoPE positions kept."""
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from omegaconf import OmegaConf
-from vision_method_runs import REPO, family_model, refused_before_patching, run_llava, run_video
+from vision_method_runs import (
+    REPO,
+    _image,
+    _noise,
+    family_model,
+    refused_before_patching,
+    run_llava,
+    run_qwen,
+    run_video,
+    spy,
+)
 
 import hiprune
+from hiprune.methods.base import VisionTokens
 from hiprune.methods.visionzip import VisionZip, official_split, qwen_split, select_visionzip, visionzip_groups
 
 # baselines.md §2 Golden A: CLS + 6 patches, d = 3 (CLS + 2 patches), C = 2
@@ -89,11 +100,19 @@ def test_malformed_input_is_rejected(args, match):
 def test_config_and_registry():
     cfg = OmegaConf.load(REPO / "configs" / "method" / "visionzip.yaml")
     assert cfg.name == "visionzip" and "implemented" not in cfg and "stage" not in cfg
-    method = hiprune.build_method("visionzip", budget=192, **cfg.options)
+    method = hiprune.build_method("visionzip", budget=192, **OmegaConf.to_container(cfg.options, resolve=True))
     assert isinstance(method, VisionZip) and method.keeps_cls and method.kept_count(192) == 191
     for bad, match in (({"merge": "sum"}, "merge"), ({"budget": 1}, "at least 2")):
         with pytest.raises(ValueError, match=match):
             hiprune.build_method("visionzip", **{"budget": 64, **bad})
+
+
+def test_the_qwen_models_run_the_port():
+    from eval.config import compose_config
+
+    for model, variant in (("qwen25vl_3b", "global"), ("tiny_qwen25vl", "global"), ("llava15_7b", "cls"),
+                           ("llava_next_7b", "cls")):
+        assert compose_config([f"model={model}", "method=visionzip"]).method.options.variant == variant, model
 
 
 def _check(calls, model):
@@ -152,6 +171,131 @@ def test_video_llava_images_get_their_cls_in_front():
     torch.testing.assert_close(tokens[0], cls[0], rtol=1e-5, atol=1e-6)
 
 
-def test_llava_next_and_qwen_are_refused_before_patching():
-    refused_before_patching("llava_next", hiprune.build_method("visionzip", budget=160), "does not lay out yet")
-    refused_before_patching("qwen2_5_vl", hiprune.build_method("visionzip", budget=0.25), "has none")
+def test_llava_next_official_layout():
+    """160 tokens = 5 crops x (CLS + 26 dominant + 5 contextual), laid out as the VisionZip code does: the base crop's
+    [CLS, dominant, contextual], the sub-crops' dominant patches over the stitched grid, their CLS tokens, then their
+    contextual tokens (crop order)."""
+    model, processor = family_model("llava_next")
+    method = hiprune.build_method("visionzip", budget=160)
+    calls = spy(method)
+    seen = []
+    hook = model.model.language_model.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(kwargs["inputs_embeds"]), with_kwargs=True)
+    try:
+        with torch.no_grad(), hiprune.apply(model, method, processor, layout="official") as session:
+            batch = processor(text=["USER: <image>\nIs there a red circle? ASSISTANT:"], images=[_image(700, 660, 1)],
+                              return_tensors="pt")
+            model(**batch)
+            assert session.adapter.image_layout(batch["image_sizes"][0], method).kept == [32] * 5
+    finally:
+        hook.remove()
+    [call] = calls  # the 5 crops share one call, in crop order
+    assert call.budget == 32 and call.selection.indices.shape == (5, 31) and method.trailing_count(32) == 5
+    _check(calls, model)
+    records = session.records[0]
+    assert [r.tokens_kept for r in records] == [32] * 5  # the CLS in front counts
+    for crop in range(5):
+        assert torch.equal(records[crop].indices, call.selection.indices[crop])
+    with torch.no_grad():
+        hidden = model.model.vision_tower(batch["pixel_values"][0][:5], output_hidden_states=True).hidden_states
+        cls = model.model.multi_modal_projector(hidden[model.config.vision_feature_layer][:, 0])
+    features, indices, side, d = call.selection.features, call.selection.indices, 24, 26
+    dominant, positions = [], []
+    for crop in range(1, 5):
+        ci, cj = divmod(crop - 1, 2)
+        kept = indices[crop, :d]
+        positions.append((ci * side + kept // side) * 2 * side + cj * side + kept % side)
+        dominant.append(features[crop, :d])
+    order = torch.cat(positions).argsort()
+    expected = torch.cat([cls[:1], features[0], torch.cat(dominant)[order], cls[1:],
+                          features[1:, d:].reshape(-1, features.shape[-1])])
+    image = batch["input_ids"][0] == model.config.image_token_id
+    assert expected.shape[0] == 160
+    torch.testing.assert_close(seen[0][0][image], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_llava_next_native_layout_and_llava_ports_are_refused():
+    refused_before_patching("qwen2_5_vl", hiprune.build_method("visionzip", budget=0.25), "visionzip variant=global")
+    model, processor = family_model("llava_next")
+    with pytest.raises(ValueError, match="official 'spatial' layout only"), hiprune.apply(
+            model, hiprune.build_method("visionzip", budget=160), processor, layout="native"):
+        pass
+    refused_before_patching("llava", hiprune.build_method("visionzip", budget=0.25, variant="global"), "own rule")
+
+
+def test_qwen_port_golden():
+    # Golden A's tokens as a Qwen grid: rho = 0.4, n = 6 -> d = floor(0.35 * 6) = 2, C = max(floor(0.3), 1) = 1.
+    # dominant {1, 3}; R = [0, 2, 4, 5], s = 4: target 0, all others join it: 1 + (4 + 10 + 3) / 3.
+    method = hiprune.build_method("visionzip", budget=0.4, variant="global")
+    assert not method.keeps_cls and method.own_grid_budgets and method.resolve_grid_budget(6) == 3
+    assert method.kept_count(3) == 3 and method.trailing_count(3) == 0
+    golden_c = hiprune.build_method("visionzip", budget=0.112, variant="global")
+    assert golden_c.resolve_grid_budget(256) == 15 + 12  # Golden C (round(rho * n) would be 29)
+    tokens = VisionTokens(X, (2, 3), scores={"attention": C}, states={"keys": K})
+    selection = method.select(tokens, 3)
+    assert selection.indices.tolist() == [[0, 1, 3]]  # raster order: the sequence is filtered
+    torch.testing.assert_close(selection.features.flatten(), torch.tensor([1 + 17 / 3, 2.0, 8.0]))
+    assert selection.sources.tolist() == [[0, 1, 0, 2, 0, 0]]
+    assert selection.roles["contextual"].tolist() == [[True, False, False]]
+    with pytest.raises(ValueError, match="given a budget of 4"):
+        method.select(tokens, 4)
+    for bad, match in (({"budget": 64}, "ratio budget"), ({"budget": 0.04}, "ratio budget"),
+                       ({"budget": 0.3, "variant": "prose"}, "variant")):
+        with pytest.raises(ValueError, match=match):
+            hiprune.build_method("visionzip", **{"variant": "global", **bad})
+
+
+def test_qwen_port_runs_and_keeps_m_rope_positions():
+    method = hiprune.build_method("visionzip", budget=0.5, variant="global")
+    calls = run_qwen(method)  # 24 and 15 merged tokens: d + C = 10 + 1 and 6 + 1
+    assert [call.budget for call in calls] == [11, 7]
+    for call in calls:
+        tokens = call.tokens
+        dominant, contextual = qwen_split(0.5, tokens.num_tokens)
+        groups = visionzip_groups(tokens.scores["attention"], tokens.states["keys"], tokens.features, dominant,
+                                  contextual)
+        kept = torch.cat([groups.dominant, groups.targets], dim=1)
+        assert torch.equal(call.selection.indices, kept.sort(dim=1).values)
+        at = call.selection.indices[0]
+        for slot, index in enumerate(at.tolist()):
+            if index in groups.targets[0].tolist():  # the contextual token replaces its target's embedding
+                c = groups.targets[0].tolist().index(index)
+                torch.testing.assert_close(call.selection.features[0, slot], groups.contextual[0, c])
+            else:
+                torch.testing.assert_close(call.selection.features[0, slot], tokens.features[0, index])
+    # positions: every kept token keeps the M-RoPE position it has in the unpruned sequence
+    model, processor = family_model("qwen2_5_vl")
+    text = processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is it?"}]}],
+        tokenize=False, add_generation_prompt=True)
+    positions = {}
+    for name, m in (("none", hiprune.build_method("none")), ("visionzip", method)):
+        calls = spy(m) if name == "visionzip" else []
+        seen: list[torch.Tensor] = []
+        hook = model.model.language_model.register_forward_pre_hook(
+            lambda module, args, kwargs, seen=seen: seen.append(kwargs["position_ids"]), with_kwargs=True)
+        try:
+            with torch.no_grad(), hiprune.apply(model, m, processor):
+                batch = processor(text=[text], images=[_noise(112, 168, 0)], return_tensors="pt")
+                model(**batch)
+        finally:
+            hook.remove()
+        image = batch["input_ids"][0] == model.config.image_token_id
+        positions[name] = seen[0][-3:, 0][:, image]  # the 3 M-RoPE rows of the image tokens
+    kept = calls[0].selection.indices[0]
+    assert positions["visionzip"].shape[1] == 11
+    assert torch.equal(positions["visionzip"], positions["none"][:, kept])
+
+
+def test_qwen_port_selection_flops_match_the_flop_counter():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    method = hiprune.build_method("visionzip", budget=0.334, variant="global")
+    g = torch.Generator().manual_seed(0)
+    n, budget = 120, method.resolve_grid_budget(120)  # d + C = floor(0.284 * 120) + 6 = 34 + 6
+    tokens = VisionTokens(torch.randn(2, n, 24, generator=g), (10, 12), scores={"attention": torch.rand(2, n, generator=g)},
+                          states={"keys": torch.randn(2, n, 8, generator=g)})
+    with FlopCounterMode(display=False) as counter:
+        method.select(tokens, budget)
+    assert budget == 40 and method.projected_tokens(budget) == 0
+    assert counter.get_total_flops() == 2 * method.selection_flops(n, budget, {"keys": 8, "features": 24})

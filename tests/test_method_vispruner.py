@@ -150,6 +150,15 @@ def test_video_llava_per_frame():
     _check(calls)
 
 
+def test_global_attention_is_the_qwen_models_default():
+    from eval.config import compose_config
+
+    for model, attention in (("qwen25vl_3b", "global"), ("qwen25vl_7b", "global"), ("qwen25vl_32b", "global"),
+                             ("tiny_qwen25vl", "global"), ("llava15_7b", "cls"), ("llava_next_7b", "cls")):
+        cfg = compose_config([f"model={model}", "method=vispruner"])
+        assert cfg.method.options.attention == attention, model
+
+
 def test_qwen_needs_global_attention():
     refused_before_patching("qwen2_5_vl", hiprune.build_method("vispruner", budget=0.334), "has none")
     calls = run_qwen(hiprune.build_method("vispruner", budget=0.334, attention="global"))

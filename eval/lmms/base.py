@@ -31,7 +31,7 @@ from tqdm import tqdm
 import hiprune
 from eval.config import ConfigError
 from eval.lmms.prompting import IMAGE_PLACEHOLDER
-from hiprune.adapters.base import GridRecord
+from hiprune.adapters.base import GridRecord, check_family_method, splits_visuals
 from hiprune.adapters.llm_pruning import resolve_schedule, visual_per_layer
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -116,6 +116,7 @@ class HiPruneLMM(lmms):
             self.method = method
         else:
             self.method = hiprune.build_method(method, **{name: list_option(v) for name, v in options.items()})
+        check_family_method(self.family, self.method)  # no CLS token, no paired CLIP text tower, ...: before loading
         # adapter options that depend on the method (LLaVA-NeXT's layout=auto) resolve here: loading and the settings
         # recorded with the run hold what runs
         loading.update(self.resolve_adapter_options({k: loading[k] for k in self.adapter_option_names}, self.method))
@@ -345,7 +346,12 @@ class HiPruneLMM(lmms):
             sample_grids = grids[cursor : cursor + len(sample_expected)]
             cursor += len(sample_expected)
             kept = [grid.tokens_kept for grid in sample_grids]
-            if kept != list(sample_expected):
+            if splits_visuals(self.method):  # the method split each image's budget over its grids (HiRED on NeXT)
+                # the pipeline checked every image's total (what the processor emitted); the sample's total sums them
+                if len(kept) != len(sample_expected) or sum(kept) != sum(sample_expected):
+                    raise hiprune.PruningError(f"doc {doc_id}: {kept} visual tokens kept over its grids, expected "
+                                               f"{sum(sample_expected)} in all (split by the method)")
+            elif kept != list(sample_expected):
                 raise hiprune.PruningError(f"doc {doc_id}: {kept} visual tokens kept, expected {list(sample_expected)}")
             digests[doc_id] = selection_digest(sample_grids)
             log[doc_id] = kept

@@ -291,6 +291,8 @@ class Adapter:
     stage_limits: ClassVar[dict[str, str]] = {}
     # Whether the family lays out a grid's CLS token in front of its kept tokens (methods with ``keeps_cls``).
     passes_cls: ClassVar[bool] = False
+    # Whether the family asks methods with ``own_grid_budgets`` for each grid's budget (Method.resolve_grid_budget).
+    asks_grid_budget: ClassVar[bool] = False
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -351,25 +353,37 @@ class Adapter:
                 "prompt encoder, e.g. apply(model, method, processor, "
                 "prompt_encoder=hiprune.ClipPromptEncoder.from_pretrained('openai/clip-vit-large-patch14-336'))"
             )
-        if method.needs_prompt and method.needs_clip_text and not self.needs_prompt_encoder:
+        if method.stage == "vision" and method.stage in self.stages:
+            self.resolve_layers(method)
+        self.check_method(method)
+
+    @classmethod
+    def check_method(cls, method: Method) -> None:
+        """What can be told without a model: raise if no model of this family can run ``method`` (its stage, a CLS
+        token or a paired CLIP text tower it needs, a layout it needs)."""
+        if method.needs_prompt and method.needs_clip_text and not cls.needs_prompt_encoder:
             raise ValueError(
                 f"method {method.name!r} compares visual tokens with the prompt through a CLIP text tower paired with "
-                f"the vision tower; the {self.family} encoder has none (use hiprune_pp, which compares prompts in the "
+                f"the vision tower; the {cls.family} encoder has none (use hiprune_pp, which compares prompts in the "
                 "LLM's embedding space there)"
             )
-        if method.stage not in self.stages:
-            raise ValueError(unsupported_stage_message(method.name, self.family, method.stage))
-        if method.stage == "vision":
-            self.resolve_layers(method)
-        if not self.has_cls and any(r.queries == "cls" for r in method.requests().values()):
+        if method.stage not in cls.stages:
+            raise ValueError(unsupported_stage_message(method.name, cls.family, method.stage))
+        if not cls.has_cls and any(r.queries == "cls" for r in method.requests().values()):
             raise ValueError(
-                f"method {method.name!r} scores by the CLS token's attention; the {self.family} encoder has none "
-                "(use a method that scores by global attention instead, e.g. hiprune, or vispruner attention=global)"
+                f"method {method.name!r} scores by the CLS token's attention; the {cls.family} encoder has none "
+                "(use a method that scores by global attention instead, e.g. hiprune, or a global-attention port: "
+                "vispruner attention=global, visionzip variant=global)"
             )
-        if method.keeps_cls and not (self.has_cls and self.passes_cls):
+        if method.keeps_cls and not (cls.has_cls and cls.passes_cls):
             raise ValueError(
-                f"method {method.name!r} passes every grid's CLS token on to the LLM, which the {self.family} adapter "
-                f"{'cannot: its encoder has no CLS token' if not self.has_cls else 'does not lay out yet'}"
+                f"method {method.name!r} passes every grid's CLS token on to the LLM, which the {cls.family} adapter "
+                f"{'cannot: its encoder has no CLS token' if not cls.has_cls else 'does not lay out yet'}"
+            )
+        if method.stage == "vision" and method.own_grid_budgets and not cls.asks_grid_budget:
+            raise ValueError(
+                f"method {method.name!r} ({method.describe()}) resolves each grid's budget by its own rule, which the "
+                f"{cls.family} adapter does not apply (it is a port for encoders without a CLS token)"
             )
 
     def capture(self, method: Method, tower: str = "image") -> Capture:
@@ -569,7 +583,7 @@ class EncoderMerging:
 
 def splits_visuals(method: Method) -> bool:
     """Whether ``method`` splits an image's budget over its grids itself (overrides ``Method.split_visual``)."""
-    return type(method).split_visual is not Method.split_visual
+    return method.decides_split()
 
 
 def split_visuals(method: Method, grids: list[GridInput]) -> list[GridInput]:
@@ -681,6 +695,16 @@ def family_supports_stage(family: str, stage: str) -> bool:
     if not matching:
         raise ValueError(f"no adapter is registered for the model family {family!r}")
     return all(stage in cls.stages for cls in matching)
+
+
+def check_family_method(family: str, method: Method) -> None:
+    """Raise if ``family``'s adapter cannot run ``method`` whatever the model (:meth:`Adapter.check_method`), so a
+    harness can refuse it before any weight loads."""
+    matching = [cls for cls in _ADAPTERS if cls.family == family]
+    if not matching:
+        raise ValueError(f"no adapter is registered for the model family {family!r}")
+    for cls in matching:
+        cls.check_method(method)
 
 
 def register_adapter(cls: type[Adapter]) -> type[Adapter]:

@@ -145,6 +145,7 @@ class LlavaNextAdapter(ClipTowerAdapter):
     family = "llava_next"
     model_types = (LlavaNextForConditionalGeneration,)
     stages = ("none", "vision", "encoder")
+    passes_cls = True  # official layout: methods with keeps_cls (VisionZip) as the VisionZip code lays them out
 
     def __init__(self, model: LlavaNextForConditionalGeneration, layout: str = "official"):
         super().__init__(model)
@@ -194,15 +195,21 @@ class LlavaNextAdapter(ClipTowerAdapter):
                 if bottom > top and right > left:
                     grids.append(CropGrid(c, bottom - top, right - left, top - i * side, left - j * side))
         budgets = self._grid_budgets(method, [g.tokens for g in grids], 1 + nph * npw)
-        keep = [method.kept_count(b) for b in budgets] if method.stage in REDUCING else budgets
+        front = self.front(method)
+        keep = [method.kept_count(b) + front for b in budgets] if method.stage in REDUCING else budgets
         for grid, b, k in zip(grids, budgets, keep):
-            if k > grid.tokens:
+            if k - front > grid.tokens:
                 raise ValueError(
                     f"method {method.name!r} keeps {k} tokens of a crop grid with only {grid.tokens} "
                     f"(budget {method.budget}, {grid.rows}x{grid.cols} grid)"
                 )
         grids = tuple(CropGrid(g.crop, g.rows, g.cols, g.row0, g.col0, b, k) for g, b, k in zip(grids, budgets, keep))
         return ImageLayout(self.layout, (nph, npw), side, grids, unpadded, newlines)
+
+    @staticmethod
+    def front(method: Method) -> int:
+        """Tokens without a grid position in front of every grid's selection: its CLS token (keeps_cls methods)."""
+        return 1 if method.stage == "vision" and method.keeps_cls else 0
 
     def _grid_budgets(self, method: Method, capacities: list[int], crops: int) -> list[int]:
         if method.stage not in REDUCING:
@@ -223,6 +230,11 @@ class LlavaNextAdapter(ClipTowerAdapter):
             raise ValueError(
                 f"method {method.name!r} splits an image's budget over its full crops: it runs the official "
                 "'spatial' layout only (layout=official), not the unpadded native layout"
+            )
+        if method.keeps_cls and self.layout != "official":
+            raise ValueError(
+                f"method {method.name!r} passes every crop's CLS token on: it runs the official 'spatial' layout "
+                "only (layout=official), as the VisionZip code lays it out, not the unpadded native layout"
             )
         if method.stage == "encoder" and self.layout != "official":
             raise ValueError(
@@ -332,6 +344,8 @@ class LlavaNextAdapter(ClipTowerAdapter):
             raise PruningError(f"{len(image_features)} images of features for {len(layouts)} image sizes")
         patches = self.patch_captures(captured, sum(f.shape[0] for f in image_features))
         embeds = self.patch_embeds(session, out) if method.needs_prompt else None
+        front = self.front(method)
+        cls = self.cls_tokens(out.hidden_states) if front else None  # [rows, D]: every crop's CLS, projected
 
         # One grid per crop (native: its unpadded part), cut out of its crop's side x side tokens.
         grids: list[GridInput] = []
@@ -353,12 +367,12 @@ class LlavaNextAdapter(ClipTowerAdapter):
                 row = offset + grid.crop
                 grids.append(GridInput(
                     (grid.rows, grid.cols), cut(features[grid.crop]),
-                    {name: cut(value[row]) for name, value in patches.items()}, grid.budget, grid.keep,
+                    {name: cut(value[row]) for name, value in patches.items()}, grid.budget, grid.keep - front,
                     derived_id(image_id, grid.crop), visual=i,
                     token_embeds=None if embeds is None else cut(embeds[row]),
                     tile=None if grid.crop == 0 else divmod(grid.crop - 1, layout.crop_grid[1]),
                 ))
-                placed.append((i, grid))
+                placed.append((i, grid, None if cls is None else cls[row : row + 1]))
             offset += features.shape[0]
 
         if method.stage == "vision":
@@ -367,25 +381,38 @@ class LlavaNextAdapter(ClipTowerAdapter):
             self.record_unpruned(session, [grid.features.shape[0] for grid in grids])
             kept = [(torch.arange(g.features.shape[0], device=g.features.device), g.features) for g in grids]
 
-        per_image: list[list[tuple[CropGrid, torch.Tensor, torch.Tensor]]] = [[] for _ in layouts]
-        for (i, grid), (indices, features) in zip(placed, kept):
-            per_image[i].append((grid, indices, features))
-        packed = [self._assemble(layout, grids, image_newline) for layout, grids in zip(layouts, per_image)]
+        per_image: list[list[tuple[CropGrid, torch.Tensor, torch.Tensor, torch.Tensor | None]]] = [[] for _ in layouts]
+        for (i, grid, crop_cls), (indices, features) in zip(placed, kept):
+            per_image[i].append((grid, indices, features, crop_cls))
+        trailing = method.trailing_count if method.stage == "vision" else (lambda budget: 0)
+        packed = [self._assemble(layout, grids, image_newline, trailing) for layout, grids in zip(layouts, per_image)]
         for i, (tensor, layout) in enumerate(zip(packed, layouts)):
             if tensor.shape[0] != layout.total:
                 raise PruningError(f"image {i}: packed {tensor.shape[0]} visual tokens, expected {layout.total}")
         return packed
 
-    def _assemble(self, layout: ImageLayout, grids, image_newline) -> torch.Tensor:
-        """Base tokens first, then the sub-image tokens (and newlines) in raster order over the stitched grid."""
+    def _assemble(self, layout: ImageLayout, grids, image_newline, trailing) -> torch.Tensor:
+        """Base tokens first, then the sub-image tokens (and newlines) in raster order over the stitched grid.
+
+        Methods that pass every crop's CLS token on (keeps_cls) and end each crop's selection with merged tokens
+        (``trailing(budget)`` of them), official layout, as the VisionZip code lays them out: the base crop's [CLS,
+        its selection], then the sub-crops' positioned tokens over the stitched grid, then the sub-crops' CLS tokens,
+        then their trailing tokens (crop order)."""
         side = self.side
         npw = layout.crop_grid[1]
         r0, c0, _, cols = layout.unpadded
-        base = [features for grid, _, features in grids if grid.crop == 0]
-        parts, positions = [], []
-        for grid, indices, features in grids:
+        base = [features if cls is None else torch.cat([cls.to(features), features])
+                for grid, _, features, cls in grids if grid.crop == 0]
+        parts, positions, tail_cls, tail = [], [], [], []
+        for grid, indices, features, cls in grids:
             if grid.crop == 0:
                 continue
+            extra = trailing(grid.budget) if indices.shape[0] else 0
+            if extra:
+                tail.append(features[indices.shape[0] - extra :])
+                indices, features = indices[: indices.shape[0] - extra], features[: features.shape[0] - extra]
+            if cls is not None:
+                tail_cls.append(cls)
             ci, cj = divmod(grid.crop - 1, npw)
             r = ci * side + grid.row0 + indices // grid.cols
             c = cj * side + grid.col0 + indices % grid.cols
@@ -401,7 +428,8 @@ class LlavaNextAdapter(ClipTowerAdapter):
             newline = image_newline.to(reference.device, reference.dtype)
             parts.append(newline.expand(layout.newlines, -1))
             positions.append(torch.arange(layout.newlines, device=reference.device) * (cols + 1) + cols)
+        after = [t.to(base[0]) for t in tail_cls + tail]
         if not parts:
-            return base[0]
+            return torch.cat([base[0], *after])
         order = torch.cat([p.to(base[0].device) for p in positions]).argsort(stable=True)
-        return torch.cat([base[0], torch.cat(parts)[order]])
+        return torch.cat([base[0], torch.cat(parts)[order], *after])

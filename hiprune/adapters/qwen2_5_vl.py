@@ -91,6 +91,7 @@ class Qwen25VLAdapter(Adapter):
     # HiPrune++ on Qwen2.5-VL: mean LLM input embedding of the prompt vs the merged visual tokens (same space).
     needs_prompt_encoder = False
     has_cls = False
+    asks_grid_budget = True  # a method with its own ratio rule (VisionZip's port: d + C) resolves each image's budget
     stage_limits = {"encoder": "its windowed attention and 2x2 patch merger leave no token pairs to merge; use a "
                                "method that prunes before the LLM"}
 
@@ -150,6 +151,8 @@ class Qwen25VLAdapter(Adapter):
         """The method's budget resolved for an image of patch grid ``grid_thw``: N' = round(n * ratio), or a count."""
         n = self.merged_tokens(grid_thw)
         try:
+            if method.stage == "vision" and method.own_grid_budgets:
+                return method.resolve_grid_budget(n)
             return split_budget(method.budget, [n])[0]
         except ValueError as exc:
             raise ValueError(f"{exc} (an image of {n} merged tokens, patch grid {tuple(int(x) for x in grid_thw)})") from exc

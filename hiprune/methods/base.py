@@ -192,6 +192,10 @@ class Method:
     # token (its feature-layer state, projected like the patches) in front of the kept_count(budget) tokens that
     # ``select`` returns. Families without a CLS token, or without that layout, refuse such a method before loading.
     keeps_cls: ClassVar[bool] = False
+    # Vision-stage methods that resolve a ratio budget into each grid's count by their own rule set this (VisionZip's
+    # global-attention port: d + C of the grid's n tokens, :meth:`resolve_grid_budget`); only families that ask the
+    # method (``Adapter.asks_grid_budget``: Qwen2.5-VL) run it, the others refuse it before loading.
+    own_grid_budgets: ClassVar[bool] = False
 
     budget: int | float | None = None
 
@@ -238,6 +242,23 @@ class Method:
     def kept_count(self, budget: int) -> int:
         """Tokens per grid the LLM receives for a resolved budget (methods that add tokens on top override it)."""
         return budget
+
+    def resolve_grid_budget(self, num_tokens: int) -> int:
+        """Methods with ``own_grid_budgets``: the resolved budget of a grid of ``num_tokens`` tokens (what
+        :meth:`select` gets as ``budget``). Other methods leave the family's rule in place."""
+        raise NotImplementedError(f"method {self.name!r} leaves resolving its budget to the family")
+
+    def trailing_count(self, budget: int) -> int:
+        """Vision-stage merging methods: how many of the last tokens ``select`` returns per grid (for a resolved
+        ``budget``) stand for merged groups rather than for a grid position; a family whose official layout for the
+        method puts them after every grid's positioned tokens reads it (VisionZip's contextual tokens on LLaVA-NeXT).
+        Default 0."""
+        return 0
+
+    def decides_split(self) -> bool:
+        """Whether this method splits an image's budget over its grids itself (:meth:`split_visual`); a method
+        whose split is an option overrides this to say whether the option is on."""
+        return type(self).split_visual is not Method.split_visual
 
     def select(self, tokens: VisionTokens, budget: int) -> Selection:
         """Choose ``kept_count(budget)`` tokens of each grid. Vision-side methods override this."""

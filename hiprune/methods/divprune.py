@@ -14,10 +14,14 @@ it again when every other token also scores 0 (exact duplicates), returning fewe
 tokens are excluded, which equals the official choice whenever the official picks are distinct. Distances are
 computed in float32 (the official code uses the model's dtype). Text-agnostic; no encoder capture is needed.
 
-LLaVA-NeXT: every crop on its own with N'/crops (the comparison tables' protocol, the adapter's default layout). The
-official DivPrune code selects globally over the whole stock image sequence (base + unpadded sub-grid + newlines);
-that needs a selection across the grids of one image, which the pipeline does not offer yet. Video-LLaVA: per frame.
-Qwen2.5-VL: k = round(rho * n) of the merged tokens (the pipeline's ratio budget).
+LLaVA-NeXT: every crop on its own with N'/crops (``scope="grid"``, the default: the comparison tables' protocol, the
+adapter's default layout). ``scope="image"``: one selection across all grids of an image (the official DivPrune code
+selects globally over the whole stock image sequence; on the protocol's 5 crops x 576 this is the faithful transfer,
+k = N' over 2880 tokens): the image's grids are pooled (base first, then the sub-crops), DivPrune picks the image's
+budget from the pool, and each grid passes on its own picks (``split_visual``: a grid may pass on few or none).
+Unlike the official code, the pool holds no ``image_newline`` tokens (the 'spatial' layout has none). On visuals
+whose grids all cover the whole visual (video frames) and on one-grid images the scope changes nothing.
+Video-LLaVA: per frame. Qwen2.5-VL: k = round(rho * n) of the merged tokens (the pipeline's ratio budget).
 """
 
 from __future__ import annotations
@@ -85,17 +89,67 @@ def _divprune_row(features: torch.Tensor, budget: int) -> torch.Tensor:
     return picks
 
 
+SCOPES = ("grid", "image")
+
+
 @register_method
 @dataclass
 class DivPrune(Method):
-    """DivPrune with the official rule on the tokens the LLM would receive; no options."""
+    """DivPrune with the official rule on the tokens the LLM would receive; ``scope`` "grid" (every grid on its own,
+    the tables' protocol) or "image" (one selection across an image's grids, LLaVA-NeXT crops)."""
 
     name: ClassVar[str] = "divprune"
     stage: ClassVar[Stage] = "vision"
 
+    scope: str = "grid"
+
+    def validate(self) -> None:
+        super().validate()
+        if self.scope not in SCOPES:
+            raise ValueError(f"unknown DivPrune scope {self.scope!r}; expected one of {SCOPES}")
+
+    @property
+    def _picks(self) -> dict[int, torch.Tensor]:
+        """scope="image": each grid's picks from the last split_visual, by sample id, until select hands them out
+        (not an option: kept out of the dataclass fields)."""
+        return self.__dict__.setdefault("_pending_picks", {})
+
+    def decides_split(self) -> bool:
+        return self.scope == "image"
+
     def selection_flops(self, num_tokens: int, budget: int, widths: dict[str, int]) -> int:
         return 2 * num_tokens * num_tokens * widths["features"]  # the N x N cosine similarities
 
+    def split_visual(self, grids: list[VisionTokens], budget: int, tiles: list[tuple[int, int] | None]) -> list[int] | None:
+        if self.scope != "image" or all(tile is None for tile in tiles):
+            return None  # per grid; frames of a video each cover the whole visual
+        ids = [grid.sample_ids[0] if grid.sample_ids else None for grid in grids]
+        if None in ids or len(set(ids)) != len(ids):
+            raise ValueError(f"DivPrune scope=image needs one distinct sample id per grid, got {ids}")
+        pooled = torch.cat([grid.features[0] for grid in grids])[None]
+        picks = select_divprune(pooled, budget)[0]
+        split, start = [], 0
+        for grid, sample_id in zip(grids, ids):
+            end = start + grid.num_tokens
+            mine = picks[(picks >= start) & (picks < end)] - start
+            if mine.numel():  # a grid without picks gets no select call
+                self._picks[sample_id] = mine
+            split.append(int(mine.numel()))
+            start = end
+        return split
+
     def select(self, tokens: VisionTokens, budget: int) -> Selection:
-        indices = select_divprune(tokens.features, budget).to(tokens.features.device)
+        ids = tokens.sample_ids or []
+        picked = [i in self._picks for i in ids]
+        if any(picked) and not all(picked):
+            raise ValueError("DivPrune scope=image: a select call mixes grids picked across their image with others")
+        if ids and all(picked):
+            indices = torch.stack([self._picks[i] for i in ids])  # identical images share ids and picks
+            for i in set(ids):
+                del self._picks[i]
+            if indices.shape[1] != budget:
+                raise ValueError(f"DivPrune scope=image picked {indices.shape[1]} tokens of a grid given {budget}")
+        else:
+            indices = select_divprune(tokens.features, budget)
+        indices = indices.to(tokens.features.device)
         return Selection(indices, gather_tokens(tokens.features, indices))

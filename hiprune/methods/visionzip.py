@@ -19,10 +19,19 @@ projector (``VisionTokens.project``). Splits: d + C = 162 + 30 / 108 + 20 / 54 +
 the budget elsewhere (:func:`official_split`). Each merged token stands at its target's index
 (``Selection.indices``) and ``Selection.sources`` says which patches went into it.
 
-Families: LLaVA-1.5; Video-LLaVA (images: CLS in front; video frames carry their CLS anyway, per frame). Not yet:
-LLaVA-NeXT (the official layout puts the sub-crops' CLS and contextual tokens after all dominant tokens; refused
-before loading) and the official Qwen2.5-VL port (:func:`qwen_split`; global attention, LLM-input embeddings, no CLS;
-refused before loading).
+Families: LLaVA-1.5; Video-LLaVA (images: CLS in front; video frames carry their CLS anyway, per frame); LLaVA-NeXT
+in the official layout of the VisionZip code (the same d + C in every crop: 108 + 20 / 54 + 10 / 27 + 5 for 640 /
+320 / 160): the base crop's [CLS, dominant, contextual], then the sub-crops' dominant patches in raster order over
+the stitched grid, then the sub-crops' CLS tokens, then their contextual tokens (crop order); the adapter reads
+:meth:`VisionZip.trailing_count` for the contextual tokens.
+
+``variant="global"``: the official Qwen2.5-VL port, for encoders without a CLS token (the Qwen2.5-VL models'
+configs choose it): scores = the global attention of the feature layer (the attention each token receives, over
+all queries and heads, merged 2 x 2 like the tokens), keys of that layer (after the rotary embedding); no CLS token;
+d = floor((rho - 0.05) n) dominant, C = max(floor(0.05 n), 1) contextual of a ratio budget rho (:func:`qwen_split`,
+:meth:`VisionZip.resolve_grid_budget`: the grid passes d + C on, not round(rho n)); the contextual token of a target
+is built from the tokens passed on (the LLM input embeddings, post-merger) and replaces the target's embedding; the
+kept tokens stay in raster order (the sequence is filtered), so every one keeps its M-RoPE position.
 """
 
 from __future__ import annotations
@@ -48,6 +57,7 @@ from hiprune.methods.divprune import check_features
 from hiprune.methods.fastervlm import check_scores
 
 MERGES = ("add_mean", "mean_group")
+VARIANTS = ("cls", "global")
 
 
 @dataclass
@@ -159,58 +169,122 @@ def qwen_split(ratio: float, merged: int) -> tuple[int, int]:
 @register_method
 @dataclass
 class VisionZip(Method):
-    """VisionZip with the official rule and splits; ``merge`` "add_mean" (official code) or "mean_group" (prose)."""
+    """VisionZip with the official rule and splits; ``merge`` "add_mean" (official code) or "mean_group" (prose);
+    ``variant`` "cls" (CLIP towers: CLS attention, the CLS token passed on) or "global" (the official Qwen2.5-VL port)."""
 
     name: ClassVar[str] = "visionzip"
     stage: ClassVar[Stage] = "vision"
-    keeps_cls: ClassVar[bool] = True
 
     merge: str = "add_mean"
+    variant: str = "cls"
+
+    @property
+    def keeps_cls(self) -> bool:  # the CLS token goes in front on CLIP towers; the port has none
+        return self.variant == "cls"
+
+    @property
+    def own_grid_budgets(self) -> bool:  # the port passes d + C on, not round(rho * n)
+        return self.variant == "global"
 
     def validate(self) -> None:
         super().validate()
         if self.merge not in MERGES:
             raise ValueError(f"unknown VisionZip merge {self.merge!r}; expected one of {MERGES}")
-        if isinstance(self.budget, int) and self.budget < 2:
+        if self.variant not in VARIANTS:
+            raise ValueError(f"unknown VisionZip variant {self.variant!r}; expected one of {VARIANTS}")
+        if self.variant == "global":
+            qwen_split(self.budget, 1)  # a ratio budget in [0.05, 1]
+        elif isinstance(self.budget, int) and self.budget < 2:
             raise ValueError(f"VisionZip needs a budget of at least 2 tokens (CLS + 1 contextual), got {self.budget}")
 
     def requests(self) -> dict[str, Request]:
+        if self.variant == "global":
+            return {
+                "attention": Request("attention", FEATURE_LAYER, queries="all"),
+                "keys": Request("keys", FEATURE_LAYER),
+            }
         return {
             "cls": Request("attention", FEATURE_LAYER, queries="cls"),
             "keys": Request("keys", FEATURE_LAYER),
             "hidden": Request("hidden", FEATURE_LAYER),
         }
 
+    def split(self, budget: int, num_tokens: int) -> tuple[int, int]:
+        """(dominant patch tokens, contextual tokens) of a grid of ``num_tokens`` at the resolved ``budget``."""
+        if self.variant == "global":
+            return qwen_split(self.budget, num_tokens)
+        with_cls, contextual = official_split(budget)
+        return with_cls - 1, contextual
+
+    def resolve_grid_budget(self, num_tokens: int) -> int:
+        if self.variant != "global":
+            return super().resolve_grid_budget(num_tokens)
+        return sum(qwen_split(self.budget, num_tokens))
+
     def kept_count(self, budget: int) -> int:
-        return budget - 1  # the grid's CLS token, put in front by the family, is the budget's last token
+        # the grid's CLS token, put in front by the family, is the budget's last token; the port has none
+        return budget - 1 if self.keeps_cls else budget
+
+    def trailing_count(self, budget: int) -> int:
+        return official_split(budget)[1] if self.variant == "cls" else 0
 
     def projected_tokens(self, budget: int) -> int:
+        if self.variant == "global":
+            return 0  # merges the tokens passed on, after the merger
         return official_split(budget)[1] + 1  # the contextual tokens' merged states and the CLS token
 
     def selection_flops(self, num_tokens: int, budget: int, widths: dict[str, int]) -> int:
-        with_cls, contextual = official_split(budget)
-        others = num_tokens - (with_cls - 1) - contextual
+        dominant, contextual = self.split(budget, num_tokens)
+        others = num_tokens - dominant - contextual
         # every other against every target; the C contextual tokens then cost the family's projector (not here)
         return 2 * others * contextual * widths["keys"]
 
     def select(self, tokens: VisionTokens, budget: int) -> Selection:
-        missing = [k for k in ("cls",) if k not in tokens.scores]
-        missing += [k for k in ("keys", "hidden") if k not in tokens.states]
+        scores = "attention" if self.variant == "global" else "cls"
+        states = ("keys",) if self.variant == "global" else ("keys", "hidden")
+        missing = [k for k in (scores,) if k not in tokens.scores] + [k for k in states if k not in tokens.states]
         if missing:
             raise ValueError(f"VisionZip needs {missing} in VisionTokens.scores / states")
+        dominant, contextual = self.split(budget, tokens.num_tokens)
+        if self.variant == "global" and dominant + contextual != budget:
+            raise ValueError(
+                f"VisionZip variant=global keeps d + C = {dominant} + {contextual} of a grid of {tokens.num_tokens} "
+                f"tokens at ratio {self.budget}, but was given a budget of {budget} (resolve_grid_budget)"
+            )
+        if self.variant == "global":
+            return self._select_global(tokens, dominant, contextual)
         if tokens.project is None:
             raise ValueError("VisionZip merges the feature layer's hidden states and needs VisionTokens.project")
-        with_cls, contextual = official_split(budget)
         groups = visionzip_groups(tokens.scores["cls"], tokens.states["keys"], tokens.states["hidden"],
-                                  with_cls - 1, contextual, self.merge)
+                                  dominant, contextual, self.merge)
         features = tokens.features
         merged = tokens.project(groups.contextual).to(features.dtype)
         indices = torch.cat([groups.dominant, groups.targets], dim=1).to(features.device)
-        dominant = torch.arange(indices.shape[1], device=features.device) < groups.dominant.shape[1]
-        dominant = dominant.expand(indices.shape[0], -1)
+        is_dominant = torch.arange(indices.shape[1], device=features.device) < groups.dominant.shape[1]
+        is_dominant = is_dominant.expand(indices.shape[0], -1)
         return Selection(
             indices,
             torch.cat([gather_tokens(features, groups.dominant.to(features.device)), merged], dim=1),
-            roles={"dominant": dominant, "contextual": ~dominant},
+            roles={"dominant": is_dominant, "contextual": ~is_dominant},
             sources=groups.sources.to(features.device),
+        )
+
+    def _select_global(self, tokens: VisionTokens, dominant: int, contextual: int) -> Selection:
+        """The port: merge the tokens passed on; dominant and contextual tokens together in raster order (the
+        contextual token stands at its target), as the official code filters the sequence."""
+        features = tokens.features
+        groups = visionzip_groups(tokens.scores["attention"], tokens.states["keys"], features, dominant, contextual,
+                                  self.merge)
+        stacked = torch.cat([groups.dominant, groups.targets], dim=1).to(features.device)
+        values = torch.cat([gather_tokens(features, stacked[:, :dominant]), groups.contextual.to(features.device)], 1)
+        order = stacked.argsort(dim=1)
+        slot = order.argsort(dim=1)  # slot of the k-th stacked token in raster order
+        sources = groups.sources.to(features.device)
+        sources = torch.where(sources >= 0, slot.gather(1, sources.clamp(min=0)), sources)
+        is_dominant = order < dominant
+        return Selection(
+            stacked.gather(1, order),
+            gather_tokens(values, order),
+            roles={"dominant": is_dominant, "contextual": ~is_dominant},
+            sources=sources,
         )

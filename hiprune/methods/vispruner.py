@@ -20,7 +20,8 @@ r: the official scripts require it (argparse default 0.5; README: 0.5 for 128 to
 the comparison tables is undocumented: default 0.5. LLaVA-NeXT: per crop with T = N'/crops (the tables' protocol,
 the adapter's default layout). Video-LLaVA: per frame. Qwen2.5-VL has no CLS token: ``attention="global"`` (the
 maintainers' description of their port: the attention each token receives, mean over all queries and heads, merged
-2x2 like the features) must be chosen explicitly; the default ``"cls"`` is refused there before anything loads.
+2x2 like the features); the Qwen2.5-VL model configs choose it (``cls_free_scores: global``), and the default
+``"cls"`` is refused there before anything loads.
 """
 
 from __future__ import annotations
