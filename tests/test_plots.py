@@ -32,6 +32,32 @@ def test_table_plots_are_written_and_non_empty(tmp_path):
         _check_image(path)
 
 
+def test_paper_points_only_on_the_paper_models_axes_and_long_titles_wrap(tmp_path, monkeypatch):
+    drawn = []
+    monkeypatch.setattr(plots, "_save", lambda fig, stem: drawn.append(fig) or {})
+
+    def labels(fig):
+        return {text.get_text() for legend in fig.legends + [ax.get_legend() for ax in fig.axes if ax.get_legend()]
+                for text in legend.get_texts()}
+
+    assert plots.paper_sides(R.load_spec("2")) == ("ours", "paper")  # drawn by the test above
+    for table, paper_shown in (("smoke", False),):
+        spec = R.load_spec(table, [f"store={tmp_path / 'empty'}"])
+        cells = R.collect_cells(spec)
+        ours = cells["row"].isin(["Vanilla", "HiPrune"])
+        cells.loc[ours, "ours"] = cells.loc[ours, "paper"] * 0.98
+        drawn.clear()
+        R.table_plots(spec, cells, tmp_path / table)
+        assert len(drawn) == 2  # accuracy vs tokens, Avg vs TFLOPs
+        shown = set().union(*(labels(fig) for fig in drawn))
+        assert any("ours" in label for label in shown)
+        assert any("paper" in label for label in shown) == paper_shown, (table, shown)
+        titles = [fig._suptitle.get_text() for fig in drawn if fig._suptitle] + [
+            ax.get_title() for fig in drawn for ax in fig.axes if ax.get_title()]
+        assert titles and all(len(line) <= 140 for title in titles for line in title.splitlines())
+    assert max(len(line) for line in plots.wrap("word " * 40, 30).splitlines()) <= 30
+
+
 def test_pareto_front_keeps_only_undominated_points():
     points = [(1.0, 90.0), (2.0, 95.0), (2.5, 94.0), (3.0, 99.0), (3.5, 98.0), (8.0, 100.0)]
     assert plots.pareto_front(points) == [(1.0, 90.0), (2.0, 95.0), (3.0, 99.0), (8.0, 100.0)]
