@@ -1,6 +1,7 @@
 """Plots are written and non-empty: table plots, token-selection overlays, the object-layer probe."""
 
 import numpy as np
+import torch
 import pytest
 from PIL import Image, ImageDraw
 
@@ -145,3 +146,82 @@ def test_probe_cli(tiny_llava_dir, shape_images, tmp_path):
     assert result.n_images == 3
     for name in ("dispersion.png", "overlap.pdf", "probe.json"):
         assert (tmp_path / "out" / name).stat().st_size > 100
+
+
+def _harness(dir_fixture_value, *overrides):
+    from eval.config import compose_config
+    from eval.running.methods import build_from_config
+
+    cfg = compose_config([*overrides, "device=cpu"])
+    method = build_from_config(cfg.method, cfg.budget)
+    return cfg, method, visualize.load_harness_model(cfg, method)
+
+
+def _tokens_drawn(trace):
+    return sum(tile.rows * tile.cols for panel in trace.panels for tile in panel.tiles)
+
+
+def test_overlay_draws_each_family_as_it_is(tiny_llava_next_dir, tiny_qwen_dir, tiny_video_llava_dir, scene,
+                                            tmp_path):
+    image = scene[0]
+    # LLaVA-NeXT: the base image and the anyres crops in their tiling, one grid per crop of the layout that ran
+    cfg, method, lm = _harness(tiny_llava_next_dir, "model=tiny_llava_next", "method=hiprune", "budget=40")
+    trace = visualize.trace(lm, image)
+    layout = lm.session.adapter.image_layout(torch.tensor(image.size[::-1]), method)
+    lm.close()
+    assert [p.title.split(" (")[0] for p in trace.panels] == [
+        "base image", f"{layout.crop_grid[0]} x {layout.crop_grid[1]} crops"]
+    assert "official layout" in trace.panels[0].title
+    assert len(trace.panels[0].tiles) == 1 and len(trace.panels[1].tiles) == layout.crops - 1
+    assert sum(len(g.kept) for g in trace.grids) == sum(layout.kept)
+    assert all(g.roles.keys() <= g.kept for g in trace.grids) and any(g.roles for g in trace.grids)
+    _check_image(visualize.save(visualize.draw(trace, "next"), tmp_path / "next")[0])
+    # Qwen2.5-VL: the resized image with its merged grid (it used to crash)
+    cfg, method, lm = _harness(tiny_qwen_dir, "model=tiny_qwen25vl", "method=random", "budget=0.25")
+    trace = visualize.trace(lm, image)
+    lm.close()
+    (panel,) = trace.panels
+    (tile,) = panel.tiles
+    assert panel.image.shape[:2] == (tile.rows * 28, tile.cols * 28)
+    assert len(trace.grids[0].kept) == round(0.25 * tile.rows * tile.cols)
+    _check_image(visualize.save(visualize.draw(trace, "qwen"), tmp_path / "qwen")[0])
+    # Video-LLaVA: one panel per frame
+    frames = np.stack([np.asarray(image.resize((64, 64))).copy() for _ in range(4)])
+    cfg, method, lm = _harness(tiny_video_llava_dir, "model=tiny_video_llava", "method=hiprune", "budget=32")
+    trace = visualize.trace(lm, visualize.VideoClip(frames))
+    lm.close()
+    assert [p.title for p in trace.panels] == ["frame 1", "frame 2", "frame 3", "frame 4"]
+    assert sum(len(g.kept) for g in trace.grids) == 32 and _tokens_drawn(trace) == 4 * trace.grids[0].tokens
+
+
+def test_overlay_shows_merges_and_in_llm_drops(tiny_llava_dir, scene):
+    image = scene[0]
+    for name, budget in (("tome", 64), ("visionzip", 32), ("trim", 32)):
+        cfg, method, lm = _harness(tiny_llava_dir, "model=tiny_llava", f"method={name}", f"budget={budget}")
+        trace = visualize.trace(lm, image, "Is there a red circle?")
+        lm.close()
+        (grid,) = trace.grids
+        record_sources = grid.groups
+        merged = {t for members in record_sources.values() for t in members}
+        assert record_sources and set(record_sources) <= grid.kept, name
+        # every patch is accounted for: kept alone, or merged into a kept token (no patch lost for a merging method)
+        assert grid.kept | merged == set(range(576)) or name == "visionzip", name
+        if name == "trim":
+            assert "aggregate" in grid.roles.values()
+    cfg, method, lm = _harness(tiny_llava_dir, "model=tiny_llava", "method=fastv", "budget=32",
+                               "method.options.layer=1", "method.options.budget_mode=keep_after")
+    trace = visualize.trace(lm, image)
+    lm.close()
+    (grid,) = trace.grids
+    assert len(grid.kept) == 32 and set(grid.shade.values()) == {"dropped at decoder layer 1"}
+    assert len(grid.shade) == 576 - 32 and "before its first drop" in trace.notes[-1]
+
+
+def test_overlay_files_are_named_after_model_method_and_budget(tmp_path):
+    from eval.config import compose_config
+
+    cfg = compose_config(["model=tiny_llava", "method=hiprune", "budget=32"])
+    stem = visualize.output_stem(tmp_path / "photo.jpg", cfg, hiprune.build_method("hiprune", budget=32))
+    assert stem.name == "photo_tiny_llava_hiprune_32"
+    assert visualize.output_stem(tmp_path / "photo.jpg", cfg, hiprune.build_method("none")).name == (
+        "photo_tiny_llava_none_full")
