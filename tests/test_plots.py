@@ -141,9 +141,16 @@ def test_probe_cli(tiny_llava_dir, shape_images, tmp_path):
     folder.mkdir()
     for i, image in enumerate(shape_images):
         image.save(folder / f"{i}.png")
+    whole = (folder / "0.png").read_bytes()
+    (folder / "9_truncated.png").write_bytes(whole[: len(whole) // 2])  # decoded partly black if not checked
+    (folder / "9_text.png").write_text("not an image")
     result = probe_module.main(["--images", str(folder), "--model", "tiny_llava", "--device", "cpu",
                                 "--out", str(tmp_path / "out")])
     assert result.n_images == 3
+    assert sum("skipped unreadable image" in note for note in result.notes) == 2
+    assert any("only 3 image(s)" in note for note in result.notes)
+    assert probe_module.sample_warnings(50, 576, 0.05) == []
+    assert "2 are used" in probe_module.sample_warnings(50, 16, 0.05)[0]
     for name in ("dispersion.png", "overlap.pdf", "probe.json"):
         assert (tmp_path / "out" / name).stat().st_size > 100
 

@@ -519,7 +519,10 @@ def main(argv: list[str] | None = None) -> list[Path]:
                 visual = handle.convert("RGB")
         except OSError as exc:
             raise SystemExit(f"cannot read image {visual_path}: {exc}") from exc
-    lm = load_harness_model(cfg, method)
+    try:
+        lm = load_harness_model(cfg, method)
+    except ValueError as exc:  # a setting the model itself refuses (e.g. a layer it does not have)
+        raise SystemExit(f"configuration error: {exc}") from exc
     try:
         result = trace(lm, visual, own.get("prompt", DEFAULT_PROMPT))
     finally:
