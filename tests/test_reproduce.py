@@ -212,6 +212,9 @@ def test_scene_table_runs_every_method_and_llm_schedules_fit_the_3_layer_llm():
                for c in commands)
     assert any("method=fastv method.options.layer=1 method.options.budget_mode=keep_after budget=32,16,8" in c
                for c in commands)
+    rendered = R.build_table(spec, R.collect_cells(spec, R.load_results(spec.store / "no-such-store")))
+    assert rendered.header == ["Method", "Scene-POPE", "Scene-QA", "Avg"]  # no VizWiz: no "Avg w/o VizWiz" column
+    assert rendered.notes[0].startswith("Cells: ours (the model is not in the paper")
 
 
 def test_llava_next_rows_say_which_layout_they_ran(tmp_path):

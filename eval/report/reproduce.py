@@ -503,7 +503,9 @@ def build_table(spec: Spec, cells: pd.DataFrame) -> Rendered:
     misprints = printed_avg_notes(spec)
     # LLaVA-NeXT: which layout each row ran (records' loading.layout; the expected one where no record exists yet)
     with_layout = "layout" in cells and cells["layout"].notna().any()
-    header = ["Method", *(["Layout"] if with_layout else []), *spec.benchmarks, "Avg", "Avg w/o VizWiz"]
+    with_vizwiz = "VizWiz" in spec.benchmarks  # else "Avg w/o VizWiz" would repeat Avg
+    header = ["Method", *(["Layout"] if with_layout else []), *spec.benchmarks, "Avg",
+              *(["Avg w/o VizWiz"] if with_vizwiz else [])]
     lines: list[tuple[str, list[str]]] = []
     notes: list[str] = []
     multi = len(spec.models) > 1
@@ -530,7 +532,8 @@ def build_table(spec: Spec, cells: pd.DataFrame) -> Rendered:
             mark = "†"
             notes.append(f"† {model.paper}: {misprints[key]}.")
         out.append(format_avg(avg.avg_ours, avg.avg_paper, status, mark))
-        out.append(format_avg(avg.avg_ours_no_vizwiz, avg.avg_paper_no_vizwiz, status))
+        if with_vizwiz:
+            out.append(format_avg(avg.avg_ours_no_vizwiz, avg.avg_paper_no_vizwiz, status))
         return out
 
     for model in spec.models:
@@ -557,9 +560,13 @@ def build_table(spec: Spec, cells: pd.DataFrame) -> Rendered:
                     lines.extend(("row", g) for g in group_lines)
 
     notes = list(dict.fromkeys(notes))
-    notes.insert(0, "Cells: ours (paper, ours − paper). 'not run': the harness lacks the method or model, or the "
-                    "model's family cannot run the method (an LLM-side method outside LLaVA-1.5); the paper's number "
-                    "is shown; 'pending': runnable here but no record yet; —: no number.")
+    if any(m.reference_table is not None for m in spec.models):
+        notes.insert(0, "Cells: ours (paper, ours − paper). 'not run': the harness lacks the method or model, or the "
+                        "model's family cannot run the method (an LLM-side method outside LLaVA-1.5); the paper's "
+                        "number is shown; 'pending': runnable here but no record yet; —: no number.")
+    else:
+        notes.insert(0, "Cells: ours (the model is not in the paper: no paper numbers). 'pending': runnable here but no "
+                        "record yet; —: no number.")
     baseline = "the vanilla model" if spec.avg_baseline == "vanilla" else f"the default setting ({spec.avg_baseline})"
     notes.append(f"Avg: mean over the benchmarks present of value / value of {baseline} × 100 (ours against our own "
                  "run of it, the paper's against the paper's row, recomputed from the paper's cells), MME raw, missing "
