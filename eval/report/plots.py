@@ -53,7 +53,8 @@ def paper_sides(spec) -> tuple[str, ...]:
 def _colour(spec, row: str):
     """One colour per table row, the same in every panel and plot of the table."""
     labels = [r.label for r in spec.rows]
-    return COLOURS[labels.index(row) % len(COLOURS)] if row in labels else "grey"
+    colours = COLOURS if len(labels) <= len(COLOURS) else plt.get_cmap("tab20").colors  # distinct up to 20 rows
+    return colours[labels.index(row) % len(colours)] if row in labels else "grey"
 
 
 def _save(fig, stem: Path) -> dict[str, Path]:
