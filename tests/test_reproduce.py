@@ -9,7 +9,6 @@ import pytest
 from omegaconf import OmegaConf
 
 import hiprune
-
 from eval.config import CONFIG_DIR, compose_config
 from eval.report import reproduce as R
 from eval.running import run as run_module

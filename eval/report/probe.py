@@ -39,7 +39,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageFile
 from tqdm.auto import tqdm
 
 import hiprune
@@ -75,16 +75,20 @@ def list_images(folder: Path, limit: int | None = None) -> list[Path]:
 
 def read_images(paths: list[Path]) -> tuple[list[Path], list[Image.Image], list[str]]:
     """(readable paths, their RGB images, one message per unreadable file): a broken or truncated file is reported
-    and skipped, never decoded partly."""
+    and skipped, never decoded partly (strict decoding here, whatever lmms-eval set PIL's LOAD_TRUNCATED_IMAGES to)."""
     kept, images, skipped = [], [], []
-    for path in paths:
-        try:
-            with Image.open(path) as handle:
-                handle.load()
-                images.append(handle.convert("RGB"))
-            kept.append(path)
-        except (OSError, ValueError, Image.DecompressionBombError) as exc:
-            skipped.append(f"skipped unreadable image {path}: {exc}")
+    lenient, ImageFile.LOAD_TRUNCATED_IMAGES = ImageFile.LOAD_TRUNCATED_IMAGES, False
+    try:
+        for path in paths:
+            try:
+                with Image.open(path) as handle:
+                    handle.load()
+                    images.append(handle.convert("RGB"))
+                kept.append(path)
+            except (OSError, ValueError, Image.DecompressionBombError) as exc:
+                skipped.append(f"skipped unreadable image {path}: {exc}")
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = lenient
     return kept, images, skipped
 
 

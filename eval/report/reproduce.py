@@ -44,9 +44,9 @@ from transformers import AutoConfig
 
 from eval.config import CONFIG_DIR, REPO_ROOT, ConfigError, compose_config, repo_path, repo_relative
 from eval.efficiency.flops import flops_exact
+from eval.lmms.base import lmms_model_class
 from eval.report import paper as P
 from eval.report import plots as plotting
-from eval.lmms.base import lmms_model_class
 from eval.running.methods import build_from_config, is_implemented, unsupported_reason
 from eval.running.store import iter_records
 

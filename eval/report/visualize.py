@@ -45,7 +45,7 @@ import numpy as np
 import torch
 from matplotlib.patches import Patch, Rectangle
 from omegaconf import DictConfig
-from PIL import Image
+from PIL import Image, ImageFile
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
 import hiprune
@@ -405,7 +405,7 @@ def _square_panels(lm, pixels: torch.Tensor, records, what: str) -> list[Panel]:
     if len(records) != pixels.shape[0]:
         raise SystemExit(f"{len(records)} grids recorded for {pixels.shape[0]} {what}s")
     for g, record in enumerate(records):
-        side = int(round(int(record.tokens_in) ** 0.5))
+        side = round(int(record.tokens_in) ** 0.5)
         if side * side != int(record.tokens_in):
             raise SystemExit(f"{what} {g}: {record.tokens_in} tokens are not a square grid")
         image = _denormalise(pixels[g], processor)
@@ -513,12 +513,15 @@ def main(argv: list[str] | None = None) -> list[Path]:
             raise SystemExit(f"{visual_path.name} is a video: only Video-LLaVA takes videos (model={cfg.model.name})")
         visual: Image.Image | VideoClip = load_video(str(visual_path), int(cfg.model.num_frames))
     else:
+        lenient, ImageFile.LOAD_TRUNCATED_IMAGES = ImageFile.LOAD_TRUNCATED_IMAGES, False  # lmms-eval sets it
         try:
             with Image.open(visual_path) as handle:
                 handle.load()
                 visual = handle.convert("RGB")
         except OSError as exc:
             raise SystemExit(f"cannot read image {visual_path}: {exc}") from exc
+        finally:
+            ImageFile.LOAD_TRUNCATED_IMAGES = lenient
     try:
         lm = load_harness_model(cfg, method)
     except ValueError as exc:  # a setting the model itself refuses (e.g. a layer it does not have)
