@@ -212,7 +212,8 @@ def test_scene_table_runs_every_method_and_llm_schedules_fit_the_3_layer_llm():
     assert any("method=fastv method.options.layer=1 method.options.budget_mode=keep_after budget=32,16,8" in c
                for c in commands)
     rendered = R.build_table(spec, R.collect_cells(spec, R.load_results(spec.store / "no-such-store")))
-    assert rendered.header == ["Method", "Scene-POPE", "Scene-QA", "Avg"]  # no VizWiz: no "Avg w/o VizWiz" column
+    # a LLaVA-1.5 table has no Layout column; no VizWiz: no "Avg w/o VizWiz" column
+    assert rendered.header == ["Method", "Scene-POPE", "Scene-QA", "Avg"]
     assert rendered.notes[0].startswith("Cells: ours (the model is not in the paper")
 
 
@@ -234,5 +235,3 @@ def test_llava_next_rows_say_which_layout_they_ran(tmp_path):
     rows = [cells_ for kind, cells_ in rendered.lines if kind == "row"]
     assert rows[0][1] == "native" and {r[1] for r in rows[1:]} == {"official"}
     assert any(note.startswith("Layout (LLaVA-NeXT)") for note in rendered.notes)
-    # LLaVA-1.5 tables have no layout column
-    assert "Layout" not in R.build_table(R.load_spec("2"), R.collect_cells(R.load_spec("2"), results.iloc[0:0])).header
