@@ -106,13 +106,13 @@ bench-scoring: setup
 	for shape in $(SCORING_SHAPES); do $(OFFLINE) $(PY) -m eval.efficiency.scoring --shape $$shape || exit 1; done
 
 # The paper's tables (README: Reproducing the paper's tables). TABLE: 2 3 4 5 7 8 10 6a 6b 6c 11 object_layer alpha
-# smoke (python -m eval.report.reproduce list). Runs the table's sweep with Hydra multirun -- finished runs are
+# smoke scene (python -m eval.report.reproduce list). Runs the table's sweep with Hydra multirun -- finished runs are
 # skipped, so rerunning after a crash or kill resumes -- then renders results/tables/<experiment>.{csv,md,tex} and
 # plots.
 # ARGS: Hydra overrides for every sweep, e.g. ARGS="limit=200 batch_size=16" or ARGS="hydra/launcher=slurm".
 TABLE ?= 2
 ARGS ?=
-reproduce-table: setup $(if $(filter smoke,$(TABLE)),assets)
+reproduce-table: setup $(if $(filter smoke scene,$(TABLE)),assets)
 	$(PY) -m eval.report.reproduce run $(TABLE) $(ARGS)
 
 # Re-render every paper table and its plots from the result store; runs nothing.

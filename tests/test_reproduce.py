@@ -8,6 +8,7 @@ import pandas as pd
 import pytest
 from omegaconf import OmegaConf
 
+import hiprune
 from eval.config import CONFIG_DIR, compose_config
 from eval.report import reproduce as R
 from eval.running import run as run_module
@@ -32,7 +33,7 @@ def smoke_store(tmp_path_factory, tiny_llava_dir, smoke_task_dir):
 
 def test_every_table_config_composes_and_names_existing_configs():
     tables = R.list_tables()
-    for table in ("2", "3", "4", "5", "7", "8", "10", "6a", "6b", "6c", "11", "object_layer", "alpha", "smoke"):
+    for table in ("2", "3", "4", "5", "7", "8", "10", "6a", "6b", "6c", "11", "object_layer", "alpha", "smoke", "scene"):
         assert table in tables
     for experiment in set(tables.values()):
         cfg = _cfg(f"+experiment={experiment}")
@@ -182,3 +183,55 @@ def test_recorded_paths_are_relative_to_the_repository():
         "eval/efficiency/bench.py model=x out_dir=."
     )
     assert repo_relative("/elsewhere/file") == "/elsewhere/file"  # outside the repository: unchanged
+
+
+def test_scene_table_runs_every_method_and_llm_schedules_fit_the_3_layer_llm():
+    spec = R.load_spec("scene")
+    runnable = {r.method for r in spec.rows}
+    # every implemented method except the prompt-aware ones (no paired CLIP text tower: explained in the notes)
+    assert runnable | {"hiprune_pp", "trim", "none"} == set(hiprune.METHODS)
+    assert any("HiPrune++ and TRIM" in note for note in spec.notes)
+    decoder_layers = 3  # models/scene-llava: text_config.num_hidden_layers
+    model = spec.models[0]
+    for row in spec.rows:
+        for label, budget in model.budgets.items():
+            method = R._build_method(row, label, budget, spec, model)
+            assert method is not None, (row.label, label)
+            if method.stage != "llm":
+                continue
+            stages = method.drop_schedule(64, decoder_layers)
+            # the budget N' is the mean over the layers after the first drop (1 and 2): the table's notes say so
+            visual = [64] + [s.keep + getattr(s, "added", 0) for s in stages]
+            visual += [visual[-1]] * (decoder_layers - len(visual))
+            assert stages[0].layer == 1 and abs(sum(visual[1:]) / 2 - int(label)) <= 2, (row.label, label, visual)
+    commands = [" ".join(c) for c in R.sweep_commands(spec)]
+    assert any("method=pdrop method.options.layers=[1,2] method.options.ratios=[0.359375,0.140625] budget=null" in c
+               for c in commands)
+    assert any("method=sparsevlm method.options.layers=[0,1] method.options.schedule=[13,3] budget=null" in c
+               for c in commands)
+    assert any("method=fastv method.options.layer=1 method.options.budget_mode=keep_after budget=32,16,8" in c
+               for c in commands)
+    rendered = R.build_table(spec, R.collect_cells(spec, R.load_results(spec.store / "no-such-store")))
+    # a LLaVA-1.5 table has no Layout column; no VizWiz: no "Avg w/o VizWiz" column
+    assert rendered.header == ["Method", "Scene-POPE", "Scene-QA", "Avg"]
+    assert rendered.notes[0].startswith("Cells: ours (the model is not in the paper")
+
+
+def test_llava_next_rows_say_which_layout_they_ran(tmp_path):
+    spec = R.load_spec("3", [f"store={tmp_path / 'empty'}"])
+    model = spec.models[0]
+    vanilla_settings = R.run_settings(model, hiprune.build_method("none"))
+    assert vanilla_settings["layout"] == "native" and model.settings["layout"] == "auto"
+    record = {"model": model.settings["name"], "benchmark": "pope", "task": "pope",
+              "method": hiprune.build_method("none").describe(), "budget": None, "limit": None,
+              "settings": {"layout": "native", "prompt_style": model.settings["prompt_style"]},
+              "value": 86.0, "n_samples": 10, "kept_per_image": 2880.0, "timestamp": "t", "record": "r.json"}
+    results = pd.DataFrame([record])
+    cells = R.collect_cells(spec, results)
+    vanilla = cells[cells["vanilla"] & (cells["benchmark"] == "POPE")].iloc[0]
+    assert vanilla["status"] == "ok" and vanilla["layout"] == "native"  # layout=auto resolved before matching
+    rendered = R.build_table(spec, cells)
+    assert rendered.header[:2] == ["Method", "Layout"]
+    rows = [cells_ for kind, cells_ in rendered.lines if kind == "row"]
+    assert rows[0][1] == "native" and {r[1] for r in rows[1:]} == {"official"}
+    assert any(note.startswith("Layout (LLaVA-NeXT)") for note in rendered.notes)

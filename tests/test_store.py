@@ -48,3 +48,12 @@ def test_temporary_files_of_running_writers_are_ignored(tmp_path):
     write_record(path, {"identity": IDENTITY, "metrics": {}})
     (path.parent / f".{path.name}.abc.tmp").write_text("{partial")
     assert [p for p, _ in iter_records(tmp_path)] == [path]
+
+
+def test_record_names_say_full_or_schedule_when_there_is_no_budget(tmp_path):
+    def name(method, budget):
+        return record_path(tmp_path, {"model": "m", "benchmark": "b", "method": {"name": method}, "budget": budget}).name
+
+    assert name("none", None).startswith("none-full-")
+    assert name("pdrop", None).startswith("pdrop-schedule-")
+    assert name("hiprune", 32).startswith("hiprune-32-") and name("hiprune", 0.25).startswith("hiprune-0.25-")

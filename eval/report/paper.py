@@ -82,6 +82,8 @@ TASK_METRICS = {
     "mme": _mme_total,
     "pope": _percent("pope_f1_score"),
     "hiprune_smoke_pope": _percent("pope_f1_score"),
+    "hiprune_scene_pope": _percent("pope_f1_score"),
+    "hiprune_scene_qa": _percent("exact_match"),
     "scienceqa_img": _percent("exact_match"),
     "vqav2_val": _percent("exact_match"),
     "textvqa_val": _percent("exact_match"),

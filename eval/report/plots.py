@@ -10,11 +10,16 @@ collects; drawn by ``python -m eval.report.reproduce render`` (and ``... plots``
    (paper_efficiency.csv: LLaVA-1.5-7B only); the plot names its source. Methods that prune inside the LLM (stage
    "llm" in hiprune.METHODS, e.g. FastV) keep all tokens in their first layers, so their x value is a nominal one (the
    budget's count in every layer): drawn with an x marker and said in the legend.
+
+The paper's points are drawn only on the axes of the paper's own model: an offline table (``offline: true``, e.g. the
+tiny random LLaVA standing in for LLaVA-1.5-7B) shows the paper's numbers in its table, not at its stand-in's FLOPs
+or accuracy. Long titles wrap.
 """
 
 from __future__ import annotations
 
 import math
+import textwrap
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -34,10 +39,22 @@ TflopsOf = Callable[[Any, int, int], tuple[float | None, str]]
 COLOURS = plt.get_cmap("tab10").colors
 
 
+def wrap(title: str, width: int) -> str:
+    """A title broken into lines of at most ``width`` characters (existing line breaks kept)."""
+    return "\n".join(textwrap.fill(line, width) for line in str(title).split("\n"))
+
+
+def paper_sides(spec) -> tuple[str, ...]:
+    """The sides drawn: ours, and the paper's only where the table runs the paper's model (not an offline
+    stand-in)."""
+    return ("ours",) if getattr(spec, "offline", False) else ("ours", "paper")
+
+
 def _colour(spec, row: str):
     """One colour per table row, the same in every panel and plot of the table."""
     labels = [r.label for r in spec.rows]
-    return COLOURS[labels.index(row) % len(COLOURS)] if row in labels else "grey"
+    colours = COLOURS if len(labels) <= len(COLOURS) else plt.get_cmap("tab20").colors  # distinct up to 20 rows
+    return colours[labels.index(row) % len(colours)] if row in labels else "grey"
 
 
 def _save(fig, stem: Path) -> dict[str, Path]:
@@ -77,6 +94,8 @@ def accuracy_vs_tokens(spec, cells: pd.DataFrame, out_dir: Path) -> dict[str, Pa
             bc = mc[mc["benchmark"] == bench]
             vanilla = bc[bc["vanilla"]]
             for side, style in (("ours", "-"), ("paper", ":")):
+                if side not in paper_sides(spec):
+                    continue
                 if len(vanilla) and pd.notna(vanilla.iloc[0][side]):
                     ax.axhline(vanilla.iloc[0][side], color="black", ls=style, lw=1,
                                label=f"vanilla ({side})")
@@ -86,12 +105,12 @@ def accuracy_vs_tokens(spec, cells: pd.DataFrame, out_dir: Path) -> dict[str, Pa
                 unit = pts[0][0][1] if pts else unit
                 pts.sort(key=lambda p: p[0][0])
                 ours = [(x, o) for (x, _), o, _ in pts if o is not None and pd.notna(o)]
-                paper = [(x, p) for (x, _), _, p in pts if p is not None and pd.notna(p)]
+                paper = [(x, p) for (x, _), _, p in pts if p is not None and pd.notna(p) and "paper" in paper_sides(spec)]
                 if ours:
                     ax.plot(*zip(*ours), ls="-", marker="o", color=colour, label=f"{row} (ours)")
                 if paper:
                     ax.plot(*zip(*paper), ls="--", marker="o", mfc="none", color=colour, label=f"{row} (paper)")
-            ax.set_title(bench)
+            ax.set_title(wrap(bench, 40))
             ax.set_xlabel(unit)
             ax.grid(alpha=0.3)
         for ax in list(axes.flat)[n:]:
@@ -104,7 +123,8 @@ def accuracy_vs_tokens(spec, cells: pd.DataFrame, out_dir: Path) -> dict[str, Pa
                     labels.append(label)
         fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=min(4, len(labels) or 1),
                    fontsize=8, frameon=False)
-        fig.suptitle(f"{spec.title}: accuracy vs kept tokens ({model.paper}; harness model {model.config})")
+        fig.suptitle(wrap(f"{spec.title}: accuracy vs kept tokens ({model.paper}; harness model {model.config})",
+                          max(40, 45 * cols)))
         fig.tight_layout()
         out.update(_save(fig, out_dir / f"accuracy_vs_tokens_{model.config}"))
     return out
@@ -162,6 +182,8 @@ def pareto(spec, averages: pd.DataFrame, out_dir: Path, tflops: TflopsOf) -> dic
                 if x is None:
                     continue
                 for side, filled in (("ours", True), ("paper", False)):
+                    if side not in paper_sides(spec):
+                        continue
                     y = getattr(r, f"avg_{side}")
                     if pd.isna(y):
                         continue
@@ -178,7 +200,7 @@ def pareto(spec, averages: pd.DataFrame, out_dir: Path, tflops: TflopsOf) -> dic
                 ax.plot(*zip(*front), ls=style, color="grey", lw=1, label=f"Pareto front ({side})", zorder=2)
         ax.set_xlabel("TFLOPs per sample (one forward)")
         ax.set_ylabel(f"Avg, % of {'vanilla' if spec.avg_baseline == 'vanilla' else spec.avg_baseline}")
-        ax.set_title(f"{spec.title}\n{model.paper}: normalised Avg vs TFLOPs", fontsize=9)
+        ax.set_title(wrap(f"{spec.title}\n{model.paper}: normalised Avg vs TFLOPs", 70), fontsize=9)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="lower right")
         fig.text(0.01, -0.02, source, fontsize=7, ha="left", va="top")

@@ -19,7 +19,10 @@ patches (the mask padded and resized like the image, a patch counts as object wh
 as in the paper's Table 1.
 
 Writes <out>/dispersion.{png,pdf}, <out>/overlap.{png,pdf}, <out>/probe.json (per-layer values and the suggestion)
-and <out>/probe.csv. Works for fixed-grid towers (CLIP on LLaVA-1.5; SigLIP on LLaVA-OneVision, base image): scores
+and <out>/probe.csv. A progress bar counts the images; unreadable images are reported and skipped (listed in
+probe.json's notes); a sample smaller than MIN_IMAGES images, or a ``--top`` fraction that leaves fewer than two tokens,
+is warned about (and noted in probe.json): the curve and the suggested layer are then noisy. Works for fixed-grid
+towers (CLIP on LLaVA-1.5; SigLIP on LLaVA-OneVision, base image): scores
 come from the adapter's attention modules through hiprune.capture, with SDPA kept for the layer outputs.
 """
 
@@ -37,7 +40,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageFile
+from tqdm.auto import tqdm
 
 import hiprune
 from eval.config import REPO_ROOT, compose_config
@@ -45,6 +49,7 @@ from eval.report.visualize import input_builder, load_vlm
 from hiprune.capture import AttentionScores
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
+MIN_IMAGES = 20  # below this, the per-layer means (and the layer of the largest rise) move with the sample
 
 
 @dataclass
@@ -67,6 +72,37 @@ def list_images(folder: Path, limit: int | None = None) -> list[Path]:
     if not paths:
         raise SystemExit(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {folder}")
     return paths[:limit] if limit else paths
+
+
+def read_images(paths: list[Path]) -> tuple[list[Path], list[Image.Image], list[str]]:
+    """(readable paths, their RGB images, one message per unreadable file): a broken or truncated file is reported
+    and skipped, never decoded partly (strict decoding here, whatever lmms-eval set PIL's LOAD_TRUNCATED_IMAGES to)."""
+    kept, images, skipped = [], [], []
+    lenient, ImageFile.LOAD_TRUNCATED_IMAGES = ImageFile.LOAD_TRUNCATED_IMAGES, False
+    try:
+        for path in paths:
+            try:
+                with Image.open(path) as handle:
+                    handle.load()
+                    images.append(handle.convert("RGB"))
+                kept.append(path)
+            except (OSError, ValueError, Image.DecompressionBombError) as exc:
+                skipped.append(f"skipped unreadable image {path}: {exc}")
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = lenient
+    return kept, images, skipped
+
+
+def sample_warnings(n_images: int, num_tokens: int, top: float) -> list[str]:
+    """Warnings about a sample too small for the probe's statistics."""
+    out = []
+    if n_images < MIN_IMAGES:
+        out.append(f"only {n_images} image(s): the dispersion curve and the suggested layer are noisy below "
+                   f"{MIN_IMAGES} images" + ("; no spread over images with one" if n_images < 2 else ""))
+    if int(num_tokens * top) < 2:
+        out.append(f"--top {top} of {num_tokens} tokens is {int(num_tokens * top)} token(s): 2 are used (a distance "
+                   "needs two)")
+    return out
 
 
 def suggest_object_layer(dispersion: list[float]) -> int:
@@ -119,12 +155,15 @@ def probe(model, processor, images: list[Image.Image], top: float = 0.05, masks:
     front = 1 if adapter.has_cls else 0  # a CLS token ahead of the patches (CLIP), none on SigLIP
     modules = {l: adapter.attention_module(l) for l in range(1, n_layers + 1)}
 
+    notes = sample_warnings(len(images), n, top)
     distances = [[] for _ in range(n_layers)]
     overlap = np.zeros((n_layers, n_layers))
     mask_iou = np.zeros(n_layers)
     n_masked = 0
+    progress = tqdm(total=len(images), desc="probe", unit="image")
     for start in range(0, len(images), batch_size):
         chunk = images[start:start + batch_size]
+        progress.update(len(chunk))
         pixels = builder.image_processor([img.convert("RGB") for img in chunk], return_tensors="pt")["pixel_values"]
         if pixels.dim() == 5:  # anyres processors (LLaVA-OneVision): the base image of every sample
             pixels = pixels[:, 0]
@@ -150,7 +189,10 @@ def probe(model, processor, images: list[Image.Image], top: float = 0.05, masks:
                 objects = mask_patches(mask, grid, builder.pad_to_square)
                 mask_iou += np.array([_iou(t, objects) for t in tops])
                 n_masked += 1
+    progress.close()
     count = len(images)
+    if count == 0:
+        raise ValueError("the probe needs at least one image")
     dispersion = [float(np.mean(d)) for d in distances]
     return ProbeResult(
         layers=list(range(1, n_layers + 1)),
@@ -163,6 +205,7 @@ def probe(model, processor, images: list[Image.Image], top: float = 0.05, masks:
         top_k=k,
         n_images=count,
         grid=grid,
+        notes=notes,
     )
 
 
@@ -254,7 +297,11 @@ def main(argv: list[str] | None = None) -> ProbeResult:
     parser.add_argument("overrides", nargs="*", help="more Hydra overrides of the model config (model.dtype=...)")
     args = parser.parse_args(argv)
 
-    paths = list_images(args.images, args.limit)
+    paths, images, skipped = read_images(list_images(args.images, args.limit))
+    for message in skipped:
+        print(f"[probe] {message}")
+    if not images:
+        raise SystemExit(f"no readable image in {args.images}")
     masks = None
     if args.masks:
         masks = []
@@ -265,12 +312,11 @@ def main(argv: list[str] | None = None) -> ProbeResult:
             raise SystemExit(f"no mask in {args.masks} is named like an image of {args.images}")
     cfg = compose_config([f"model={args.model}", f"device={args.device}", "method=none", *args.overrides])
     model, processor, _ = load_vlm(cfg)
-    images = []
-    for p in paths:
-        with Image.open(p) as handle:
-            images.append(handle.convert("RGB"))
     result = probe(model, processor, images, top=args.top, masks=masks, batch_size=args.batch_size,
                    model_cfg=cfg.model)
+    result.notes = [*skipped, *result.notes]
+    for note in result.notes[len(skipped):]:
+        print(f"[probe] warning: {note}")
     out = args.out or REPO_ROOT / "results" / "probe" / args.model
     written = plot(result, out, title=str(cfg.model.name)) + write(result, out)
     for layer, value in zip(result.layers, result.dispersion):

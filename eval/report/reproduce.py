@@ -44,6 +44,7 @@ from transformers import AutoConfig
 
 from eval.config import CONFIG_DIR, REPO_ROOT, ConfigError, compose_config, repo_path, repo_relative
 from eval.efficiency.flops import flops_exact
+from eval.lmms.base import lmms_model_class
 from eval.report import paper as P
 from eval.report import plots as plotting
 from eval.running.methods import build_from_config, is_implemented, unsupported_reason
@@ -58,6 +59,9 @@ PLOTS_DIR = REPO_ROOT / "results" / "plots"
 # when both have it, for a record to fill a cell.
 NOT_SETTINGS = {"model", "pretrained", "method", "budget", "benchmark", "tasks", "limit", "harness_version",
                 "lmms_eval_version", "loading"}
+LAYOUT_NOTE = ("Layout (LLaVA-NeXT): the layout each row ran, from its records (the one its run will use where none "
+               "exists yet): native = the standard model (anyres with unpadding and newline tokens, the paper's vanilla "
+               "rows); official = the official pruning code's 'spatial' layout (5 × 576, no unpadding or newlines).")
 VIZWIZ_NOTE = ("VizWiz: the paper's HiPrune cells come from lmms-eval's val split while vanilla and most baselines "
                "were measured under another protocol, hence Avg is shown with and without VizWiz.")
 
@@ -98,11 +102,22 @@ class Row:
     method: str
     options: dict[str, Any] = field(default_factory=dict)
     paper: str | None = None  # method name in the paper's data (None: a harness-only row)
+    # budget label -> extra options: at that label the row runs with budget=null and these options (a method whose
+    # own schedule sets the counts, e.g. PyramidDrop ratios or SparseVLM counts on a small model)
+    by_budget: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def implemented(self) -> bool:
         """The harness implements the row's method (registered in hiprune.METHODS)."""
         return is_implemented(self.method)
+
+    def options_at(self, budget_label: str | None) -> dict[str, Any]:
+        """The method options of the row's run at ``budget_label``."""
+        return {**self.options, **self.by_budget.get(str(budget_label), {})}
+
+    def budget_at(self, budget_label: str | None, budget: Any) -> Any:
+        """The ``budget`` of the row's run at ``budget_label`` (None where ``by_budget`` sets the schedule)."""
+        return None if str(budget_label) in self.by_budget else budget
 
 
 @dataclass
@@ -133,6 +148,7 @@ class Spec:
     offline: bool
     efficiency: dict[str, Any]
     overrides: list[str]
+    notes: list[str] = field(default_factory=list)  # the paper: block's notes, printed under the table
 
 
 def load_spec(table: str, overrides: Sequence[str] = ()) -> Spec:
@@ -158,7 +174,9 @@ def load_spec(table: str, overrides: Sequence[str] = ()) -> Spec:
         if not (CONFIG_DIR / "method" / f"{r['method']}.yaml").is_file():
             raise SystemExit(f"method config {CONFIG_DIR / 'method' / (r['method'] + '.yaml')} is missing")
         paper = str(r["label"]) if "paper" not in r else (None if r["paper"] is None else str(r["paper"]))
-        rows.append(Row(label=str(r["label"]), method=r["method"], options=dict(r.get("options") or {}), paper=paper))
+        by_budget = {str(k): dict(v or {}) for k, v in (r.get("by_budget") or {}).items()}
+        rows.append(Row(label=str(r["label"]), method=r["method"], options=dict(r.get("options") or {}), paper=paper,
+                        by_budget=by_budget))
     benchmark_configs = {**P.BENCHMARK_CONFIGS, **(block.get("benchmark_configs") or {})}
     return Spec(
         experiment=experiment,
@@ -176,6 +194,7 @@ def load_spec(table: str, overrides: Sequence[str] = ()) -> Spec:
         offline=bool(block.get("offline", False)),
         efficiency=dict(block.get("efficiency") or {}),
         overrides=list(overrides),
+        notes=[str(n) for n in block.get("notes") or []],
     )
 
 
@@ -187,16 +206,44 @@ def _method_config(experiment: str, overrides: tuple[str, ...], model: str, meth
     return json.dumps(OmegaConf.to_container(cfg.method, resolve=True))
 
 
-def _method_identity(row: Row, budget: Any, spec: Spec, model: ModelSpec) -> dict[str, Any] | None:
-    """The method dict a record of this row at this budget carries (identity['method']), or None if not buildable."""
+def _build_method(row: Row, budget_label: str | None, budget: Any, spec: Spec, model: ModelSpec):
+    """The method a run of this row at this budget builds, or None if it is not buildable."""
     if not row.implemented:
         return None
-    method_cfg = json.loads(_method_config(spec.experiment, tuple(spec.overrides), model.config, row.method,
-                                           tuple(sorted(row.options.items()))))
+    options = tuple(sorted((k, _hydra_value(v)) for k, v in row.options_at(budget_label).items()))
+    method_cfg = json.loads(_method_config(spec.experiment, tuple(spec.overrides), model.config, row.method, options))
     try:
-        return build_from_config(method_cfg, budget).describe()
+        return build_from_config(method_cfg, row.budget_at(budget_label, budget))
     except ConfigError:
         return None
+
+
+def _method_identity(row: Row, budget_label: str | None, budget: Any, spec: Spec,
+                     model: ModelSpec) -> dict[str, Any] | None:
+    """The method dict a record of this row at this budget carries (identity['method']), or None if not buildable."""
+    method = _build_method(row, budget_label, budget, spec, model)
+    return None if method is None else method.describe()
+
+
+def run_settings(model: ModelSpec, method) -> dict[str, Any]:
+    """The model settings a run of ``method`` records: the family's method-dependent adapter options resolved as the
+    run resolves them (LLaVA-NeXT's ``layout=auto``: ``native`` for the vanilla model, ``official`` when pruning)."""
+    settings = dict(model.settings)
+    if method is None:
+        return settings
+    cls = lmms_model_class(str(settings["lmms_model"]))
+    options = {k: settings[k] for k in cls.adapter_option_names if k in settings}
+    try:
+        settings.update(cls.resolve_adapter_options(options, method))
+    except ValueError:
+        pass  # the run refuses it before loading; the cell stays pending
+    return settings
+
+
+def _layout_of(model: ModelSpec, settings: dict[str, Any]) -> str | None:
+    """The LLaVA-NeXT layout in ``settings`` (None for families without one)."""
+    cls = lmms_model_class(str(model.settings["lmms_model"]))
+    return str(settings["layout"]) if "layout" in cls.adapter_option_names and "layout" in settings else None
 
 
 def _family_runs(model: ModelSpec, row: Row) -> bool:
@@ -208,6 +255,10 @@ def _family_runs(model: ModelSpec, row: Row) -> bool:
 def _hydra_value(value: Any) -> str:
     if isinstance(value, bool):
         return str(value).lower()
+    if value is None:
+        return "null"
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(_hydra_value(v) for v in value) + "]"
     return str(value)
 
 
@@ -253,8 +304,10 @@ def _where(frame: pd.DataFrame, column: str, keep) -> pd.DataFrame:
     return frame.loc[[bool(keep(v)) for v in frame[column]]]
 
 
-def find_result(results: pd.DataFrame, model: ModelSpec, benchmark_config: str, method: dict, limit: int | None):
-    """The record row that fills a cell: same model settings, benchmark, method identity (budget included).
+def find_result(results: pd.DataFrame, model: ModelSpec, benchmark_config: str, method: dict, limit: int | None,
+                settings: dict[str, Any] | None = None):
+    """The record row that fills a cell: same model settings (``settings``, default the model's), benchmark, method
+    identity (budget included).
 
     Several candidates (e.g. different limits or versions): prefer limit == the table's limit, then the most
     samples, then the newest record.
@@ -266,7 +319,8 @@ def find_result(results: pd.DataFrame, model: ModelSpec, benchmark_config: str, 
     if cand.empty:
         return None
     cand = _where(cand, "method", lambda m: m == method)
-    cand = _where(cand, "settings", lambda v: _settings_match(v, model.settings))
+    expected = model.settings if settings is None else settings
+    cand = _where(cand, "settings", lambda v: _settings_match(v, expected))
     cand = _where(cand, "value", lambda v: v is not None and not pd.isna(v))
     if cand.empty:
         return None
@@ -303,7 +357,9 @@ def collect_cells(spec: Spec, results: pd.DataFrame | None = None) -> pd.DataFra
                 entries.append((row, label, budget))
         for row, budget_label, budget in entries:
             runnable = row.implemented and model.implemented and _family_runs(model, row)
-            method_id = _method_identity(row, budget, spec, model) if runnable else None
+            method = _build_method(row, budget_label, budget, spec, model) if runnable else None
+            method_id = None if method is None else method.describe()
+            settings = run_settings(model, method)
             paper_row = {}
             if row.paper is not None and model.reference_table is not None:
                 paper_row = P.row_values(reference, model.reference_table, model.paper, row.paper, budget_label)
@@ -312,7 +368,8 @@ def collect_cells(spec: Spec, results: pd.DataFrame | None = None) -> pd.DataFra
                 continue  # neither in the paper at this budget nor runnable here
             for bench in spec.benchmarks:
                 bench_config = spec.benchmark_configs.get(bench, bench)
-                found = find_result(results, model, bench_config, method_id, spec.limit) if method_id else None
+                found = (find_result(results, model, bench_config, method_id, spec.limit, settings)
+                         if method_id else None)
                 if found is not None:
                     status = "ok"
                 elif not runnable:
@@ -328,7 +385,7 @@ def collect_cells(spec: Spec, results: pd.DataFrame | None = None) -> pd.DataFra
                         "paper_model": model.paper,
                         "row": row.label,
                         "method": row.method,
-                        "options": dict(row.options),
+                        "options": row.options_at(budget_label),
                         "budget_label": budget_label if not is_vanilla else model.vanilla,
                         "budget": budget,
                         "vanilla": is_vanilla,
@@ -341,6 +398,8 @@ def collect_cells(spec: Spec, results: pd.DataFrame | None = None) -> pd.DataFra
                         "limit": None if found is None else found["limit"],
                         "kept_per_image": None if found is None else found["kept_per_image"],
                         "record": None if found is None else found["record"],
+                        "layout": (_layout_of(model, found["settings"]) if found is not None
+                                   else _layout_of(model, settings) if method is not None else None),
                     }
                 )
     return pd.DataFrame(cells)
@@ -442,7 +501,11 @@ class Rendered:
 def build_table(spec: Spec, cells: pd.DataFrame) -> Rendered:
     averages = row_averages(spec, cells)
     misprints = printed_avg_notes(spec)
-    header = ["Method", *spec.benchmarks, "Avg", "Avg w/o VizWiz"]
+    # LLaVA-NeXT: which layout each row ran (records' loading.layout; the expected one where no record exists yet)
+    with_layout = "layout" in cells and cells["layout"].notna().any()
+    with_vizwiz = "VizWiz" in spec.benchmarks  # else "Avg w/o VizWiz" would repeat Avg
+    header = ["Method", *(["Layout"] if with_layout else []), *spec.benchmarks, "Avg",
+              *(["Avg w/o VizWiz"] if with_vizwiz else [])]
     lines: list[tuple[str, list[str]]] = []
     notes: list[str] = []
     multi = len(spec.models) > 1
@@ -453,6 +516,8 @@ def build_table(spec: Spec, cells: pd.DataFrame) -> Rendered:
         if group.empty:
             return None
         out = [display]
+        if with_layout:
+            out.append(" / ".join(sorted({str(v) for v in group["layout"] if v is not None and not pd.isna(v)})) or "—")
         by_bench = {r.benchmark: r for r in group.itertuples()}
         statuses = set(group["status"])
         status = "not run" if "not run" in statuses else "pending"
@@ -467,7 +532,8 @@ def build_table(spec: Spec, cells: pd.DataFrame) -> Rendered:
             mark = "†"
             notes.append(f"† {model.paper}: {misprints[key]}.")
         out.append(format_avg(avg.avg_ours, avg.avg_paper, status, mark))
-        out.append(format_avg(avg.avg_ours_no_vizwiz, avg.avg_paper_no_vizwiz, status))
+        if with_vizwiz:
+            out.append(format_avg(avg.avg_ours_no_vizwiz, avg.avg_paper_no_vizwiz, status))
         return out
 
     for model in spec.models:
@@ -494,15 +560,22 @@ def build_table(spec: Spec, cells: pd.DataFrame) -> Rendered:
                     lines.extend(("row", g) for g in group_lines)
 
     notes = list(dict.fromkeys(notes))
-    notes.insert(0, "Cells: ours (paper, ours − paper). 'not run': the harness lacks the method or model, or the "
-                    "model's family cannot run the method (an LLM-side method outside LLaVA-1.5); the paper's number "
-                    "is shown; 'pending': runnable here but no record yet; —: no number.")
+    if any(m.reference_table is not None for m in spec.models):
+        notes.insert(0, "Cells: ours (paper, ours − paper). 'not run': the harness lacks the method or model, or the "
+                        "model's family cannot run the method (an LLM-side method outside LLaVA-1.5); the paper's "
+                        "number is shown; 'pending': runnable here but no record yet; —: no number.")
+    else:
+        notes.insert(0, "Cells: ours (the model is not in the paper: no paper numbers). 'pending': runnable here but no "
+                        "record yet; —: no number.")
     baseline = "the vanilla model" if spec.avg_baseline == "vanilla" else f"the default setting ({spec.avg_baseline})"
     notes.append(f"Avg: mean over the benchmarks present of value / value of {baseline} × 100 (ours against our own "
                  "run of it, the paper's against the paper's row, recomputed from the paper's cells), MME raw, missing "
                  "cells skipped.")
     if "VizWiz" in spec.benchmarks:
         notes.append(VIZWIZ_NOTE)
+    if with_layout:
+        notes.append(LAYOUT_NOTE)
+    notes.extend(spec.notes)
     limited = cells[cells["limit"].notna()] if "limit" in cells else cells.iloc[0:0]
     if len(limited):
         limits = sorted({int(v) for v in limited["limit"]})
@@ -726,15 +799,21 @@ def sweep_commands(spec: Spec, overrides: Sequence[str] = ()) -> list[list[str]]
         if model.vanilla is not None:
             add(f"{model.config}-vanilla", [f"model={model.config}", "method=none"])
         budgets = ",".join(_hydra_value(b) for b in model.budgets.values())
-        plain = list(dict.fromkeys(r.method for r in spec.rows if not r.options))
+        plain = list(dict.fromkeys(r.method for r in spec.rows if not r.options and not r.by_budget))
         if plain:
             add(f"{model.config}-methods", [f"model={model.config}", f"method={','.join(plain)}", f"budget={budgets}"])
         for row in spec.rows:
-            if row.options:
+            slug = "".join(c if c.isalnum() else "-" for c in row.label).strip("-")
+            if row.by_budget and row.implemented:
+                # one run per budget label: budget=null, the label's own schedule options
+                for label, budget in model.budgets.items():
+                    options = [f"method.options.{k}={_hydra_value(v)}" for k, v in row.options_at(label).items()]
+                    add(f"{model.config}-{slug}-{label}", [f"model={model.config}", f"method={row.method}", *options,
+                                                           f"budget={_hydra_value(row.budget_at(label, budget))}"])
+            elif row.options or row.by_budget:
                 options = [f"method.options.{k}={_hydra_value(v)}" for k, v in row.options.items()]
                 if not row.implemented:
                     options = []  # the notice does not depend on options, and the placeholder has none
-                slug = "".join(c if c.isalnum() else "-" for c in row.label).strip("-")
                 add(f"{model.config}-{slug}", [f"model={model.config}", f"method={row.method}", *options,
                                                f"budget={budgets}"])
     return commands

@@ -33,9 +33,18 @@ def _slug(value: Any) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "-" for c in text)
 
 
+def _budget_slug(identity: dict[str, Any]) -> str:
+    """The budget part of a record name; no budget reads 'full' for the unpruned model and 'schedule' for a method
+    whose own options set the counts (e.g. PyramidDrop ratios)."""
+    budget = identity.get("budget")
+    if budget is None:
+        return "full" if identity["method"]["name"] == "none" else "schedule"
+    return _slug(budget)
+
+
 def record_path(root: Path, identity: dict[str, Any]) -> Path:
     """results/runs/<model>/<benchmark>/<method>-<budget>-<key>.json"""
-    name = f"{_slug(identity['method']['name'])}-{_slug(identity.get('budget'))}-{record_key(identity)}{RECORD_SUFFIX}"
+    name = f"{_slug(identity['method']['name'])}-{_budget_slug(identity)}-{record_key(identity)}{RECORD_SUFFIX}"
     return Path(root) / _slug(identity["model"]) / _slug(identity["benchmark"]) / name
 
 
