@@ -40,8 +40,14 @@ def _slug(value: Any) -> str:
 
 def record_path(root: Path, identity: dict[str, Any]) -> Path:
     """results/runs/<model>/<benchmark>/<method>-<budget>-<key>.json"""
-    name = f"{_slug(identity['method']['name'])}-{_slug(identity.get('budget'))}-{record_key(identity)}{RECORD_SUFFIX}"
-    return Path(root) / _slug(identity["model"]) / _slug(identity["benchmark"]) / name
+    stem = record_stem(identity["model"], identity["benchmark"], identity["method"]["name"], identity.get("budget"))
+    return Path(root) / f"{stem}{record_key(identity)}{RECORD_SUFFIX}"
+
+
+def record_stem(model: str, benchmark: str, method: str, budget: Any) -> str:
+    """The path, relative to the store, that starts the name of every record of this model, benchmark, method and
+    budget (a corrupt record's cell is found by it)."""
+    return f"{_slug(model)}/{_slug(benchmark)}/{_slug(method)}-{_slug(budget)}-"
 
 
 def write_record(path: Path, record: dict[str, Any]) -> None:
