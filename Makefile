@@ -3,7 +3,10 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed
+# pip extras of the install: CI adds the launchers (EXTRAS=test,launchers: submitit and Ray, whose tests skip without)
+EXTRAS ?= test
+comma := ,
+STAMP := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 TINY_LLAVA := assets/tiny-llava/build_info.json
 SMOKE_TASK := assets/smoke_pope/manifest.json
@@ -26,7 +29,7 @@ $(STAMP): pyproject.toml requirements/constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	rm -rf hiprune_harness.egg-info  # a stale one in the tree would shadow the new entry points
-	$(PY) -m pip install --quiet -c requirements/constraints.txt -e '.[test]'
+	$(PY) -m pip install --quiet -c requirements/constraints.txt -e '.[$(EXTRAS)]'
 	touch $@
 
 assets: $(TINY_LLAVA) $(TINY_CLIP) $(TINY_QWEN) $(TINY_NEXT) $(TINY_VIDEO_LLAVA) $(TINY_DEEP) $(SMOKE_TASK) $(SMOKE_VIDEO) $(SCENE_TASKS)

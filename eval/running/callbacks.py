@@ -34,6 +34,8 @@ from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from eval.config import ConfigError
+from eval.running.launchers import check_launcher
 from eval.running.run import preflight
 
 STATUS_FILE = "hiprune_job.json"
@@ -140,6 +142,11 @@ class SweepSummary(Callback):
                       file=sys.stderr)
                 print("\n".join(errors), file=sys.stderr, flush=True)
                 sys.exit(2)
+        try:
+            check_launcher(config)
+        except ConfigError as exc:
+            print(f"[hiprune] launcher: {exc}", file=sys.stderr, flush=True)
+            sys.exit(2)
         self.sweep_dir = Path(str(config.hydra.sweep.dir))
         self.started = time.time()
         self.planned = planned_jobs(config)
