@@ -3,7 +3,7 @@ per-document logs a run records (kept visual tokens, their digest, prefill lengt
 subclass per family: eval/lmms/llava.py (``hiprune_llava``), llava_next.py, qwen2_5_vl.py, video_llava.py, all
 registered in eval/lmms/plugin.py.
 
-    python -m lmms_eval --model hiprune_llava \\
+    hiprune-lmms-eval --model hiprune_llava \\
         --model_args pretrained=llava-hf/llava-1.5-7b-hf,method=hiprune,budget=192 --tasks pope --batch_size 8
 
 Unlike lmms-eval's own ``llava_hf``, batches of any size run together (left padding), and any exception in pruning
