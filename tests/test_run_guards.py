@@ -147,7 +147,6 @@ def test_render_marks_a_corrupt_record_and_refuses_an_empty_or_missing_store(tmp
         assert exit_info.value.code == 1 and not out.exists()
     assert "does not exist" in capsys.readouterr().err
     spec = R.load_spec("smoke", [f"store={tmp_path / 'empty'}"])
-    [hiprune] = [r for r in spec.rows if r.method == "hiprune"]
     budget = next(iter(spec.models[0].budgets.values()))
     corrupt = tmp_path / "empty" / f"tiny_llava/smoke_pope/hiprune-{budget}-0123456789ab.json"
     corrupt.parent.mkdir(parents=True)

@@ -261,7 +261,7 @@ class HiPruneLMM(lmms):
         results: list[str] = []
         progress = tqdm(total=len(requests), desc=f"{self.method.name} generating", disable=self.rank != 0)
         for chunk in collator.get_batched(n=self.batch_size, batch_fn=None):
-            contexts, gen_kwargs, doc_to_visual, doc_ids, tasks, splits = zip(*chunk)
+            contexts, gen_kwargs, _, doc_ids, tasks, splits = zip(*chunk)
             task, split = tasks[0], splits[0]
             broken = {i for i, args in enumerate(chunk) if self.broken_images == "skip" and self._is_broken(*args[2:])}
             answerable = [args for i, args in enumerate(chunk) if i not in broken]
@@ -520,11 +520,11 @@ def check_option_types(cls: type[HiPruneLMM], loading: dict[str, Any]) -> None:
     for name, value in loading.items():
         default = cls.loading_options.get(name)
         if isinstance(default, bool) and not isinstance(value, bool):
-            raise ValueError(f"{name}={value!r} must be true or false")
+            raise TypeError(f"{name}={value!r} must be true or false")
         if isinstance(default, int) and not isinstance(default, bool) and (
             isinstance(value, bool) or not isinstance(value, int)
         ):
-            raise ValueError(f"{name}={value!r} must be an int")
+            raise TypeError(f"{name}={value!r} must be an int")
 
 
 def lmms_model_class(name: str) -> type[HiPruneLMM]:

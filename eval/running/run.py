@@ -15,8 +15,8 @@ the first starts (eval.running.callbacks), and a job failing at run time is repo
 
 from __future__ import annotations
 
-import datetime as dt
 import contextlib
+import datetime as dt
 import functools
 import os
 import platform
@@ -32,8 +32,8 @@ import hydra
 import torch
 from datasets import config as datasets_config
 from filelock import Timeout
-from huggingface_hub import snapshot_download
 from huggingface_hub import constants as hub_constants
+from huggingface_hub import snapshot_download
 from huggingface_hub.errors import LocalEntryNotFoundError
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
@@ -92,7 +92,7 @@ def plan_run(cfg: DictConfig, devices_here: bool = True) -> RunPlan:
     loading = {k: m[k] for k in model_class.loading_options if k in m}
     try:
         check_option_types(model_class, loading)
-    except ValueError as exc:
+    except TypeError as exc:
         raise ConfigError(f"model.{exc}") from exc
     # repo-relative asset paths (e.g. the tiny model's text tower) become absolute for loading
     resolved_loading = {
