@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from hydra.errors import MissingConfigException
 
 import hiprune
@@ -63,6 +64,19 @@ BAD = [
     (["benchmark.tasks=[no_such_task]"], "unknown lmms-eval task"),
     (["benchmark.include_path=tests/data/tasks_missing_data", "benchmark.tasks=[hiprune_missing_data]"], "is missing"),
     (["method=prompt_llm_probe", "budget=32"], "prunes inside the LLM"),
+    # late or opaque failures before issue 17, now one line before loading
+    (["method=none", "device=foo"], "is not a device"),
+    (["method=none", "limit=0"], "must be >= 1"),
+    (["method=none", "limit=-1"], "must be >= 1"),
+    (["method=none", "limit=abc"], "give an int >= 1"),
+    (["method=none", "limit=1.5"], "fraction"),
+    (["method=none", "batch_size=abc"], "batch_size='abc' must be an int"),
+    (["method=none", "model.pad_to_square=maybe"], "pad_to_square='maybe' must be true or false"),
+    (["method=none", "broken_images=ignore"], "broken_images"),
+    (["method=none", "benchmark.tasks=[pope]", "benchmark.include_path=null"], "hub dataset .* not in the local cache"),
+    (["method=none", "model.pretrained=llava-hf/no-such-model", "model.local=false"], "not in the local Hugging Face cache"),
+    (["method=hiprune_pp", "model.text_tower=openai/clip-vit-large-patch14-336"], "has none"),
+    *([] if torch.cuda.is_available() else [(["method=none", "device=cuda"], "no CUDA GPU is visible")]),
 ]
 
 
@@ -87,9 +101,18 @@ def test_bad_config_is_rejected_before_any_model_loads(tmp_path, tiny_llava_dir,
         raise AssertionError("the model must not load for a bad config")
 
     monkeypatch.setattr("eval.lmms.llava.HiPruneLlava.__init__", no_loading)
-    with pytest.raises(ConfigError, match=message):
+    with pytest.raises(ConfigError, match=message) as error:
         run_module.run(_tiny(tmp_path, *overrides))
     assert not any(tmp_path.iterdir())
+    if "text_tower=openai" in " ".join(overrides):
+        assert "make assets" not in str(error.value)  # a hub id is not an asset to build
+
+
+def test_a_float_limit_is_a_fraction_and_recorded_as_such(tmp_path, tiny_llava_dir, smoke_task_dir):
+    plan = run_module.plan_run(_tiny(tmp_path, "method=none", "limit=0.5"))
+    assert plan.identity["limit"] == 0.5
+    assert run_module.describe_limit(0.5)["meaning"].startswith("fraction of each task")
+    assert run_module.describe_limit(4)["meaning"].startswith("documents per task")
 
 
 def test_cli_sweep_and_cli_error(tmp_path, tiny_llava_dir, smoke_task_dir):

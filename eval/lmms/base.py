@@ -3,11 +3,14 @@ per-document logs a run records (kept visual tokens, their digest, prefill lengt
 subclass per family: eval/lmms/llava.py (``hiprune_llava``), llava_next.py, qwen2_5_vl.py, video_llava.py, all
 registered in eval/lmms/plugin.py.
 
-    python -m lmms_eval --model hiprune_llava \\
+    hiprune-lmms-eval --model hiprune_llava \\
         --model_args pretrained=llava-hf/llava-1.5-7b-hf,method=hiprune,budget=192 --tasks pope --batch_size 8
 
 Unlike lmms-eval's own ``llava_hf``, batches of any size run together (left padding), and any exception in pruning
 or generation stops the run with the task, sample id and cause: an evaluation never continues on empty answers.
+Images are decoded strictly (lmms-eval lets PIL decode truncated files, partly black): a broken image stops the run
+naming task, split and doc id, unless ``broken_images=skip``, which answers such a sample with an empty string and
+lists it in ``broken_docs`` (recorded with the run).
 Every model_arg that is not a loading/prompting option is a method option (``alpha=0.1,object_layer=9`` ...).
 """
 
@@ -15,7 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from typing import Any, ClassVar
 
 import torch
@@ -25,7 +28,7 @@ from lmms_eval.api.instance import Instance
 from lmms_eval.api.model import lmms
 from lmms_eval.models import get_model
 from lmms_eval.utils import Collator, eval_logger
-from PIL import Image
+from PIL import Image, ImageFile
 from tqdm import tqdm
 
 import hiprune
@@ -37,11 +40,28 @@ from hiprune.adapters.llm_pruning import resolve_schedule, visual_per_layer
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # The model's per-doc logs, {(task, split): {doc: ...}} (llm_visual_per_layer: LLM-side methods only, else empty);
 # a run records them, a data-parallel run merges them over its ranks.
-DOC_LOGS = ("kept_tokens", "kept_digests", "prefill_tokens", "llm_visual_per_layer", "capped_new_tokens")
+DOC_LOGS = ("kept_tokens", "kept_digests", "prefill_tokens", "llm_visual_per_layer", "capped_new_tokens",
+            "broken_docs")
+BROKEN_IMAGES = ("error", "skip")  # a sample whose image does not decode: stop the run | answer "" and record it
 
 
 class GenerationError(RuntimeError):
     """Raised when pruning or generation fails for a sample; the message names the task and sample ids."""
+
+
+class BrokenImageError(RuntimeError):
+    """A sample's image does not decode (truncated or corrupt file); the message names task, split and doc id."""
+
+
+@contextmanager
+def strict_decoding():
+    """PIL refuses truncated files inside (lmms-eval turns LOAD_TRUNCATED_IMAGES on for the whole process)."""
+    before = ImageFile.LOAD_TRUNCATED_IMAGES
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
+    try:
+        yield
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = before
 
 
 def resolve_device(device: str) -> str:
@@ -105,10 +125,15 @@ class HiPruneLMM(lmms):
         batch_size: int | str = 1,
         attn_implementation: str = "sdpa",
         max_new_tokens: int | None = None,
+        broken_images: str = "error",
         **options: Any,
     ) -> None:
         super().__init__()
+        if broken_images not in BROKEN_IMAGES:
+            raise ValueError(f"broken_images={broken_images!r}: choose one of {', '.join(BROKEN_IMAGES)}")
+        self.broken_images = broken_images
         loading = {k: options.pop(k, default) for k, default in self.loading_options.items()}
+        check_option_types(type(self), loading)
         # Validate everything cheap before the (possibly multi-GB) model loads.
         if isinstance(method, hiprune.Method):
             if options:
@@ -151,6 +176,8 @@ class HiPruneLMM(lmms):
         self.llm_visual_per_layer: dict[tuple[str, str], dict[int, list[int]]] = {}
         # doc ids per (task, split) -> max_new_tokens of a sample whose prompt left less context than the task asked
         self.capped_new_tokens: dict[tuple[str, str], dict[int, int]] = {}
+        # broken_images=skip: doc ids per (task, split) -> why its image did not decode (answered with "")
+        self.broken_docs: dict[tuple[str, str], dict[int, str]] = {}
         self.settings = {
             "family": self.family,
             "pretrained": pretrained,
@@ -238,15 +265,20 @@ class HiPruneLMM(lmms):
         results: list[str] = []
         progress = tqdm(total=len(requests), desc=f"{self.method.name} generating", disable=self.rank != 0)
         for chunk in collator.get_batched(n=self.batch_size, batch_fn=None):
-            contexts, gen_kwargs, doc_to_visual, doc_ids, tasks, splits = zip(*chunk)
+            contexts, gen_kwargs, _, doc_ids, tasks, splits = zip(*chunk)
             task, split = tasks[0], splits[0]
+            broken = {i for i, args in enumerate(chunk) if self.broken_images == "skip" and self._is_broken(*args[2:])}
+            answerable = [args for i, args in enumerate(chunk) if i not in broken]
             try:
-                answers = self._generate_batch(list(contexts), dict(gen_kwargs[0]), doc_to_visual, doc_ids, task, split)
+                answered = iter(self._generate_batch(
+                    [a[0] for a in answerable], dict(gen_kwargs[0]), [a[2] for a in answerable],
+                    [a[3] for a in answerable], task, split) if answerable else [])
             except Exception as exc:
                 raise GenerationError(
                     f"{type(exc).__name__} while answering task {task!r} split {split!r} doc ids {list(doc_ids)} "
                     f"with method {self.method.name!r}: {exc}"
                 ) from exc
+            answers = ["" if i in broken else next(answered) for i in range(len(chunk))]
             for context, kwargs, answer in zip(contexts, gen_kwargs, answers):
                 self.cache_hook.add_partial("generate_until", (context, kwargs), answer)
             results.extend(answers)
@@ -255,10 +287,35 @@ class HiPruneLMM(lmms):
         return collator.get_original(results)
 
     # --- internals ----------------------------------------------------------------------------------------
+    def doc_visuals(self, doc_to_visual, task, split, doc_id) -> list:
+        """A doc's visuals, its images decoded strictly: a truncated or corrupt file is a BrokenImageError."""
+        if doc_to_visual is None:
+            return []
+        try:
+            with strict_decoding():
+                visuals = doc_to_visual(self.task_dict[task][split][doc_id]) or []
+                for visual in visuals:
+                    if isinstance(visual, Image.Image):
+                        visual.load()
+        except (OSError, SyntaxError) as exc:
+            raise BrokenImageError(f"task {task!r} split {split!r} doc id {doc_id}: the image does not decode "
+                                   f"({type(exc).__name__}: {exc}); broken_images=skip answers such samples with an "
+                                   f"empty string and records them") from exc
+        return visuals
+
+    def _is_broken(self, doc_to_visual, doc_id, task, split) -> bool:
+        try:
+            self.doc_visuals(doc_to_visual, task, split, doc_id)
+        except BrokenImageError as exc:
+            print(f"[hiprune] skipping a broken image (broken_images=skip): {exc}", flush=True)
+            self.broken_docs.setdefault((task, split), {})[doc_id] = str(exc.__cause__)
+            return True
+        return False
+
     def _visuals(self, doc_to_visual, doc_ids, task, split) -> list[list[Image.Image]]:
         per_sample = []
         for fn, doc_id in zip(doc_to_visual, doc_ids):
-            visuals = fn(self.task_dict[task][split][doc_id]) if fn is not None else []
+            visuals = self.doc_visuals(fn, task, split, doc_id)
             visuals = [v for v in (visuals or []) if v is not None]
             for v in visuals:
                 if not isinstance(v, Image.Image):
@@ -479,6 +536,19 @@ def list_option(value: Any) -> Any:
                 except ValueError:
                     items.append(item)
     return items
+
+
+def check_option_types(cls: type[HiPruneLMM], loading: dict[str, Any]) -> None:
+    """Loading options whose default is a bool (or an int) take only a bool (an int): ``pad_to_square=maybe`` is
+    refused, not read as true."""
+    for name, value in loading.items():
+        default = cls.loading_options.get(name)
+        if isinstance(default, bool) and not isinstance(value, bool):
+            raise TypeError(f"{name}={value!r} must be true or false")
+        if isinstance(default, int) and not isinstance(default, bool) and (
+            isinstance(value, bool) or not isinstance(value, int)
+        ):
+            raise TypeError(f"{name}={value!r} must be an int")
 
 
 def lmms_model_class(name: str) -> type[HiPruneLMM]:

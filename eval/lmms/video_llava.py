@@ -117,7 +117,7 @@ class HiPruneVideoLlava(HiPruneLMM):
     def _visuals(self, doc_to_visual, doc_ids, task, split):
         per_sample = []
         for fn, doc_id in zip(doc_to_visual, doc_ids):
-            visuals = fn(self.task_dict[task][split][doc_id]) if fn is not None else []
+            visuals = self.doc_visuals(fn, task, split, doc_id)
             sample = []
             for v in visuals or []:
                 if v is None:

@@ -48,7 +48,7 @@ from eval.lmms.base import lmms_model_class
 from eval.report import paper as P
 from eval.report import plots as plotting
 from eval.running.methods import build_from_config, is_implemented, unsupported_reason
-from eval.running.store import iter_records
+from eval.running.store import iter_records, record_stem
 
 EXPERIMENT_DIR = CONFIG_DIR / "experiment"
 TABLES_DIR = REPO_ROOT / "results" / "tables"
@@ -268,8 +268,9 @@ def _hydra_value(value: Any) -> str:
 def load_results(store: Path) -> pd.DataFrame:
     """One row per (record, task): identity fields, the value in the paper's scale, provenance."""
     rows = []
+    corrupt: list[tuple[Path, str]] = []  # reported here, and their cells marked by collect_cells
     if Path(store).exists():
-        for path, record in iter_records(store):
+        for path, record in iter_records(store, corrupt):
             identity = record["identity"]
             for task, metrics in record["metrics"].items():
                 rows.append(
@@ -289,8 +290,13 @@ def load_results(store: Path) -> pd.DataFrame:
                         "record": repo_relative(path),
                     }
                 )
-    return pd.DataFrame(rows, columns=["model", "benchmark", "task", "method", "budget", "limit", "settings",
-                                       "value", "n_samples", "kept_per_image", "timestamp", "record"])
+    frame = pd.DataFrame(rows, columns=["model", "benchmark", "task", "method", "budget", "limit", "settings",
+                                        "value", "n_samples", "kept_per_image", "timestamp", "record"])
+    for path, reason in corrupt:
+        print(f"[reproduce] {repo_relative(reason)}: skipped, its cell reads 'corrupt record' (rerun the sweep to "
+              f"replace it)", file=sys.stderr, flush=True)
+    frame.attrs["corrupt"] = [str(Path(path).relative_to(store)) for path, _ in corrupt]
+    return frame
 
 
 def _settings_match(record_settings: dict, model_settings: dict) -> bool:
@@ -374,6 +380,10 @@ def collect_cells(spec: Spec, results: pd.DataFrame | None = None) -> pd.DataFra
                     status = "ok"
                 elif not runnable:
                     status = "not run"
+                elif any(c.startswith(record_stem(model.settings.get("name", model.config), bench_config,
+                                                  method_id["name"], method_id.get("budget")))
+                         for c in results.attrs.get("corrupt", [])):
+                    status = "corrupt record"
                 else:
                     status = "pending"
                 ours = None if found is None else float(found["value"])
@@ -476,7 +486,7 @@ def format_cell(ours: float | None, paper: float | None, status: str, bench: str
         return f"{_fmt(ours, bench)} ({_fmt(paper, bench)}, {_fmt_delta(ours - paper, bench)})"
     if has_ours:
         return _fmt(ours, bench)
-    word = "not run" if status == "not run" else "pending"
+    word = status if status in ("not run", "corrupt record") else "pending"
     return f"{word} ({_fmt(paper, bench)})" if has_paper else word
 
 
@@ -860,6 +870,8 @@ def main(argv: list[str] | None = None) -> None:
     p_render.add_argument("--all", action="store_true", help="every table")
     p_render.add_argument("--out", type=Path, help=f"output folder (default {repo_relative(TABLES_DIR)})")
     p_render.add_argument("--no-plots", action="store_true")
+    p_render.add_argument("--allow-empty", action="store_true",
+                          help="render a table whose store holds no record of it (all cells pending: the templates)")
     p_plots = sub.add_parser("plots", help="only the table's plots, from the store; runs nothing")
     p_plots.add_argument("table")
     p_plots.add_argument("overrides", nargs="*")
@@ -884,9 +896,30 @@ def main(argv: list[str] | None = None) -> None:
     if args.all and args.table:  # `render --all store=...`: the first override landed in the table slot
         overrides.insert(0, args.table)
     tables = list(dict.fromkeys(list_tables().values())) if args.all else [args.table]
+    refused = []
     for table in tables:
+        problem = None if args.allow_empty else empty_store_problem(load_spec(table, overrides))
+        if problem:
+            print(f"[reproduce] table {table}: {problem}; not rendered, the existing table is kept (--allow-empty "
+                  f"renders it with pending cells)", file=sys.stderr, flush=True)
+            refused.append(table)
+            continue
         paths = render(table, overrides, out_dir=args.out, plots=not args.no_plots)
         print(f"[reproduce] table {table}: " + ", ".join(repo_relative(p) for p in paths.values()))
+    if refused:
+        sys.exit(1)
+
+
+def empty_store_problem(spec: Spec) -> str | None:
+    """Why rendering ``spec`` from its store would show no result of ours (a store that does not exist, or holds no
+    record of the experiment: a mistyped store=), or None. Efficiency tables read results/efficiency, not the store."""
+    if spec.kind == "efficiency":
+        return None
+    if not Path(spec.store).is_dir():
+        return f"store {repo_relative(spec.store)} does not exist"
+    if not (collect_cells(spec)["status"] == "ok").any():
+        return f"store {repo_relative(spec.store)} holds no record of experiment {spec.experiment}"
+    return None
 
 
 if __name__ == "__main__":

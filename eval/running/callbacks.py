@@ -6,6 +6,10 @@ works when jobs run elsewhere (SLURM / Ray launchers write to the same shared sw
 when the sweep ends, and also when it stops early (a failed job makes Hydra raise after its batch; a configuration
 error exits at once): then it names how many planned jobs never finished.
 
+Before the first job starts, every job of the sweep is validated as a single run would be before loading (method
+options, budgets, tasks, store ...): one bad point stops the sweep with every bad job listed, and nothing runs. A job
+that fails at run time is reported and the sweep goes on; the summary lists the failures and the command exits 1.
+
 Statuses: ran (a new record), skipped (the record existed), not implemented (a method the harness does not implement,
 a model marked ``implemented: false``, or a method the model family cannot run), failed (an exception; its message is
 shown).
@@ -23,22 +27,53 @@ from collections import Counter, OrderedDict
 from pathlib import Path
 from typing import Any
 
+from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from eval.config import ConfigError
+from eval.running.launchers import check_launcher
+from eval.running.run import preflight
 
 STATUS_FILE = "hiprune_job.json"
 ORDER = ("ran", "skipped", "not implemented", "failed")
+
+
+def _sweep_overrides(config: DictConfig) -> list[str]:
+    params = OmegaConf.select(config, "hydra.sweeper.params") or {}
+    return [f"{k}={v}" for k, v in params.items()] + list(OmegaConf.select(config, "hydra.overrides.task") or [])
+
+
+def job_overrides(config: DictConfig) -> list[list[str]]:
+    """The override list of every job a basic-sweeper multirun launches, in launch order."""
+    parsed = OverridesParser.create().parse_overrides(_sweep_overrides(config))
+    return [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
+
+
+def validate_sweep(config: DictConfig) -> list[str]:
+    """One line per job of the sweep that would fail its configuration check (empty: every job can start)."""
+    launcher = str(OmegaConf.select(config, "hydra.launcher._target_") or "")
+    here = launcher.endswith("BasicLauncher")  # jobs elsewhere (SLURM, Ray): their devices are not this machine's
+    loader = GlobalHydra.instance().config_loader()
+    errors = []
+    for num, overrides in enumerate(job_overrides(config)):
+        job = loader.load_sweep_config(config, overrides)
+        with open_dict(job):
+            del job["hydra"]
+        error = preflight(job, devices_here=here)
+        if error:
+            errors.append(f"  job {num}: {' '.join(overrides)}: {error}")
+    return errors
 
 
 def planned_jobs(config: DictConfig) -> int | None:
     """Number of jobs a basic-sweeper multirun will launch (sweeper params merged with the command line, which
     wins per key, as hydra's BasicSweeper does); None if it cannot be told (e.g. another sweeper)."""
     try:
-        params = OmegaConf.select(config, "hydra.sweeper.params") or {}
-        strings = [f"{k}={v}" for k, v in params.items()]
-        strings += list(OmegaConf.select(config, "hydra.overrides.task") or [])
+        strings = _sweep_overrides(config)
         per_key: OrderedDict[str, int] = OrderedDict()
         for override in OverridesParser.create().parse_overrides(strings):
             key = override.get_key_element()
@@ -100,6 +135,18 @@ class SweepSummary(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         if not is_main_process():
             return
+        if str(OmegaConf.select(config, "hydra.sweeper._target_") or "").endswith("BasicSweeper"):
+            errors = validate_sweep(config)
+            if errors:
+                print(f"[hiprune] configuration error in {len(errors)} job(s) of the sweep; no job was started:",
+                      file=sys.stderr)
+                print("\n".join(errors), file=sys.stderr, flush=True)
+                sys.exit(2)
+        try:
+            check_launcher(config)
+        except ConfigError as exc:
+            print(f"[hiprune] launcher: {exc}", file=sys.stderr, flush=True)
+            sys.exit(2)
         self.sweep_dir = Path(str(config.hydra.sweep.dir))
         self.started = time.time()
         self.planned = planned_jobs(config)
@@ -110,6 +157,8 @@ class SweepSummary(Callback):
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         self._print_summary()
+        if self.sweep_dir is not None and any(s["status"] == "failed" for s in collect(self.sweep_dir, self.started)):
+            sys.exit(1)  # the summary above lists the failed jobs
 
     # --- every job (wherever it runs) -------------------------------------------------------------------------
     def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
