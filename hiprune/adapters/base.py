@@ -95,12 +95,16 @@ class LayerRecord:
         forward pruned nothing.
     stages: every stage of the schedule that ran, in order: (first decoder layer on the shortened sequence, kept
         indices [rows * images per row, kept], as ``indices``); the last one's indices are ``indices``.
+    visual_in: visual tokens of one image at the LLM's input (a visual: an image, LLaVA-NeXT's image of all its crops,
+        a video); images: images per row (0: not recorded).
     """
 
     tokens: list[int]
     visual: list[int]
     indices: torch.Tensor | None
     stages: list[tuple[int, torch.Tensor]] = field(default_factory=list)
+    visual_in: int = 0
+    images: int = 0
 
 
 @dataclass
