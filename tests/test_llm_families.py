@@ -21,11 +21,12 @@ import json
 import pytest
 import torch
 import transformers
-from conftest import REPO, built
+from conftest import REPO, built, loaded
 from hydra import compose, initialize_config_dir
-from llm_support import noise_images
+from llm_support import noise_images, single_input
 
 import hiprune
+from eval.efficiency.flops import flops_exact, flops_measured, llm_scoring_flops
 from eval.running import run as run_module
 from eval.running.store import read_record
 from hiprune.adapters.llm_pruning import resolve_schedule, visual_per_layer
@@ -250,3 +251,34 @@ def test_lmms_eval_run_per_family(tmp_path, model, benchmark, method, extra, per
     else:  # Qwen2.5-VL: each doc's image keeps floor(n / 2) of its own n tokens from layer 1 on
         assert len({tuple(v) for v in docs.values()}) == 2
         assert all(v[1] == v[0] // 2 for v in docs.values())
+
+
+@pytest.mark.parametrize(
+    "name, options, ops",
+    [
+        # PyramidDrop: each boundary layer's own last-query row (q of 1 token, k of all it holds, QK^T)
+        ("pdrop", {"budget": None, "layers": [1, 2], "ratios": [0.5, 0.25]}, [("own", 1, 76), ("own", 1, 44)]),
+        # SparseVLM: the raters' choice (7 text x 64 image embeddings), their 3 rows in each pruning layer, the
+        # recycling's pairwise distances among floor(0.3 n) + 1 candidates (24 -> 8, 33 -> 10)
+        ("sparsevlm", {"budget": None, "layers": [0, 1], "schedule": [40, 10]},
+         [("rater_choice", 7, 64), ("raters", 3, 76), ("recycle", 8, 8), ("raters", 3, 53), ("recycle", 10, 10)]),
+    ],
+)
+def test_flops_exact_counts_the_scoring_as_measured(name, options, ops):
+    model, _ = loaded("scene")  # 3 Llama layers (4 heads of 32, hidden 128), 64 visual tokens, 12 text tokens
+    ids, pixels = single_input(model)
+    with hiprune.apply(model, hiprune.build_method(name, **options)) as session:
+        measured = flops_measured(model, {"input_ids": ids, "pixel_values": pixels})
+    [record] = session.layer_records
+    assert record.scoring == [ops]
+    exact = flops_exact(model.config, ids.shape[1] - 64, record.visual,
+                        llm_scoring=llm_scoring_flops(model.config, record.scoring[0]))
+    for part in ("vision", "projector", "lm_head", "attention_scores", "total"):
+        assert exact[part if part != "total" else "total"] == measured[part], part
+    assert exact["llm_prefill"] == measured["language_model"]
+    # by hand: d = 128, H = Hkv = 4, hd = 32; cdist's mm form has inner width d + 2
+    d, h, hd = 128, 4, 32
+    own = lambda q, n: 2 * q * d * h * hd + 2 * n * d * h * hd + 2 * h * q * n * hd  # noqa: E731
+    by_hand = {"own": own, "raters": own, "rater_choice": lambda q, n: 2 * q * n * d,
+               "recycle": lambda q, n: 2 * q * n * (d + 2)}
+    assert llm_scoring_flops(model.config, ops) == sum(by_hand[k](q, n) for k, q, n in ops)

@@ -37,7 +37,7 @@ from hiprune.adapters.llm_pruning import resolve_schedule, visual_per_layer
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # The model's per-doc logs, {(task, split): {doc: ...}} (llm_visual_per_layer: LLM-side methods only, else empty);
 # a run records them, a data-parallel run merges them over its ranks.
-DOC_LOGS = ("kept_tokens", "kept_digests", "prefill_tokens", "llm_visual_per_layer")
+DOC_LOGS = ("kept_tokens", "kept_digests", "prefill_tokens", "llm_visual_per_layer", "llm_scoring")
 
 
 class GenerationError(RuntimeError):
@@ -148,6 +148,9 @@ class HiPruneLMM(lmms):
         # LLM-side methods (FastV) only: doc ids per (task, split) -> visual tokens of that sample at each decoder
         # layer of its prefill (as the stages of the method's drop schedule left them), for FLOPs accounting
         self.llm_visual_per_layer: dict[tuple[str, str], dict[int, list[int]]] = {}
+        # LLM-side methods only: doc ids per (task, split) -> the scoring arithmetic its prefill row ran in the
+        # decoder (LayerRecord.scoring: (kind, queries, keys)), for FLOPs accounting
+        self.llm_scoring: dict[tuple[str, str], dict[int, list[tuple[str, int, int]]]] = {}
         self.settings = {
             "family": self.family,
             "pretrained": pretrained,
@@ -419,6 +422,8 @@ class HiPruneLMM(lmms):
             log[doc_id] = [kept] * images
             digests[doc_id] = selection_digest([GridRecord(per_image_in, kept, image) for image in doc_indices])
             visual_log[doc_id] = list(record.visual)
+            if record.scoring:
+                self.llm_scoring.setdefault((task, split), {})[doc_id] = list(record.scoring[row * copies])
 
     def kept_token_summary(self) -> dict:
         """Visual tokens per image actually given to the LLM, over every sample answered so far.

@@ -204,6 +204,8 @@ class _Prefill:
     length: int  # T, the prefill's sequence length
     captures: dict[int, AttentionScores]  # stage index -> last-query attention of the layer before it ("previous")
     layer_tokens: list[int] = field(default_factory=list)  # sequence length each decoder layer ran on
+    # per batch row: the scoring arithmetic the plumbing ran for it, (kind, queries, keys) (LayerRecord.scoring)
+    scoring: list[list[tuple[str, int, int]]] = field(default_factory=list)
     layer_visual: list[int] = field(default_factory=list)  # visual tokens per row each decoder layer ran on
     held: torch.Tensor | None = None  # [B, T'] prefill positions the current (shortened) sequence holds; None: all
     image_kept: torch.Tensor | None = None  # [B * images, n] indices into each image's tokens still held; None: all
@@ -212,6 +214,7 @@ class _Prefill:
     cached: PrunedPrefill | None = None  # what this prefill stored on its KV cache
     real: torch.Tensor | None = None  # [B, T] False at padding (None: no padding mask)
     raters: list[torch.Tensor] | None = None  # per row: prefill positions of its text raters ("raters" stages)
+    choice: list[tuple[str, int, int]] = field(default_factory=list)  # per row: the raters' choice (scoring)
     stash: dict[int, tuple[torch.Tensor, dict]] = field(default_factory=dict)  # layer -> its inputs ("raters")
     # [B * images, N + added so far]: the prefill column each image token id stands at; ids >= N are tokens a stage
     # added (they take the column of a token dropped at that stage, so decode masks stay valid); None: no additions
@@ -327,6 +330,10 @@ class VisualTokenDrop:
                         stages=stages,
                         visual_in=self.tokens_per_image,
                         images=int(image_positions.shape[1]),
+                        scoring=[
+                            ([prefill.choice[row]] if prefill.choice else []) + ops
+                            for row, ops in enumerate(prefill.scoring)
+                        ],
                     )
                 )
             finally:
@@ -420,15 +427,26 @@ class VisualTokenDrop:
         batch, length = hidden.shape[:2]
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         self._check_cache(cache, stage.layer)
+        if not prefill.scoring:
+            prefill.scoring = [[] for _ in range(batch)]
+        # the records count each row as if it ran alone: without its left padding (never dropped)
+        padding = [0] * batch if prefill.real is None else (~prefill.real).sum(dim=1).tolist()
         if stage.score == "own":
             scores = own_last_query_attention(self.layers[stage.layer], hidden, kwargs)
+            for ops, pad in zip(prefill.scoring, padding, strict=True):
+                ops.append(("own", 1, length - pad))
         elif stage.score == "raters":
             scores = self._rater_scores(stage)
+            keys = prefill.layer_tokens[stage.layer - 1]
+            for ops, raters, pad in zip(prefill.scoring, prefill.raters, padding, strict=True):
+                ops.append(("raters", len(raters), keys - pad))
         else:
             try:
                 scores = prefill.captures[stage_index].collect()["last"]
             except RuntimeError as exc:
                 raise PruningError(f"layer {stage.layer - 1}'s attention was not captured: {exc}") from exc
+            for ops, pad in zip(prefill.scoring, padding, strict=True):
+                ops.append(("last", 1, prefill.layer_tokens[stage.layer - 1] - pad))
         if scores.shape != (batch, length):
             raise PruningError(f"last-query attention has shape {tuple(scores.shape)}, expected ({batch}, {length})")
         positions = prefill.image_positions.to(hidden.device)
@@ -565,6 +583,9 @@ class VisualTokenDrop:
         for row in range(rows):
             try:
                 tokens = self.method.recycle_tokens(dropped_hidden[row], dropped_scores[row], stage_index)
+                candidates = self.method.recycle_candidates(dropped_hidden.shape[1])
+                if candidates:  # the pairwise distances among the candidates (the counted arithmetic)
+                    prefill.scoring[row // images].append(("recycle", candidates, candidates))
             except ValueError as exc:
                 raise PruningError(f"{self.method.name} recycling failed: {exc}") from exc
             if not isinstance(tokens, torch.Tensor) or tuple(tokens.shape) != (added, width):
@@ -657,6 +678,7 @@ class VisualTokenDrop:
             if not bool(chosen.any()):
                 raise PruningError(f"{self.method.name} chose no text rater for batch row {row}")
             raters.append(after[chosen])
+            self._prefill.choice.append(("rater_choice", len(after), len(image)))
         return raters
 
     def _rater_scores(self, stage: DropStage) -> torch.Tensor:

@@ -256,6 +256,10 @@ class SparseVLM(Method):
             raise ValueError(f"cannot keep {keep} of scores shaped {tuple(scores.shape)}")
         return top_k(scores.float(), int(keep)).sort(dim=1).values
 
+    def recycle_candidates(self, pruned: int) -> int:
+        """Candidates clustered among ``pruned`` dropped tokens (FLOPs accounting: their pairwise distances)."""
+        return recycle_counts(pruned)[0]
+
     def recycle_tokens(self, hidden: torch.Tensor, scores: torch.Tensor, stage: int) -> torch.Tensor:
         """Cluster tokens of one image's dropped tokens at stage ``stage``, noise seeded by (seed, stage)."""
         generator = torch.Generator().manual_seed(int(self.seed) * 1000 + int(stage))
