@@ -18,9 +18,11 @@ An added token takes the prefill column of a token its stage dropped, so decode-
 
 How it enters a transformers 5 decoder (``LlamaModel``) without replacing its forward:
 
-- The family adapter wraps its multimodal forward in :meth:`VisualTokenDrop.forward`, which is told where the image
-  tokens are (a [B, T] mask). A forward with image tokens is a *prefill*; any other forward is a decode step (or a
-  text-only call).
+- The family adapter wraps its multimodal forward in :meth:`VisualTokenDrop.forward` (:func:`install_decoder_drop`:
+  the family names its visual placeholder ids), which is told where the image tokens are (a [B, T] mask) and how
+  many each visual holds (LLaVA-1.5: 576; elsewhere each run of visual tokens is one visual -- a LLaVA-NeXT image of
+  all its crops, a Qwen2.5-VL image, a Video-LLaVA image or video); the schedule is resolved for that count. A
+  forward with image tokens is a *prefill*; any other forward is a decode step (or a text-only call).
 - During a prefill, the attention module of every layer ``layer - 1`` a "previous" stage scores with is rerouted through
   :class:`hiprune.capture.AttentionScores` with the "last" query mode: the layer's output still comes from the
   model's own kernel, and the last token's attention row (mean over heads) is recorded on the side. Other layers
@@ -38,11 +40,14 @@ How it enters a transformers 5 decoder (``LlamaModel``) without replacing its fo
   or the 2-D attention mask), as in the official FastV code. Without a KV cache (``use_cache=False``) every
   generation step is a prefill and selects again from its own last token.
 - Every pruned prefill appends a :class:`~hiprune.adapters.base.LayerRecord` to the session: the sequence length
-  each decoder layer ran on, the visual tokens among them, and the kept indices of every image after each stage.
+  each decoder layer ran on, the visual tokens among them, the kept indices of every image after each stage, and
+  the scoring arithmetic each row ran (for FLOPs).
+- Positions: the method's rule, unless the family fixes one (Qwen2.5-VL: "original", its layers get M-RoPE's
+  (cos, sin) and no 1-D position ids; decoding continues from HF's ``rope_deltas`` of the unpruned prefill).
 
-Supported: Llama decoders under eager or SDPA attention, ``DynamicCache`` (HF ``generate``'s default; greedy,
+Supported: Llama-style decoders (Llama, Mistral, Qwen2.5-VL's text model) under eager or SDPA attention, ``DynamicCache`` (HF ``generate``'s default; greedy,
 sampling and beam search -- beams of one sample share its prefill, so reordering them leaves the kept positions
-valid) or no cache, left-padded batches with the same number of images in every row. Anything else (StaticCache,
+valid) or no cache, left-padded batches with the same number of images of one token count in every row. Anything else (StaticCache,
 a cache cropped into the prefill or pre-filled by another forward, right padding, flash/flex attention, a prepared 4-D mask) raises
 a PruningError naming it rather than running unpruned or misaligned.
 """
