@@ -17,7 +17,7 @@ import hiprune
 from eval.config import REPO_ROOT, ConfigError, compose_config
 from eval.efficiency import bench as bench_module
 from eval.efficiency import throughput
-from eval.efficiency.flops import fastv_layer_flops, flops_exact
+from eval.efficiency.flops import fastv_layer_flops, flops_exact, llm_scoring_flops
 from eval.efficiency.roofline import (
     decode_bytes,
     decoder_weight_elements,
@@ -130,14 +130,16 @@ def test_bench_runs_fastv_with_per_layer_counts(tmp_path, tiny_llava_dir):
     assert "576>64@1 tokens" in done.stdout
 
     config = AutoConfig.from_pretrained(tiny_llava_dir)
-    exact = flops_exact(config, 49, [576, 64], logits_to_keep=1)
+    # the recorded prefill's scoring: the last token's row over the 625 tokens of layer 0 (K - 1)
+    exact = flops_exact(config, 49, [576, 64], logits_to_keep=1,
+                        llm_scoring=llm_scoring_flops(config, [("last", 1, 625)]))
     assert fastv["flops"]["tflops_exact"] == pytest.approx(exact["total"] / 1e12, rel=1e-12)
     assert fastv["flops"]["llm_prefill_flops"] == exact["llm_prefill"] + exact["lm_head"]
     d, m = config.text_config.hidden_size, config.text_config.intermediate_size
     assert fastv["flops"]["tflops_fastv"] == pytest.approx(
         sum(4 * n * d * d + 2 * n * n * d + 2 * n * d * m for n in (625, 113)) / 1e12, rel=1e-12)
-    # FlopCounterMode over a real FastV forward agrees (it also counts the last query's scores in layer 0)
-    assert 0 < fastv["flops"]["measured_vs_exact"] < 0.01 and none["flops"]["measured_vs_exact"] == 0
+    # FlopCounterMode over a real FastV forward agrees, the last query's scores in layer 0 included
+    assert abs(fastv["flops"]["measured_vs_exact"]) < 1e-12 and none["flops"]["measured_vs_exact"] == 0
     assert fastv["flops"]["tflops_exact"] < none["flops"]["tflops_exact"]
     assert fastv["roofline"]["prefill"]["bytes"] == prefill_bytes(config, [625, 113], 4)
     assert fastv["roofline"]["decode"]["bytes"] == decode_bytes(config, [625, 113], 4)

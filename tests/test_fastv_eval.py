@@ -37,7 +37,8 @@ KEY = ("task", "test")
 
 def test_log_takes_each_docs_kept_indices_in_batch_order():
     # two docs (ids 7 and 3, in batch order), one image of 4 visual tokens each, 2 kept from layer 1 on
-    record = LayerRecord(tokens=[10, 8], visual=[4, 2], indices=torch.tensor([[0, 3], [1, 2]]))
+    record = LayerRecord(tokens=[10, 8], visual=[4, 2], indices=torch.tensor([[0, 3], [1, 2]]),
+                         visual_in=4, images=1)
     lmm = _logger(FASTV, [record])
     lmm._log_llm_pruning(*KEY, [7, 3], [[4], [4]], sequence_length=10)
     assert lmm.kept_tokens[KEY] == {7: [2], 3: [2]}
@@ -49,11 +50,13 @@ def test_log_takes_each_docs_kept_indices_in_batch_order():
 
 def test_log_of_beams_and_text_only_batches():
     # num_beams=2: generate repeats every sample's row, so 2 docs make 4 rows; the copies must agree
-    beams = LayerRecord(tokens=[10, 8], visual=[4, 2], indices=torch.tensor([[0, 3], [0, 3], [1, 2], [1, 2]]))
+    beams = LayerRecord(tokens=[10, 8], visual=[4, 2], indices=torch.tensor([[0, 3], [0, 3], [1, 2], [1, 2]]),
+                        visual_in=4, images=1)
     lmm = _logger(FASTV, [beams])
     lmm._log_llm_pruning(*KEY, [0, 1], [[4], [4]], sequence_length=10)
     assert lmm.kept_digests[KEY][1] == selection_digest([GridRecord(4, 2, torch.tensor([1, 2]))])
-    split = LayerRecord(tokens=[10, 8], visual=[4, 2], indices=torch.tensor([[0, 3], [0, 1], [1, 2], [1, 2]]))
+    split = LayerRecord(tokens=[10, 8], visual=[4, 2], indices=torch.tensor([[0, 3], [0, 1], [1, 2], [1, 2]]),
+                        visual_in=4, images=1)
     with pytest.raises(hiprune.PruningError, match="beams of one sample kept different"):
         _logger(FASTV, [split])._log_llm_pruning(*KEY, [0, 1], [[4], [4]], sequence_length=10)
     # no image: no prefill is pruned and every layer saw 0 visual tokens
@@ -63,7 +66,8 @@ def test_log_of_beams_and_text_only_batches():
 
 
 def test_log_fails_loudly_on_a_missing_extra_or_mismatched_record():
-    record = LayerRecord(tokens=[10, 8], visual=[4, 2], indices=torch.tensor([[0, 3], [1, 2]]))
+    record = LayerRecord(tokens=[10, 8], visual=[4, 2], indices=torch.tensor([[0, 3], [1, 2]]),
+                         visual_in=4, images=1)
     with pytest.raises(hiprune.PruningError, match="exactly one pruned prefill.*got 0"):
         _logger(FASTV, [])._log_llm_pruning(*KEY, [0, 1], [[4], [4]], sequence_length=10)
     with pytest.raises(hiprune.PruningError, match="exactly one pruned prefill.*got 2"):
@@ -136,7 +140,8 @@ def test_fastv_run_records_per_layer_tokens_and_flops(tmp_path, monkeypatch, sce
                      for n in tokens)
         attention = sum(2 * heads * n * n * 2 * head_dim for n in tokens)  # QK^T + AV, dense
         encoder = flops_exact(config, n_text, 64)  # vision tower + projector: all 64 tokens, by hand in test_flops
-        exact.append(encoder["vision"] + encoder["projector"] + linear + attention + 2 * d * vocab)  # lm_head: 1 row
+        scoring = 2 * heads * tokens[1] * (head_dim + 1)  # the last token's row in layer K - 1 = 1, column sums
+        exact.append(encoder["vision"] + encoder["projector"] + linear + attention + scoring + 2 * d * vocab)
     flops = record["flops"]
     assert flops["samples"] == 6 and flops["mean_visual_tokens"] == 64
     assert flops["mean_visual_tokens_per_layer"] == [64, 64, 16]

@@ -25,7 +25,7 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 import hiprune
 from eval.efficiency import bench as bench_module
-from eval.efficiency.flops import fastv_tokens_per_layer, flops_exact, flops_measured, tflops_fastv
+from eval.efficiency.flops import fastv_tokens_per_layer, flops_exact, flops_measured, llm_scoring_flops, tflops_fastv
 from eval.efficiency.tables import table5, token_drops
 from eval.lmms.base import selection_digest
 from eval.lmms.llava import HiPruneLlava
@@ -329,11 +329,15 @@ def test_flops_exact_matches_measured_for_two_stages(scene):
         ("attention_scores", exact["attention_scores"]),
     ):
         assert measured[part] == value, part
-    # what the exact count leaves out: the last query's scores in layers 0 and 1 (the layers before the stages),
-    # QK^T against the keys each held (4 heads of 32) and the softmax's column sum (one MAC per key and head)
+    # the last query's scores in layers 0 and 1 (the layers before the stages): QK^T against the keys each held
+    # (4 heads of 32) and the softmax's column sum (one MAC per key and head), as the prefill recorded them
     heads, head_dim = 4, 32
     scoring = sum(2 * heads * n * head_dim + 2 * heads * n for n in record.tokens[:2])
+    assert record.scoring == [[("last", 1, n) for n in record.tokens[:2]]]
+    assert llm_scoring_flops(model.config, record.scoring[0]) == scoring
     assert measured["total"] - exact["total"] == scoring
+    counted = flops_exact(model.config, n_text, record.visual, llm_scoring=scoring)
+    assert counted["total"] == measured["total"] and counted["llm_prefill"] == measured["language_model"]
     # FastV-convention counts from the schedule
     tokens = fastv_tokens_per_layer(3, n_text, 64, schedule=session.method.drop_schedule(64, 3))
     assert tokens == record.tokens == [n_text + 64, n_text + 32, n_text + 8]
@@ -426,7 +430,8 @@ def test_eval_log_and_summary_follow_the_schedule():
     key = ("task", "test")
     first = torch.tensor([list(range(0, 64, 2)), list(range(1, 64, 2))])
     last = torch.tensor([list(range(0, 64, 8)), list(range(1, 64, 8))])
-    record = LayerRecord(tokens=[80, 48, 24], visual=[64, 32, 8], indices=last, stages=[(1, first), (2, last)])
+    record = LayerRecord(tokens=[80, 48, 24], visual=[64, 32, 8], indices=last, stages=[(1, first), (2, last)],
+                         visual_in=64, images=1)
     lmm = _logger(two_stage(), [record])
     lmm._log_llm_pruning(*key, [7, 3], [[64], [64]], sequence_length=80)
     assert lmm.kept_tokens[key] == {7: [8], 3: [8]}
@@ -436,7 +441,8 @@ def test_eval_log_and_summary_follow_the_schedule():
     assert (summary["per_image_target"], summary["llm_input_per_image"], summary["pruned_from_layer"]) == (8, 64, 1)
     # a record that does not follow the method's schedule is a plumbing error
     for visual in ([64, 64, 8], [64, 32, 32]):
-        wrong = LayerRecord(tokens=[80, 48, 24], visual=visual, indices=last, stages=[(1, first), (2, last)])
+        wrong = LayerRecord(tokens=[80, 48, 24], visual=visual, indices=last, stages=[(1, first), (2, last)],
+                         visual_in=64, images=1)
         with pytest.raises(hiprune.PruningError, match="does not match"):
             _logger(two_stage(), [wrong])._log_llm_pruning(*key, [7, 3], [[64], [64]], sequence_length=80)
 

@@ -117,7 +117,6 @@ def test_schedule_options_and_validation():
         "seed": 0,
     }
     for options, match in (
-        ({"budget": 100}, "official schedules"),
         ({"budget": 0.5}, "official schedules"),
         ({"budget": 64, "schedule": [30]}, "not both"),
         ({"schedule": [30, 20]}, "one count per layer"),
@@ -128,6 +127,15 @@ def test_schedule_options_and_validation():
             hiprune.build_method("sparsevlm", **options)
     with pytest.raises(ValueError, match="pruning layers in 0..1"):
         hiprune.build_method("sparsevlm", budget=64).drop_schedule(64, 3)
+    # an int budget is a fraction of the image's tokens: 100 of 576 has no official schedule (checked before loading,
+    # on the model's token count); 640 of LLaVA-NeXT's 2880 is 128 of 576: the official counts x 5 (derived)
+    with pytest.raises(ValueError, match="official schedules"):
+        hiprune.build_method("sparsevlm", budget=100).drop_schedule(576, 32)
+    assert [s.keep for s in hiprune.build_method("sparsevlm", budget=640).drop_schedule(2880, 32)] == [1515, 550, 180]
+    with pytest.raises(ValueError, match="official schedules"):  # 160 of 2880 = 32 of 576
+        hiprune.build_method("sparsevlm", budget=160).drop_schedule(2880, 32)
+    # Qwen2.5-VL's ratios 0.334 / 0.223 / 0.112 are 192 / 128 / 64 of 576 within one token: scaled by N / 576
+    assert [s.keep for s in hiprune.build_method("sparsevlm", budget=0.112).drop_schedule(1152, 36)] == [132, 60, 34]
 
 
 def test_config_matches_the_method():

@@ -75,6 +75,7 @@ from eval.efficiency.flops import (
     fastv_tokens_per_layer,
     flops_exact,
     flops_measured,
+    llm_scoring_flops,
     tflops_fastv,
     vision_method_costs,
 )
@@ -489,6 +490,7 @@ class Case:
         self.keep = spec["keep"]
         # visual tokens per sequence at each decoder layer; LLM-side methods: checked against every pruned prefill
         self.visual_per_layer = list(spec["visual_per_layer"])
+        self.llm_scoring = 0  # LLM-side methods: the recorded prefill's scoring FLOPs per sequence (mean over rows)
         self.llm_side = self.method.stage == "llm"
         self.inputs = make_inputs(self.config, self.keep, self.batch, int(cfg.text_tokens_before_image),
                                   int(cfg.text_tokens_after_image), int(cfg.seed), device, dtype)
@@ -551,6 +553,8 @@ class Case:
                 f"{self.label}: expected {expected} pruned prefill(s) with {self.visual_per_layer} visual tokens per "
                 f"decoder layer for {self.batch} image(s), got {[r.visual for r in layer_records]}"
             )
+        for record in layer_records:
+            self.llm_scoring = sum(llm_scoring_flops(self.config, ops) for ops in record.scoring) // self.batch
 
     def _vision(self):
         self._prompts()
@@ -707,6 +711,8 @@ class Case:
         prompt = prompt_encoder_flops(self.encoder, adapter_patches(self.model), self.batch) if self.encoder else None
         visual = self.visual_per_layer  # LLM-side methods: what every pruned prefill of this case recorded
         costs = vision_method_costs(method, self.config, prompt_width(self.encoder))
+        if self.llm_scoring:
+            costs = {**costs, "llm_scoring": self.llm_scoring}
         flops = case_flops(self.config, self.n_text, visual, self.batch, score_layers, self.new_tokens, prompt, costs)
         measured = self.measured_flops
         if measured is not None:

@@ -59,6 +59,7 @@ __all__ = [
     "vision_method_costs",
     "fastv_tokens_per_layer",
     "flops_exact",
+    "llm_scoring_flops",
     "flops_measured",
     "sdpa_flop_formulas",
     "tflops_fastv",
@@ -179,6 +180,40 @@ def encoder_merges(method: Any, config: Any) -> list[int] | None:
     return method.merge_schedule(patches, resolve_budget(method.budget, patches), layers)
 
 
+def llm_scoring_flops(config: Any, ops: Sequence[tuple[str, int, int]]) -> int:
+    """FLOPs of the scoring an LLM-side method's drop schedule ran for one batch row (``LayerRecord.scoring``: the
+    plumbing's own arithmetic in the decoder, beyond the layers themselves), for :func:`flops_exact`'s
+    ``llm_scoring``. Matmuls only, as everywhere here (d hidden, H / Hkv heads, hd head dim):
+
+    - ("last", 1, n): the last token's attention row captured in the layer before a stage (FastV): QK^T and the
+      column sums as one product, 2 * H * n * (hd + 1);
+    - ("own", 1, n): the stage layer's own last-query row (PyramidDrop): q of one token, k of n tokens, QK^T:
+      2 * d * H * hd + 2 * n * d * Hkv * hd + 2 * H * n * hd;
+    - ("raters", R, n): R rater rows in the pruning layer (SparseVLM): 2 * R * d * H * hd + 2 * n * d * Hkv * hd +
+      2 * H * R * n * hd (a batch computes every row with its largest R; this is the row alone);
+    - ("rater_choice", M, N): text x image input embeddings, 2 * M * N * d;
+    - ("recycle", c, c): pairwise distances of c candidates (torch.cdist's mm form), 2 * c * c * (d + 2).
+    """
+    tc = _get(config, "text_config", default=config)
+    d, heads = tc.hidden_size, tc.num_attention_heads
+    kv_heads = _get(tc, "num_key_value_heads", default=heads)
+    head_dim = _get(tc, "head_dim", default=d // heads)
+    total = 0
+    for kind, queries, keys in ops:
+        q, n = int(queries), int(keys)
+        if kind == "last":
+            total += 2 * heads * n * (head_dim + 1) * q
+        elif kind in ("own", "raters"):
+            total += 2 * q * d * heads * head_dim + 2 * n * d * kv_heads * head_dim + 2 * heads * q * n * head_dim
+        elif kind == "rater_choice":
+            total += 2 * q * n * d
+        elif kind == "recycle":
+            total += 2 * q * n * (d + 2)
+        else:
+            raise ValueError(f"unknown LLM scoring operation {kind!r}")
+    return total
+
+
 def _get(cfg: Any, *names: str, default: Any = None) -> Any:
     for name in names:
         value = getattr(cfg, name, None)
@@ -202,6 +237,7 @@ def flops_exact(
     score_queries: Sequence[str] | None = None,
     selection: int = 0,
     projected_extra: int = 0,
+    llm_scoring: int = 0,
 ) -> dict[str, int]:
     """FLOPs (2 x MACs) of one sample through a LLaVA-1.5-style model (HF ``LlavaConfig``: CLIP vision tower,
     2-layer MLP projector, Llama-style LLM), as the HF implementation runs it.
@@ -232,6 +268,8 @@ def flops_exact(
     selection: a vision method's own selection arithmetic per image (``Method.selection_flops``), in "scoring".
     projected_extra: tokens per image a method sends through the projector on top of the patches (merged states, a
         CLS token passed on: ``Method.projected_tokens``).
+    llm_scoring: an LLM-side method's scoring inside the decoder for this sample (:func:`llm_scoring_flops` of its
+        ``LayerRecord.scoring``), in "llm_prefill" and "scoring".
 
     Returns FLOPs (not T) for "vision", "projector", "llm_prefill" (decoder layers), "lm_head" (prefill logits),
     "decode" (decoder layers and lm_head of all decode steps) and their sum "total"; plus two informational
@@ -304,7 +342,10 @@ def flops_exact(
     linear_per_token = 2 * (d * heads * head_dim + 2 * d * kv_heads * head_dim + heads * head_dim * d + 3 * d * m)
     llm_linear = sum(n * linear_per_token for n in tokens)
     llm_attn = sum(_sdpa_flops(1, heads, head_dim, head_dim, _attention_pairs(n, n, n > 1, attention)) for n in tokens)
-    llm_prefill = llm_linear + llm_attn
+    if int(llm_scoring) < 0:
+        raise ValueError("llm_scoring must be >= 0")
+    llm_prefill = llm_linear + llm_attn + int(llm_scoring)
+    scoring += int(llm_scoring)
 
     last = tokens[-1]
     positions = last if logits_to_keep == 0 else min(int(logits_to_keep), last)
@@ -374,6 +415,21 @@ def sdpa_flop_formulas(attention: str = "dense") -> dict[Any, Any]:
     return mapping
 
 
+def cdist_flop_formulas() -> dict[Any, Any]:
+    """``custom_mapping`` for FlopCounterMode: torch.cdist (SparseVLM's recycling), which torch does not count,
+    counted as the matmul of its mm-based form, 2 * P * R * (M + 2)."""
+    return {op: _cdist_formula for op in (getattr(_aten, n, None) for n in ("_euclidean_dist", "_cdist_forward")) if op}
+
+
+def _cdist_formula(x1_shape, x2_shape, *args, out_shape=None, **kwargs) -> int:
+    """[..., P, M] x [..., R, M] pairwise distances: the product of [P, M + 2] and [M + 2, R] that torch's mm form
+    computes (both operands extended by the squared norms and ones), for every leading batch entry."""
+    batch = 1
+    for size in x1_shape[:-2]:
+        batch *= int(size)
+    return 2 * batch * int(x1_shape[-2]) * int(x2_shape[-2]) * (int(x1_shape[-1]) + 2)
+
+
 # Module names that identify each part; the shortest matching path wins.
 _PARTS = {
     "vision": ("vision_tower", "visual", "vision_model"),
@@ -405,9 +461,10 @@ def flops_measured(model: torch.nn.Module, inputs: Mapping[str, Any], *, attenti
     :func:`flops_exact`'s "llm_prefill", for a cached one-token forward its per-step decode minus the lm_head),
     "lm_head", "other" (anything outside those modules), "total", "attention_scores" (FLOPs of all SDPA calls),
     and "by_op" ({op name: FLOPs} over the whole forward). Counted ops are torch's registered ones (mm, addmm,
-    bmm, baddbmm, convolution, ...) plus every SDPA backend via :func:`sdpa_flop_formulas`.
+    bmm, baddbmm, convolution, ...) plus every SDPA backend via :func:`sdpa_flop_formulas` and torch.cdist via
+    :func:`cdist_flop_formulas`.
     """
-    counter = FlopCounterMode(display=False, custom_mapping=sdpa_flop_formulas(attention))
+    counter = FlopCounterMode(display=False, custom_mapping={**sdpa_flop_formulas(attention), **cdist_flop_formulas()})
     with torch.no_grad(), counter:
         model(**inputs)
     counts = counter.get_flop_counts()

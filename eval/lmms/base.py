@@ -40,8 +40,8 @@ from hiprune.adapters.llm_pruning import resolve_schedule, visual_per_layer
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # The model's per-doc logs, {(task, split): {doc: ...}} (llm_visual_per_layer: LLM-side methods only, else empty);
 # a run records them, a data-parallel run merges them over its ranks.
-DOC_LOGS = ("kept_tokens", "kept_digests", "prefill_tokens", "llm_visual_per_layer", "capped_new_tokens",
-            "broken_docs")
+DOC_LOGS = ("kept_tokens", "kept_digests", "prefill_tokens", "llm_visual_per_layer", "llm_scoring",
+            "capped_new_tokens", "broken_docs")
 BROKEN_IMAGES = ("error", "skip")  # a sample whose image does not decode: stop the run | answer "" and record it
 
 
@@ -174,6 +174,9 @@ class HiPruneLMM(lmms):
         # LLM-side methods (FastV) only: doc ids per (task, split) -> visual tokens of that sample at each decoder
         # layer of its prefill (as the stages of the method's drop schedule left them), for FLOPs accounting
         self.llm_visual_per_layer: dict[tuple[str, str], dict[int, list[int]]] = {}
+        # LLM-side methods only: doc ids per (task, split) -> the scoring arithmetic its prefill row ran in the
+        # decoder (LayerRecord.scoring: (kind, queries, keys)), for FLOPs accounting
+        self.llm_scoring: dict[tuple[str, str], dict[int, list[tuple[str, int, int]]]] = {}
         # doc ids per (task, split) -> max_new_tokens of a sample whose prompt left less context than the task asked
         self.capped_new_tokens: dict[tuple[str, str], dict[int, int]] = {}
         # broken_images=skip: doc ids per (task, split) -> why its image did not decode (answered with "")
@@ -329,6 +332,20 @@ class HiPruneLMM(lmms):
         if isinstance(until, str):
             until = [until]
         batch, expected = self.build_inputs(contexts, images)
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for i, sample in enumerate(expected):
+            groups.setdefault(tuple(sample), []).append(i)
+        if self.method.stage == "llm" and len(groups) > 1:
+            # the LLM-side plumbing drops the same count from every row: samples whose images differ in token count
+            # (Qwen2.5-VL's image sizes) are generated in groups of equal counts (rows are independent)
+            answers: list[str] = [""] * len(contexts)
+            for members in groups.values():
+                part = self._generate_batch([contexts[i] for i in members], {**gen_kwargs, "until": until},
+                                            [doc_to_visual[i] for i in members], [doc_ids[i] for i in members],
+                                            task, split)
+                for i, answer in zip(members, part):
+                    answers[i] = answer
+            return answers
         max_new_tokens = int(gen_kwargs.get("max_new_tokens", self.max_new_tokens))
         caps = self._new_token_caps(batch["attention_mask"], max_new_tokens, doc_ids, task, split)
         prefill = self.prefill_tokens.setdefault((task, split), {})
@@ -442,20 +459,23 @@ class HiPruneLMM(lmms):
                 f"got {len(records)}"
             )
         [record] = records
-        inputs = {sum(sample) for sample in expected}
-        if len(images_per_doc) != 1 or len(inputs) != 1:
-            raise hiprune.PruningError(f"{name}: every sample of a batch needs the same images, got {expected}")
-        [images], [visual_in] = images_per_doc, inputs
+        # one visual of the drop schedule: an image (LLaVA-NeXT: all its crops as laid out), or a video
+        images, per_image_in = record.images, record.visual_in
+        # the grids' tokens of every sample (Video-LLaVA: each frame's CLS token comes on top of its grid)
+        if images < 1 or any(not 0 < sum(sample) <= images * per_image_in for sample in expected):
+            raise hiprune.PruningError(f"{name}: every sample of a batch needs {images} image(s) of {per_image_in} "
+                                       f"visual tokens as the prefill pruned, got grids of {expected}")
         indices = record.indices
-        schedule = resolve_schedule(self.method, visual_in // images, n_layers)
-        per_layer = [images * v for v in visual_per_layer(schedule, visual_in // images, n_layers)]
+        schedule = resolve_schedule(self.method, per_image_in, n_layers)
+        per_layer = [images * v for v in visual_per_layer(schedule, per_image_in, n_layers)]
         last = schedule[-1].keep + schedule[-1].added  # SparseVLM: recycled tokens come after the kept ones
         if (indices is None or indices.dim() != 2 or record.visual != per_layer or indices.shape[1] != last
                 or record.tokens[0] != sequence_length):
             raise hiprune.PruningError(
                 f"{name}: the prefill record (visual tokens per layer {record.visual}, tokens {record.tokens}, kept "
                 f"indices {None if indices is None else tuple(indices.shape)}) does not match a batch of "
-                f"{len(doc_ids)} samples x {images} image(s), {visual_in} visual tokens each, length {sequence_length}"
+                f"{len(doc_ids)} samples x {images} image(s), {per_image_in} visual tokens each, length "
+                f"{sequence_length}"
             )
         rows, remainder = divmod(indices.shape[0], images)
         copies = rows // len(doc_ids)  # generate expands every sample into num_beams rows (repeat_interleave)
@@ -465,7 +485,6 @@ class HiPruneLMM(lmms):
         kept = int(indices.shape[1])
         log = self.kept_tokens.setdefault((task, split), {})
         digests = self.kept_digests.setdefault((task, split), {})
-        per_image_in = visual_in // images
         for row, doc_id in enumerate(doc_ids):
             start = row * copies * images
             doc_indices = indices[start : start + images]
@@ -476,6 +495,8 @@ class HiPruneLMM(lmms):
             log[doc_id] = [kept] * images
             digests[doc_id] = selection_digest([GridRecord(per_image_in, kept, image) for image in doc_indices])
             visual_log[doc_id] = list(record.visual)
+            if record.scoring:
+                self.llm_scoring.setdefault((task, split), {})[doc_id] = list(record.scoring[row * copies])
 
     def capped_generation_summary(self) -> dict:
         """Samples whose max_new_tokens was capped to the context their prompt left, and each one's cap."""
@@ -503,7 +524,15 @@ class HiPruneLMM(lmms):
             "max_kept_per_image": max(counts) if counts else None,
         }
         if self.method.stage == "llm":
-            llm_input = summary["per_image_target"]
+            # what the LLM's input held per image, from the per-doc logs (images of one size on LLaVA-1.5 / NeXT's
+            # reference; each its own on Qwen2.5-VL; an image or a video on Video-LLaVA)
+            inputs = sorted({visual[0] // len(self.kept_tokens[key][doc])
+                             for key, per_doc in self.llm_visual_per_layer.items()
+                             for doc, visual in per_doc.items() if self.kept_tokens.get(key, {}).get(doc)})
+            llm_input = inputs[0] if len(inputs) == 1 else summary["per_image_target"]
+            if llm_input is None:  # no image answered yet, or images of several sizes
+                summary.update(per_image_target=None, llm_input_per_image=inputs or None, pruned_from_layer=None)
+                return summary
             schedule = resolve_schedule(self.method, llm_input, self.decoder_layers)
             summary["per_image_target"] = schedule[-1].keep + schedule[-1].added
             summary.update(llm_input_per_image=llm_input, pruned_from_layer=schedule[0].layer)

@@ -42,7 +42,7 @@ from transformers import AutoConfig, AutoModelForImageTextToText
 
 import hiprune
 from eval.config import CONFIG_DIR, ConfigError, repo_path, repo_relative
-from eval.efficiency.flops import encoder_merges, flops_exact, tflops_fastv
+from eval.efficiency.flops import encoder_merges, flops_exact, llm_scoring_flops, tflops_fastv
 from eval.lmms.base import BROKEN_IMAGES, check_option_types, lmms_model_class
 from eval.running.fingerprint import local_inputs
 from eval.running.methods import build_from_config, not_implemented_notice
@@ -371,33 +371,34 @@ def flops_summary(model, config) -> dict[str, Any]:
     text = config.text_config
     n_layers = text.num_hidden_layers
     llm_side = model.method.stage == "llm"
-    samples = []  # (text tokens, visual tokens at each decoder layer)
+    samples = []  # (text tokens, visual tokens at each decoder layer, the LLM-side scoring's FLOPs)
     for key, kept_by_doc in model.kept_tokens.items():
         for doc_id, kept in kept_by_doc.items():
             if len(kept) == 1:
                 visual = list(model.llm_visual_per_layer[key][doc_id]) if llm_side else [kept[0]] * n_layers
-                samples.append((model.prefill_tokens[key][doc_id] - visual[0], visual))
+                ops = getattr(model, "llm_scoring", {}).get(key, {}).get(doc_id, []) if llm_side else []
+                samples.append((model.prefill_tokens[key][doc_id] - visual[0], visual, llm_scoring_flops(config, ops)))
     if not samples:
         return {"note": "no single-image samples"}
     try:
         merges = encoder_merges(model.method, config)  # encoder-stage methods: tokens merged inside the tower
-        exact = [flops_exact(config, n_text, visual, logits_to_keep=1, encoder_merges=merges)["total"]
-                 for n_text, visual in samples]
+        exact = [flops_exact(config, n_text, visual, logits_to_keep=1, encoder_merges=merges, llm_scoring=scoring)
+                 ["total"] for n_text, visual, scoring in samples]
     except NotImplementedError as exc:
         return {"note": f"not counted for this architecture: {exc}"}
     fastv = [
         tflops_fastv(n_layers, text.hidden_size, text.intermediate_size, [n_text + v for v in visual])
-        for n_text, visual in samples
+        for n_text, visual, _ in samples
     ]
     summary = {
         "samples": len(samples),
-        "mean_text_tokens": sum(t for t, _ in samples) / len(samples),
-        "mean_visual_tokens": sum(v[0] for _, v in samples) / len(samples),
+        "mean_text_tokens": sum(t for t, _, _ in samples) / len(samples),
+        "mean_visual_tokens": sum(v[0] for _, v, _ in samples) / len(samples),
         "tflops_fastv": sum(fastv) / len(fastv),
         "tflops_exact": sum(exact) / len(exact) / 1e12,
     }
     if llm_side:
-        per_layer = zip(*(visual for _, visual in samples))
+        per_layer = zip(*(visual for _, visual, _ in samples))
         summary["mean_visual_tokens_per_layer"] = [sum(layer) / len(samples) for layer in per_layer]
     return summary
 

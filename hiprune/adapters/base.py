@@ -95,12 +95,22 @@ class LayerRecord:
         forward pruned nothing.
     stages: every stage of the schedule that ran, in order: (first decoder layer on the shortened sequence, kept
         indices [rows * images per row, kept], as ``indices``); the last one's indices are ``indices``.
+    visual_in: visual tokens of one image at the LLM's input (a visual: an image, LLaVA-NeXT's image of all its crops,
+        a video); images: images per row (0: not recorded).
+    scoring: per batch row, the scoring arithmetic the plumbing ran for it, in order, as (kind, queries, keys):
+        "last" / "own" (the last token's attention row over ``keys`` tokens: captured in the layer before, or
+        recomputed in the stage's layer with its q / k projections), "raters" (``queries`` rater rows, recomputed),
+        "rater_choice" (``queries`` text x ``keys`` image embeddings), "recycle" (pairwise distances of ``queries``
+        candidates); ``eval.efficiency.flops.llm_scoring_flops`` counts them.
     """
 
     tokens: list[int]
     visual: list[int]
     indices: torch.Tensor | None
     stages: list[tuple[int, torch.Tensor]] = field(default_factory=list)
+    visual_in: int = 0
+    images: int = 0
+    scoring: list[list[tuple[str, int, int]]] = field(default_factory=list)
 
 
 @dataclass

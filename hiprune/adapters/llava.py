@@ -12,7 +12,6 @@ decoder plumbing of ``hiprune.adapters.llm_pruning`` knows where the image token
 
 from __future__ import annotations
 
-import inspect
 from contextlib import ExitStack
 from typing import Any
 
@@ -30,7 +29,7 @@ from hiprune.adapters.base import (
     stack_selections,
 )
 from hiprune.adapters.clip_tower import ClipTowerAdapter
-from hiprune.adapters.llm_pruning import VisualTokenDrop, check_llm_method
+from hiprune.adapters.llm_pruning import check_llm_method, install_decoder_drop
 from hiprune.methods.base import Method, Selection, resolve_budget
 
 
@@ -100,38 +99,8 @@ class LlavaAdapter(ClipTowerAdapter):
         return {"image": lambda inputs, index: keep}
 
     def _install_llm_pruning(self, stack: ExitStack, session: PruningSession) -> None:
-        language_model = self.inner.language_model
-        drop = VisualTokenDrop(session, language_model.layers, self.num_patches(), language_model.rotary_emb)
-        drop.install(stack)
-        original = self.inner.forward  # bound method of the class
-        signature = inspect.signature(original)
-        image_token_id = self.config.image_token_id
-
-        def forward(*args, **kwargs):
-            bound = signature.bind_partial(*args, **kwargs).arguments
-            input_ids, inputs_embeds = bound.get("input_ids"), bound.get("inputs_embeds")
-            images = bound.get("pixel_values") is not None or bound.get("mm_encoder_outputs") is not None
-            if input_ids is not None and images:  # a decode step may generate the image token's id: not an image
-                image_mask = input_ids == image_token_id
-            elif inputs_embeds is not None and images:  # HF's own rule: placeholders hold the image token's embedding
-                token = torch.tensor(image_token_id, device=inputs_embeds.device)
-                image_mask = (inputs_embeds == self.inner.get_input_embeddings()(token)).all(-1)
-            else:
-                image_mask = None
-                extra = bound.get("kwargs") or {}
-                cache = bound.get("cache", extra.get("past_key_values"))
-                prefill = cache is None or cache.get_seq_length() == 0
-                if inputs_embeds is not None and inputs_embeds.shape[1] > 1 and prefill:
-                    # Embeddings with the image features already scattered in: nothing says where the images are,
-                    # and running unpruned would be a silent fallback.
-                    raise PruningError(
-                        f"{session.method.name} needs input_ids (or pixel_values with placeholder embeddings) to "
-                        "locate the image tokens; a prefill from pre-merged inputs_embeds cannot be pruned"
-                    )
-            with drop.forward(image_mask, bound.get("attention_mask")):
-                return original(*args, **kwargs)
-
-        patch_attribute(stack, self.inner, "forward", forward)
+        install_decoder_drop(stack, session, self.inner, self.inner.language_model, [self.config.image_token_id],
+                             tokens_per_image=self.num_patches())
 
     def _select(self, session, out, captured, pixel_values, budget, keep):
         features = torch.stack(list(out.pooler_output))  # [B, N, D]

@@ -43,7 +43,6 @@ grid the method saw (native: the crop's unpadded rectangle, raster order).
 from __future__ import annotations
 
 import inspect
-from collections.abc import Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Any
@@ -66,6 +65,7 @@ from hiprune.adapters.base import (
     stable_ids,
 )
 from hiprune.adapters.clip_tower import ClipTowerAdapter
+from hiprune.adapters.llm_pruning import check_llm_method, install_decoder_drop
 from hiprune.methods.base import Method
 
 __all__ = [
@@ -144,7 +144,7 @@ def _size_list(image_size: Any) -> list[int]:
 class LlavaNextAdapter(ClipTowerAdapter):
     family = "llava_next"
     model_types = (LlavaNextForConditionalGeneration,)
-    stages = ("none", "vision", "encoder")
+    stages = ("none", "vision", "encoder", "llm")  # llm: hiprune.adapters.llm_pruning, an image = all its crops
     passes_cls = True  # official layout: methods with keeps_cls (VisionZip) as the VisionZip code lays them out
 
     def __init__(self, model: LlavaNextForConditionalGeneration, layout: str = "official"):
@@ -225,6 +225,9 @@ class LlavaNextAdapter(ClipTowerAdapter):
         return self.image_layout(size, method).total
 
     def check_supported(self, method: Method, prompt_encoder: Any = None) -> None:
+        if method.stage == "llm":  # the reference image's tokens (official: 5 x 576 = 2880) at the LLM's input
+            check_llm_method(method, self.config.text_config, self.family, self.tokens_per_image(method))
+            return
         super().check_supported(method, prompt_encoder)
         if splits_visuals(method) and self.layout != "official":
             raise ValueError(
@@ -320,6 +323,8 @@ class LlavaNextAdapter(ClipTowerAdapter):
 
         patch_attribute(stack, self.inner, "get_image_features", get_image_features)
         patch_attribute(stack, self.inner, "pack_image_features", pack_image_features)
+        if method.stage == "llm":  # every image (all its crops, as laid out) is one visual of the drop schedule
+            install_decoder_drop(stack, session, self.inner, self.inner.language_model, [self.config.image_token_id])
 
     def placeholder_counts(self, method: Method) -> dict:
         return {"image": lambda inputs, index: self.image_layout(inputs["image_sizes"][index], method).total}

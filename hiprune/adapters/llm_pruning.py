@@ -18,9 +18,11 @@ An added token takes the prefill column of a token its stage dropped, so decode-
 
 How it enters a transformers 5 decoder (``LlamaModel``) without replacing its forward:
 
-- The family adapter wraps its multimodal forward in :meth:`VisualTokenDrop.forward`, which is told where the image
-  tokens are (a [B, T] mask). A forward with image tokens is a *prefill*; any other forward is a decode step (or a
-  text-only call).
+- The family adapter wraps its multimodal forward in :meth:`VisualTokenDrop.forward` (:func:`install_decoder_drop`:
+  the family names its visual placeholder ids), which is told where the image tokens are (a [B, T] mask) and how
+  many each visual holds (LLaVA-1.5: 576; elsewhere each run of visual tokens is one visual -- a LLaVA-NeXT image of
+  all its crops, a Qwen2.5-VL image, a Video-LLaVA image or video); the schedule is resolved for that count. A
+  forward with image tokens is a *prefill*; any other forward is a decode step (or a text-only call).
 - During a prefill, the attention module of every layer ``layer - 1`` a "previous" stage scores with is rerouted through
   :class:`hiprune.capture.AttentionScores` with the "last" query mode: the layer's output still comes from the
   model's own kernel, and the last token's attention row (mean over heads) is recorded on the side. Other layers
@@ -38,17 +40,21 @@ How it enters a transformers 5 decoder (``LlamaModel``) without replacing its fo
   or the 2-D attention mask), as in the official FastV code. Without a KV cache (``use_cache=False``) every
   generation step is a prefill and selects again from its own last token.
 - Every pruned prefill appends a :class:`~hiprune.adapters.base.LayerRecord` to the session: the sequence length
-  each decoder layer ran on, the visual tokens among them, and the kept indices of every image after each stage.
+  each decoder layer ran on, the visual tokens among them, the kept indices of every image after each stage, and
+  the scoring arithmetic each row ran (for FLOPs).
+- Positions: the method's rule, unless the family fixes one (Qwen2.5-VL: "original", its layers get M-RoPE's
+  (cos, sin) and no 1-D position ids; decoding continues from HF's ``rope_deltas`` of the unpruned prefill).
 
-Supported: Llama decoders under eager or SDPA attention, ``DynamicCache`` (HF ``generate``'s default; greedy,
+Supported: Llama-style decoders (Llama, Mistral, Qwen2.5-VL's text model) under eager or SDPA attention, ``DynamicCache`` (HF ``generate``'s default; greedy,
 sampling and beam search -- beams of one sample share its prefill, so reordering them leaves the kept positions
-valid) or no cache, left-padded batches with the same number of images in every row. Anything else (StaticCache,
+valid) or no cache, left-padded batches with the same number of images of one token count in every row. Anything else (StaticCache,
 a cache cropped into the prefill or pre-filled by another forward, right padding, flash/flex attention, a prepared 4-D mask) raises
 a PruningError naming it rather than running unpruned or misaligned.
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
@@ -60,11 +66,14 @@ import torch
 from torch import nn
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
-from hiprune.adapters.base import LayerRecord, PruningError, PruningSession
+from hiprune.adapters.base import LayerRecord, PruningError, PruningSession, patch_attribute
 from hiprune.capture import AttentionScores
 from hiprune.methods.base import DROP_POSITIONS, SCORE_SOURCES, DropStage, Method
 
-SUPPORTED_DECODERS = ("llama",)
+# Decoders whose layers this plumbing drives: Llama-style pre-norm layers (input_layernorm, self_attn with q / k
+# projections and rotate-half RoPE from position_embeddings). Qwen2.5-VL's text model has the same layer; its M-RoPE
+# is already folded into the (cos, sin) [B, T, head_dim] every layer gets.
+SUPPORTED_DECODERS = ("llama", "mistral", "qwen2_5_vl_text")
 SUPPORTED_ATTENTION = ("eager", "sdpa")
 # Attribute of the KV cache object holding what a pruned prefill kept (the cache lives as long as the generation).
 _PRUNED_PREFILL = "_hiprune_pruned_prefill"
@@ -132,9 +141,14 @@ def visual_per_layer(schedule: Sequence[DropStage], visual_tokens: int, decoder_
     return counts
 
 
-def check_llm_method(method: Method, text_config: Any, family: str, visual_tokens: int) -> None:
+def check_llm_method(
+    method: Method, text_config: Any, family: str, visual_tokens: int, positions: str | None = None
+) -> None:
     """Raise ValueError if this plumbing cannot run ``method`` on a decoder with ``text_config`` for images of
-    ``visual_tokens`` tokens at the LLM's input (a schedule's counts may depend on both, e.g. FastV's avg_layers)."""
+    ``visual_tokens`` tokens at the LLM's input (a schedule's counts may depend on both, e.g. FastV's avg_layers).
+
+    positions: the family's position rule for the kept tokens, overriding :meth:`Method.drop_positions` (None: the
+    method's; Qwen2.5-VL: "original", kept tokens keep their M-RoPE positions)."""
     n_layers = text_config.num_hidden_layers
     try:
         if type(method).select_from_attention is Method.select_from_attention:
@@ -150,12 +164,9 @@ def check_llm_method(method: Method, text_config: Any, family: str, visual_token
             "runs a drop schedule: a method's drop_schedule, each stage ranked with its select_from_attention by "
             "the last prompt token's attention in the layer before or in the stage's own layer)"
         ) from None
-    if method.drop_positions() not in DROP_POSITIONS:
-        raise ValueError(
-            f"method {method.name!r}: drop positions must be one of {DROP_POSITIONS}, got {method.drop_positions()!r}"
-        )
-    if any(s.added for s in schedule) and method.drop_positions() != "compact":
-        raise ValueError(f"method {method.name!r} adds tokens at a drop stage, which needs compact positions")
+    positions = method.drop_positions() if positions is None else positions
+    if positions not in DROP_POSITIONS:
+        raise ValueError(f"method {method.name!r}: drop positions must be one of {DROP_POSITIONS}, got {positions!r}")
     model_type = getattr(text_config, "model_type", None)
     if model_type not in SUPPORTED_DECODERS:
         raise ValueError(
@@ -198,6 +209,8 @@ class _Prefill:
     length: int  # T, the prefill's sequence length
     captures: dict[int, AttentionScores]  # stage index -> last-query attention of the layer before it ("previous")
     layer_tokens: list[int] = field(default_factory=list)  # sequence length each decoder layer ran on
+    # per batch row: the scoring arithmetic the plumbing ran for it, (kind, queries, keys) (LayerRecord.scoring)
+    scoring: list[list[tuple[str, int, int]]] = field(default_factory=list)
     layer_visual: list[int] = field(default_factory=list)  # visual tokens per row each decoder layer ran on
     held: torch.Tensor | None = None  # [B, T'] prefill positions the current (shortened) sequence holds; None: all
     image_kept: torch.Tensor | None = None  # [B * images, n] indices into each image's tokens still held; None: all
@@ -206,6 +219,7 @@ class _Prefill:
     cached: PrunedPrefill | None = None  # what this prefill stored on its KV cache
     real: torch.Tensor | None = None  # [B, T] False at padding (None: no padding mask)
     raters: list[torch.Tensor] | None = None  # per row: prefill positions of its text raters ("raters" stages)
+    choice: list[tuple[str, int, int]] = field(default_factory=list)  # per row: the raters' choice (scoring)
     stash: dict[int, tuple[torch.Tensor, dict]] = field(default_factory=dict)  # layer -> its inputs ("raters")
     # [B * images, N + added so far]: the prefill column each image token id stands at; ids >= N are tokens a stage
     # added (they take the column of a token dropped at that stage, so decode masks stay valid); None: no additions
@@ -213,38 +227,53 @@ class _Prefill:
 
 
 class VisualTokenDrop:
-    """Runs ``session.method``'s drop schedule on ``decoder_layers`` (a Llama decoder's layers).
+    """Runs ``session.method``'s drop schedule on ``decoder_layers`` (a Llama-style decoder's layers).
 
-    tokens_per_image: visual tokens of one image in the sequence (LLaVA-1.5: 576).
+    tokens_per_image: visual tokens of one image (one *visual*: an image, a LLaVA-NeXT image of all its crops, a
+        video) in the sequence, when the family fixes it (LLaVA-1.5: 576); None: each prefill says it
+        (:meth:`forward`), and the schedule is resolved for that count (Qwen2.5-VL's images, LLaVA-NeXT's, videos).
     rotary: the decoder's rotary embedding (``LlamaModel.rotary_emb``: (hidden, position_ids) -> (cos, sin)); needed
         by methods with compact positions (:meth:`Method.drop_positions`), which renumber the kept tokens.
+    positions: the family's position rule, overriding the method's (None: :meth:`Method.drop_positions`): Qwen2.5-VL
+        passes "original" (kept tokens keep their M-RoPE positions; its layers get no 1-D position ids to renumber).
     """
 
     def __init__(
         self,
         session: PruningSession,
         decoder_layers: nn.ModuleList,
-        tokens_per_image: int,
+        tokens_per_image: int | None,
         rotary: nn.Module | None = None,
+        positions: str | None = None,
     ):
         self.session = session
         self.method = session.method
         self.layers = decoder_layers
-        self.tokens_per_image = int(tokens_per_image)
-        self.schedule = resolve_schedule(self.method, self.tokens_per_image, len(decoder_layers))
-        positions = self.method.drop_positions()
+        positions = self.method.drop_positions() if positions is None else positions
         if positions not in DROP_POSITIONS:
             raise PruningError(f"{self.method.name}: drop positions must be one of {DROP_POSITIONS}, got {positions!r}")
         self.compact = positions == "compact"
-        if any(stage.added for stage in self.schedule) and not self.compact:
-            raise PruningError(f"{self.method.name} adds tokens at a drop stage, which needs compact positions")
-        self._raters_layers = {stage.layer - 1 for stage in self.schedule if stage.score == "raters"}
         if self.compact and rotary is None:
             raise PruningError(f"{self.method.name} renumbers positions after each drop and needs the rotary embedding")
         self.rotary = rotary
+        self.tokens_per_image: int | None = None
+        self._schedules: dict[int, list[DropStage]] = {}
+        if tokens_per_image is not None:
+            self._configure(int(tokens_per_image))  # validates the schedule before anything runs
+        self._prefill: _Prefill | None = None
+
+    def _configure(self, tokens_per_image: int) -> None:
+        """Resolve the schedule for visuals of ``tokens_per_image`` tokens (cached per count)."""
+        if tokens_per_image not in self._schedules:
+            try:
+                self._schedules[tokens_per_image] = resolve_schedule(self.method, tokens_per_image, len(self.layers))
+            except ValueError as exc:
+                raise PruningError(f"an image of {tokens_per_image} visual tokens: {exc}") from exc
+        self.tokens_per_image = tokens_per_image
+        self.schedule = self._schedules[tokens_per_image]
+        self._raters_layers = {stage.layer - 1 for stage in self.schedule if stage.score == "raters"}
         self.first_layer = self.schedule[0].layer
         self._stage_at = {stage.layer: i for i, stage in enumerate(self.schedule)}
-        self._prefill: _Prefill | None = None
 
     # --- installation --------------------------------------------------------------------------------------
     def install(self, stack: ExitStack) -> None:
@@ -254,13 +283,23 @@ class VisualTokenDrop:
             stack.callback(handle.remove)
 
     @contextmanager
-    def forward(self, image_mask: torch.Tensor | None, attention_mask: torch.Tensor | None) -> Iterator[None]:
-        """Wrap one multimodal forward. image_mask: [B, T] True at image tokens (None or all False: no prefill)."""
+    def forward(
+        self,
+        image_mask: torch.Tensor | None,
+        attention_mask: torch.Tensor | None,
+        tokens_per_image: int | None = None,
+    ) -> Iterator[None]:
+        """Wrap one multimodal forward. image_mask: [B, T] True at image tokens (None or all False: no prefill);
+        tokens_per_image: tokens of each visual in this forward (None: the count fixed at construction)."""
         if self._prefill is not None:
             raise PruningError("a forward started while another pruned prefill was still running (re-entrant call)")
         if image_mask is None or not bool(image_mask.any()):
             yield
             return
+        if tokens_per_image is not None:
+            self._configure(int(tokens_per_image))
+        elif self.tokens_per_image is None:
+            raise PruningError(f"{self.method.name}: the adapter did not say how many tokens each image holds")
         image_positions = self._image_positions(image_mask)
         self._check_padding(attention_mask, image_mask.shape)
         self._check_attention()
@@ -294,6 +333,12 @@ class VisualTokenDrop:
                         visual=list(prefill.layer_visual),
                         indices=stages[-1][1],
                         stages=stages,
+                        visual_in=self.tokens_per_image,
+                        images=int(image_positions.shape[1]),
+                        scoring=[
+                            ([prefill.choice[row]] if prefill.choice else []) + ops
+                            for row, ops in enumerate(prefill.scoring)
+                        ],
                     )
                 )
             finally:
@@ -347,8 +392,6 @@ class VisualTokenDrop:
                 raise PruningError(f"decoder layer {index} was called without hidden states")
             if self._prefill is not None:
                 return self._prefill_layer(index, args, kwargs, hidden)
-            if index < self.first_layer:
-                return None
             return self._decode_step(index, args, kwargs, hidden)
 
         return hook
@@ -389,15 +432,26 @@ class VisualTokenDrop:
         batch, length = hidden.shape[:2]
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         self._check_cache(cache, stage.layer)
+        if not prefill.scoring:
+            prefill.scoring = [[] for _ in range(batch)]
+        # the records count each row as if it ran alone: without its left padding (never dropped)
+        padding = [0] * batch if prefill.real is None else (~prefill.real).sum(dim=1).tolist()
         if stage.score == "own":
             scores = own_last_query_attention(self.layers[stage.layer], hidden, kwargs)
+            for ops, pad in zip(prefill.scoring, padding, strict=True):
+                ops.append(("own", 1, length - pad))
         elif stage.score == "raters":
             scores = self._rater_scores(stage)
+            keys = prefill.layer_tokens[stage.layer - 1]
+            for ops, raters, pad in zip(prefill.scoring, prefill.raters, padding, strict=True):
+                ops.append(("raters", len(raters), keys - pad))
         else:
             try:
                 scores = prefill.captures[stage_index].collect()["last"]
             except RuntimeError as exc:
                 raise PruningError(f"layer {stage.layer - 1}'s attention was not captured: {exc}") from exc
+            for ops, pad in zip(prefill.scoring, padding, strict=True):
+                ops.append(("last", 1, prefill.layer_tokens[stage.layer - 1] - pad))
         if scores.shape != (batch, length):
             raise PruningError(f"last-query attention has shape {tuple(scores.shape)}, expected ({batch}, {length})")
         positions = prefill.image_positions.to(hidden.device)
@@ -512,7 +566,8 @@ class VisualTokenDrop:
     def _drop_and_add(self, stage_index, args, kwargs, hidden, keep, current, kept, image_scores, image_kept, table):
         """A stage that adds tokens (:meth:`Method.recycle_tokens`) after dropping: each image's new tokens go right after
         its last kept visual token; they take the prefill columns of dropped tokens of that image (for decode-step
-        masks) and new image token ids N, N + 1, ... (for the records and the later stages). Positions: compact."""
+        masks) and new image token ids N, N + 1, ... (for the records and the later stages). Positions: compact
+        (renumbered), or original (each new token takes the position of the dropped token whose column it takes)."""
         prefill, stage = self._prefill, self.schedule[stage_index]
         batch, length, width = hidden.shape
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
@@ -533,6 +588,9 @@ class VisualTokenDrop:
         for row in range(rows):
             try:
                 tokens = self.method.recycle_tokens(dropped_hidden[row], dropped_scores[row], stage_index)
+                candidates = self.method.recycle_candidates(dropped_hidden.shape[1])
+                if candidates:  # the pairwise distances among the candidates (the counted arithmetic)
+                    prefill.scoring[row // images].append(("recycle", candidates, candidates))
             except ValueError as exc:
                 raise PruningError(f"{self.method.name} recycling failed: {exc}") from exc
             if not isinstance(tokens, torch.Tensor) or tuple(tokens.shape) != (added, width):
@@ -565,11 +623,19 @@ class VisualTokenDrop:
             if prefill.real is None
             else prefill.real.to(device).gather(1, held_positions)
         )
-        position_ids = (real.long().cumsum(dim=1) - 1).masked_fill(~real, 1)  # HF's numbering of a padded row
-        shortened: dict[str, Any] = {
-            "position_ids": position_ids,
-            "position_embeddings": self.rotary(hidden, position_ids),
-        }
+        if self.compact:
+            position_ids = (real.long().cumsum(dim=1) - 1).masked_fill(~real, 1)  # HF's numbering of a padded row
+            shortened: dict[str, Any] = {
+                "position_ids": position_ids,
+                "position_embeddings": self.rotary(hidden, position_ids),
+            }
+        else:  # original positions: a new token takes the position of the dropped token whose column it takes
+            new_current = current.view(rows, held).gather(1, dropped[:, :added]).view(batch, images * added)
+            at = torch.cat([keep, new_current], dim=1).gather(1, order)  # index in the current sequence
+            cos, sin = kwargs["position_embeddings"]
+            shortened = {"position_embeddings": (_take(cos, at, dim=1), _take(sin, at, dim=1))}
+            if kwargs.get("position_ids") is not None:
+                shortened["position_ids"] = _take(kwargs["position_ids"], at, dim=1)
         mask = kwargs.get("attention_mask")
         if mask is not None:
             if not isinstance(mask, torch.Tensor) or mask.dim() != 4 or mask.shape[-2:] != (length, length):
@@ -617,6 +683,7 @@ class VisualTokenDrop:
             if not bool(chosen.any()):
                 raise PruningError(f"{self.method.name} chose no text rater for batch row {row}")
             raters.append(after[chosen])
+            self._prefill.choice.append(("rater_choice", len(after), len(image)))
         return raters
 
     def _rater_scores(self, stage: DropStage) -> torch.Tensor:
@@ -664,7 +731,7 @@ class VisualTokenDrop:
             return None  # a forward with neither images nor a pruned cache: nothing was pruned
         held_positions = record.held(index)
         if held_positions is None:
-            raise PruningError(f"decoder layer {index}'s pruned prefill record holds no stage at or before it")
+            return None  # a layer before the prefill's first stage holds the whole prefill
         batch, q_len = hidden.shape[:2]
         full = cache.layers[0].get_seq_length()  # layer 0 already holds this forward's tokens
         past_new = full - q_len - record.prefill_length  # tokens generated after the prefill, before this forward
@@ -698,6 +765,94 @@ class VisualTokenDrop:
         if not changed:
             return None
         return args, {**kwargs, **changed}
+
+
+def install_decoder_drop(
+    stack: ExitStack,
+    session: PruningSession,
+    model: nn.Module,
+    language_model: nn.Module,
+    visual_token_ids: Sequence[int],
+    tokens_per_image: int | None = None,
+    positions: str | None = None,
+    visual_inputs: Sequence[str] = ("pixel_values",),
+    refused_token_ids: dict[int, str] | None = None,
+) -> VisualTokenDrop:
+    """Install ``session.method``'s drop schedule on ``language_model`` (``.layers``, ``.rotary_emb``) and wrap
+    ``model.forward`` (the family's multimodal model: it embeds, scatters the visual features, calls the decoder) so
+    the plumbing knows where each forward's visual tokens are. What a family states, nothing else:
+
+    visual_token_ids: the placeholder ids of the visual tokens the method prunes (LLaVA: the image token; Video-LLaVA:
+        image and video tokens; Qwen2.5-VL: the image pad token).
+    tokens_per_image: the tokens of every visual when the family fixes it (LLaVA-1.5: 576; a run of k * 576 is k
+        images); None: every maximal run of visual tokens is one visual, and all of one forward must have the same
+        count (LLaVA-NeXT's images of all their crops, Qwen2.5-VL's images, Video-LLaVA's images or videos).
+    positions: the family's position rule (see :class:`VisualTokenDrop`); None: the method's.
+    visual_inputs: forward arguments that carry visual inputs (a forward with any of them, or with encoder outputs
+        computed beforehand by ``generate``, is a prefill).
+    refused_token_ids: placeholder id -> why a prefill holding it cannot be pruned (Qwen2.5-VL's videos).
+    """
+    drop = VisualTokenDrop(session, language_model.layers, tokens_per_image, language_model.rotary_emb, positions)
+    drop.install(stack)
+    original = model.forward  # bound method of the class
+    signature = inspect.signature(original)
+    ids = [int(i) for i in visual_token_ids]
+    refused = dict(refused_token_ids or {})
+
+    def forward(*args, **kwargs):
+        bound = signature.bind_partial(*args, **kwargs).arguments
+        extra = bound.get("kwargs") or {}
+        input_ids, inputs_embeds = bound.get("input_ids"), bound.get("inputs_embeds")
+        images = any(bound.get(k, extra.get(k)) is not None for k in (*visual_inputs, "mm_encoder_outputs"))
+        if input_ids is not None and images:  # a decode step may generate a visual token's id: not a visual
+            for token, why in refused.items():
+                if bool((input_ids == token).any()):
+                    raise PruningError(f"{session.method.name}: {why}")
+            image_mask = torch.isin(input_ids, torch.tensor(ids, device=input_ids.device))
+        elif inputs_embeds is not None and images:  # HF's own rule: placeholders hold the token's embedding
+            table = model.get_input_embeddings()
+            image_mask = torch.zeros(inputs_embeds.shape[:2], dtype=torch.bool, device=inputs_embeds.device)
+            for token in ids:
+                embedding = table(torch.tensor(token, device=inputs_embeds.device))
+                image_mask |= (inputs_embeds == embedding).all(-1)
+        else:
+            image_mask = None
+            cache = bound.get("cache", extra.get("past_key_values", bound.get("past_key_values")))
+            prefill = cache is None or cache.get_seq_length() == 0
+            if inputs_embeds is not None and inputs_embeds.shape[1] > 1 and prefill:
+                # Embeddings with the image features already scattered in: nothing says where the images are,
+                # and running unpruned would be a silent fallback.
+                raise PruningError(
+                    f"{session.method.name} needs input_ids (or pixel_values with placeholder embeddings) to "
+                    "locate the image tokens; a prefill from pre-merged inputs_embeds cannot be pruned"
+                )
+        count = None
+        if image_mask is not None and tokens_per_image is None and bool(image_mask.any()):
+            count = visual_run_length(image_mask, session.method.name)
+        with drop.forward(image_mask, bound.get("attention_mask"), count):
+            return original(*args, **kwargs)
+
+    patch_attribute(stack, model, "forward", forward)
+    return drop
+
+
+def visual_run_length(image_mask: torch.Tensor, name: str = "") -> int:
+    """The token count of every visual in ``image_mask`` [B, T] (each maximal run of True is one visual); raises
+    PruningError unless all runs of the batch have one length."""
+    lengths: set[int] = set()
+    for row in image_mask:
+        positions = row.nonzero()[:, 0]
+        if positions.numel():
+            breaks = (positions.diff() != 1).nonzero()[:, 0] + 1
+            edges = [0, *breaks.tolist(), positions.numel()]
+            lengths.update(b - a for a, b in pairwise(edges))
+    if len(lengths) != 1:
+        raise PruningError(
+            f"{name} drops the visual tokens of every image of a forward at once and needs images of one token count; "
+            f"got images of {sorted(lengths)} tokens in one batch (images of different sizes: run batch_size=1 with "
+            "one image per sample)"
+        )
+    return lengths.pop()
 
 
 def own_last_query_attention(layer: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:

@@ -70,6 +70,7 @@ from hiprune.adapters.base import (
     split_budget,
     stable_ids,
 )
+from hiprune.adapters.llm_pruning import check_llm_method, install_decoder_drop
 from hiprune.capture import Capture, Tap, key_scores
 from hiprune.methods.base import Method
 
@@ -82,6 +83,11 @@ KEPT_ATTRIBUTE = "hiprune_kept_indices"
 GRID_ATTRIBUTE = "hiprune_grid_thw"
 # HiPrune's object layer on Qwen2.5-VL in the paper (1-based vision block; a full-attention block in 3B/7B/32B).
 PAPER_OBJECT_LAYER = 16
+# LLM-side methods: every kept token keeps its M-RoPE position (t, row, col) of the unpruned sequence, and decoding
+# continues with HF's rope_deltas of the unpruned prefill (no official PDrop / SparseVLM code for Qwen2.5-VL renumbers
+# 3-D positions; the decoder layers get (cos, sin) only). A recycled token takes the position of a dropped one.
+LLM_POSITIONS = "original"
+REFERENCE_MERGED_TOKENS = 1024  # the budget check before loading (see Qwen25VLAdapter.reference_tokens)
 
 
 @register_adapter
@@ -92,6 +98,8 @@ class Qwen25VLAdapter(Adapter):
     needs_prompt_encoder = False
     has_cls = False
     asks_grid_budget = True  # a method with its own ratio rule (VisionZip's port: d + C) resolves each image's budget
+    # llm: hiprune.adapters.llm_pruning on the text model; every kept token keeps its M-RoPE position
+    stages = ("none", "vision", "llm")
     stage_limits = {"encoder": "its windowed attention and 2x2 patch merger leave no token pairs to merge; use a "
                                "method that prunes before the LLM"}
 
@@ -167,7 +175,25 @@ class Qwen25VLAdapter(Adapter):
             raise ValueError(f"method {method.name!r} keeps {keep} tokens but the image has only {n} merged tokens")
         return keep
 
+    def reference_tokens(self) -> int:
+        """Merged tokens of the image used to check an LLM-side method's budget before loading: one at the
+        processor's default ``max_pixels`` limit (12845056 pixels: 3584 x 3584, 16384 merged tokens) is not a typical
+        benchmark image, so the check uses 1024 merged tokens (a 896 x 896 image); every image is checked again with
+        its own count when it runs."""
+        return REFERENCE_MERGED_TOKENS
+
     def check_supported(self, method: Method, prompt_encoder: Any = None) -> None:
+        if method.stage == "llm":
+            if prompt_encoder is not None:
+                raise ValueError(f"method {method.name!r} takes no prompt encoder")
+            if self.positions != LLM_POSITIONS:
+                raise ValueError(
+                    f"method {method.name!r} prunes inside the LLM, where kept tokens keep their M-RoPE positions; "
+                    f"positions={self.positions!r} applies to methods that prune before the LLM"
+                )
+            check_llm_method(method, self.model.config.text_config, self.family, self.reference_tokens(),
+                             positions=LLM_POSITIONS)
+            return
         super().check_supported(method, prompt_encoder)
         if prompt_encoder is not None:
             raise ValueError(
@@ -193,6 +219,13 @@ class Qwen25VLAdapter(Adapter):
                 return out
 
             patch_attribute(stack, self.inner, "get_image_features", record_only)
+            if method.stage == "llm":  # every image is one visual; its kept tokens keep their M-RoPE positions
+                install_decoder_drop(
+                    stack, session, self.inner, self.inner.language_model, [self.model.config.image_token_id],
+                    positions=LLM_POSITIONS, visual_inputs=("pixel_values", "pixel_values_videos"),
+                    refused_token_ids={self.model.config.video_token_id: "videos are not pruned inside the LLM on "
+                                       "Qwen2.5-VL (images only)"},
+                )
             return
 
         def get_image_features(pixel_values, image_grid_thw=None, *args, return_dict=None, **kwargs):

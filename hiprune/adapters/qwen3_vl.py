@@ -39,6 +39,7 @@ RELATIVE_OBJECT_DEPTH = 9 / 24
 class Qwen3VLAdapter(Qwen25VLAdapter):
     family = "qwen3_vl"
     model_types = (Qwen3VLForConditionalGeneration,)
+    stages = ("none", "vision")  # not Qwen2.5-VL's "llm": the decoder drop is not wired for DeepStack injection
     stage_limits = {"encoder": "its 2x2 patch merger and DeepStack mergers read fixed groups of 4 patches, which "
                                "merging inside the encoder would break; use a method that prunes before the LLM"}
 

@@ -38,6 +38,7 @@ from hiprune.adapters.base import (
     stable_ids,
 )
 from hiprune.adapters.clip_tower import ClipTowerAdapter
+from hiprune.adapters.llm_pruning import check_llm_method, install_decoder_drop
 from hiprune.methods.base import Method
 
 DEFAULT_FRAMES = 8  # Video-LLaVA samples 8 frames per video
@@ -47,7 +48,7 @@ DEFAULT_FRAMES = 8  # Video-LLaVA samples 8 frames per video
 class VideoLlavaAdapter(ClipTowerAdapter):
     family = "video_llava"
     model_types = (VideoLlavaForConditionalGeneration,)
-    stages = ("none", "vision", "encoder")
+    stages = ("none", "vision", "encoder", "llm")  # llm: hiprune.adapters.llm_pruning, an image or a whole video
     passes_cls = True  # methods with keeps_cls: images get their CLS in front; video frames carry it anyway
 
     def __init__(self, model: VideoLlavaForConditionalGeneration, num_frames: int = DEFAULT_FRAMES):
@@ -108,10 +109,24 @@ class VideoLlavaAdapter(ClipTowerAdapter):
             except ValueError as video_error:
                 raise ValueError(f"{image_error} (images); {video_error} (videos)") from None
 
+    def check_supported(self, method: Method, prompt_encoder: Any = None) -> None:
+        if method.stage != "llm":
+            super().check_supported(method, prompt_encoder)
+            return
+        # one visual of the drop schedule: an image (256 tokens) or a whole video (frames x (CLS + 256))
+        try:
+            check_llm_method(method, self.config.text_config, self.family, self.num_patches())
+        except ValueError as image_error:
+            try:
+                check_llm_method(method, self.config.text_config, self.family, self.video_tokens(method, self.num_frames))
+            except ValueError as video_error:
+                raise ValueError(f"{image_error} (images); {video_error} (videos of {self.num_frames} frames)") from None
+
     # --- installation --------------------------------------------------------------------------------------
     def install_model(self, stack: ExitStack, session: PruningSession) -> None:
         method = session.method
-        self.tokens_per_image(method)  # validates the budget before anything is patched
+        if method.stage != "llm":
+            self.tokens_per_image(method)  # validates the budget before anything is patched
         original_image = self.inner.get_image_features
         original_video = self.inner.get_video_features
         merging = {tower: self.install_merging(stack, session, tower) for tower in ("image", "video")} \
@@ -172,6 +187,10 @@ class VideoLlavaAdapter(ClipTowerAdapter):
 
         patch_attribute(stack, self.inner, "get_image_features", get_image_features)
         patch_attribute(stack, self.inner, "get_video_features", get_video_features)
+        if method.stage == "llm":  # an image or a whole video (its frames, CLS included) is one visual
+            install_decoder_drop(stack, session, self.inner, self.inner.language_model,
+                                 [self.config.image_token_id, self.config.video_token_id],
+                                 visual_inputs=("pixel_values", "pixel_values_images", "pixel_values_videos"))
 
     def placeholder_counts(self, method: Method) -> dict:
         return {

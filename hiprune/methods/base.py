@@ -316,6 +316,11 @@ class Method:
         hidden [n, D] (the outputs of the layer before the stage) and scores [n] -> [added, D] new tokens."""
         raise NotImplementedError(f"method {self.name!r} does not recycle dropped tokens")
 
+    def recycle_candidates(self, pruned: int) -> int:
+        """LLM-side methods that recycle: how many of ``pruned`` dropped tokens :meth:`recycle_tokens` compares
+        pairwise (its pairwise distances, FLOPs accounting); 0: none."""
+        return 0
+
     def select_from_attention(self, scores: torch.Tensor, keep: int) -> torch.Tensor:
         """LLM-side methods, once per stage of :meth:`drop_schedule`: scores [B, N] (the attention the last prompt
         token pays each of one image's N current visual tokens, heads averaged) -> [B, keep] kept indices into

@@ -34,6 +34,7 @@ from hiprune.methods.base import DropPositions, DropStage, Method, Stage, regist
 
 V15_LAYERS: tuple[int, ...] = (2, 6, 15)
 V15_SCHEDULES: dict[int, tuple[int, ...]] = {192: (300, 200, 110), 128: (303, 110, 36), 64: (66, 30, 17)}
+OFFICIAL_TOKENS = 576  # the schedules are LLaVA-1.5's (576 visual tokens per image)
 V10_LAYERS: tuple[int, ...] = (2, 6, 15, 19)
 V10_SCALE_BIAS: dict[int, tuple[float, float]] = {192: (13.5, 0.0), 128: (9.0, 6.0), 64: (0.8, 0.0)}
 RECYCLE_FRACTION = 0.3  # of the pruned tokens, the best-scored floor(0.3 n) + 1 are candidates
@@ -169,10 +170,11 @@ class SparseVLM(Method):
     def validate(self) -> None:
         if self.schedule is None:
             super().validate()
-            if self.budget not in V15_SCHEDULES or isinstance(self.budget, bool):
+            if isinstance(self.budget, float) and self.official_budget(self.budget, OFFICIAL_TOKENS) is None:
                 raise ValueError(
-                    f"SparseVLM has official schedules for budgets {sorted(V15_SCHEDULES)} (LLaVA-1.5's 576 tokens), "
-                    f"not {self.budget!r}; give method.options.schedule (tokens kept after each of the layers)"
+                    f"SparseVLM has official schedules for budgets {sorted(V15_SCHEDULES)} of {OFFICIAL_TOKENS} tokens "
+                    f"(ratios 1/3, 2/9, 1/9), not the ratio {self.budget!r}; give method.options.schedule (tokens kept "
+                    "after each of the layers)"
                 )
         elif self.budget is not None:
             raise ValueError("SparseVLM takes either a budget (official schedule) or a schedule, not both")
@@ -187,7 +189,8 @@ class SparseVLM(Method):
                 raise ValueError(f"SparseVLM {name} must hold ints (layers >= 0, counts >= 1), got {list(values)!r}")
         if any(b <= a for a, b in pairwise(self.layers)):
             raise ValueError(f"SparseVLM layers must be strictly increasing, got {list(self.layers)!r}")
-        counts = self.counts()
+        # an int budget's official schedule depends on the image's token count (drop_schedule); all have 3 counts
+        counts = list(self.schedule) if self.schedule is not None else list(V15_SCHEDULES[192])
         if len(counts) != len(self.layers):
             raise ValueError(f"SparseVLM needs one count per layer: layers {list(self.layers)}, schedule {counts}")
         if not isinstance(self.recycle, bool):
@@ -195,9 +198,34 @@ class SparseVLM(Method):
         if isinstance(self.seed, bool) or not isinstance(self.seed, Integral):
             raise ValueError(f"SparseVLM seed must be an int, got {self.seed!r}")
 
-    def counts(self) -> list[int]:
-        """Visual tokens kept after each pruning layer, before recycling (schedule_l)."""
-        return list(self.schedule) if self.schedule is not None else list(V15_SCHEDULES[self.budget])
+    @staticmethod
+    def official_budget(budget: int | float, visual_tokens: int) -> int | None:
+        """The official budget (192 / 128 / 64 of 576 tokens) that ``budget`` is for an image of ``visual_tokens``
+        tokens: the same fraction of the image's tokens within one token of 576 (a ratio: itself; a count: of
+        ``visual_tokens``), or None."""
+        if isinstance(budget, bool) or not isinstance(budget, (Integral, float)):
+            return None
+        fraction = float(budget) if isinstance(budget, float) else int(budget) / int(visual_tokens)
+        for official in V15_SCHEDULES:
+            if abs(fraction * OFFICIAL_TOKENS - official) <= 1.0:
+                return official
+        return None
+
+    def counts(self, visual_tokens: int = OFFICIAL_TOKENS) -> list[int]:
+        """Visual tokens kept after each pruning layer, before recycling (schedule_l): ``schedule``, or the official
+        schedule of the budget; for an image of N != 576 tokens the official counts scaled by N / 576 (floored), the
+        same fractions of its tokens (the HARNESS'S derived setting: SparseVLM has no official LLaVA-NeXT or
+        Qwen2.5-VL schedule)."""
+        if self.schedule is not None:
+            return list(self.schedule)
+        official = self.official_budget(self.budget, visual_tokens)
+        if official is None:
+            raise ValueError(
+                f"SparseVLM has official schedules for budgets {sorted(V15_SCHEDULES)} of {OFFICIAL_TOKENS} tokens "
+                f"(scaled to other token counts by the same fraction), not {self.budget!r} of an image of "
+                f"{visual_tokens} tokens; give method.options.schedule (tokens kept after each of the layers)"
+            )
+        return [math.floor(count * int(visual_tokens) / OFFICIAL_TOKENS) for count in V15_SCHEDULES[official]]
 
     def drop_schedule(self, visual_tokens: int, decoder_layers: int) -> list[DropStage]:
         """One stage after each pruning layer l: k_l = min(schedule_l, n_vis - 1) kept, plus the cluster tokens."""
@@ -207,7 +235,7 @@ class SparseVLM(Method):
                 f"pruning layers in 0..{decoder_layers - 2}; set method.options.layers"
             )
         stages, current = [], int(visual_tokens)
-        for layer, count in zip(self.layers, self.counts(), strict=True):
+        for layer, count in zip(self.layers, self.counts(visual_tokens), strict=True):
             keep = stage_keep(count, current)
             if keep < 1:
                 raise ValueError(f"SparseVLM keeps no visual token after layer {layer} ({current} left)")
@@ -227,6 +255,10 @@ class SparseVLM(Method):
         if scores.dim() != 2 or not 1 <= keep <= scores.shape[1]:
             raise ValueError(f"cannot keep {keep} of scores shaped {tuple(scores.shape)}")
         return top_k(scores.float(), int(keep)).sort(dim=1).values
+
+    def recycle_candidates(self, pruned: int) -> int:
+        """Candidates clustered among ``pruned`` dropped tokens (FLOPs accounting: their pairwise distances)."""
+        return recycle_counts(pruned)[0]
 
     def recycle_tokens(self, hidden: torch.Tensor, scores: torch.Tensor, stage: int) -> torch.Tensor:
         """Cluster tokens of one image's dropped tokens at stage ``stage``, noise seeded by (seed, stage)."""

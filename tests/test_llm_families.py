@@ -1,0 +1,284 @@
+"""FastV, PyramidDrop and SparseVLM on LLaVA-NeXT (an image = all its crops in the 'spatial' layout), Qwen2.5-VL
+(images of any size; kept tokens keep their M-RoPE positions) and Video-LLaVA (an image, or a whole video).
+
+The tiny models of these families have 2-layer LLMs; multi-stage schedules run on the same checkpoints with a
+4-layer LLM (a config override at load time: layers 2 and 3 are copies of layers 0 and 1, no asset to build). Each
+(family, method):
+- every decoder layer of the prefill runs on text + the schedule's visual tokens (hooks on the decoder layers);
+- cached greedy decoding equals a no-cache recomputation on the pruned sequence: the prompt and the tokens generated
+  so far, run from scratch with the prefill's kept tokens replayed (the method's selection returns what the cached
+  prefill kept; SparseVLM's raters stay the prompt's), logits of every step;
+- batch size 4 (left padding, prompts of different lengths) equals batch size 1 for one method per family.
+Plus budgets checked before loading on the real architectures, and one lmms-eval run per family.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import json
+
+import pytest
+import torch
+import transformers
+from conftest import REPO, built, loaded
+from hydra import compose, initialize_config_dir
+from llm_support import noise_images, single_input
+
+import hiprune
+from eval.efficiency.flops import flops_exact, flops_measured, llm_scoring_flops
+from eval.running import run as run_module
+from eval.running.store import read_record
+from hiprune.adapters.llm_pruning import resolve_schedule, visual_per_layer
+
+LAYERS = 4
+FAMILIES = ("llava_next", "qwen2_5_vl", "video_llava")
+METHODS = {
+    "fastv": {"budget": 0.6},  # K = 2, avg_layers
+    "pdrop": {"budget": 0.4, "layers": [1, 2, 3]},  # lambda solved
+    "sparsevlm": {"budget": 0.334, "layers": [0, 1, 2]},  # the official 192-of-576 schedule, scaled (derived)
+}
+QUESTIONS = ["What is it?", "Is there a red circle in the picture? Answer briefly.", "Colour?",
+             "Describe the shapes you can see, from left to right."]
+IMAGE_SIZE = {"llava_next": 96, "qwen2_5_vl": 224, "video_llava": 96}
+
+
+@functools.cache
+def deep(family: str):
+    """(model, processor) of the family's tiny checkpoint with a 4-layer LLM (layers 2, 3 copy layers 0, 1)."""
+    path = built(family)
+    config = transformers.AutoConfig.from_pretrained(path)
+    text = config.text_config
+    text.num_hidden_layers = LAYERS
+    if getattr(text, "layer_types", None) is not None:
+        text.layer_types = [text.layer_types[0]] * LAYERS
+    cls = getattr(transformers, json.loads((path / "config.json").read_text())["architectures"][0])
+    model = cls.from_pretrained(path, config=config, local_files_only=True, dtype=torch.float32).eval()
+    layers = model.model.language_model.layers
+    for i in range(2, LAYERS):
+        layers[i].load_state_dict(layers[i % 2].state_dict())
+    tower = {"llava_next": "vision_tower", "qwen2_5_vl": "visual", "video_llava": "image_tower"}[family]
+    memoize(getattr(model.model, tower))
+    processor = transformers.AutoProcessor.from_pretrained(path, local_files_only=True)
+    processor.tokenizer.padding_side = "left"
+    return model, processor
+
+
+def memoize(module) -> None:
+    """Cache ``module``'s outputs by the bytes of its tensor inputs (the vision towers: the same images run again
+    and again here, and LLM-side methods leave the towers untouched)."""
+    original, outputs = module.forward, {}
+
+    def key(value):
+        if isinstance(value, torch.Tensor):
+            return (tuple(value.shape), str(value.dtype), hash(value.detach().cpu().numpy().tobytes()))
+        return repr(value)
+
+    def forward(*args, **kwargs):
+        k = (tuple(key(a) for a in args), tuple((n, key(v)) for n, v in sorted(kwargs.items())))
+        if k not in outputs:
+            outputs[k] = original(*args, **kwargs)
+        return copy.copy(outputs[k])  # callers set fields on the output (Qwen2.5-VL splits pooler_output)
+
+    module.forward = forward
+
+
+def prompt(family: str, processor, question: str) -> str:
+    if family == "qwen2_5_vl":
+        content = [{"type": "image"}, {"type": "text", "text": question}]
+        return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+    return f"USER: <image>\n{question} ASSISTANT:"
+
+
+def inputs(family: str, questions, seeds):
+    _, processor = deep(family)
+    images = [noise_images(max(seeds) + 1, IMAGE_SIZE[family])[s] for s in seeds]
+    return processor(text=[prompt(family, processor, q) for q in questions], images=images, padding=True,
+                     return_tensors="pt")
+
+
+def image_token_ids(model) -> list[int]:
+    ids = [model.config.image_token_id]
+    if getattr(model.config, "video_token_id", None) is not None:
+        ids.append(model.config.video_token_id)
+    return ids
+
+
+def greedy(model, batch, steps):
+    with torch.no_grad():
+        out = model.generate(**batch, max_new_tokens=steps, min_new_tokens=steps, do_sample=False, pad_token_id=0,
+                             output_logits=True, return_dict_in_generate=True)
+    return out.sequences[:, batch["input_ids"].shape[1]:], torch.stack(out.logits, dim=1)
+
+
+def replayed(method, record, schedule, prompt_after_image: int):
+    """A copy of ``method`` whose selections return what ``record``'s prefill kept (one image, batch 1) and whose
+    text raters are chosen among the prompt's tokens only."""
+    held = torch.arange(record.visual_in)[None]
+    picks = []
+    for stage, (_, kept) in zip(schedule, record.stages, strict=True):
+        picks.append(torch.searchsorted(held.contiguous(), kept[:, : stage.keep].contiguous()))
+        held = kept
+    clone = copy.copy(method)
+    counter = iter(range(10**6))
+
+    def select(scores, keep):
+        pick = picks[next(counter) % len(picks)]
+        assert pick.shape == (scores.shape[0], keep)
+        return pick.to(scores.device)
+
+    def raters(image, text):
+        chosen = type(method).text_raters(method, image, text[:prompt_after_image])
+        return torch.cat([chosen, torch.zeros(len(text) - prompt_after_image, dtype=torch.bool)])
+
+    clone.select_from_attention = select
+    clone.text_raters = raters
+    return clone
+
+
+@pytest.mark.parametrize("method_name", sorted(METHODS))
+@pytest.mark.parametrize("family", FAMILIES)
+def test_layers_follow_the_schedule_and_cached_decoding_equals_recomputation(family, method_name):
+    model, processor = deep(family)
+    method = hiprune.build_method(method_name, **METHODS[method_name])
+    seen: list[int] = []
+
+    def spy(module, args, kwargs):
+        seen.append((args[0] if args else kwargs["hidden_states"]).shape[1])
+
+    steps = 3
+    with hiprune.apply(model, method, processor) as session:  # the processor emits the family's layout
+        batch = inputs(family, QUESTIONS[:1], [0])
+        handles = [layer.register_forward_pre_hook(spy, with_kwargs=True) for layer in model.model.language_model.layers]
+        try:
+            generated, logits = greedy(model, batch, steps)
+        finally:
+            for handle in handles:
+                handle.remove()
+        [record] = session.pop_layer_records()
+    ids = batch["input_ids"]
+    visual = torch.isin(ids[0], torch.tensor(image_token_ids(model)))
+    n_visual, length = int(visual.sum()), ids.shape[1]
+    schedule = resolve_schedule(method, n_visual, LAYERS)
+    expected = [length - n_visual + v for v in visual_per_layer(schedule, n_visual, LAYERS)]
+    assert seen[:LAYERS] == expected == record.tokens
+    assert record.visual_in == n_visual and record.images == 1 and len(schedule) >= (1 if method_name == "fastv" else 3)
+    assert all(s == 1 for s in seen[LAYERS:])  # decode steps: one token per layer
+
+    after = length - 1 - int(visual.nonzero()[-1])
+    replay = replayed(method, record, schedule, after)
+    with hiprune.apply(model, replay, processor) as session, torch.no_grad():
+        for step in range(1, steps):  # step 0 is the prefill itself
+            full = torch.cat([ids, generated[:, :step]], dim=1)
+            call = {**batch, "input_ids": full, "attention_mask": torch.ones_like(full)}
+            if family == "qwen2_5_vl":
+                call["mm_token_type_ids"] = torch.cat(
+                    [batch["mm_token_type_ids"], torch.zeros_like(generated[:, :step])], dim=1)
+            out = model(**call, use_cache=False)
+            [again] = session.pop_layer_records()
+            for (_, kept), (_, kept_again) in zip(record.stages, again.stages, strict=True):
+                assert torch.equal(kept, kept_again)
+            torch.testing.assert_close(out.logits[0, -1], logits[0, step], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("family, method_name", [("llava_next", "pdrop"), ("qwen2_5_vl", "sparsevlm"),
+                                                 ("video_llava", "fastv")])
+def test_batch_of_four_equals_each_alone(family, method_name):
+    model, processor = deep(family)
+    method = hiprune.build_method(method_name, **METHODS[method_name])
+    seeds = [0, 1, 2, 3]
+    with hiprune.apply(model, method, processor) as session:
+        tokens, logits = greedy(model, inputs(family, QUESTIONS, seeds), 2)
+        [record] = session.pop_layer_records()
+        assert record.indices.shape[0] == 4
+        for row, (question, seed) in enumerate(zip(QUESTIONS, seeds)):
+            alone_tokens, alone_logits = greedy(model, inputs(family, [question], [seed]), 2)
+            [alone] = session.pop_layer_records()
+            assert torch.equal(alone.indices[0], record.indices[row])
+            assert torch.equal(alone_tokens[0], tokens[row])
+            torch.testing.assert_close(alone_logits[0], logits[row], atol=1e-4, rtol=1e-4)
+
+
+def _skeleton(arch: str):
+    config = transformers.AutoConfig.from_pretrained(REPO / "configs" / "arch" / arch)
+    with torch.device("meta"):
+        return transformers.AutoModelForImageTextToText.from_config(config)
+
+
+def test_budgets_are_checked_on_the_real_architectures_before_loading():
+    next_7b = hiprune.adapter_for(_skeleton("llava-v1.6-vicuna-7b-hf"))  # official layout: 5 x 576 = 2880 tokens
+    for name, options in (("fastv", {}), ("pdrop", {}), ("sparsevlm", {})):
+        next_7b.check_supported(hiprune.build_method(name, budget=320, **options))
+        with pytest.raises(ValueError, match="infeasible|official schedules"):  # the spec's 160 on LLaVA-NeXT
+            next_7b.check_supported(hiprune.build_method(name, budget=160, **options))
+    qwen_3b = _skeleton("qwen2.5-vl-3b-instruct")  # 36 layers; budgets are ratios of each image's tokens
+    for name in ("fastv", "pdrop", "sparsevlm"):
+        hiprune.adapter_for(qwen_3b).check_supported(hiprune.build_method(name, budget=0.112))
+    with pytest.raises(ValueError, match="infeasible"):  # avg_layers: 2 full layers of 36 exceed 0.05 on average
+        hiprune.adapter_for(qwen_3b).check_supported(hiprune.build_method("fastv", budget=0.05))
+    with pytest.raises(ValueError, match="keep their M-RoPE positions"):
+        hiprune.adapter_for(qwen_3b, positions="compact").check_supported(hiprune.build_method("fastv", budget=0.5))
+
+
+def _run(tmp_path, model, benchmark, method, *extra):
+    with initialize_config_dir(config_dir=str(run_module.CONFIG_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=[f"model={model}", f"benchmark={benchmark}", "device=cpu",
+                                           f"store={tmp_path}", f"method={method}", "limit=2", "batch_size=2", *extra])
+    return read_record(run_module.run(cfg))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "model, benchmark, method, extra, per_layer",
+    [
+        # one visual = the image's 3 crops x 576 (96 x 96 -> a 1 x 2 anyres grid), spatial layout; 2 layers: 1 stage
+        ("tiny_llava_next", "smoke_pope", "sparsevlm", ["budget=null", "method.options.layers=[0]",
+                                                        "method.options.schedule=[500]"], [1728, 500 + 37]),
+        # images of different sizes in one batch of 2: generated in groups, each image its own schedule
+        ("tiny_qwen25vl", "smoke_pope", "pdrop", ["budget=null", "method.options.layers=[1]",
+                                                  "method.options.ratios=[0.5]"], None),
+        # a video of 4 frames x (CLS + 256) is one visual
+        ("tiny_video_llava", "smoke_video", "fastv", ["budget=0.75", "method.options.layer=1"], [1028, 514]),
+    ],
+)
+def test_lmms_eval_run_per_family(tmp_path, model, benchmark, method, extra, per_layer):
+    record = _run(tmp_path, model, benchmark, method, *extra)
+    [(key, docs)] = record["llm_visual_per_layer_by_doc"].items()
+    assert sorted(docs) == ["0", "1"]
+    if per_layer is not None:
+        assert all(visual == per_layer for visual in docs.values())
+        assert all(kept == [per_layer[-1]] for kept in record["kept_tokens_by_doc"][key].values())
+    else:  # Qwen2.5-VL: each doc's image keeps floor(n / 2) of its own n tokens from layer 1 on
+        assert len({tuple(v) for v in docs.values()}) == 2
+        assert all(v[1] == v[0] // 2 for v in docs.values())
+
+
+@pytest.mark.parametrize(
+    "name, options, ops",
+    [
+        # PyramidDrop: each boundary layer's own last-query row (q of 1 token, k of all it holds, QK^T)
+        ("pdrop", {"budget": None, "layers": [1, 2], "ratios": [0.5, 0.25]}, [("own", 1, 76), ("own", 1, 44)]),
+        # SparseVLM: the raters' choice (7 text x 64 image embeddings), their 3 rows in each pruning layer, the
+        # recycling's pairwise distances among floor(0.3 n) + 1 candidates (24 -> 8, 33 -> 10)
+        ("sparsevlm", {"budget": None, "layers": [0, 1], "schedule": [40, 10]},
+         [("rater_choice", 7, 64), ("raters", 3, 76), ("recycle", 8, 8), ("raters", 3, 53), ("recycle", 10, 10)]),
+    ],
+)
+def test_flops_exact_counts_the_scoring_as_measured(name, options, ops):
+    model, _ = loaded("scene")  # 3 Llama layers (4 heads of 32, hidden 128), 64 visual tokens, 12 text tokens
+    ids, pixels = single_input(model)
+    with hiprune.apply(model, hiprune.build_method(name, **options)) as session:
+        measured = flops_measured(model, {"input_ids": ids, "pixel_values": pixels})
+    [record] = session.layer_records
+    assert record.scoring == [ops]
+    exact = flops_exact(model.config, ids.shape[1] - 64, record.visual,
+                        llm_scoring=llm_scoring_flops(model.config, record.scoring[0]))
+    for part in ("vision", "projector", "lm_head", "attention_scores", "total"):
+        assert exact[part if part != "total" else "total"] == measured[part], part
+    assert exact["llm_prefill"] == measured["language_model"]
+    # by hand: d = 128, H = Hkv = 4, hd = 32; cdist's mm form has inner width d + 2
+    d, h, hd = 128, 4, 32
+    own = lambda q, n: 2 * q * d * h * hd + 2 * n * d * h * hd + 2 * h * q * n * hd  # noqa: E731
+    by_hand = {"own": own, "raters": own, "rater_choice": lambda q, n: 2 * q * n * d,
+               "recycle": lambda q, n: 2 * q * n * (d + 2)}
+    assert llm_scoring_flops(model.config, ops) == sum(by_hand[k](q, n) for k, q, n in ops)
