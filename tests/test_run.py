@@ -63,6 +63,7 @@ BAD = [
     (["benchmark.tasks=[no_such_task]"], "unknown lmms-eval task"),
     (["benchmark.include_path=tests/data/tasks_missing_data", "benchmark.tasks=[hiprune_missing_data]"], "is missing"),
     (["method=prompt_llm_probe", "budget=32"], "prunes inside the LLM"),
+    (["method=fastv", "budget=64", "model.compile=true"], "compile=true needs a fixed sequence length"),
 ]
 
 

@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 import hiprune
 from eval.config import ConfigError
+from eval.lmms.compiled import CompiledGeneration, check_compile, options_from, pad_to_bucket
 from eval.lmms.prompting import IMAGE_PLACEHOLDER
 from hiprune.adapters.base import GridRecord
 from hiprune.adapters.llm_pruning import resolve_schedule, visual_per_layer
@@ -105,9 +106,11 @@ class HiPruneLMM(lmms):
         batch_size: int | str = 1,
         attn_implementation: str = "sdpa",
         max_new_tokens: int | None = None,
+        compile: bool | str = False,
         **options: Any,
     ) -> None:
         super().__init__()
+        compiling = options_from(compile, options)  # static cache + torch.compile (eval/lmms/compiled.py)
         loading = {k: options.pop(k, default) for k, default in self.loading_options.items()}
         # Validate everything cheap before the (possibly multi-GB) model loads.
         if isinstance(method, hiprune.Method):
@@ -116,6 +119,8 @@ class HiPruneLMM(lmms):
             self.method = method
         else:
             self.method = hiprune.build_method(method, **{name: list_option(v) for name, v in options.items()})
+        if compiling is not None:
+            check_compile(self.method, self.family)
         # adapter options that depend on the method (LLaVA-NeXT's layout=auto) resolve here: loading and the settings
         # recorded with the run hold what runs
         loading.update(self.resolve_adapter_options({k: loading[k] for k in self.adapter_option_names}, self.method))
@@ -134,6 +139,9 @@ class HiPruneLMM(lmms):
         self.decoder_layers = int(self._model.config.text_config.num_hidden_layers)
         self.tokenizer = self.processor.tokenizer
         self._stack = ExitStack()
+        self.compiled = None if compiling is None else CompiledGeneration(self._model, compiling, self._device)
+        if self.compiled is not None:
+            self._stack.callback(self.compiled.close)
         self.session = self._stack.enter_context(
             hiprune.apply(
                 self._model, self.method, self.processor, getattr(self, "prompt_encoder", None), **self.adapter_options
@@ -159,6 +167,8 @@ class HiPruneLMM(lmms):
             **loading,
             "method": self.method.describe(),
         }
+        if self.compiled is not None:
+            self.settings["compile"] = compiling.describe(self._device)
 
     # --- family hooks -------------------------------------------------------------------------------------
     @classmethod
@@ -269,6 +279,8 @@ class HiPruneLMM(lmms):
         if isinstance(until, str):
             until = [until]
         batch, expected = self.build_inputs(contexts, images)
+        if self.compiled is not None:  # a few prompt lengths, hence few compiled shapes
+            batch = pad_to_bucket(batch, self.compiled.options.bucket, self.pad_token_id)
         max_new_tokens = int(gen_kwargs.get("max_new_tokens", self.max_new_tokens))
         self._check_context(batch["attention_mask"], max_new_tokens, doc_ids)
         prefill = self.prefill_tokens.setdefault((task, split), {})
@@ -285,6 +297,7 @@ class HiPruneLMM(lmms):
             "use_cache": True,
             "pad_token_id": self.pad_token_id,
             "eos_token_id": self.tokenizer.eos_token_id,
+            **(self.compiled.generation_kwargs() if self.compiled is not None else {}),
         }
         if do_sample:
             generation["temperature"] = temperature
