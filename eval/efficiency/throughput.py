@@ -255,6 +255,7 @@ def run_grid(
     seed: int = 0,
     compile_options: dict | None = None,
     deadline: float | None = None,
+    eval_task: str = "hiprune_smoke_pope",
 ) -> dict:
     """Samples/s per (mode, method, task answer length, batch size) on one random-weight model (module docstring).
     ``deadline`` (time.monotonic()): cells not started by then are skipped and listed (a device-time budget)."""
@@ -279,14 +280,14 @@ def run_grid(
                     undo = forced_length(lmm, ANSWER_TOKENS[task])
                     try:
                         if t == 0 and mode == "eager":  # first calls: dataset loading, lazy inits
-                            evaluate_once(lmm, ["hiprune_smoke_pope"], manager, min(2, limit), batch_sizes[0], seed)
+                            evaluate_once(lmm, [eval_task], manager, min(2, limit), batch_sizes[0], seed)
                         for bs in batch_sizes:
                             if deadline is not None and time.monotonic() > deadline:
                                 skipped.append(f"{mode} {method} {budget} {task} bs={bs}")
                                 continue
                             if mode == "compiled":  # compile this (batch, length) shape outside the timed run
-                                evaluate_once(lmm, ["hiprune_smoke_pope"], manager, bs, bs, seed)
-                            r = evaluate_once(lmm, ["hiprune_smoke_pope"], manager, limit, bs, seed)
+                                evaluate_once(lmm, [eval_task], manager, bs, bs, seed)
+                            r = evaluate_once(lmm, [eval_task], manager, limit, bs, seed)
                             r.update(mode=mode, method=method, budget=budget, task=task,
                                      new_tokens=ANSWER_TOKENS[task])
                             cells.append(r)
@@ -311,7 +312,7 @@ def run_grid(
                   "processor": repo_relative(str(TINY_PROCESSOR)),
                   "compile": settings.get("compile") if cells and "compiled" in modes else None},
         "device_name": device_name_of(device),
-        "data": "hiprune_smoke_pope images and prompts (local); generation forced to each task's answer length",
+        "data": f"{eval_task} images and prompts (local); generation forced to each task's answer length",
         "answer_tokens": {t: ANSWER_TOKENS[t] for t in tasks},
         "limit": limit,
         "batch_sizes": batch_sizes,
@@ -427,6 +428,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--modes", nargs="+", default=["eager", "compiled"], choices=["eager", "compiled"])
     p.add_argument("--compile-backend", default="inductor")
     p.add_argument("--compile-prefill", default="true", choices=["true", "false"])
+    p.add_argument("--eval-task", default="hiprune_smoke_pope",
+                   help="grid: the local task whose images and prompts stand in (hiprune_scene_pope: 600 samples)")
     p.add_argument("--time-budget", type=float, default=None, help="grid: seconds; later cells are skipped")
     args = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -459,7 +462,7 @@ def main_grid(args) -> dict:
     result = run_grid(args.model, methods, tasks, args.batch_sizes, args.modes, args.limit, args.device, args.dtype,
                       compile_options={"compile_backend": args.compile_backend,
                                        "compile_prefill": args.compile_prefill},
-                      deadline=deadline)
+                      deadline=deadline, eval_task=args.eval_task)
     out = args.out or (DEFAULT_OUT.parent / f"eval_throughput_{args.model}-{args.device.split(':')[0]}-"
                                            f"{result['model']['dtype']}")
     out.parent.mkdir(parents=True, exist_ok=True)
