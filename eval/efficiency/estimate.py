@@ -58,6 +58,7 @@ def find_measurement(model: str, directory: Path = MEASUREMENTS) -> Measurement 
     gpu = [(p, d) for p, d in loaded if str(d["model"]["device"]).startswith("cuda")]
     cpu = [(p, d) for p, d in loaded if not str(d["model"]["device"]).startswith("cuda")]
     for pool, kind in ((gpu, "GPU"), (cpu, "CPU")):
+        pool = sorted(pool, key=lambda item: -len(item[1]["cells"]))  # the fullest measurement first
         same = [(p, d) for p, d in pool if d["model"].get("model") == model]
         chosen = (same or pool or [None])[0]
         if chosen is None:
@@ -92,7 +93,7 @@ def seconds_per_sample(measurement: Measurement, method: str, budget: Any, batch
         raise ValueError(f"{repo_relative(str(measurement.path))} has no {mode!r} cells")
     stand_in = "none" if method == "none" or not is_implemented(method) or stage_of(method) == "llm" else "hiprune"
     wanted = method if any(c["method"] == method for c in cells) else stand_in
-    cells = [c for c in cells if c["method"] == wanted] or [c for c in cells if c["method"] == "none"]
+    cells = [c for c in cells if c["method"] == wanted] or [c for c in cells if c["method"] == "none"] or cells
     wanted = cells[0]["method"]
     budgets = sorted({c["budget"] for c in cells if c["budget"] is not None})
     used_budget = None

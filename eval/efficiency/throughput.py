@@ -341,7 +341,7 @@ def grid_markdown(result: dict) -> str:
         (f"# Evaluation throughput: {m.get('model')} (random weights), {result['device_name']} ({m['device']}, "
          f"{m['dtype']})"),
         "",
-        (f"- {m.get('parameters', 0) / 1e9:.2f} B parameters, architecture `{m.get('arch')}`; {result['data']}; "
+        (f"- {m.get('parameters', 0) / 1e6:,.1f} M parameters, architecture `{m.get('arch')}`; {result['data']}; "
          f"answer tokens (EOS included) {result['answer_tokens']}; {result['limit']} samples per cell; "
          f"{result['torch_threads']} torch threads; load average {result['load_average']}; {result['timestamp']}."),
         "- samples/s = documents / time inside `generate_until` (preprocessing, vision, selection, prefill, decode).",
