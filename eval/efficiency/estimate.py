@@ -8,7 +8,7 @@ budget, batch size) over the measured answer lengths (least squares; one length 
 time); method and budget as measured, else the nearest measured stand-in, which the report names: vision-side
 methods -> hiprune at the nearest budget, LLM-side methods and vanilla -> none (the full prefill). The batch size is
 the sweep's, else the nearest measured one. The measurement file is the run model's on a GPU, else any GPU
-measurement (of another architecture: said so), else a CPU measurement, labelled as such: it is then an estimate of
+measurement (of another architecture: said so; the largest measured model first), else a CPU measurement, labelled as such: it is then an estimate of
 CPU-hours of a smaller model, not of the GPU-hours.
 """
 
@@ -58,7 +58,8 @@ def find_measurement(model: str, directory: Path = MEASUREMENTS) -> Measurement 
     gpu = [(p, d) for p, d in loaded if str(d["model"]["device"]).startswith("cuda")]
     cpu = [(p, d) for p, d in loaded if not str(d["model"]["device"]).startswith("cuda")]
     for pool, kind in ((gpu, "GPU"), (cpu, "CPU")):
-        pool = sorted(pool, key=lambda item: -len(item[1]["cells"]))  # the fullest measurement first
+        # the largest measured model first (closest to the real ones), then the fullest measurement
+        pool = sorted(pool, key=lambda item: (-(item[1]["model"].get("parameters") or 0), -len(item[1]["cells"])))
         same = [(p, d) for p, d in pool if d["model"].get("model") == model]
         chosen = (same or pool or [None])[0]
         if chosen is None:
