@@ -32,6 +32,16 @@ def global_attention(attn: torch.Tensor, skip_cls: bool) -> torch.Tensor:
     return per_key[:, 1:] if skip_cls else per_key
 
 
+def all_finite(*tensors: torch.Tensor) -> torch.Tensor:
+    """A 0-dim bool tensor on the tensors' device: True iff every value is finite. Nothing is read back (no host
+    synchronisation); x * 0 is 0 for a finite x and NaN for NaN or inf, so a sum of them is 0 iff all are finite."""
+    total = None
+    for t in tensors:
+        zero = t.mul(0).sum(dtype=torch.float32)
+        total = zero if total is None else total.add_(zero)
+    return total.eq(0)
+
+
 def check_finite(scores: torch.Tensor, what: str) -> torch.Tensor:
     """Raise a ValueError naming ``what`` if ``scores`` holds NaN or inf; return ``scores`` unchanged otherwise.
 

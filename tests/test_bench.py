@@ -100,6 +100,10 @@ def test_bench_command_runs_on_tiny_model(tmp_path, tiny_llava_dir, tiny_clip_di
         # FlopCounterMode over the real forward equals the analytic count (prompt encoder included)
         assert abs(case["flops"]["measured_vs_exact"]) < 0.01
         assert case["roofline"]["prefill"]["seconds"] > 0
+        rates = case["tokens_per_s"]  # batch 1: prompt tokens per prefill, one token per decode step
+        assert rates["prefill"] == pytest.approx(case["seq_len"] / case["timings"]["prefill"]["median"])
+        assert rates["decode"] == pytest.approx(1 / case["timings"]["decode"]["median"])
+        assert rates["prefill_bound"] == pytest.approx(case["seq_len"] / case["roofline"]["prefill"]["seconds"])
     if ("hiprune_pp", 64) in ran:  # registered once HiPrune++ exists: prompt encoder path
         assert ran[("hiprune_pp", 64)]["flops"]["prompt_encoder_flops"] > 0
     assert bench["meta"]["memory"] == "cpu_peak_rss" and bench["meta"]["device"] == "cpu"

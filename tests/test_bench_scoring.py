@@ -54,6 +54,13 @@ def test_tiny_run_structure(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "ours/plain" in printed and "reference/plain" in printed
 
+    # the selection alone, before vs after issue 18: same kept tokens, the device read-back gone, fewer operators
+    selection = results["selection"]
+    assert selection["indices_identical"] is True
+    assert (selection["before"]["read_backs"], selection["after"]["read_backs"]) == (1, 0)
+    assert selection["after"]["non_view_ops"] < selection["before"]["non_view_ops"]
+    assert "selection alone" in printed
+
 
 @pytest.mark.parametrize("shape, reference", [("tiny", "Reference"), ("qwen-tiny", "QwenReference")])
 def test_index_mismatch_raises(monkeypatch, shape, reference):

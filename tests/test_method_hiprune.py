@@ -5,9 +5,11 @@ import torch
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
+from eval.efficiency.scoring import OpCounter, select_hiprune_before_issue18
 from hiprune.methods.base import FEATURE_LAYER, VisionTokens
 from hiprune.methods.hiprune import (
     BUFFER_OFFSETS,
+    ROLES,
     HiPrune,
     anchor_count,
     max_anchor_and_buffer_count,
@@ -599,3 +601,18 @@ def test_method_without_registers_selects_from_object_scores_only():
     assert torch.equal(selection.features, features[:, [1, 4, 5, 6, 9, 10, 11]])
     with pytest.raises(ValueError, match=r"needs scores \['deep'\]"):
         HiPrune(budget=7).select(tokens, 7)
+
+
+@pytest.mark.parametrize("budget", [192, 128, 64])
+def test_selection_equals_the_one_before_issue_18_and_reads_nothing_back(budget):
+    """The few-kernel selection keeps exactly the tokens of the previous implementation (kept in the scoring
+    benchmark for timing), with many ties; HiPrune.select's path reads nothing back from the device."""
+    g = torch.Generator().manual_seed(budget)
+    object_scores = torch.randint(0, 6, (3, 576), generator=g).float() / 5  # coarse: ties everywhere
+    deep = torch.randint(0, 6, (3, 576), generator=g).float() / 5
+    before, before_roles = select_hiprune_before_issue18(object_scores, deep, (24, 24), budget)
+    with OpCounter() as counter:
+        after, roles = select_hiprune_with_roles(object_scores, deep, (24, 24), budget, check_finite=False)
+    assert torch.equal(after, before)
+    assert all(torch.equal(roles[name], before_roles[name]) for name in ROLES)
+    assert counter.summary()["read_backs"] == 0

@@ -77,6 +77,7 @@ BAD = [
     (["method=none", "model.pretrained=llava-hf/no-such-model", "model.local=false"], "not in the local Hugging Face cache"),
     (["method=hiprune_pp", "model.text_tower=openai/clip-vit-large-patch14-336"], "has none"),
     *([] if torch.cuda.is_available() else [(["method=none", "device=cuda"], "no CUDA GPU is visible")]),
+    (["method=fastv", "budget=64", "model.compile=true"], "compile=true needs a fixed sequence length"),
 ]
 
 

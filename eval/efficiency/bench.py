@@ -61,6 +61,7 @@ import json
 import sys
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import hydra
@@ -720,16 +721,75 @@ class Case:
             flops["measured_parts"] = {k: v for k, v in measured.items() if k != "by_op"}
             flops["sdpa_ops"] = sorted(op for op in measured["by_op"] if "scaled_dot_product" in op)
             flops["measured_vs_exact"] = measured["total"] / (flops["tflops_exact"] * 1e12) - 1
+        roofline = case_roofline(self.config, [self.n_text + v for v in visual], self.batch, self.dtype, flops, peaks)
         return {
             "visual_tokens": self.keep, "visual_tokens_per_layer": visual, "n_text": self.n_text,
             "seq_len": self.seq_len,
+            "tokens_per_s": tokens_per_s(self.batch, self.seq_len, self.seconds, roofline),
             **({"cuda_graphs_off": self.graphs_off} if self.graphs_off else {}),
             "timings": {k: summarize(v) for k, v in self.seconds.items()},
             "throughput_tok_s": summarize([self.batch * self.new_tokens / t for t in self.seconds["generate"]]),
             "memory": self.memory, "seconds": self.seconds, "flops": flops,
-            "roofline": case_roofline(self.config, [self.n_text + v for v in visual], self.batch, self.dtype, flops,
-                                      peaks),
+            "roofline": roofline,
         }
+
+
+def tokens_per_s(batch: int, seq_len: int, seconds: dict[str, list[float]], roofline: dict) -> dict[str, float]:
+    """Prefill tokens/s (batch x prompt tokens per eager prefill, and per replayed graph where measured) and generated
+    tokens/s (batch per decode step), medians, next to the roofline's bound on each (issue 18)."""
+    def median(name: str) -> float | None:
+        values = sorted(seconds.get(name) or [])
+        return values[len(values) // 2] if values else None
+
+    out = {"prefill_tokens": batch * seq_len,
+           "prefill_bound": batch * seq_len / roofline["prefill"]["seconds"],
+           "prefill_bound_by": roofline["prefill"]["bound_by"],
+           "decode_bound": batch / roofline["decode"]["seconds"],
+           "decode_bound_by": roofline["decode"]["bound_by"]}
+    for name, per_call in (("prefill", batch * seq_len), ("prefill_graph", batch * seq_len), ("decode", batch),
+                           ("decode_graph", batch)):
+        if median(name):
+            out[name] = per_call / median(name)
+    return out
+
+
+def write_batch_table(benches: list[dict], out: Path) -> list[Path]:
+    """One row per (batch size, case): prefill and generated tokens/s against their roofline bounds."""
+    rows = []
+    for bench in benches:
+        meta = bench["meta"]
+        for case in bench["cases"]:
+            if case.get("status") != "ran":
+                continue
+            t = case["tokens_per_s"]
+            rows.append({
+                "batch_size": meta["batch_size"], "method": case["method"], "visual_tokens": case["visual_tokens"],
+                "prefill_tok_s": t.get("prefill"), "prefill_graph_tok_s": t.get("prefill_graph"),
+                "prefill_bound_tok_s": t["prefill_bound"], "prefill_bound_by": t["prefill_bound_by"],
+                "prefill_of_bound": t.get("prefill_graph", t.get("prefill")) / t["prefill_bound"],
+                "generated_tok_s": t.get("decode"), "generated_graph_tok_s": t.get("decode_graph"),
+                "generated_bound_tok_s": t["decode_bound"], "generated_bound_by": t["decode_bound_by"],
+                "generated_of_bound": t.get("decode_graph", t.get("decode")) / t["decode_bound"],
+            })
+    out.mkdir(parents=True, exist_ok=True)
+    csv_path, md_path = out / "tokens_per_s.csv", out / "tokens_per_s.md"
+    keys = list(rows[0]) if rows else []
+    csv_path.write_text("\n".join([",".join(keys)] + [",".join("" if r[k] is None else str(r[k]) for k in keys)
+                                                      for r in rows]) + "\n")
+    meta = benches[0]["meta"] if benches else {}
+
+    def fmt(v):
+        return "—" if v is None else (f"{v:.3g}" if isinstance(v, float) else str(v))
+
+    lines = [(f"# Prefill and generated tokens/s vs the roofline: {meta.get('model')} on {meta.get('device_name')} "
+              f"({meta.get('dtype')})"), "",
+             ("Medians; prefill = batch x prompt tokens per eager prefill call (graph: replayed from CUDA graphs); "
+              "generated = batch tokens per decode step; bound = the roofline's (max of compute and memory time); "
+              "of bound = best measured / bound."), "",
+             "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    lines += ["| " + " | ".join(fmt(r[k]) for k in keys) + " |" for r in rows]
+    md_path.write_text("\n".join(lines) + "\n")
+    return [csv_path, md_path]
 
 
 def run_cases(cases: list[Case], cfg: DictConfig, probe: MemoryProbe, log: Callable[[str], None]) -> None:
@@ -801,6 +861,8 @@ def run(cfg: DictConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
                        prompt_encoder if needs_prompt else None)
     memory_check = check_memory(n_params, dtype, device, float(cfg.memory_limit_fraction))
     tag = cfg.tag or f"{cfg.model.name}-{device.type}-{dtype_name}"
+    if cfg.get("batch_sizes") and not cfg.tag:
+        tag += f"-b{int(cfg.batch_size)}"
     out_dir = repo_path(cfg.out_dir) / tag
 
     log(f"[bench] {cfg.model.name} ({n_params / 1e9:.3f}B parameters, random weights from {source}) on "
@@ -942,7 +1004,22 @@ def dry_run(cfg: DictConfig, config, source: str, cases: list[dict], n_params: i
 @hydra.main(config_path=str(CONFIG_DIR), config_name="bench", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     try:
-        run(cfg)
+        if cfg.get("batch_sizes"):  # one run per batch size, then the tokens/s table over all of them
+            benches = []
+            for bs in cfg.batch_sizes:
+                one = cfg.copy()
+                one.batch_size = int(bs)
+                one.tag = f"{cfg.tag}-b{bs}" if cfg.tag else None
+                benches.append(run(one))
+            benches = [b for b in benches if "meta" in b]
+            if benches:
+                m = benches[0]["meta"]
+                out = repo_path(cfg.out_dir) / (f"{cfg.tag}-batches" if cfg.tag else
+                                                 f"{m['model']}-{m['device']}-{m['dtype']}-batches")
+                for path in write_batch_table(benches, out):
+                    print(f"[bench] wrote {path}")
+        else:
+            run(cfg)
     except ConfigError as exc:
         print(f"[bench] configuration error: {exc}", file=sys.stderr)
         sys.exit(2)

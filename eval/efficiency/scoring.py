@@ -81,6 +81,7 @@ import argparse
 import copy
 import gc
 import json
+import math
 import os
 import platform
 import subprocess
@@ -92,6 +93,7 @@ from typing import Any, ClassVar
 
 import torch
 import transformers
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import (
     AttentionInterface,
     CLIPVisionConfig,
@@ -115,9 +117,9 @@ from eval.efficiency.measure import (
 )
 from hiprune.adapters.qwen2_5_vl import Qwen25VLAdapter
 from hiprune.capture import AttentionScores
-from hiprune.methods.base import resolve_budget
-from hiprune.methods.hiprune import select_hiprune
-from hiprune.scores import global_attention
+from hiprune.methods.base import rank_descending, resolve_budget, top_k
+from hiprune.methods.hiprune import BUFFER_OFFSETS, anchor_count, max_anchor_and_buffer_count, select_hiprune
+from hiprune.scores import all_finite, global_attention
 
 GOAL_RATIO = 1.05
 VARIANTS = ("plain", "ours", "reference")
@@ -461,8 +463,12 @@ class Ours(ClipVariant):
             _, features = self._forward(inputs)
             scores = capture.collect()
         object_scores, deep_scores = scores["object"][:, 1:], scores["deep"][:, 1:]  # drop the CLS key column
-        indices = select_hiprune(object_scores, deep_scores, self.shape.grid, self.shape.budget)
-        return {"features": features, "indices": indices, "object": object_scores, "deep": deep_scores}
+        # as the pipeline runs it: finiteness as a device flag (checked outside the timed region, as the adapter reads
+        # it back with the kept indices), a selection that reads nothing back
+        finite = all_finite(object_scores, deep_scores)
+        indices = select_hiprune(object_scores, deep_scores, self.shape.grid, self.shape.budget, check_finite=False)
+        return {"features": features, "indices": indices, "object": object_scores, "deep": deep_scores,
+                "finite": finite}
 
 
 class Reference(ClipVariant):
@@ -626,6 +632,8 @@ class Checker:
         for name in ("object", "deep"):
             diff = float((ours[name].float() - ref[name].float()).abs().max())
             self.max_score_diff[name] = max(self.max_score_diff[name], diff)
+        if "finite" in ours and not bool(ours["finite"]):
+            raise RuntimeError("ours: non-finite attention scores")
         if not torch.equal(ours["indices"], ref["indices"]):
             raise IndicesMismatch(_mismatch_report(ours, ref))
         self.features_identical &= torch.equal(ours["features"], plain["features"])
@@ -676,6 +684,110 @@ def run_timing(variants: dict[str, Variant], inputs, device, repeats: int, warmu
         checker.check(outs)  # outside the timed region; also during warm-up
         del outs
     return times
+
+
+# --- the selection alone, before vs after issue 18 ----------------------------------------------------------------
+def select_hiprune_before_issue18(object_scores, deep_scores, grid, budget, alpha=0.1):
+    """HiPrune's selection as the harness ran it before issue 18 (official defaults: clamped cross buffers, deep
+    registers), kept here only to time the change in one run: a finiteness read-back, three full sorts, masks built
+    with about 40 kernels. The kept indices are the same as ``select_hiprune``'s (checked on every call)."""
+    rows, cols = grid
+    if not bool(torch.isfinite(object_scores).all() & torch.isfinite(deep_scores).all()):
+        raise ValueError("non-finite HiPrune scores")
+    batch, n = object_scores.shape
+    device = object_scores.device
+    object_scores, deep_scores = object_scores.float(), deep_scores.float()
+    k_a = anchor_count(budget, alpha)
+    anchors = top_k(object_scores, k_a)
+    anchor_mask = torch.zeros(batch, n, dtype=torch.bool, device=device)
+    anchor_mask.scatter_(1, anchors, True)
+    offsets = BUFFER_OFFSETS["cross"]
+    d_row = torch.tensor([dr for dr, _ in offsets], dtype=torch.long, device=device)
+    d_col = torch.tensor([dc for _, dc in offsets], dtype=torch.long, device=device)
+    neighbours = (anchors.unsqueeze(-1) + d_row * cols + d_col).clamp(0, n - 1).flatten(1)
+    chosen = anchor_mask.clone()
+    chosen.scatter_(1, neighbours, True)
+    buffer_mask = chosen & ~anchor_mask
+    chosen_count = chosen.sum(dim=1)
+    if max_anchor_and_buffer_count(budget, alpha, "cross") > budget and bool((chosen_count > budget).any()):
+        raise ValueError("HiPrune anchors + buffers exceed the budget")
+    n_registers = budget - chosen_count
+    ranked = rank_descending(deep_scores.masked_fill(chosen, -math.inf))
+    take = torch.arange(n, device=device).unsqueeze(0) < n_registers.unsqueeze(1)
+    register_mask = torch.zeros_like(chosen)
+    register_mask.scatter_(1, ranked, take)
+    keep = chosen | register_mask
+    positions = torch.arange(n, device=device).expand(batch, n).masked_fill(~keep, n)
+    indices = positions.sort(dim=1).values[:, :budget]
+    roles = {"anchor": anchor_mask.gather(1, indices), "buffer": buffer_mask.gather(1, indices),
+             "register": register_mask.gather(1, indices)}
+    return indices, roles
+
+
+def select_hiprune_pipeline(object_scores, deep_scores, grid, budget):
+    """The selection as HiPrune.select runs it in the pipeline since issue 18: the scores' finiteness as a device
+    flag (read back later with the kept indices), and a selection that reads nothing back."""
+    finite = all_finite(object_scores, deep_scores)
+    indices = select_hiprune(object_scores, deep_scores, grid, budget, check_finite=False)
+    return indices, finite
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts the ATen operators a call dispatches (on a GPU each non-view one is at least one kernel launch) and
+    its device-to-host read-backs (.item(), bool(), int(), nonzero)."""
+
+    # bool() / .item() dispatch as _local_scalar_dense, or as is_nonzero under inference_mode
+    READ_BACKS = ("aten._local_scalar_dense", "aten.is_nonzero", "aten.item", "aten.nonzero")
+    VIEWS = ("aten.view", "aten.slice", "aten.unsqueeze", "aten.expand", "aten.select", "aten.lift_fresh",
+             "aten.detach", "aten.alias", "aten.t.", "aten.transpose", "aten.squeeze")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+    def summary(self) -> dict:
+        kernels = [op for op in self.ops if not op.startswith(self.VIEWS)]
+        read_backs = [op for op in self.ops if op.startswith(self.READ_BACKS)]
+        return {"aten_ops": len(self.ops), "non_view_ops": len(kernels), "read_backs": len(read_backs),
+                "sorts": sum(op.startswith("aten.sort") for op in self.ops)}
+
+
+def count_ops(fn) -> dict:
+    with torch.inference_mode(), OpCounter() as counter:
+        fn()
+    return counter.summary()
+
+
+def selection_before_after(object_scores, deep_scores, grid, budget, device, repeats: int) -> dict:
+    """Time the selection alone on one round's captured scores, before (:func:`select_hiprune_before_issue18`) and
+    after (:func:`select_hiprune_pipeline`), interleaved call by call; the kept indices must be identical."""
+    calls = {
+        "before": lambda: select_hiprune_before_issue18(object_scores, deep_scores, grid, budget)[0],
+        "after": lambda: select_hiprune_pipeline(object_scores, deep_scores, grid, budget)[0],
+    }
+    with torch.inference_mode():
+        if not torch.equal(calls["before"](), calls["after"]()):
+            raise IndicesMismatch("the selection before and after issue 18 kept different tokens")
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    for round_ in range(repeats + 3):  # 3 warm-up calls each
+        for name in (("before", "after") if round_ % 2 else ("after", "before")):
+            with torch.inference_mode():
+                seconds, _ = time_call(calls[name], device)
+            if round_ >= 3:
+                times[name].append(seconds)
+    ratio = [a / b for a, b in zip(times["after"], times["before"])]
+    return {
+        "description": "select_hiprune alone on the captured scores of one call, before vs after issue 18, "
+                       "interleaved; ops counted with a TorchDispatchMode (read-backs: _local_scalar_dense, nonzero)",
+        "before": {"time_s": quartiles(times["before"]), **count_ops(calls["before"])},
+        "after": {"time_s": quartiles(times["after"]), **count_ops(calls["after"])},
+        "after/before": quartiles(ratio),
+        "indices_identical": True,  # checked above; a mismatch raises
+    }
 
 
 # --- memory ----------------------------------------------------------------------------------------------------
@@ -796,6 +908,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "shape's, 12 for CLIP, 2.4 for Qwen2.5-VL-3B)",
     )
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
+    p.add_argument("--selection-repeats", type=int, default=200,
+                   help="CLIP shapes: timed calls of the selection alone, before vs after issue 18 (0: skip)")
     p.add_argument("--json", type=Path, default=None, help="write the results here (temp file + rename)")
     p.add_argument("--_memory-probe", dest="memory_probe", choices=VARIANTS, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -890,6 +1004,14 @@ def print_report(results: dict, out=None) -> None:
             m = mem["variants"][name]
             peak = m.get("peak_allocated_bytes", m.get("peak_rss_bytes"))
             w(f"  {name:<10} extra {_mib(m['peak_extra_bytes'])}   peak {_mib(peak)}")
+    sel = results.get("selection")
+    if sel:
+        w()
+        w("selection alone (before -> after issue 18): median "
+          f"{sel['before']['time_s']['median'] * 1e6:.0f} -> {sel['after']['time_s']['median'] * 1e6:.0f} us, "
+          f"after/before {sel['after/before']['median']:.3f}; ATen ops {sel['before']['non_view_ops']} -> "
+          f"{sel['after']['non_view_ops']} (non-view), sorts {sel['before']['sorts']} -> {sel['after']['sorts']}, "
+          f"device read-backs {sel['before']['read_backs']} -> {sel['after']['read_backs']}; indices identical")
     c = results["correctness"]
     w()
     w(
@@ -917,6 +1039,13 @@ def main(argv: list[str] | None = None) -> dict:
     environment = _environment(device)
     checker = Checker()
     times = run_timing(variants, inputs, device, args.repeats, args.warmup, checker)
+    selection = None
+    if shape.family == "clip" and args.selection_repeats:
+        with torch.inference_mode():
+            scored = variants["ours"](inputs)
+        selection = selection_before_after(scored["object"], scored["deep"], shape.grid, shape.budget, device,
+                                           args.selection_repeats)
+        del scored
     ratios = {
         f"{name}/plain": _quartiles([t / p for t, p in zip(times[name], times["plain"])])
         for name in ("ours", "reference")
@@ -947,6 +1076,7 @@ def main(argv: list[str] | None = None) -> dict:
             "met": ratios["ours/plain"]["median"] <= GOAL_RATIO,
         },
         "correctness": checker.summary(),
+        "selection": selection,
         "memory": None,
     }
     if not args.no_memory:

@@ -33,6 +33,7 @@ from tqdm import tqdm
 
 import hiprune
 from eval.config import ConfigError
+from eval.lmms.compiled import CompiledGeneration, check_compile, options_from, pad_to_bucket
 from eval.lmms.prompting import IMAGE_PLACEHOLDER
 from hiprune.adapters.base import GridRecord, check_family_method, splits_visuals
 from hiprune.adapters.llm_pruning import resolve_schedule, visual_per_layer
@@ -126,12 +127,14 @@ class HiPruneLMM(lmms):
         attn_implementation: str = "sdpa",
         max_new_tokens: int | None = None,
         broken_images: str = "error",
+        compile: bool | str = False,
         **options: Any,
     ) -> None:
         super().__init__()
         if broken_images not in BROKEN_IMAGES:
             raise ValueError(f"broken_images={broken_images!r}: choose one of {', '.join(BROKEN_IMAGES)}")
         self.broken_images = broken_images
+        compiling = options_from(compile, options)  # static cache + torch.compile (eval/lmms/compiled.py)
         loading = {k: options.pop(k, default) for k, default in self.loading_options.items()}
         check_option_types(type(self), loading)
         # Validate everything cheap before the (possibly multi-GB) model loads.
@@ -142,6 +145,8 @@ class HiPruneLMM(lmms):
         else:
             self.method = hiprune.build_method(method, **{name: list_option(v) for name, v in options.items()})
         check_family_method(self.family, self.method)  # no CLS token, no paired CLIP text tower, ...: before loading
+        if compiling is not None:
+            check_compile(self.method, self.family)
         # adapter options that depend on the method (LLaVA-NeXT's layout=auto) resolve here: loading and the settings
         # recorded with the run hold what runs
         loading.update(self.resolve_adapter_options({k: loading[k] for k in self.adapter_option_names}, self.method))
@@ -160,6 +165,9 @@ class HiPruneLMM(lmms):
         self.decoder_layers = int(self._model.config.text_config.num_hidden_layers)
         self.tokenizer = self.processor.tokenizer
         self._stack = ExitStack()
+        self.compiled = None if compiling is None else CompiledGeneration(self._model, compiling, self._device)
+        if self.compiled is not None:
+            self._stack.callback(self.compiled.close)
         self.session = self._stack.enter_context(
             hiprune.apply(
                 self._model, self.method, self.processor, getattr(self, "prompt_encoder", None), **self.adapter_options
@@ -192,6 +200,8 @@ class HiPruneLMM(lmms):
             **loading,
             "method": self.method.describe(),
         }
+        if self.compiled is not None:
+            self.settings["compile"] = compiling.describe(self._device)
 
     # --- family hooks -------------------------------------------------------------------------------------
     @classmethod
@@ -346,6 +356,8 @@ class HiPruneLMM(lmms):
                 for i, answer in zip(members, part):
                     answers[i] = answer
             return answers
+        if self.compiled is not None:  # a few prompt lengths, hence few compiled shapes
+            batch = pad_to_bucket(batch, self.compiled.options.bucket, self.pad_token_id)
         max_new_tokens = int(gen_kwargs.get("max_new_tokens", self.max_new_tokens))
         caps = self._new_token_caps(batch["attention_mask"], max_new_tokens, doc_ids, task, split)
         prefill = self.prefill_tokens.setdefault((task, split), {})
@@ -362,6 +374,7 @@ class HiPruneLMM(lmms):
             "use_cache": True,
             "pad_token_id": self.pad_token_id,
             "eos_token_id": self.tokenizer.eos_token_id,
+            **(self.compiled.generation_kwargs() if self.compiled is not None else {}),
         }
         if do_sample:
             generation["temperature"] = temperature

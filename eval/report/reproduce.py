@@ -5,7 +5,7 @@
     python -m eval.report.reproduce render --all              # = make tables
     python -m eval.report.reproduce plots 2 [OVERRIDES...]    # only the table's plots (render makes them too)
     python -m eval.report.reproduce list                      # the tables and their experiment configs
-    python -m eval.report.reproduce run 2 --dry-run           # print the sweep commands only
+    python -m eval.report.reproduce run 2 --dry-run           # print the sweep commands and their estimated device-hours
 
 A table is an experiment config (configs/experiment/*.yaml) with a ``paper:`` block naming the paper table, its
 models (harness config, paper name, budgets as printed -> harness budget), its rows (label, harness method, method
@@ -43,6 +43,7 @@ from omegaconf import DictConfig, OmegaConf
 from transformers import AutoConfig
 
 from eval.config import CONFIG_DIR, REPO_ROOT, ConfigError, compose_config, repo_path, repo_relative
+from eval.efficiency import estimate
 from eval.efficiency.flops import flops_exact
 from eval.lmms.base import lmms_model_class
 from eval.report import paper as P
@@ -846,6 +847,10 @@ def run(table: str, overrides: Sequence[str] = (), dry_run: bool = False, plots:
             failed.append((i, code))
             print(f"[reproduce] sweep {i} exited with {code}; continuing (rerun to resume)", flush=True)
     if dry_run:
+        if commands:  # what the sweep costs on a measured device (eval/efficiency/estimate.py)
+            cfg = compose(spec.experiment, overrides)
+            mode = "compiled" if cfg.model.get("compile") else "eager"
+            print(estimate.report(estimate.estimate_runs(spec, int(cfg.batch_size), mode)), flush=True)
         return 0
     paths = render(table, overrides, plots=plots)
     for path in paths.values():

@@ -44,6 +44,7 @@ import hiprune
 from eval.config import CONFIG_DIR, ConfigError, repo_path, repo_relative
 from eval.efficiency.flops import encoder_merges, flops_exact, llm_scoring_flops, tflops_fastv
 from eval.lmms.base import BROKEN_IMAGES, check_option_types, lmms_model_class
+from eval.lmms.compiled import check_compile
 from eval.running.fingerprint import local_inputs
 from eval.running.methods import build_from_config, not_implemented_notice
 from eval.running.parallel import Ranks, current_ranks, merge_doc_logs, samples_in_doc_order
@@ -76,6 +77,7 @@ class RunPlan:
             "attn_implementation": m.attn_implementation,
             "broken_images": self.cfg.broken_images,
             **self.loading,
+            **({"compile": True} if self.cfg.model.get("compile") else {}),
             "method": self.method,
         }
 
@@ -100,6 +102,11 @@ def plan_run(cfg: DictConfig, devices_here: bool = True) -> RunPlan:
         for k, v in loading.items()
     }
     method = build_from_config(cfg.method, cfg.budget)
+    if m.get("compile"):  # static cache + torch.compile (eval/lmms/compiled.py): refused before loading if impossible
+        try:
+            check_compile(method, model_class.family)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from exc
 
     pretrained = str(m.pretrained)
     if m.local:
@@ -152,6 +159,8 @@ def plan_run(cfg: DictConfig, devices_here: bool = True) -> RunPlan:
     }
     if cfg.broken_images != "error":  # skipping changes the number; the default keeps the records' names
         identity["broken_images"] = cfg.broken_images
+    if m.get("compile"):  # only when on: records of eager runs keep their names
+        identity["compile"] = True
     # Local model folders and local task data are identified by their bytes too: a rebuilt asset gets new records.
     local = local_inputs(Path(pretrained) if m.local else None, resolved_loading.get("text_tower") if m.local else None,
                          tasks, Path(include_path) if include_path else None)

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from hiprune.capture import Capture, Tap
+from hiprune.scores import all_finite
 from hiprune.methods.base import FEATURE_LAYER, EncoderTokens, Method, Selection, VisionTokens, resolve_budget
 
 
@@ -273,11 +274,20 @@ def split_budget(
 
 def check_captured(captured: dict[str, torch.Tensor], expected: tuple[int, ...], unit: str = "") -> None:
     """Captured tensors must have the leading shape ``expected`` and be finite (else PruningError)."""
+    check_captured_shapes(captured, expected, unit)
+    check_captured_finite(captured)
+
+
+def check_captured_shapes(captured: dict[str, torch.Tensor], expected: tuple[int, ...], unit: str = "") -> None:
     for name, value in captured.items():
         if tuple(value.shape[: len(expected)]) != expected:
             raise PruningError(
                 f"{unit + ' ' if unit else ''}capture {name!r} has shape {tuple(value.shape)}, expected {expected}"
             )
+
+
+def check_captured_finite(captured: dict[str, torch.Tensor]) -> None:
+    for name, value in captured.items():
         if not torch.isfinite(value).all():
             raise PruningError(f"attention score {name!r} contains NaN or inf")
 
@@ -428,7 +438,11 @@ class Adapter:
         """
         method = session.method
         for grid in grids:
-            check_captured(grid.captured, (grid.shape[0] * grid.shape[1],))
+            check_captured_shapes(grid.captured, (grid.shape[0] * grid.shape[1],))
+        # finiteness of every capture as one device flag, read back once below with the kept indices: nothing in
+        # the selection waits for the device
+        finite = all_finite(*[value for grid in grids for value in grid.captured.values()]) if any(
+            grid.captured for grid in grids) else None
         prompt_embeds = self.embed_prompts(session, session.take_prompts(n_visuals)) if method.needs_prompt else None
         grids = split_visuals(method, grids)
         groups: dict[tuple[tuple[int, int], int, int], list[int]] = {}
@@ -464,6 +478,9 @@ class Adapter:
                 selections[k] = selection_row(selection, row)
         # keeps_cls: images get their CLS token in front (counted); video frames carry theirs for every method
         front = 1 if method.keeps_cls and kind == "image" else 0
+        if finite is not None and not bool(finite):
+            for grid in grids:
+                check_captured_finite(grid.captured)
         self.record_outputs(session, [grid.shape[0] * grid.shape[1] for grid in grids], outputs, kind, front)
         session.last_selection = stack_selections(selections)
         return outputs

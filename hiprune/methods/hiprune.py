@@ -35,9 +35,9 @@ from hiprune.methods.base import (
     gather_tokens,
     rank_descending,
     register_method,
-    top_k,
 )
-from hiprune.scores import check_finite
+from hiprune.scores import all_finite
+from hiprune.scores import check_finite as require_finite  # the name check_finite is a parameter here
 
 BOUNDARIES = ("clamp", "drop")
 
@@ -53,6 +53,7 @@ BUFFER_OFFSETS: dict[str, tuple[tuple[int, int], ...]] = {
 }
 
 ROLES = ("anchor", "buffer", "register")
+_BUFFER, _ANCHOR = 1, 2  # per-token role codes of the selection (0: not chosen by anchors or buffers)
 REGISTER_MODES = ("deep", "none")
 ATTENTION_PATTERNS = ("global", "cls")
 
@@ -80,13 +81,14 @@ def select_hiprune(
     boundary: str = "clamp",
     buffer: str = "cross",
     registers: str = "deep",
+    check_finite: bool = True,
 ) -> torch.Tensor:
     """Kept token indices [B, budget] (int64, sorted ascending, distinct per row).
 
     Arguments and errors as in :func:`select_hiprune_with_roles`.
     """
     indices, _ = select_hiprune_with_roles(object_scores, deep_scores, grid, budget, alpha, boundary, buffer,
-                                           registers)
+                                           registers, check_finite)
     return indices
 
 
@@ -99,6 +101,7 @@ def select_hiprune_with_roles(
     boundary: str = "clamp",
     buffer: str = "cross",
     registers: str = "deep",
+    check_finite: bool = True,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """HiPrune selection for B grids at once; every row is computed independently of the others.
 
@@ -113,6 +116,10 @@ def select_hiprune_with_roles(
     registers: "deep" (default: the rest of the budget by deep score) or "none" (ablation "w/o Register": no deep
         score is used, alpha is ignored, and anchors with their buffers fill the whole budget, see
         :func:`_fill_with_anchors_and_buffers`).
+    check_finite: raise on NaN / inf scores, which needs one read-back of a flag from the device. False: the caller
+        has checked or will check the scores (the adapters check every captured score once per vision forward, at
+        the read-back of the kept indices for the records), and the selection reads nothing back from the device at
+        the paper's settings.
 
     Returns (indices, roles): indices [B, budget] int64 sorted ascending; roles maps "anchor", "buffer",
     "register" to [B, budget] bool masks aligned with indices, exactly one True per position. An anchor that is
@@ -120,7 +127,7 @@ def select_hiprune_with_roles(
 
     Raises ValueError on malformed input, and when a row's anchors and buffers alone exceed the budget.
     """
-    rows, cols = _validate(object_scores, deep_scores, grid, budget, alpha, boundary, buffer)
+    rows, cols = _validate(object_scores, deep_scores, grid, budget, alpha, boundary, buffer, check_finite)
     _check_name("registers", registers, REGISTER_MODES)
     batch, n = object_scores.shape
     device = object_scores.device
@@ -130,47 +137,40 @@ def select_hiprune_with_roles(
     if registers == "none":
         return _fill_with_anchors_and_buffers(object_scores, rows, cols, budget, boundary, BUFFER_OFFSETS[buffer])
 
-    # 1. Anchors: top-k_a object scores.
+    # Few kernels and no read-back at the paper's settings (a GPU at batch 1 is launch-bound here): one sort for the
+    # anchors, one for the kept set, one over the kept indices, and one code per token for the roles.
+    # 1. Anchors: top-k_a object scores (a stable descending sort: ties to the lower index).
     k_a = anchor_count(budget, alpha)
-    anchors = top_k(object_scores, k_a)  # [B, k_a]
-    anchor_mask = torch.zeros(batch, n, dtype=torch.bool, device=device)
-    anchor_mask.scatter_(1, anchors, True)
+    anchors = torch.sort(object_scores, dim=1, descending=True, stable=True).indices[:, :k_a]  # [B, k_a]
 
-    # 2. Buffers: the anchors' neighbours.
+    # 2. Buffers: the anchors' neighbours. code: 0 not chosen, BUFFER, ANCHOR (an anchor that is also another
+    #    anchor's neighbour counts as an anchor: anchors are written last).
     neighbours = _neighbours(anchors, rows, cols, boundary, BUFFER_OFFSETS[buffer])  # [B, k_a * m]
-    chosen = anchor_mask.clone()
-    chosen.scatter_(1, neighbours, True)
-    buffer_mask = chosen & ~anchor_mask
+    code = torch.zeros(batch, n, dtype=torch.uint8, device=device)
+    code.scatter_(1, neighbours, _BUFFER)
+    code.scatter_(1, anchors, _ANCHOR)
+    chosen = code != 0
 
-    chosen_count = chosen.sum(dim=1)  # [B]
     # Reading the count back waits for the device; skip it when even the worst case fits (always at the paper's
     # settings, since HiPrune.validate rejects integer budgets whose worst case does not fit).
-    if max_anchor_and_buffer_count(budget, alpha, buffer) > budget and bool((chosen_count > budget).any()):
-        worst = int(chosen_count.max())
-        raise ValueError(
-            f"HiPrune anchors + buffers exceed the budget: {k_a} anchors with {buffer!r} buffers cover {worst} "
-            f"distinct tokens but the budget is {budget}; use a smaller alpha (now {alpha}) or a larger budget"
-        )
+    if max_anchor_and_buffer_count(budget, alpha, buffer) > budget:
+        chosen_count = chosen.sum(dim=1)
+        if bool((chosen_count > budget).any()):
+            raise ValueError(
+                f"HiPrune anchors + buffers exceed the budget: {k_a} anchors with {buffer!r} buffers cover "
+                f"{int(chosen_count.max())} distinct tokens but the budget is {budget}; use a smaller alpha (now "
+                f"{alpha}) or a larger budget"
+            )
 
-    # 3. Registers: the best deep scores among tokens not yet chosen. -inf (not "score - 1") keeps chosen tokens
-    #    out for any score range; scores are finite, so only unchosen tokens can rank before them.
-    n_registers = budget - chosen_count  # [B], differs per row when neighbours overlap or are dropped
-    ranked = rank_descending(deep_scores.masked_fill(chosen, -math.inf))  # [B, N]
-    take = torch.arange(n, device=device).unsqueeze(0) < n_registers.unsqueeze(1)  # first n_r ranks per row
-    register_mask = torch.zeros_like(chosen)
-    register_mask.scatter_(1, ranked, take)
+    # 3. Registers: the best deep scores among tokens not yet chosen, and 4. keep everything chosen. Chosen tokens
+    #    rank first (+inf; the scores are finite), so the first `budget` of one stable descending sort are the
+    #    chosen tokens and then the best unchosen ones by deep score, ties to the lower index: the registers. -inf-
+    #    like exclusion (not "score - 1") keeps chosen tokens from being picked twice for any score range.
+    ranked = torch.sort(deep_scores.masked_fill(chosen, math.inf), dim=1, descending=True, stable=True).indices
+    indices = ranked[:, :budget].sort(dim=1).values  # raster order
 
-    # 4. Keep everything chosen, in raster order: exactly `budget` Trues per row, so the first `budget` of the
-    #    sorted positions (non-kept ones pushed to n) are the kept indices.
-    keep = chosen | register_mask
-    positions = torch.arange(n, device=device).expand(batch, n).masked_fill(~keep, n)
-    indices = positions.sort(dim=1).values[:, :budget]
-
-    roles = {
-        "anchor": anchor_mask.gather(1, indices),
-        "buffer": buffer_mask.gather(1, indices),
-        "register": register_mask.gather(1, indices),
-    }
+    role = code.gather(1, indices)
+    roles = {"anchor": role == _ANCHOR, "buffer": role == _BUFFER, "register": role == 0}
     return indices, roles
 
 
@@ -213,13 +213,12 @@ def _neighbours(
     fixed shape without adding anything.
     """
     n = rows * cols
-    d_row, d_col = _offset_tensors(offsets, anchors.device)
     a = anchors.unsqueeze(-1)  # [B, k_a, 1]
     if boundary == "clamp":
         # Official: flat offsets a + dr*cols + dc, clamped; a left/right neighbour may wrap to the adjacent row.
-        flat = a + d_row * cols + d_col
-        result = flat.clamp(0, n - 1)
+        result = (a + _flat_offsets(offsets, cols, anchors.device)).clamp(0, n - 1)
     else:
+        d_row, d_col = _offset_tensors(offsets, anchors.device)
         r, c = a // cols + d_row, a % cols + d_col
         inside = (r >= 0) & (r < rows) & (c >= 0) & (c < cols)
         result = torch.where(inside, r * cols + c, a)
@@ -232,6 +231,12 @@ def _offset_tensors(offsets: tuple[tuple[int, int], ...], device: torch.device) 
     call would stall the launch queue on GPUs."""
     return (torch.tensor([dr for dr, _ in offsets], dtype=torch.long, device=device),
             torch.tensor([dc for _, dc in offsets], dtype=torch.long, device=device))
+
+
+@functools.lru_cache(maxsize=64)
+def _flat_offsets(offsets: tuple[tuple[int, int], ...], cols: int, device: torch.device) -> torch.Tensor:
+    """dr * cols + dc of every offset, made once per (shape, grid width, device) like :func:`_offset_tensors`."""
+    return torch.tensor([dr * cols + dc for dr, dc in offsets], dtype=torch.long, device=device)
 
 
 def _is_int(value: object) -> bool:
@@ -256,6 +261,7 @@ def _validate(
     alpha: float,
     boundary: str,
     buffer: str,
+    check_finite: bool = True,
 ) -> tuple[int, int]:
     if object_scores.dim() != 2:
         raise ValueError(f"object scores must be [B, N], got shape {tuple(object_scores.shape)}")
@@ -280,9 +286,9 @@ def _validate(
     _check_name("boundary", boundary, BOUNDARIES)
     _check_name("buffer", buffer, tuple(BUFFER_OFFSETS))
     # One read-back for both score vectors (each waits for the device); the named check only on failure.
-    if not bool(torch.isfinite(object_scores).all() & torch.isfinite(deep_scores).all()):
-        check_finite(object_scores, "HiPrune object scores")
-        check_finite(deep_scores, "HiPrune deep scores")
+    if check_finite and not bool(all_finite(object_scores, deep_scores)):
+        require_finite(object_scores, "HiPrune object scores")
+        require_finite(deep_scores, "HiPrune deep scores")
     return rows, cols
 
 
@@ -342,6 +348,8 @@ class HiPrune(Method):
             boundary=self.boundary,
             buffer=self.buffer,
             registers=self.registers,
+            # the pipeline checks every captured score, reading the flag back with the kept indices (adapters/base.py)
+            check_finite=False,
         )
         device = tokens.features.device
         indices = indices.to(device)
