@@ -227,30 +227,51 @@ def _run(tmp_path, model, benchmark, method, *extra):
     return read_record(run_module.run(cfg))
 
 
+def _sparsevlm_image_tokens(n: int, keep: int) -> int:
+    """By hand (spec §10): keep + the clusters of the pruned: floor(floor(0.3 (n - keep)) + 1) / 10) + 1."""
+    candidates = int(0.3 * (n - keep)) + 1
+    return keep + candidates // 10 + 1
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "model, benchmark, method, extra, per_layer",
     [
-        # one visual = the image's 3 crops x 576 (96 x 96 -> a 1 x 2 anyres grid), spatial layout; 2 layers: 1 stage
+        # LLaVA-NeXT: one visual = the image's 3 crops x 576 (96 x 96 -> a 1 x 2 anyres grid), spatial layout;
+        # 2 layers: 1 stage
         ("tiny_llava_next", "smoke_pope", "sparsevlm", ["budget=null", "method.options.layers=[0]",
                                                         "method.options.schedule=[500]"], [1728, 500 + 37]),
-        # images of different sizes in one batch of 2: generated in groups, each image its own schedule
+        ("tiny_llava_next", "smoke_pope", "fastv", ["budget=500", "method.options.layer=1",
+                                                    "method.options.budget_mode=keep_after"], [1728, 500]),
+        ("tiny_llava_next", "smoke_pope", "pdrop", ["budget=null", "method.options.layers=[1]",
+                                                    "method.options.ratios=[0.5]"], [1728, 864]),
+        # Qwen2.5-VL: images of different sizes in one batch of 2: generated in groups, each image its own schedule
         ("tiny_qwen25vl", "smoke_pope", "pdrop", ["budget=null", "method.options.layers=[1]",
-                                                  "method.options.ratios=[0.5]"], None),
-        # a video of 4 frames x (CLS + 256) is one visual
+                                                  "method.options.ratios=[0.5]"], lambda n: [n, n // 2]),
+        ("tiny_qwen25vl", "smoke_pope", "fastv", ["budget=0.5", "method.options.layer=1",
+                                                  "method.options.budget_mode=keep_after"], lambda n: [n, n // 2]),
+        ("tiny_qwen25vl", "smoke_pope", "sparsevlm", ["budget=null", "method.options.layers=[0]",
+                                                      "method.options.schedule=[4]"],
+         lambda n: [n, _sparsevlm_image_tokens(n, 4)]),
+        # Video-LLaVA: a video of 4 frames x (CLS + 256) is one visual
         ("tiny_video_llava", "smoke_video", "fastv", ["budget=0.75", "method.options.layer=1"], [1028, 514]),
+        ("tiny_video_llava", "smoke_video", "pdrop", ["budget=null", "method.options.layers=[1]",
+                                                      "method.options.ratios=[0.5]"], [1028, 514]),
+        ("tiny_video_llava", "smoke_video", "sparsevlm", ["budget=null", "method.options.layers=[0]",
+                                                          "method.options.schedule=[500]"],
+         [1028, _sparsevlm_image_tokens(1028, 500)]),
     ],
 )
 def test_lmms_eval_run_per_family(tmp_path, model, benchmark, method, extra, per_layer):
     record = _run(tmp_path, model, benchmark, method, *extra)
     [(key, docs)] = record["llm_visual_per_layer_by_doc"].items()
     assert sorted(docs) == ["0", "1"]
-    if per_layer is not None:
-        assert all(visual == per_layer for visual in docs.values())
-        assert all(kept == [per_layer[-1]] for kept in record["kept_tokens_by_doc"][key].values())
-    else:  # Qwen2.5-VL: each doc's image keeps floor(n / 2) of its own n tokens from layer 1 on
-        assert len({tuple(v) for v in docs.values()}) == 2
-        assert all(v[1] == v[0] // 2 for v in docs.values())
+    for doc, visual in docs.items():
+        expected = per_layer(visual[0]) if callable(per_layer) else per_layer
+        assert visual == expected, doc
+        assert record["kept_tokens_by_doc"][key][doc] == [expected[-1]], doc
+    if callable(per_layer):  # Qwen2.5-VL: the two docs' images differ in size, so in token count
+        assert len({visual[0] for visual in docs.values()}) == 2
 
 
 @pytest.mark.parametrize(
