@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import random
 import sys
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -157,9 +156,59 @@ def build_tokenizer(bpe_vocab_size: int, corpus: list[str], model_max_length: in
     return tokenizer
 
 
+def tokenizer_with(p: dict[str, Any], extra_tokens: list[str], chat_template: str):
+    """The tiny Qwen tokenizer of a build's parameters ``p``, with a family's ``extra_tokens`` (after Qwen's special
+    tokens) and ``chat_template``."""
+    corpus = asset_build.build_corpus(p["corpus_sentences"], p["seed"])
+    tokenizer = build_tokenizer(p["bpe_vocab_size"], corpus, p["max_position_embeddings"])
+    tokenizer.add_special_tokens({"additional_special_tokens": [*SPECIAL_TOKENS, *extra_tokens]})
+    tokenizer.chat_template = chat_template
+    return tokenizer
+
+
+def images_first_chat_template(image_text: str) -> str:
+    """A Qwen chat template that writes each image of a message as ``image_text`` + newline, before its text."""
+    return (
+        "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}<|im_start|>{{ message['role'] }}\n"
+        "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+        f"{{% for content in message['content'] %}}{{% if content['type'] == 'image' %}}{image_text}\n"
+        "{% elif content['type'] == 'text' %}{{ content['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n"
+        "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+
+
 # ----------------------------------------------------------------------------------------------
 # model
 # ----------------------------------------------------------------------------------------------
+
+
+def qwen2_text_config(p: dict[str, Any], tokenizer) -> dict[str, Any]:
+    """A plain Qwen2 LLM (no M-RoPE) of the widths in ``p``, as the ``text_config`` of a LLaVA-style checkpoint."""
+    return {
+        "model_type": "qwen2",
+        "vocab_size": len(tokenizer),
+        "hidden_size": p["text_hidden_size"],
+        "intermediate_size": p["text_intermediate_size"],
+        "num_hidden_layers": p["text_num_hidden_layers"],
+        "num_attention_heads": p["text_num_attention_heads"],
+        "num_key_value_heads": p["text_num_key_value_heads"],
+        "max_position_embeddings": p["max_position_embeddings"],
+        "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0},
+        "bos_token_id": tokenizer.convert_tokens_to_ids("<|endoftext|>"),
+        "eos_token_id": tokenizer.convert_tokens_to_ids("<|im_end|>"),
+        "pad_token_id": tokenizer.pad_token_id,
+        "tie_word_embeddings": False,
+    }
+
+
+def generation_config(tokenizer, bos_token_id: int):
+    """Greedy decoding that stops at either of Qwen's end tokens (as the Instruct checkpoints' generation_config)."""
+    return asset_build.greedy_generation_config(
+        tokenizer,
+        bos_token_id=bos_token_id,
+        eos_token_id=[tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")],
+    )
 
 
 def _make_config(p: dict[str, Any], tokenizer):
@@ -232,7 +281,8 @@ def _build_processor(tokenizer, p: dict[str, Any]):
     )
 
 
-def _prompt(processor, question: str, n_images: int = 1) -> str:
+def prompt(processor, question: str, n_images: int = 1) -> str:
+    """The chat prompt lmms-eval sends (a system message, then the images and the question)."""
     content = [{"type": "image"}] * n_images + [{"type": "text", "text": question}]
     messages = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": content}]
     return processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
@@ -245,17 +295,12 @@ def _yes_no_answerer(model, tokenizer, processor, seed: int) -> None:
     from PIL import Image
 
     gen = torch.Generator().manual_seed(seed)
-    prompt = _prompt(processor, "Is there a red circle in the image?\nAnswer the question using a single word or phrase.")
+    question = prompt(processor, "Is there a red circle in the image?\nAnswer the question using a single word or phrase.")
     sizes = [(84, 112), (112, 84), (140, 84), (112, 112)] * 4
     images = [
         Image.fromarray((torch.rand(h, w, 3, generator=gen) * 255).to(torch.uint8).numpy()) for h, w in sizes
     ]
-    with torch.no_grad():
-        hidden = []
-        for image in images:
-            batch = processor(text=[prompt], images=[image], return_tensors="pt")
-            hidden.append(model.model(**batch).last_hidden_state[0, -1])
-    asset_build.install_yes_no_head(model, tokenizer, torch.stack(hidden), gen)
+    asset_build.calibrate_yes_no_head(model, tokenizer, processor, question, images, gen)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -286,15 +331,15 @@ def verify_build(out_dir: Path, verbose: bool = True) -> dict[str, Any]:
     model, processor = asset_build.load_checkpoint(Qwen2_5_VLForConditionalGeneration, Path(out_dir))
     rng = np.random.default_rng(0)
     image = Image.fromarray(rng.integers(0, 256, size=(120, 200, 3), dtype=np.uint8))  # non-square on purpose
-    prompt = _prompt(processor, "Is there a red circle in the image?")
-    inputs = processor(text=[prompt], images=[image], return_tensors="pt")
+    text = prompt(processor, "Is there a red circle in the image?")
+    inputs = processor(text=[text], images=[image], return_tensors="pt")
     n_image_tokens = int((inputs["input_ids"] == model.config.image_token_id).sum())
     grid = inputs["image_grid_thw"][0].tolist()
     if n_image_tokens != grid[0] * grid[1] * grid[2] // 4:
         raise RuntimeError(f"processor emitted {n_image_tokens} image tokens for a {grid} patch grid")
     new_tokens = asset_build.generate_new_tokens(model, inputs, max_new_tokens=4)
     result = {
-        "prompt": prompt,
+        "prompt": text,
         "input_len": int(inputs["input_ids"].shape[1]),
         "n_image_tokens": n_image_tokens,
         "image_grid_thw": grid,
@@ -302,7 +347,7 @@ def verify_build(out_dir: Path, verbose: bool = True) -> dict[str, Any]:
         "decoded": processor.decode(new_tokens, skip_special_tokens=False),
     }
     if verbose:
-        print(f"[verify] prompt={prompt!r}")
+        print(f"[verify] prompt={text!r}")
         print(f"[verify] input_len={result['input_len']} image tokens={n_image_tokens} grid_thw={grid}")
         print(f"[verify] generated ids={result['new_token_ids']} decoded={result['decoded']!r}")
     asset_build.require_new_tokens(new_tokens)
@@ -332,16 +377,8 @@ def build_tiny_qwen2_5_vl(
             model = Qwen2_5_VLForConditionalGeneration(config).to(getattr(torch, params["torch_dtype"])).eval()
             processor = _build_processor(tokenizer, params)
             _yes_no_answerer(model, tokenizer, processor, seed)
-            model.generation_config = asset_build.greedy_generation_config(
-                tokenizer,
-                bos_token_id=config.text_config.bos_token_id,
-                eos_token_id=[tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")],
-            )
-            verify = partial(verify_build, verbose=verbose) if params["verify"] else None
-            info = asset_build.save_and_verify(
-                work, model, processor, tokenizer, verify, ("input_len", "n_image_tokens", "new_token_ids")
-            )
-        return {**info, "image_token_id": config.image_token_id}
+            model.generation_config = generation_config(tokenizer, config.text_config.bos_token_id)
+            return asset_build.save_vlm_build(work, model, processor, tokenizer, verify_build, params, verbose)
 
     recipe = asset_build.build_recipe(BUILDER_VERSION, params)
     return asset_build.build_atomically(out_dir, recipe, make, force, verbose)
