@@ -183,10 +183,9 @@ def images_first_chat_template(image_text: str) -> str:
 # ----------------------------------------------------------------------------------------------
 
 
-def qwen2_text_config(p: dict[str, Any], tokenizer) -> dict[str, Any]:
-    """A plain Qwen2 LLM (no M-RoPE) of the widths in ``p``, as the ``text_config`` of a LLaVA-style checkpoint."""
+def text_widths(p: dict[str, Any], tokenizer) -> dict[str, Any]:
+    """The LLM's vocabulary and widths (keys ``text_*`` of ``p``), as ``text_config`` entries."""
     return {
-        "model_type": "qwen2",
         "vocab_size": len(tokenizer),
         "hidden_size": p["text_hidden_size"],
         "intermediate_size": p["text_intermediate_size"],
@@ -194,6 +193,41 @@ def qwen2_text_config(p: dict[str, Any], tokenizer) -> dict[str, Any]:
         "num_attention_heads": p["text_num_attention_heads"],
         "num_key_value_heads": p["text_num_key_value_heads"],
         "max_position_embeddings": p["max_position_embeddings"],
+    }
+
+
+def vision_widths(p: dict[str, Any]) -> dict[str, Any]:
+    """A Qwen-VL vision tower's depth, widths and patch geometry (2 x 2 merge, 2 frames), as ``vision_config``
+    entries; its output width is the LLM's."""
+    return {
+        "depth": p["vision_depth"],
+        "hidden_size": p["vision_hidden_size"],
+        "intermediate_size": p["vision_intermediate_size"],
+        "num_heads": p["vision_num_heads"],
+        "in_channels": 3,
+        "out_hidden_size": p["text_hidden_size"],
+        "patch_size": p["patch_size"],
+        "spatial_merge_size": 2,
+        "temporal_patch_size": 2,
+    }
+
+
+def vision_token_ids(tokenizer) -> dict[str, int]:
+    """The ids of Qwen's image, video and vision start / end tokens, as a Qwen-VL config's fields."""
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    return {
+        "image_token_id": ids["<|image_pad|>"],
+        "video_token_id": ids["<|video_pad|>"],
+        "vision_start_token_id": ids["<|vision_start|>"],
+        "vision_end_token_id": ids["<|vision_end|>"],
+    }
+
+
+def qwen2_text_config(p: dict[str, Any], tokenizer) -> dict[str, Any]:
+    """A plain Qwen2 LLM (no M-RoPE) of the widths in ``p``, as the ``text_config`` of a LLaVA-style checkpoint."""
+    return {
+        "model_type": "qwen2",
+        **text_widths(p, tokenizer),
         "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0},
         "bos_token_id": tokenizer.convert_tokens_to_ids("<|endoftext|>"),
         "eos_token_id": tokenizer.convert_tokens_to_ids("<|im_end|>"),
@@ -216,28 +250,14 @@ def _make_config(p: dict[str, Any], tokenizer):
 
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
     vision_config = {
-        "depth": p["vision_depth"],
-        "hidden_size": p["vision_hidden_size"],
-        "intermediate_size": p["vision_intermediate_size"],
-        "num_heads": p["vision_num_heads"],
+        **vision_widths(p),
         "hidden_act": "silu",
-        "in_channels": 3,
-        "out_hidden_size": p["text_hidden_size"],
-        "patch_size": p["patch_size"],
-        "spatial_merge_size": 2,
-        "temporal_patch_size": 2,
         "window_size": p["window_size"],
         "fullatt_block_indexes": list(p["fullatt_block_indexes"]),
         "tokens_per_second": 2,
     }
     text_config = {
-        "vocab_size": len(tokenizer),
-        "hidden_size": p["text_hidden_size"],
-        "intermediate_size": p["text_intermediate_size"],
-        "num_hidden_layers": p["text_num_hidden_layers"],
-        "num_attention_heads": p["text_num_attention_heads"],
-        "num_key_value_heads": p["text_num_key_value_heads"],
-        "max_position_embeddings": p["max_position_embeddings"],
+        **text_widths(p, tokenizer),
         "rms_norm_eps": 1e-6,
         "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": list(p["mrope_section"])},
         "bos_token_id": ids["<|endoftext|>"],
@@ -248,10 +268,7 @@ def _make_config(p: dict[str, Any], tokenizer):
     return Qwen2_5_VLConfig(
         vision_config=vision_config,
         text_config=text_config,
-        image_token_id=ids["<|image_pad|>"],
-        video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"],
-        vision_end_token_id=ids["<|vision_end|>"],
+        **vision_token_ids(tokenizer),
         tie_word_embeddings=False,  # the answer head below rewrites output rows only
     )
 

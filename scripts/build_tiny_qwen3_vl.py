@@ -61,42 +61,24 @@ DEFAULTS: dict[str, Any] = {
 def _config(p: dict[str, Any], tokenizer):
     from transformers import Qwen3VLConfig
 
-    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in tiny_qwen.SPECIAL_TOKENS}
     vision = {
-        "depth": p["vision_depth"],
-        "hidden_size": p["vision_hidden_size"],
-        "intermediate_size": p["vision_intermediate_size"],
-        "num_heads": p["vision_num_heads"],
+        **tiny_qwen.vision_widths(p),
         "hidden_act": "gelu_pytorch_tanh",
-        "in_channels": 3,
-        "out_hidden_size": p["text_hidden_size"],
-        "patch_size": p["patch_size"],
-        "spatial_merge_size": 2,
-        "temporal_patch_size": 2,
         "num_position_embeddings": p["num_position_embeddings"],
         "deepstack_visual_indexes": list(p["deepstack_visual_indexes"]),
     }
     text = {
-        "vocab_size": len(tokenizer),
-        "hidden_size": p["text_hidden_size"],
-        "intermediate_size": p["text_intermediate_size"],
-        "num_hidden_layers": p["text_num_hidden_layers"],
-        "num_attention_heads": p["text_num_attention_heads"],
-        "num_key_value_heads": p["text_num_key_value_heads"],
+        **tiny_qwen.text_widths(p, tokenizer),
         "head_dim": p["text_head_dim"],
-        "max_position_embeddings": p["max_position_embeddings"],
         "rms_norm_eps": 1e-6,
         "rope_parameters": {"rope_type": "default", "rope_theta": 5000000.0, "mrope_section": list(p["mrope_section"]),
                             "mrope_interleaved": True},
-        "pad_token_id": ids["<|endoftext|>"],
+        "pad_token_id": tokenizer.convert_tokens_to_ids("<|endoftext|>"),
     }
     config = Qwen3VLConfig(
         vision_config=vision,
         text_config=text,
-        image_token_id=ids["<|image_pad|>"],
-        video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"],
-        vision_end_token_id=ids["<|vision_end|>"],
+        **tiny_qwen.vision_token_ids(tokenizer),
         tie_word_embeddings=False,  # the answer head below rewrites output rows only
     )
     return config
