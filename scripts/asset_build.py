@@ -24,6 +24,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,9 @@ BUILD_INFO = "build_info.json"
 # OpenAI CLIP normalisation constants (LLaVA's CLIPImageProcessor and Qwen2.5-VL's preprocessor_config.json).
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
+# SigLIP's normalisation (LLaVA-OneVision's and Qwen3-VL's preprocessor_config.json).
+SIGLIP_MEAN = [0.5, 0.5, 0.5]
+SIGLIP_STD = [0.5, 0.5, 0.5]
 
 VICUNA_SYSTEM_PROMPT = (
     "A chat between a curious human and an artificial intelligence assistant. "
@@ -461,6 +465,20 @@ def install_yes_no_head(model, tokenizer, hidden, generator, marker_orthogonal_t
             embeddings[token] = marker * 50.0 + 0.1 * torch.randn(width, generator=generator)
 
 
+def calibrate_yes_no_head(model, tokenizer, processor, prompt: str, images, generator,
+                          marker_orthogonal_to_mean: bool = False) -> None:
+    """``install_yes_no_head`` calibrated on ``images``, one at a time (their prompts differ in length): the final
+    hidden state at the answer position of ``prompt`` with each image."""
+    import torch
+
+    hidden = []
+    with torch.no_grad():
+        for image in images:
+            batch = processor(text=[prompt], images=[image], return_tensors="pt")
+            hidden.append(model.model(**batch).last_hidden_state[:, -1])
+    install_yes_no_head(model, tokenizer, torch.cat(hidden), generator, marker_orthogonal_to_mean)
+
+
 def greedy_generation_config(tokenizer, max_new_tokens: int = 16, **token_ids):
     """Greedy decoding with the tokenizer's bos / eos / pad ids; ``token_ids`` (e.g. ``eos_token_id=[...]``) win."""
     from transformers import GenerationConfig
@@ -512,6 +530,15 @@ def save_and_verify(
     }
 
 
+def save_vlm_build(work: Path, model, processor, tokenizer, verify: Callable[..., dict[str, Any]],
+                   params: dict[str, Any], verbose: bool) -> dict[str, Any]:
+    """``save_and_verify`` as the vision-language builders call it: ``verify(work, verbose=)`` unless the build's
+    ``params["verify"]`` is off, its prompt length, image-token count and answer recorded, plus the image token id."""
+    check = partial(verify, verbose=verbose) if params["verify"] else None
+    info = save_and_verify(work, model, processor, tokenizer, check, ("input_len", "n_image_tokens", "new_token_ids"))
+    return {**info, "image_token_id": model.config.image_token_id}
+
+
 def load_checkpoint(model_class, out_dir: Path):
     """(model in eval mode, processor) reloaded from ``out_dir`` offline, as a user of the asset would."""
     from transformers import AutoProcessor
@@ -534,6 +561,22 @@ def generate_new_tokens(model, inputs, max_new_tokens: int):
 def require_new_tokens(new_tokens) -> None:
     if len(new_tokens) == 0:
         raise RuntimeError("verification failed: generate() returned no new tokens")
+
+
+def check_generation(model, inputs, verbose: bool = False, max_new_tokens: int = 3) -> dict[str, Any]:
+    """Greedy ``generate`` on ``inputs`` (one prompt with ``pixel_values``) must add tokens; returns the prompt length,
+    image-token count, pixel shape and new tokens (printed when ``verbose``)."""
+    new_tokens = generate_new_tokens(model, inputs, max_new_tokens=max_new_tokens)
+    result = {
+        "input_len": int(inputs["input_ids"].shape[1]),
+        "n_image_tokens": int((inputs["input_ids"] == model.config.image_token_id).sum()),
+        "pixel_values_shape": list(inputs["pixel_values"].shape),
+        "new_token_ids": new_tokens.tolist(),
+    }
+    if verbose:
+        print(f"[verify] {result}")
+    require_new_tokens(new_tokens)
+    return result
 
 
 # ----------------------------------------------------------------------------------------------

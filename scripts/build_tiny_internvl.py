@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import random
 import sys
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -37,14 +36,7 @@ IMAGENET_MEAN = [0.485, 0.456, 0.406]  # InternVL's preprocessor_config.json
 IMAGENET_STD = [0.229, 0.224, 0.225]
 INTERNVL_TOKENS = {"start_image_token": "<img>", "end_image_token": "</img>",
                    "context_image_token": "<IMG_CONTEXT>", "video_token": "<video>"}
-CHAT_TEMPLATE = (
-    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
-    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}<|im_start|>{{ message['role'] }}\n"
-    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
-    "{% for content in message['content'] %}{% if content['type'] == 'image' %}<IMG_CONTEXT>\n"
-    "{% elif content['type'] == 'text' %}{{ content['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n"
-    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
+CHAT_TEMPLATE = tiny_qwen.images_first_chat_template("<IMG_CONTEXT>")  # images first, as InternVL3's
 
 DEFAULTS: dict[str, Any] = {
     "image_size": 448,
@@ -73,11 +65,8 @@ def prompt(processor, question: str, n_images: int = 1) -> str:
 
 
 def _tokenizer(p: dict[str, Any]):
-    corpus = asset_build.build_corpus(p["corpus_sentences"], p["seed"])
-    tokenizer = tiny_qwen.build_tokenizer(p["bpe_vocab_size"], corpus, p["max_position_embeddings"])
-    tokenizer.add_special_tokens({"additional_special_tokens": [*tiny_qwen.SPECIAL_TOKENS, *INTERNVL_TOKENS.values()]})
+    tokenizer = tiny_qwen.tokenizer_with(p, list(INTERNVL_TOKENS.values()), CHAT_TEMPLATE)
     tokenizer._set_model_specific_special_tokens(special_tokens=dict(INTERNVL_TOKENS))  # named: start_image_token ...
-    tokenizer.chat_template = CHAT_TEMPLATE
     return tokenizer
 
 
@@ -96,21 +85,7 @@ def _config(p: dict[str, Any], tokenizer):
         "layer_scale_init_value": 0.1,
         "hidden_act": "gelu",
     }
-    text = {
-        "model_type": "qwen2",
-        "vocab_size": len(tokenizer),
-        "hidden_size": p["text_hidden_size"],
-        "intermediate_size": p["text_intermediate_size"],
-        "num_hidden_layers": p["text_num_hidden_layers"],
-        "num_attention_heads": p["text_num_attention_heads"],
-        "num_key_value_heads": p["text_num_key_value_heads"],
-        "max_position_embeddings": p["max_position_embeddings"],
-        "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0},
-        "bos_token_id": tokenizer.convert_tokens_to_ids("<|endoftext|>"),
-        "eos_token_id": tokenizer.convert_tokens_to_ids("<|im_end|>"),
-        "pad_token_id": tokenizer.pad_token_id,
-        "tie_word_embeddings": False,
-    }
+    text = tiny_qwen.qwen2_text_config(p, tokenizer)
     config = InternVLConfig(
         vision_config=vision, text_config=text, image_token_id=tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>"),
         image_seq_length=(p["image_size"] // p["patch_size"] // 2) ** 2, downsample_ratio=0.5,
@@ -143,17 +118,7 @@ def verify(out_dir: Path, verbose: bool = False) -> dict[str, Any]:
     model, processor = asset_build.load_checkpoint(InternVLForConditionalGeneration, out_dir)
     image = asset_build.calibration_images(1, 123, sizes=((300, 700),))[0]
     inputs = processor(text=[prompt(processor, "Is there a red circle?")], images=[image], return_tensors="pt")
-    new_tokens = asset_build.generate_new_tokens(model, inputs, max_new_tokens=3)
-    result = {
-        "input_len": int(inputs["input_ids"].shape[1]),
-        "n_image_tokens": int((inputs["input_ids"] == model.config.image_token_id).sum()),
-        "pixel_values_shape": list(inputs["pixel_values"].shape),
-        "new_token_ids": new_tokens.tolist(),
-    }
-    if verbose:
-        print(f"[verify] {result}")
-    asset_build.require_new_tokens(new_tokens)
-    return result
+    return asset_build.check_generation(model, inputs, verbose)
 
 
 def build_tiny_internvl(out_dir: Path = DEFAULT_OUT, seed: int = 0, force: bool = False, verbose: bool = False,
@@ -176,24 +141,11 @@ def build_tiny_internvl(out_dir: Path = DEFAULT_OUT, seed: int = 0, force: bool 
             processor = _processor(tokenizer, params)
             question = prompt(processor, "Is there a red circle in the image?\n"
                                          "Answer the question using a single word or phrase.")
-            hidden = []
-            with torch.no_grad():
-                for image in asset_build.calibration_images(8, seed, sizes=((300, 320), (300, 700), (700, 300))):
-                    batch = processor(text=[question], images=[image], return_tensors="pt")
-                    hidden.append(model.model(**batch).last_hidden_state[:, -1])
-            asset_build.install_yes_no_head(
-                model, tokenizer, torch.cat(hidden), torch.Generator().manual_seed(seed + 1),
-                marker_orthogonal_to_mean=True,
-            )
-            model.generation_config = asset_build.greedy_generation_config(
-                tokenizer, bos_token_id=config.text_config.bos_token_id,
-                eos_token_id=[tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")],
-            )
-            verify_saved = partial(verify, verbose=verbose) if params["verify"] else None
-            info = asset_build.save_and_verify(
-                work, model, processor, tokenizer, verify_saved, ("input_len", "n_image_tokens", "new_token_ids")
-            )
-        return {**info, "image_token_id": config.image_token_id}
+            images = asset_build.calibration_images(8, seed, sizes=((300, 320), (300, 700), (700, 300)))
+            asset_build.calibrate_yes_no_head(model, tokenizer, processor, question, images,
+                                              torch.Generator().manual_seed(seed + 1), marker_orthogonal_to_mean=True)
+            model.generation_config = tiny_qwen.generation_config(tokenizer, config.text_config.bos_token_id)
+            return asset_build.save_vlm_build(work, model, processor, tokenizer, verify, params, verbose)
 
     recipe = asset_build.build_recipe(BUILDER_VERSION, params)
     return asset_build.build_atomically(out_dir, recipe, make, force, verbose)

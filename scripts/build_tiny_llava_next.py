@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import random
 import sys
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -63,17 +62,7 @@ def verify(out_dir: Path, verbose: bool = False) -> dict[str, Any]:
     image = asset_build.calibration_images(1, 123, sizes=((300, 320),))[0]
     prompt = f"{asset_build.VICUNA_SYSTEM_PROMPT} USER: <image>\nIs there a red circle? ASSISTANT:"
     inputs = processor(images=image, text=prompt, return_tensors="pt")
-    new_tokens = asset_build.generate_new_tokens(model, inputs, max_new_tokens=3)
-    result = {
-        "input_len": int(inputs["input_ids"].shape[1]),
-        "n_image_tokens": int((inputs["input_ids"] == model.config.image_token_id).sum()),
-        "pixel_values_shape": list(inputs["pixel_values"].shape),
-        "new_token_ids": new_tokens.tolist(),
-    }
-    if verbose:
-        print(f"[verify] {result}")
-    asset_build.require_new_tokens(new_tokens)
-    return result
+    return asset_build.check_generation(model, inputs, verbose)
 
 
 def build_tiny_llava_next(out_dir: Path = DEFAULT_OUT, seed: int = 0, force: bool = False, verbose: bool = False,
@@ -98,21 +87,11 @@ def build_tiny_llava_next(out_dir: Path = DEFAULT_OUT, seed: int = 0, force: boo
             processor = _processor(tokenizer, params)
             # Calibrated one image at a time on images of a few shapes (their crop counts differ).
             prompt = f"{asset_build.VICUNA_SYSTEM_PROMPT} USER: <image>\nIs there a red circle in the image? ASSISTANT:"
-            hidden = []
-            with torch.no_grad():
-                for image in asset_build.calibration_images(8, seed):
-                    batch = processor(text=[prompt], images=[image], return_tensors="pt")
-                    hidden.append(model.model(**batch).last_hidden_state[:, -1])
-            asset_build.install_yes_no_head(
-                model, tokenizer, torch.cat(hidden), torch.Generator().manual_seed(seed + 1),
-                marker_orthogonal_to_mean=True,
-            )
+            images = asset_build.calibration_images(8, seed)
+            asset_build.calibrate_yes_no_head(model, tokenizer, processor, prompt, images,
+                                              torch.Generator().manual_seed(seed + 1), marker_orthogonal_to_mean=True)
             model.generation_config = asset_build.greedy_generation_config(tokenizer)
-            verify_saved = partial(verify, verbose=verbose) if params["verify"] else None
-            info = asset_build.save_and_verify(
-                work, model, processor, tokenizer, verify_saved, ("input_len", "n_image_tokens", "new_token_ids")
-            )
-        return {**info, "image_token_id": config.image_token_id}
+            return asset_build.save_vlm_build(work, model, processor, tokenizer, verify, params, verbose)
 
     recipe = asset_build.build_recipe(BUILDER_VERSION, params)
     return asset_build.build_atomically(out_dir, recipe, make, force, verbose)

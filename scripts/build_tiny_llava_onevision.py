@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import random
 import sys
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -34,20 +33,10 @@ DEFAULT_OUT = REPO_ROOT / "assets" / "tiny-llava-onevision"
 BUILDER_VERSION = 1
 
 SYSTEM_PROMPT = "You are a helpful assistant."
-# SigLIP's normalisation (the checkpoint's preprocessor_config.json)
-SIGLIP_MEAN = [0.5, 0.5, 0.5]
-SIGLIP_STD = [0.5, 0.5, 0.5]
 # llava-onevision-qwen2-*-ov-hf: every (rows, cols) grid of 1..6 crops of 384 px
 PINPOINTS = [[384 * i, 384 * j] for i in range(1, 7) for j in range(1, 7)]
 # LLaVA's qwen_1_5 conversation (lmms-eval's llava_onevision), as a chat template for processor.apply_chat_template
-CHAT_TEMPLATE = (
-    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
-    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}<|im_start|>{{ message['role'] }}\n"
-    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
-    "{% for content in message['content'] %}{% if content['type'] == 'image' %}<image>\n"
-    "{% elif content['type'] == 'text' %}{{ content['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n"
-    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
+CHAT_TEMPLATE = tiny_qwen.images_first_chat_template("<image>")
 
 DEFAULTS: dict[str, Any] = {
     "image_size": 384,
@@ -77,11 +66,7 @@ def prompt(question: str, n_images: int = 1) -> str:
 
 
 def _tokenizer(p: dict[str, Any]):
-    corpus = asset_build.build_corpus(p["corpus_sentences"], p["seed"])
-    tokenizer = tiny_qwen.build_tokenizer(p["bpe_vocab_size"], corpus, p["max_position_embeddings"])
-    tokenizer.add_special_tokens({"additional_special_tokens": [*tiny_qwen.SPECIAL_TOKENS, "<image>", "<video>"]})
-    tokenizer.chat_template = CHAT_TEMPLATE
-    return tokenizer
+    return tiny_qwen.tokenizer_with(p, ["<image>", "<video>"], CHAT_TEMPLATE)
 
 
 def _config(p: dict[str, Any], tokenizer):
@@ -97,21 +82,7 @@ def _config(p: dict[str, Any], tokenizer):
         "patch_size": p["patch_size"],
         "vision_use_head": False,
     }
-    text = {
-        "model_type": "qwen2",
-        "vocab_size": len(tokenizer),
-        "hidden_size": p["text_hidden_size"],
-        "intermediate_size": p["text_intermediate_size"],
-        "num_hidden_layers": p["text_num_hidden_layers"],
-        "num_attention_heads": p["text_num_attention_heads"],
-        "num_key_value_heads": p["text_num_key_value_heads"],
-        "max_position_embeddings": p["max_position_embeddings"],
-        "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0},
-        "bos_token_id": tokenizer.convert_tokens_to_ids("<|endoftext|>"),
-        "eos_token_id": tokenizer.convert_tokens_to_ids("<|im_end|>"),
-        "pad_token_id": tokenizer.pad_token_id,
-        "tie_word_embeddings": False,
-    }
+    text = tiny_qwen.qwen2_text_config(p, tokenizer)
     config = LlavaOnevisionConfig(
         vision_config=vision,
         text_config=text,
@@ -137,8 +108,8 @@ def _processor(tokenizer, p: dict[str, Any]):
 
     image_processor = LlavaOnevisionImageProcessorPil(
         size={"height": p["image_size"], "width": p["image_size"]},
-        image_mean=SIGLIP_MEAN,
-        image_std=SIGLIP_STD,
+        image_mean=asset_build.SIGLIP_MEAN,
+        image_std=asset_build.SIGLIP_STD,
         image_grid_pinpoints=PINPOINTS,
         do_pad=True,
     )
@@ -147,7 +118,7 @@ def _processor(tokenizer, p: dict[str, Any]):
         image_processor=image_processor,
         tokenizer=tokenizer,
         video_processor=LlavaOnevisionVideoProcessor(
-            size={"height": p["image_size"], "width": p["image_size"]}, image_mean=SIGLIP_MEAN, image_std=SIGLIP_STD
+            size={"height": p["image_size"], "width": p["image_size"]}, image_mean=asset_build.SIGLIP_MEAN, image_std=asset_build.SIGLIP_STD
         ),
         num_image_tokens=side * side,
         vision_feature_select_strategy="full",
@@ -162,17 +133,7 @@ def verify(out_dir: Path, verbose: bool = False) -> dict[str, Any]:
     model, processor = asset_build.load_checkpoint(LlavaOnevisionForConditionalGeneration, out_dir)
     image = asset_build.calibration_images(1, 123, sizes=((300, 420),))[0]
     inputs = processor(images=image, text=prompt("Is there a red circle?"), return_tensors="pt")
-    new_tokens = asset_build.generate_new_tokens(model, inputs, max_new_tokens=3)
-    result = {
-        "input_len": int(inputs["input_ids"].shape[1]),
-        "n_image_tokens": int((inputs["input_ids"] == model.config.image_token_id).sum()),
-        "pixel_values_shape": list(inputs["pixel_values"].shape),
-        "new_token_ids": new_tokens.tolist(),
-    }
-    if verbose:
-        print(f"[verify] {result}")
-    asset_build.require_new_tokens(new_tokens)
-    return result
+    return asset_build.check_generation(model, inputs, verbose)
 
 
 def build_tiny_llava_onevision(out_dir: Path = DEFAULT_OUT, seed: int = 0, force: bool = False, verbose: bool = False,
@@ -194,24 +155,11 @@ def build_tiny_llava_onevision(out_dir: Path = DEFAULT_OUT, seed: int = 0, force
             model = LlavaOnevisionForConditionalGeneration(config).to(getattr(torch, params["torch_dtype"])).eval()
             processor = _processor(tokenizer, params)
             question = prompt("Is there a red circle in the image?\nAnswer the question using a single word or phrase.")
-            hidden = []
-            with torch.no_grad():
-                for image in asset_build.calibration_images(8, seed, sizes=((300, 320), (300, 700), (700, 300))):
-                    batch = processor(text=[question], images=[image], return_tensors="pt")
-                    hidden.append(model.model(**batch).last_hidden_state[:, -1])
-            asset_build.install_yes_no_head(
-                model, tokenizer, torch.cat(hidden), torch.Generator().manual_seed(seed + 1),
-                marker_orthogonal_to_mean=True,
-            )
-            model.generation_config = asset_build.greedy_generation_config(
-                tokenizer, bos_token_id=config.text_config.bos_token_id,
-                eos_token_id=[tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")],
-            )
-            verify_saved = partial(verify, verbose=verbose) if params["verify"] else None
-            info = asset_build.save_and_verify(
-                work, model, processor, tokenizer, verify_saved, ("input_len", "n_image_tokens", "new_token_ids")
-            )
-        return {**info, "image_token_id": config.image_token_id}
+            images = asset_build.calibration_images(8, seed, sizes=((300, 320), (300, 700), (700, 300)))
+            asset_build.calibrate_yes_no_head(model, tokenizer, processor, question, images,
+                                              torch.Generator().manual_seed(seed + 1), marker_orthogonal_to_mean=True)
+            model.generation_config = tiny_qwen.generation_config(tokenizer, config.text_config.bos_token_id)
+            return asset_build.save_vlm_build(work, model, processor, tokenizer, verify, params, verbose)
 
     recipe = asset_build.build_recipe(BUILDER_VERSION, params)
     return asset_build.build_atomically(out_dir, recipe, make, force, verbose)

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import random
 import sys
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -157,31 +156,36 @@ def build_tokenizer(bpe_vocab_size: int, corpus: list[str], model_max_length: in
     return tokenizer
 
 
+def tokenizer_with(p: dict[str, Any], extra_tokens: list[str], chat_template: str):
+    """The tiny Qwen tokenizer of a build's parameters ``p``, with a family's ``extra_tokens`` (after Qwen's special
+    tokens) and ``chat_template``."""
+    corpus = asset_build.build_corpus(p["corpus_sentences"], p["seed"])
+    tokenizer = build_tokenizer(p["bpe_vocab_size"], corpus, p["max_position_embeddings"])
+    tokenizer.add_special_tokens({"additional_special_tokens": [*SPECIAL_TOKENS, *extra_tokens]})
+    tokenizer.chat_template = chat_template
+    return tokenizer
+
+
+def images_first_chat_template(image_text: str) -> str:
+    """A Qwen chat template that writes each image of a message as ``image_text`` + newline, before its text."""
+    return (
+        "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}<|im_start|>{{ message['role'] }}\n"
+        "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+        f"{{% for content in message['content'] %}}{{% if content['type'] == 'image' %}}{image_text}\n"
+        "{% elif content['type'] == 'text' %}{{ content['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n"
+        "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+
+
 # ----------------------------------------------------------------------------------------------
 # model
 # ----------------------------------------------------------------------------------------------
 
 
-def _make_config(p: dict[str, Any], tokenizer):
-    from transformers import Qwen2_5_VLConfig
-
-    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
-    vision_config = {
-        "depth": p["vision_depth"],
-        "hidden_size": p["vision_hidden_size"],
-        "intermediate_size": p["vision_intermediate_size"],
-        "num_heads": p["vision_num_heads"],
-        "hidden_act": "silu",
-        "in_channels": 3,
-        "out_hidden_size": p["text_hidden_size"],
-        "patch_size": p["patch_size"],
-        "spatial_merge_size": 2,
-        "temporal_patch_size": 2,
-        "window_size": p["window_size"],
-        "fullatt_block_indexes": list(p["fullatt_block_indexes"]),
-        "tokens_per_second": 2,
-    }
-    text_config = {
+def text_widths(p: dict[str, Any], tokenizer) -> dict[str, Any]:
+    """The LLM's vocabulary and widths (keys ``text_*`` of ``p``), as ``text_config`` entries."""
+    return {
         "vocab_size": len(tokenizer),
         "hidden_size": p["text_hidden_size"],
         "intermediate_size": p["text_intermediate_size"],
@@ -189,6 +193,71 @@ def _make_config(p: dict[str, Any], tokenizer):
         "num_attention_heads": p["text_num_attention_heads"],
         "num_key_value_heads": p["text_num_key_value_heads"],
         "max_position_embeddings": p["max_position_embeddings"],
+    }
+
+
+def vision_widths(p: dict[str, Any]) -> dict[str, Any]:
+    """A Qwen-VL vision tower's depth, widths and patch geometry (2 x 2 merge, 2 frames), as ``vision_config``
+    entries; its output width is the LLM's."""
+    return {
+        "depth": p["vision_depth"],
+        "hidden_size": p["vision_hidden_size"],
+        "intermediate_size": p["vision_intermediate_size"],
+        "num_heads": p["vision_num_heads"],
+        "in_channels": 3,
+        "out_hidden_size": p["text_hidden_size"],
+        "patch_size": p["patch_size"],
+        "spatial_merge_size": 2,
+        "temporal_patch_size": 2,
+    }
+
+
+def vision_token_ids(tokenizer) -> dict[str, int]:
+    """The ids of Qwen's image, video and vision start / end tokens, as a Qwen-VL config's fields."""
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    return {
+        "image_token_id": ids["<|image_pad|>"],
+        "video_token_id": ids["<|video_pad|>"],
+        "vision_start_token_id": ids["<|vision_start|>"],
+        "vision_end_token_id": ids["<|vision_end|>"],
+    }
+
+
+def qwen2_text_config(p: dict[str, Any], tokenizer) -> dict[str, Any]:
+    """A plain Qwen2 LLM (no M-RoPE) of the widths in ``p``, as the ``text_config`` of a LLaVA-style checkpoint."""
+    return {
+        "model_type": "qwen2",
+        **text_widths(p, tokenizer),
+        "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0},
+        "bos_token_id": tokenizer.convert_tokens_to_ids("<|endoftext|>"),
+        "eos_token_id": tokenizer.convert_tokens_to_ids("<|im_end|>"),
+        "pad_token_id": tokenizer.pad_token_id,
+        "tie_word_embeddings": False,
+    }
+
+
+def generation_config(tokenizer, bos_token_id: int):
+    """Greedy decoding that stops at either of Qwen's end tokens (as the Instruct checkpoints' generation_config)."""
+    return asset_build.greedy_generation_config(
+        tokenizer,
+        bos_token_id=bos_token_id,
+        eos_token_id=[tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")],
+    )
+
+
+def _make_config(p: dict[str, Any], tokenizer):
+    from transformers import Qwen2_5_VLConfig
+
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    vision_config = {
+        **vision_widths(p),
+        "hidden_act": "silu",
+        "window_size": p["window_size"],
+        "fullatt_block_indexes": list(p["fullatt_block_indexes"]),
+        "tokens_per_second": 2,
+    }
+    text_config = {
+        **text_widths(p, tokenizer),
         "rms_norm_eps": 1e-6,
         "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": list(p["mrope_section"])},
         "bos_token_id": ids["<|endoftext|>"],
@@ -199,10 +268,7 @@ def _make_config(p: dict[str, Any], tokenizer):
     return Qwen2_5_VLConfig(
         vision_config=vision_config,
         text_config=text_config,
-        image_token_id=ids["<|image_pad|>"],
-        video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"],
-        vision_end_token_id=ids["<|vision_end|>"],
+        **vision_token_ids(tokenizer),
         tie_word_embeddings=False,  # the answer head below rewrites output rows only
     )
 
@@ -232,7 +298,8 @@ def _build_processor(tokenizer, p: dict[str, Any]):
     )
 
 
-def _prompt(processor, question: str, n_images: int = 1) -> str:
+def prompt(processor, question: str, n_images: int = 1) -> str:
+    """The chat prompt lmms-eval sends (a system message, then the images and the question)."""
     content = [{"type": "image"}] * n_images + [{"type": "text", "text": question}]
     messages = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": content}]
     return processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
@@ -245,17 +312,12 @@ def _yes_no_answerer(model, tokenizer, processor, seed: int) -> None:
     from PIL import Image
 
     gen = torch.Generator().manual_seed(seed)
-    prompt = _prompt(processor, "Is there a red circle in the image?\nAnswer the question using a single word or phrase.")
+    question = prompt(processor, "Is there a red circle in the image?\nAnswer the question using a single word or phrase.")
     sizes = [(84, 112), (112, 84), (140, 84), (112, 112)] * 4
     images = [
         Image.fromarray((torch.rand(h, w, 3, generator=gen) * 255).to(torch.uint8).numpy()) for h, w in sizes
     ]
-    with torch.no_grad():
-        hidden = []
-        for image in images:
-            batch = processor(text=[prompt], images=[image], return_tensors="pt")
-            hidden.append(model.model(**batch).last_hidden_state[0, -1])
-    asset_build.install_yes_no_head(model, tokenizer, torch.stack(hidden), gen)
+    asset_build.calibrate_yes_no_head(model, tokenizer, processor, question, images, gen)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -286,15 +348,15 @@ def verify_build(out_dir: Path, verbose: bool = True) -> dict[str, Any]:
     model, processor = asset_build.load_checkpoint(Qwen2_5_VLForConditionalGeneration, Path(out_dir))
     rng = np.random.default_rng(0)
     image = Image.fromarray(rng.integers(0, 256, size=(120, 200, 3), dtype=np.uint8))  # non-square on purpose
-    prompt = _prompt(processor, "Is there a red circle in the image?")
-    inputs = processor(text=[prompt], images=[image], return_tensors="pt")
+    text = prompt(processor, "Is there a red circle in the image?")
+    inputs = processor(text=[text], images=[image], return_tensors="pt")
     n_image_tokens = int((inputs["input_ids"] == model.config.image_token_id).sum())
     grid = inputs["image_grid_thw"][0].tolist()
     if n_image_tokens != grid[0] * grid[1] * grid[2] // 4:
         raise RuntimeError(f"processor emitted {n_image_tokens} image tokens for a {grid} patch grid")
     new_tokens = asset_build.generate_new_tokens(model, inputs, max_new_tokens=4)
     result = {
-        "prompt": prompt,
+        "prompt": text,
         "input_len": int(inputs["input_ids"].shape[1]),
         "n_image_tokens": n_image_tokens,
         "image_grid_thw": grid,
@@ -302,7 +364,7 @@ def verify_build(out_dir: Path, verbose: bool = True) -> dict[str, Any]:
         "decoded": processor.decode(new_tokens, skip_special_tokens=False),
     }
     if verbose:
-        print(f"[verify] prompt={prompt!r}")
+        print(f"[verify] prompt={text!r}")
         print(f"[verify] input_len={result['input_len']} image tokens={n_image_tokens} grid_thw={grid}")
         print(f"[verify] generated ids={result['new_token_ids']} decoded={result['decoded']!r}")
     asset_build.require_new_tokens(new_tokens)
@@ -332,16 +394,8 @@ def build_tiny_qwen2_5_vl(
             model = Qwen2_5_VLForConditionalGeneration(config).to(getattr(torch, params["torch_dtype"])).eval()
             processor = _build_processor(tokenizer, params)
             _yes_no_answerer(model, tokenizer, processor, seed)
-            model.generation_config = asset_build.greedy_generation_config(
-                tokenizer,
-                bos_token_id=config.text_config.bos_token_id,
-                eos_token_id=[tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")],
-            )
-            verify = partial(verify_build, verbose=verbose) if params["verify"] else None
-            info = asset_build.save_and_verify(
-                work, model, processor, tokenizer, verify, ("input_len", "n_image_tokens", "new_token_ids")
-            )
-        return {**info, "image_token_id": config.image_token_id}
+            model.generation_config = generation_config(tokenizer, config.text_config.bos_token_id)
+            return asset_build.save_vlm_build(work, model, processor, tokenizer, verify_build, params, verbose)
 
     recipe = asset_build.build_recipe(BUILDER_VERSION, params)
     return asset_build.build_atomically(out_dir, recipe, make, force, verbose)

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import random
 import sys
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -33,9 +32,6 @@ from scripts import build_tiny_qwen2_5_vl as tiny_qwen  # Qwen's tokenizer, spec
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO_ROOT / "assets" / "tiny-qwen3-vl"
 BUILDER_VERSION = 1
-
-SIGLIP_MEAN = [0.5, 0.5, 0.5]  # Qwen3-VL's preprocessor_config.json
-SIGLIP_STD = [0.5, 0.5, 0.5]
 
 DEFAULTS: dict[str, Any] = {
     "patch_size": 16,
@@ -62,51 +58,27 @@ DEFAULTS: dict[str, Any] = {
 }
 
 
-def prompt(processor, question: str, n_images: int = 1) -> str:
-    content = [{"type": "image"}] * n_images + [{"type": "text", "text": question}]
-    messages = [{"role": "system", "content": tiny_qwen.SYSTEM_PROMPT}, {"role": "user", "content": content}]
-    return processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-
-
 def _config(p: dict[str, Any], tokenizer):
     from transformers import Qwen3VLConfig
 
-    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in tiny_qwen.SPECIAL_TOKENS}
     vision = {
-        "depth": p["vision_depth"],
-        "hidden_size": p["vision_hidden_size"],
-        "intermediate_size": p["vision_intermediate_size"],
-        "num_heads": p["vision_num_heads"],
+        **tiny_qwen.vision_widths(p),
         "hidden_act": "gelu_pytorch_tanh",
-        "in_channels": 3,
-        "out_hidden_size": p["text_hidden_size"],
-        "patch_size": p["patch_size"],
-        "spatial_merge_size": 2,
-        "temporal_patch_size": 2,
         "num_position_embeddings": p["num_position_embeddings"],
         "deepstack_visual_indexes": list(p["deepstack_visual_indexes"]),
     }
     text = {
-        "vocab_size": len(tokenizer),
-        "hidden_size": p["text_hidden_size"],
-        "intermediate_size": p["text_intermediate_size"],
-        "num_hidden_layers": p["text_num_hidden_layers"],
-        "num_attention_heads": p["text_num_attention_heads"],
-        "num_key_value_heads": p["text_num_key_value_heads"],
+        **tiny_qwen.text_widths(p, tokenizer),
         "head_dim": p["text_head_dim"],
-        "max_position_embeddings": p["max_position_embeddings"],
         "rms_norm_eps": 1e-6,
         "rope_parameters": {"rope_type": "default", "rope_theta": 5000000.0, "mrope_section": list(p["mrope_section"]),
                             "mrope_interleaved": True},
-        "pad_token_id": ids["<|endoftext|>"],
+        "pad_token_id": tokenizer.convert_tokens_to_ids("<|endoftext|>"),
     }
     config = Qwen3VLConfig(
         vision_config=vision,
         text_config=text,
-        image_token_id=ids["<|image_pad|>"],
-        video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"],
-        vision_end_token_id=ids["<|vision_end|>"],
+        **tiny_qwen.vision_token_ids(tokenizer),
         tie_word_embeddings=False,  # the answer head below rewrites output rows only
     )
     return config
@@ -118,11 +90,10 @@ def _processor(tokenizer, p: dict[str, Any]):
 
     image_processor = Qwen2VLImageProcessor(
         min_pixels=p["min_pixels"], max_pixels=p["max_pixels"], patch_size=p["patch_size"], temporal_patch_size=2,
-        merge_size=2, image_mean=SIGLIP_MEAN, image_std=SIGLIP_STD, do_convert_rgb=True,
+        merge_size=2, image_mean=asset_build.SIGLIP_MEAN, image_std=asset_build.SIGLIP_STD, do_convert_rgb=True,
     )
-    video_processor = Qwen3VLVideoProcessor(
-        patch_size=p["patch_size"], temporal_patch_size=2, merge_size=2, image_mean=SIGLIP_MEAN, image_std=SIGLIP_STD
-    )
+    video_processor = Qwen3VLVideoProcessor(patch_size=p["patch_size"], temporal_patch_size=2, merge_size=2,
+                                            image_mean=asset_build.SIGLIP_MEAN, image_std=asset_build.SIGLIP_STD)
     return Qwen3VLProcessor(image_processor=image_processor, tokenizer=tokenizer, video_processor=video_processor,
                             chat_template=tiny_qwen.CHAT_TEMPLATE)
 
@@ -132,7 +103,8 @@ def verify(out_dir: Path, verbose: bool = False) -> dict[str, Any]:
 
     model, processor = asset_build.load_checkpoint(Qwen3VLForConditionalGeneration, out_dir)
     image = asset_build.calibration_images(1, 123, sizes=((120, 200),))[0]
-    inputs = processor(text=[prompt(processor, "Is there a red circle?")], images=[image], return_tensors="pt")
+    text = tiny_qwen.prompt(processor, "Is there a red circle?")
+    inputs = processor(text=[text], images=[image], return_tensors="pt")
     n_image_tokens = int((inputs["input_ids"] == model.config.image_token_id).sum())
     grid = inputs["image_grid_thw"][0].tolist()
     if n_image_tokens != grid[0] * grid[1] * grid[2] // 4:
@@ -164,23 +136,14 @@ def build_tiny_qwen3_vl(out_dir: Path = DEFAULT_OUT, seed: int = 0, force: bool 
             torch.manual_seed(seed)
             model = Qwen3VLForConditionalGeneration(config).to(getattr(torch, params["torch_dtype"])).eval()
             processor = _processor(tokenizer, params)
-            question = prompt(processor, "Is there a red circle in the image?\n"
-                                         "Answer the question using a single word or phrase.")
-            hidden = []
-            with torch.no_grad():
-                for image in asset_build.calibration_images(12, seed, sizes=((96, 128), (128, 96), (160, 96))):
-                    batch = processor(text=[question], images=[image], return_tensors="pt")
-                    hidden.append(model.model(**batch).last_hidden_state[:, -1])
-            asset_build.install_yes_no_head(model, tokenizer, torch.cat(hidden), torch.Generator().manual_seed(seed + 1))
-            model.generation_config = asset_build.greedy_generation_config(
-                tokenizer, bos_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"),
-                eos_token_id=[tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")],
-            )
-            verify_saved = partial(verify, verbose=verbose) if params["verify"] else None
-            info = asset_build.save_and_verify(
-                work, model, processor, tokenizer, verify_saved, ("input_len", "n_image_tokens", "new_token_ids")
-            )
-        return {**info, "image_token_id": config.image_token_id}
+            question = tiny_qwen.prompt(processor, "Is there a red circle in the image?\n"
+                                                   "Answer the question using a single word or phrase.")
+            images = asset_build.calibration_images(12, seed, sizes=((96, 128), (128, 96), (160, 96)))
+            asset_build.calibrate_yes_no_head(model, tokenizer, processor, question, images,
+                                              torch.Generator().manual_seed(seed + 1))
+            bos = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+            model.generation_config = tiny_qwen.generation_config(tokenizer, bos)
+            return asset_build.save_vlm_build(work, model, processor, tokenizer, verify, params, verbose)
 
     recipe = asset_build.build_recipe(BUILDER_VERSION, params)
     return asset_build.build_atomically(out_dir, recipe, make, force, verbose)

@@ -31,6 +31,7 @@ import torch
 import transformers
 from PIL import Image, ImageDraw
 
+import hiprune
 from scripts import (
     build_scene_tasks,
     build_smoke_task,
@@ -199,3 +200,65 @@ def shape_images():
         draw.rectangle([size[0] // 2, size[1] // 3, size[0] - 5, size[1] - 5], fill="yellow")
         images.append(image)
     return images
+
+
+def shape_image(width: int, height: int, seed: int) -> Image.Image:
+    """A ``width`` x ``height`` RGB image, its background set by ``seed``, with a red circle and a yellow rectangle."""
+    image = Image.new("RGB", (width, height), (40 * seed % 255, 120, 200 - 30 * seed))
+    draw = ImageDraw.Draw(image)
+    draw.ellipse([width // 8, height // 8, width // 2, height // 2], fill="red")
+    draw.rectangle([width // 2, height // 3, width - 4, height - 4], fill="yellow")
+    return image
+
+
+# --- adapter test helpers -----------------------------------------------------------------------------------------
+def chat_batch(processor, images, question: str = "Is there a red circle?"):
+    """One user turn (an image, then ``question``) per image, through the processor's chat template, left-padded."""
+    content = [{"type": "image"}, {"type": "text", "text": question}]
+    text = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+    return processor(text=[text] * len(images), images=images, return_tensors="pt", padding=True, padding_side="left")
+
+
+def llm_inputs(model):
+    """(list, hook): the hook appends the ``inputs_embeds`` of every call of the model's language model to the list."""
+    seen = []
+    hook = model.model.language_model.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(kwargs["inputs_embeds"]), with_kwargs=True
+    )
+    return seen, hook
+
+
+def assert_refused_before_patching(model, processor, method, message: str, **apply_options) -> None:
+    """``hiprune.apply`` raises ValueError matching ``message`` and leaves the model and processor unpatched."""
+    with pytest.raises(ValueError, match=message), hiprune.apply(model, method, processor, **apply_options):
+        pass
+    assert "get_image_features" not in vars(model.model) and "replace_image_token" not in vars(processor)
+
+
+def assert_run_config_refused(overrides: list[str], message: str) -> None:
+    """Planning a run of the config composed from ``overrides`` raises ConfigError matching ``message``."""
+    from eval.config import ConfigError, compose_config
+    from eval.running import run as run_module
+
+    cfg = compose_config(overrides)
+    with pytest.raises(ConfigError, match=message):
+        run_module.plan_run(cfg)
+
+
+def run_smoke_pope(lmm, limit: int, batch_size: int):
+    """Evaluate the registered lmms-eval model ``lmm`` on ``limit`` samples of the local POPE smoke task (closing it
+    afterwards); checks the accuracy is a fraction and returns the kept tokens ``lmm`` recorded per sample."""
+    from lmms_eval.evaluator import simple_evaluate
+
+    from eval.config import REPO_ROOT
+    from eval.running.run import task_manager
+
+    try:
+        results = simple_evaluate(
+            model=lmm, tasks=["hiprune_smoke_pope"], limit=limit, batch_size=batch_size,
+            task_manager=task_manager(str(REPO_ROOT / "eval" / "tasks")), bootstrap_iters=0,
+        )
+    finally:
+        lmm.close()
+    assert 0.0 <= results["results"]["hiprune_smoke_pope"]["pope_accuracy,none"] <= 1.0
+    return lmm.kept_tokens[("hiprune_smoke_pope", "test")]

@@ -6,8 +6,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import built, loaded
-from PIL import Image, ImageDraw
+from conftest import (
+    assert_refused_before_patching,
+    built,
+    chat_batch,
+    llm_inputs,
+    loaded,
+    run_smoke_pope,
+    shape_image,
+)
 
 import hiprune
 
@@ -17,33 +24,16 @@ def tiny_iv():
     return (*loaded("internvl"), built("internvl"))
 
 
-def _image(width, height, seed):
-    image = Image.new("RGB", (width, height), (40 * seed % 255, 120, 200 - 30 * seed))
-    draw = ImageDraw.Draw(image)
-    draw.ellipse([width // 8, height // 8, width // 2, height // 2], fill="red")
-    draw.rectangle([width // 2, height // 3, width - 4, height - 4], fill="yellow")
-    return image
-
-
-def _batch(processor, images):
-    content = [{"type": "image"}, {"type": "text", "text": "Is there a red circle?"}]
-    text = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
-    return processor(text=[text] * len(images), images=images, return_tensors="pt", padding=True, padding_side="left")
-
-
 def test_llm_receives_exactly_the_kept_tokens_of_every_tile(tiny_iv):
     model, processor, _ = tiny_iv
-    images = [_image(320, 300, 1), _image(600, 300, 2)]  # 1 tile; 2 tiles + the thumbnail
+    images = [shape_image(320, 300, 1), shape_image(600, 300, 2)]  # 1 tile; 2 tiles + the thumbnail
     with torch.no_grad():
-        reference = model.model.get_image_features(_batch(processor, images)["pixel_values"]).pooler_output
-    seen = []
-    hook = model.model.language_model.register_forward_pre_hook(
-        lambda module, args, kwargs: seen.append(kwargs["inputs_embeds"]), with_kwargs=True
-    )
+        reference = model.model.get_image_features(chat_batch(processor, images)["pixel_values"]).pooler_output
+    seen, hook = llm_inputs(model)
     try:
         with hiprune.apply(model, hiprune.build_method("hiprune", budget=0.25, object_layer=3), processor) as session, \
                 torch.no_grad():
-            batch = _batch(processor, images)
+            batch = chat_batch(processor, images)
             model(**batch)
             [records] = session.pop_records()
     finally:
@@ -79,31 +69,18 @@ def test_scores_are_means_over_the_pixel_shuffle_blocks(tiny_iv):
 ])
 def test_impossible_settings_are_refused_before_patching(tiny_iv, name, options, message):
     model, processor, _ = tiny_iv
-    with pytest.raises(ValueError, match=message), hiprune.apply(model, hiprune.build_method(name, **options), processor):
-        pass
-    assert "get_image_features" not in vars(model.model) and "replace_image_token" not in vars(processor)
+    assert_refused_before_patching(model, processor, hiprune.build_method(name, **options), message)
 
 
 @pytest.mark.slow
 def test_lmms_eval_runs_the_registered_model_on_the_local_task(tiny_iv, smoke_task_dir):
-    from lmms_eval.evaluator import simple_evaluate
     from lmms_eval.models import get_model
 
-    from eval.config import REPO_ROOT
     from eval.lmms.internvl import HiPruneInternVL
-    from eval.running.run import task_manager
 
     _, _, path = tiny_iv
     cls = get_model("hiprune_internvl")
     assert cls is HiPruneInternVL
     lmm = cls(pretrained=str(path), method="fastervlm", budget=0.125, device="cpu", batch_size=2, max_patches=2)
-    try:
-        results = simple_evaluate(
-            model=lmm, tasks=["hiprune_smoke_pope"], limit=2, batch_size=2,
-            task_manager=task_manager(str(REPO_ROOT / "eval" / "tasks")), bootstrap_iters=0,
-        )
-    finally:
-        lmm.close()
-    assert 0.0 <= results["results"]["hiprune_smoke_pope"]["pope_accuracy,none"] <= 1.0
-    kept = lmm.kept_tokens[("hiprune_smoke_pope", "test")]
+    kept = run_smoke_pope(lmm, limit=2, batch_size=2)
     assert len(kept) == 2 and all(per_tile and set(per_tile) == {32} for per_tile in kept.values())

@@ -12,6 +12,7 @@ from typing import ClassVar
 import numpy as np
 import pytest
 import torch
+from conftest import run_smoke_pope
 from PIL import Image, ImageDraw
 from transformers import AutoConfig
 from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape
@@ -331,27 +332,15 @@ def test_lmms_vanilla_runs_the_standard_layout_and_pruned_rows_the_official_one(
 # --- lmms-eval ---------------------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_lmms_eval_runs_the_registered_model_on_the_local_task(tiny_next, smoke_task_dir):
-    from lmms_eval.evaluator import simple_evaluate
     from lmms_eval.models import get_model
 
     from eval.lmms.llava_next import HiPruneLlavaNext
-    from eval.config import REPO_ROOT
-    from eval.running.run import task_manager
 
     _, _, path = tiny_next
     cls = get_model("hiprune_llava_next")
     assert cls is HiPruneLlavaNext
     lmm = cls(pretrained=str(path), method="hiprune", budget=320, device="cpu", batch_size=2)
-    try:
-        results = simple_evaluate(
-            model=lmm, tasks=["hiprune_smoke_pope"], limit=2, batch_size=2,
-            task_manager=task_manager(str(REPO_ROOT / "eval" / "tasks")), bootstrap_iters=0,
-        )
-    finally:
-        lmm.close()
-    metrics = results["results"]["hiprune_smoke_pope"]
-    assert 0.0 <= metrics["pope_accuracy,none"] <= 1.0
-    kept = lmm.kept_tokens[("hiprune_smoke_pope", "test")]
+    kept = run_smoke_pope(lmm, limit=2, batch_size=2)
     assert len(kept) == 2
     for per_crop in kept.values():  # one entry per crop grid: int(320 / crops) each
         assert per_crop == [320 // len(per_crop)] * len(per_crop)

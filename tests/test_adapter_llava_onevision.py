@@ -7,10 +7,17 @@ from __future__ import annotations
 
 import pytest
 import torch
-from PIL import Image, ImageDraw
 
 import hiprune
-from conftest import built, loaded
+from conftest import (
+    assert_refused_before_patching,
+    assert_run_config_refused,
+    built,
+    llm_inputs,
+    loaded,
+    run_smoke_pope,
+    shape_image,
+)
 
 SIDE = 27
 PROMPT = "<|im_start|>user\n<image>\nIs there a red circle?<|im_end|>\n<|im_start|>assistant\n"
@@ -19,14 +26,6 @@ PROMPT = "<|im_start|>user\n<image>\nIs there a red circle?<|im_end|>\n<|im_star
 @pytest.fixture(scope="module")
 def tiny_ov():
     return (*loaded("llava_onevision"), built("llava_onevision"))
-
-
-def _image(width, height, seed):
-    image = Image.new("RGB", (width, height), (40 * seed % 255, 120, 200 - 30 * seed))
-    draw = ImageDraw.Draw(image)
-    draw.ellipse([width // 8, height // 8, width // 2, height // 2], fill="red")
-    draw.rectangle([width // 2, height // 3, width - 4, height - 4], fill="yellow")
-    return image
 
 
 def _expected_official(features, records, grid):
@@ -44,11 +43,8 @@ def _expected_official(features, records, grid):
 
 def test_llm_receives_exactly_the_kept_tokens_of_every_crop(tiny_ov):
     model, processor, _ = tiny_ov
-    images = [_image(700, 300, 1), _image(300, 120, 2)]  # a 1 x 2 grid (3 crops), a 1 x 1 grid (2 crops)
-    seen = []
-    hook = model.model.language_model.register_forward_pre_hook(
-        lambda module, args, kwargs: seen.append(kwargs["inputs_embeds"]), with_kwargs=True
-    )
+    images = [shape_image(700, 300, 1), shape_image(300, 120, 2)]  # a 1 x 2 grid (3 crops), a 1 x 1 grid (2 crops)
+    seen, hook = llm_inputs(model)
     try:
         with hiprune.apply(model, hiprune.build_method("hiprune", budget=320), processor) as session, torch.no_grad():
             batch = processor(text=[PROMPT] * 2, images=images, return_tensors="pt", padding=True)
@@ -95,46 +91,29 @@ def test_ratio_budgets_and_the_native_layout_count_like_hf(tiny_ov):
 def test_impossible_settings_are_refused_before_patching(tiny_ov, name, options, message):
     model, processor, _ = tiny_ov
     method = hiprune.build_method(name, **{"budget": 64, **options})
-    with pytest.raises(ValueError, match=message), hiprune.apply(model, method, processor):
-        pass
-    with pytest.raises(ValueError, match="anyres_max"), hiprune.apply(
-            model, hiprune.build_method("random", budget=64), processor, layout="native"):
-        pass
-    assert "get_image_features" not in vars(model.model) and "replace_image_token" not in vars(processor)
+    assert_refused_before_patching(model, processor, method, message)
+    assert_refused_before_patching(model, processor, hiprune.build_method("random", budget=64), "anyres_max",
+                                   layout="native")
 
 
 def test_refusals_come_before_loading_in_a_run_config():
-    from eval.config import ConfigError, compose_config
-    from eval.running import run as run_module
-
-    cfg = compose_config(["model=tiny_llava_onevision", "method=fastervlm", "budget=64", "benchmark=smoke_pope"])
-    with pytest.raises(ConfigError, match="CLS token"):
-        run_module.plan_run(cfg)
+    assert_run_config_refused(
+        ["model=tiny_llava_onevision", "method=fastervlm", "budget=64", "benchmark=smoke_pope"], "CLS token"
+    )
 
 
 @pytest.mark.slow
 def test_lmms_eval_runs_the_registered_model_on_the_local_task(tiny_ov, smoke_task_dir):
-    from lmms_eval.evaluator import simple_evaluate
     from lmms_eval.models import get_model
 
-    from eval.config import REPO_ROOT
     from eval.lmms.llava_onevision import HiPruneLlavaOnevision
-    from eval.running.run import task_manager
 
     _, _, path = tiny_ov
     cls = get_model("hiprune_llava_onevision")
     assert cls is HiPruneLlavaOnevision
     lmm = cls(pretrained=str(path), method="hiprune_pp", budget=0.25, device="cpu", batch_size=1)
-    try:
-        assert lmm.settings["layout"] == "official"
-        results = simple_evaluate(
-            model=lmm, tasks=["hiprune_smoke_pope"], limit=1, batch_size=1,
-            task_manager=task_manager(str(REPO_ROOT / "eval" / "tasks")), bootstrap_iters=0,
-        )
-    finally:
-        lmm.close()
-    assert 0.0 <= results["results"]["hiprune_smoke_pope"]["pope_accuracy,none"] <= 1.0
-    kept = lmm.kept_tokens[("hiprune_smoke_pope", "test")]
+    assert lmm.settings["layout"] == "official"
+    kept = run_smoke_pope(lmm, limit=1, batch_size=1)
     assert len(kept) == 1
     for per_crop in kept.values():  # one entry per crop grid: round(729 * 0.25) each
         assert per_crop == [182] * len(per_crop) and len(per_crop) >= 2
@@ -144,7 +123,7 @@ def test_object_layer_probe_reads_the_siglip_base_image(tiny_ov):
     from eval.report.probe import probe
 
     model, processor, _ = tiny_ov
-    result = probe(model, processor, [_image(300, 200, 1)], top=0.05,
+    result = probe(model, processor, [shape_image(300, 200, 1)], top=0.05,
                    model_cfg={"image_backend": "checkpoint"})
     assert result.grid == (SIDE, SIDE) and result.layers == list(range(1, 13))
     assert result.top_k == int(SIDE * SIDE * 0.05) and len(result.dispersion) == 12
@@ -159,7 +138,7 @@ def test_lmms_vanilla_rows_get_the_standard_layout(tiny_ov):
     from eval.lmms.llava_onevision import HiPruneLlavaOnevision
 
     _, _, path = tiny_ov
-    image = _image(700, 300, 1)
+    image = shape_image(700, 300, 1)
     fresh = AutoProcessor.from_pretrained(path)
     standard = fresh(text=[PROMPT], images=[image], return_tensors="pt")
     counts = {}

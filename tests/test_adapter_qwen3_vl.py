@@ -6,8 +6,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import built, loaded
-from PIL import Image, ImageDraw
+from conftest import (
+    assert_refused_before_patching,
+    assert_run_config_refused,
+    built,
+    chat_batch,
+    loaded,
+    run_smoke_pope,
+    shape_image,
+)
 
 import hiprune
 
@@ -19,24 +26,10 @@ def tiny_q3():
     return (*loaded("qwen3_vl"), built("qwen3_vl"))
 
 
-def _image(width, height, seed):
-    image = Image.new("RGB", (width, height), (40 * seed % 255, 120, 200 - 30 * seed))
-    draw = ImageDraw.Draw(image)
-    draw.ellipse([width // 8, height // 8, width // 2, height // 2], fill="red")
-    draw.rectangle([width // 2, height // 3, width - 4, height - 4], fill="yellow")
-    return image
-
-
-def _batch(processor, images):
-    content = [{"type": "image"}, {"type": "text", "text": QUESTION}]
-    text = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
-    return processor(text=[text] * len(images), images=images, return_tensors="pt", padding=True, padding_side="left")
-
-
 def test_llm_receives_the_kept_tokens_their_deepstack_features_and_positions(tiny_q3):
     model, processor, _ = tiny_q3
-    images = [_image(130, 100, 1), _image(100, 170, 2)]  # merged grids of different sizes: one budget each
-    unpruned = _batch(processor, images)
+    images = [shape_image(130, 100, 1), shape_image(100, 170, 2)]  # merged grids of different sizes: one budget each
+    unpruned = chat_batch(processor, images)
     with torch.no_grad():
         reference = model.model.get_image_features(unpruned["pixel_values"], unpruned["image_grid_thw"])
         positions, _ = model.model.get_rope_index(unpruned["input_ids"], unpruned["mm_token_type_ids"],
@@ -46,7 +39,7 @@ def test_llm_receives_the_kept_tokens_their_deepstack_features_and_positions(tin
     method = hiprune.build_method("hiprune", budget=0.5, object_layer=3)
     try:
         with hiprune.apply(model, method, processor) as session, torch.no_grad():
-            batch = _batch(processor, images)
+            batch = chat_batch(processor, images)
             model(**batch)
             [records] = session.pop_records()
     finally:
@@ -73,11 +66,11 @@ def test_llm_receives_the_kept_tokens_their_deepstack_features_and_positions(tin
 
 def test_keeping_every_token_generates_like_the_unpruned_model(tiny_q3):
     model, processor, _ = tiny_q3
-    images = [_image(100, 170, 2)]
+    images = [shape_image(100, 170, 2)]
     with torch.no_grad():
-        plain = model.generate(**_batch(processor, images), max_new_tokens=3, do_sample=False)
+        plain = model.generate(**chat_batch(processor, images), max_new_tokens=3, do_sample=False)
         with hiprune.apply(model, hiprune.build_method("random", budget=1.0), processor):
-            pruned = model.generate(**_batch(processor, images), max_new_tokens=3, do_sample=False)
+            pruned = model.generate(**chat_batch(processor, images), max_new_tokens=3, do_sample=False)
     assert torch.equal(plain, pruned)
     assert "get_image_features" not in vars(model.model) and "get_video_features" not in vars(model.model)
 
@@ -91,43 +84,25 @@ def test_keeping_every_token_generates_like_the_unpruned_model(tiny_q3):
 ])
 def test_impossible_settings_are_refused_before_patching(tiny_q3, name, options, message):
     model, processor, _ = tiny_q3
-    with pytest.raises(ValueError, match=message), hiprune.apply(
-            model, hiprune.build_method(name, budget=0.5, **options), processor):
-        pass
-    assert "get_image_features" not in vars(model.model) and "replace_image_token" not in vars(processor)
+    assert_refused_before_patching(model, processor, hiprune.build_method(name, budget=0.5, **options), message)
 
 
 def test_refusals_come_before_loading_in_a_run_config():
-    from eval.config import ConfigError, compose_config
-    from eval.running import run as run_module
-
-    cfg = compose_config(["model=tiny_qwen3vl", "method=trim", "budget=0.5", "benchmark=smoke_pope"])
-    with pytest.raises(ConfigError, match="CLIP text tower"):
-        run_module.plan_run(cfg)
+    assert_run_config_refused(["model=tiny_qwen3vl", "method=trim", "budget=0.5", "benchmark=smoke_pope"],
+                              "CLIP text tower")
 
 
 @pytest.mark.slow
 def test_lmms_eval_runs_the_registered_model_on_the_local_task(tiny_q3, smoke_task_dir):
-    from lmms_eval.evaluator import simple_evaluate
     from lmms_eval.models import get_model
 
-    from eval.config import REPO_ROOT
     from eval.lmms.qwen3_vl import HiPruneQwen3VL
-    from eval.running.run import task_manager
 
     _, _, path = tiny_q3
     cls = get_model("hiprune_qwen3_vl")
     assert cls is HiPruneQwen3VL
     lmm = cls(pretrained=str(path), method="hiprune", budget=0.25, object_layer=3, device="cpu", batch_size=2,
               min_pixels=64 * 64, max_pixels=256 * 256)
-    try:
-        results = simple_evaluate(
-            model=lmm, tasks=["hiprune_smoke_pope"], limit=2, batch_size=2,
-            task_manager=task_manager(str(REPO_ROOT / "eval" / "tasks")), bootstrap_iters=0,
-        )
-    finally:
-        lmm.close()
-    assert 0.0 <= results["results"]["hiprune_smoke_pope"]["pope_accuracy,none"] <= 1.0
-    kept = lmm.kept_tokens[("hiprune_smoke_pope", "test")]
+    kept = run_smoke_pope(lmm, limit=2, batch_size=2)
     assert len(kept) == 2 and all(len(per_image) == 1 and per_image[0] >= 1 for per_image in kept.values())
     assert lmm.settings["jpeg_quality"] == 0

@@ -6,8 +6,9 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from conftest import shape_image
 from omegaconf import OmegaConf
-from vision_method_runs import REPO, _image, family_model, run_llava, run_llava_next, run_qwen, run_video
+from vision_method_runs import REPO, family_model, run_llava, run_llava_next, run_qwen, run_video
 
 import hiprune
 from hiprune.methods.base import VisionTokens
@@ -129,7 +130,7 @@ def test_llava_next_image_scope_is_one_selection_over_the_crops():
     assert sum(c.budget * c.tokens.batch_size for c in calls) == 160 and len({c.budget for c in calls}) > 1
     # the crops' picks together are DivPrune over the image's pooled 5 x 576 tokens (base first, then the crops)
     model, processor = family_model("llava_next")
-    batch = processor(text=["USER: <image>\nIs there a red circle? ASSISTANT:"], images=[_image(700, 660, 1)],
+    batch = processor(text=["USER: <image>\nIs there a red circle? ASSISTANT:"], images=[shape_image(700, 660, 1)],
                       return_tensors="pt")
     with torch.no_grad():
         hidden = model.model.vision_tower(batch["pixel_values"][0][:5], output_hidden_states=True).hidden_states

@@ -6,10 +6,10 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from conftest import shape_image
 from omegaconf import OmegaConf
 from vision_method_runs import (
     REPO,
-    _image,
     _noise,
     family_model,
     refused_before_patching,
@@ -183,7 +183,7 @@ def test_llava_next_official_layout():
         lambda module, args, kwargs: seen.append(kwargs["inputs_embeds"]), with_kwargs=True)
     try:
         with torch.no_grad(), hiprune.apply(model, method, processor, layout="official") as session:
-            batch = processor(text=["USER: <image>\nIs there a red circle? ASSISTANT:"], images=[_image(700, 660, 1)],
+            batch = processor(text=["USER: <image>\nIs there a red circle? ASSISTANT:"], images=[shape_image(700, 660, 1)],
                               return_tensors="pt")
             model(**batch)
             assert session.adapter.image_layout(batch["image_sizes"][0], method).kept == [32] * 5

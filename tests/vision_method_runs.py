@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from conftest import ASSETS, built, loaded
-from PIL import Image, ImageDraw
+from conftest import ASSETS, built, llm_inputs, loaded, shape_image
+from PIL import Image
 
 import hiprune
 from scripts import build_tiny_clip
@@ -44,22 +44,6 @@ def spy(method: Method) -> list[Call]:
     return calls
 
 
-def _llm_inputs(model):
-    seen = []
-    hook = model.model.language_model.register_forward_pre_hook(
-        lambda module, args, kwargs: seen.append(kwargs["inputs_embeds"]), with_kwargs=True
-    )
-    return seen, hook
-
-
-def _image(width, height, seed):
-    image = Image.new("RGB", (width, height), (40 * seed % 255, 120, 200 - 30 * seed))
-    draw = ImageDraw.Draw(image)
-    draw.ellipse([width // 8, height // 8, width // 2, height // 2], fill="red")
-    draw.rectangle([width // 2, height // 3, width - 4, height - 4], fill="yellow")
-    return image
-
-
 def _noise(height, width, seed):
     rng = np.random.default_rng(seed)
     return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
@@ -76,12 +60,13 @@ def run_llava(method: Method) -> list[Call]:
     """Two images, batch 2; the LLM receives each image's selected features in the method's order."""
     model, processor = family_model("llava")
     calls = spy(method)
-    seen, hook = _llm_inputs(model)
+    seen, hook = llm_inputs(model)
     try:
         with torch.no_grad(), hiprune.apply(model, method, processor, prompt_encoder(method)) as session:
             _set_prompts(session, method, 2)
             batch = processor(text=["USER: <image>\nIs there a red circle? ASSISTANT:"] * 2,
-                              images=[_image(200, 120, 1), _image(90, 160, 2)], return_tensors="pt", padding=True)
+                              images=[shape_image(200, 120, 1), shape_image(90, 160, 2)], return_tensors="pt",
+                              padding=True)
             model(**batch)
     finally:
         hook.remove()
@@ -106,13 +91,13 @@ def run_llava_next(method: Method) -> list[Call]:
     with different budgets go through different calls; a crop left without tokens through none)."""
     model, processor = family_model("llava_next")
     calls = spy(method)
-    seen, hook = _llm_inputs(model)
+    seen, hook = llm_inputs(model)
     try:
         encoder = prompt_encoder(method)
         with torch.no_grad(), hiprune.apply(model, method, processor, encoder, layout="official") as session:
             _set_prompts(session, method, 1)
             batch = processor(text=["USER: <image>\nIs there a red circle? ASSISTANT:"],
-                              images=[_image(700, 660, 1)], return_tensors="pt", padding=True)
+                              images=[shape_image(700, 660, 1)], return_tensors="pt", padding=True)
             model(**batch)
     finally:
         hook.remove()
@@ -147,7 +132,7 @@ def run_qwen(method: Method) -> list[Call]:
     """Two noise images of 24 and 15 merged tokens; each is its own grid, the LLM receives its selection."""
     model, processor = family_model("qwen2_5_vl")
     calls = spy(method)
-    seen, hook = _llm_inputs(model)
+    seen, hook = llm_inputs(model)
     questions = ["Is there a red circle in the image?", "What colour is the square?"]
     texts = [
         processor.apply_chat_template(
@@ -177,7 +162,7 @@ def run_video(method: Method, frames: int = 4) -> list[Call]:
     and its selected features."""
     model, processor = family_model("video_llava")
     calls = spy(method)
-    seen, hook = _llm_inputs(model)
+    seen, hook = llm_inputs(model)
     videos = [np.asarray([np.asarray(_noise(48, 64, 10 * v + f)) for f in range(frames)]) for v in range(2)]
     try:
         with torch.no_grad(), hiprune.apply(model, method, processor, prompt_encoder(method)) as session:

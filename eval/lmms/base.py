@@ -30,6 +30,7 @@ from lmms_eval.models import get_model
 from lmms_eval.utils import Collator, eval_logger
 from PIL import Image, ImageFile
 from tqdm import tqdm
+from transformers import AutoProcessor
 
 import hiprune
 from eval.config import ConfigError
@@ -220,6 +221,17 @@ class HiPruneLMM(lmms):
     def load(self, pretrained: str, revision: str | None, attn_implementation: str, **loading):
         """Return (model, processor) on CPU in ``self._dtype``."""
         raise NotImplementedError
+
+    def load_pretrained(self, model_class, pretrained: str, revision: str | None, attn_implementation: str):
+        """(model, processor) of ``pretrained`` as ``model_class`` in ``self._dtype``, for ``load``; sets
+        ``self.pad_token_id`` (the tokenizer's pad token, else its eos token)."""
+        processor = AutoProcessor.from_pretrained(pretrained, revision=revision)
+        model = model_class.from_pretrained(
+            pretrained, revision=revision, dtype=self._dtype, attn_implementation=attn_implementation
+        )
+        tokenizer = processor.tokenizer
+        self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        return model, processor
 
     def build_inputs(self, contexts: list[str], images: list[list[Image.Image]]) -> tuple[dict, list[list[int]]]:
         """Model inputs for a batch, and the visual tokens each image must keep (checked after generation)."""

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import re
 
-from transformers import AutoProcessor, InternVLForConditionalGeneration
+from transformers import InternVLForConditionalGeneration
 
 from eval.lmms.base import HiPruneLMM
 from eval.lmms.prompting import IMAGE_PLACEHOLDER, to_rgb
@@ -37,12 +37,9 @@ class HiPruneInternVL(HiPruneLMM):
         self.min_patches, self.max_patches = int(min_patches), int(max_patches)
         if not 1 <= self.min_patches <= self.max_patches:
             raise ValueError(f"need 1 <= min_patches <= max_patches, got {min_patches} and {max_patches}")
-        processor = AutoProcessor.from_pretrained(pretrained, revision=revision)
-        model = InternVLForConditionalGeneration.from_pretrained(
-            pretrained, revision=revision, dtype=self._dtype, attn_implementation=attn_implementation
+        model, processor = self.load_pretrained(
+            InternVLForConditionalGeneration, pretrained, revision, attn_implementation
         )
-        tokenizer = processor.tokenizer
-        self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         return model, processor
 
     @property

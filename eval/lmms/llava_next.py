@@ -19,7 +19,7 @@ the adapter's records.
 from __future__ import annotations
 
 import torch
-from transformers import AutoProcessor, LlavaNextForConditionalGeneration
+from transformers import LlavaNextForConditionalGeneration
 from transformers.models.llava_next.image_processing_llava_next import LlavaNextImageProcessor
 from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
 
@@ -99,9 +99,8 @@ class HiPruneLlavaNext(HiPruneLMM):
         if pinpoint_order not in ("official", "checkpoint"):
             raise ValueError(f"unknown pinpoint_order {pinpoint_order!r}; choose official or checkpoint")
         self.load_clip_prompt_encoder(text_tower, prompt_pooling)
-        processor = AutoProcessor.from_pretrained(pretrained, revision=revision)
-        model = LlavaNextForConditionalGeneration.from_pretrained(
-            pretrained, revision=revision, dtype=self._dtype, attn_implementation=attn_implementation
+        model, processor = self.load_pretrained(
+            LlavaNextForConditionalGeneration, pretrained, revision, attn_implementation
         )
         if pinpoint_order == "official":
             swapped = [[int(b), int(a)] for a, b in model.config.image_grid_pinpoints]
@@ -109,8 +108,6 @@ class HiPruneLlavaNext(HiPruneLMM):
             processor.image_processor.image_grid_pinpoints = swapped
         self.image_processor = anyres_image_processor(processor.image_processor, image_backend)
         self.prompt_style = prompt_style
-        tokenizer = processor.tokenizer
-        self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         return model, processor
 
     @property

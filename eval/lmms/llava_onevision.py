@@ -18,7 +18,7 @@ does not lay out yet).
 from __future__ import annotations
 
 import torch
-from transformers import AutoProcessor, LlavaOnevisionForConditionalGeneration
+from transformers import LlavaOnevisionForConditionalGeneration
 
 from eval.lmms.base import HiPruneLMM
 from eval.lmms.prompting import IMAGE_PLACEHOLDER, left_pad, to_rgb, tokenize_with_visuals, with_image_placeholders
@@ -52,12 +52,9 @@ class HiPruneLlavaOnevision(HiPruneLMM):
 
     def load(self, pretrained, revision, attn_implementation, system_prompt, layout):
         self.system_prompt = str(system_prompt)
-        processor = AutoProcessor.from_pretrained(pretrained, revision=revision)
-        model = LlavaOnevisionForConditionalGeneration.from_pretrained(
-            pretrained, revision=revision, dtype=self._dtype, attn_implementation=attn_implementation
+        model, processor = self.load_pretrained(
+            LlavaOnevisionForConditionalGeneration, pretrained, revision, attn_implementation
         )
-        tokenizer = processor.tokenizer
-        self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         return model, processor
 
     @property

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from decord import VideoReader, cpu
 from PIL import Image
-from transformers import AutoProcessor, VideoLlavaForConditionalGeneration
+from transformers import VideoLlavaForConditionalGeneration
 
 from eval.lmms.base import HiPruneLMM
 from eval.lmms.prompting import (
@@ -98,14 +98,11 @@ class HiPruneVideoLlava(HiPruneLMM):
         if self.num_frames < 1:
             raise ValueError(f"num_frames must be >= 1, got {num_frames}")
         self.load_clip_prompt_encoder(text_tower, prompt_pooling)
-        processor = AutoProcessor.from_pretrained(pretrained, revision=revision)
-        model = VideoLlavaForConditionalGeneration.from_pretrained(
-            pretrained, revision=revision, dtype=self._dtype, attn_implementation=attn_implementation
+        model, processor = self.load_pretrained(
+            VideoLlavaForConditionalGeneration, pretrained, revision, attn_implementation
         )
         self.prompt_style = prompt_style
         self.pad_to_square = bool(pad_to_square)
-        tokenizer = processor.tokenizer
-        self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self._batch_visuals: list[list[tuple[str, int]]] = []
         return model, processor
 

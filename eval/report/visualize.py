@@ -71,9 +71,9 @@ MERGE_COLOURS = plt.get_cmap("tab20").colors
 VIDEO_SUFFIXES = {".mp4", ".avi", ".mov", ".mkv", ".webm"}
 
 
-def load_vlm(cfg: DictConfig):
-    """(model, processor, device) for the composed model config; local checkpoints resolved against the repo."""
-    m = cfg.model
+def _pretrained(m: DictConfig) -> str:
+    """The checkpoint of the model config ``m``: its Hub id, or a local folder resolved against the repository (which
+    must hold a build); a model the harness does not implement yet is refused."""
     if not m.get("implemented", True):
         raise SystemExit(f"model {m.name} is not implemented in the harness yet")
     pretrained = str(m.pretrained)
@@ -82,6 +82,13 @@ def load_vlm(cfg: DictConfig):
         if not (local / "config.json").is_file():
             raise SystemExit(f"local model {local} not found; build it first (make assets)")
         pretrained = str(local)
+    return pretrained
+
+
+def load_vlm(cfg: DictConfig):
+    """(model, processor, device) for the composed model config; local checkpoints resolved against the repo."""
+    m = cfg.model
+    pretrained = _pretrained(m)
     device = resolve_device(str(cfg.device))
     dtype = resolve_dtype(str(m.dtype), device)
     processor = AutoProcessor.from_pretrained(pretrained, revision=m.revision)
@@ -271,8 +278,7 @@ def overlay(image: np.ndarray, grid: tuple[int, int], indices: list[int], roles:
 def load_harness_model(cfg: DictConfig, method) -> HiPruneLMM:
     """The family's lmms-eval model of the harness for the composed config, with ``method`` installed (batch size 1)."""
     m = cfg.model
-    if not m.get("implemented", True):
-        raise SystemExit(f"model {m.name} is not implemented in the harness yet")
+    pretrained = _pretrained(m)
     model_class = lmms_model_class(str(m.lmms_model))
     loading = {}
     for key in model_class.loading_options:
@@ -280,12 +286,6 @@ def load_harness_model(cfg: DictConfig, method) -> HiPruneLMM:
             value = m[key]
             local = isinstance(value, str) and m.get("local") and repo_path(value).exists()
             loading[key] = str(repo_path(value)) if local else value
-    pretrained = str(m.pretrained)
-    if m.get("local"):
-        folder = repo_path(pretrained)
-        if not (folder / "config.json").is_file():
-            raise SystemExit(f"local model {folder} not found; build it first (make assets)")
-        pretrained = str(folder)
     return model_class(pretrained=pretrained, revision=m.revision, device=str(cfg.device), dtype=str(m.dtype),
                        batch_size=1, attn_implementation=str(m.attn_implementation), method=method, **loading)
 

@@ -516,6 +516,32 @@ class Adapter:
         raise NotImplementedError
 
 
+class LlmPromptEmbeddings:
+    """Adapter mixin for families without a CLIP text tower: a prompt is the mean LLM input embedding of its tokens,
+    tokenized by the processor passed to ``hiprune.apply`` (put it before the Adapter class among the bases)."""
+
+    def install(self, stack: ExitStack, session: PruningSession, processor: Any | None) -> None:
+        if session.method.needs_prompt and getattr(processor, "tokenizer", None) is None:
+            raise ValueError(
+                f"method {session.method.name!r} embeds the prompt with the LLM's input embeddings: pass the "
+                "processor (its tokenizer) to hiprune.apply"
+            )
+        self.tokenizer = getattr(processor, "tokenizer", None)
+        super().install(stack, session, processor)
+
+    def embed_prompts(self, session: PruningSession, prompts: list[str]) -> torch.Tensor:
+        """[n, E]: mean LLM input embedding of each prompt's tokens (no special tokens added)."""
+        embed = self.model.get_input_embeddings()
+        rows = []
+        for prompt in prompts:
+            ids = self.tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
+            if ids.numel() == 0:
+                raise PruningError(f"prompt {prompt!r} has no tokens to compare the visual tokens with")
+            with torch.no_grad():
+                rows.append(embed(ids.to(embed.weight.device)).float().mean(dim=0))
+        return torch.stack(rows)
+
+
 class EncoderMerging:
     """The bookkeeping of an ``encoder``-stage method over one vision-encoder forward, for any family.
 

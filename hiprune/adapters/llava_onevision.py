@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from transformers import LlavaOnevisionForConditionalGeneration
 
-from hiprune.adapters.base import PruningError, PruningSession, register_adapter
+from hiprune.adapters.base import LlmPromptEmbeddings, PruningSession, register_adapter
 from hiprune.adapters.llava_next import REDUCING, CropGrid, ImageLayout, LlavaNextAdapter
 from hiprune.methods.base import Method
 
@@ -41,7 +41,7 @@ DEFAULT_OBJECT_LAYER = 10
 
 
 @register_adapter
-class LlavaOnevisionAdapter(LlavaNextAdapter):
+class LlavaOnevisionAdapter(LlmPromptEmbeddings, LlavaNextAdapter):
     family = "llava_onevision"
     model_types = (LlavaOnevisionForConditionalGeneration,)
     stages = ("none", "vision", "encoder")
@@ -90,27 +90,6 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
     def patch_embeds(self, session: PruningSession, out: Any, tower: str = "image") -> torch.Tensor:
         """[crops, N, E] the crops' projected tokens (they live in the LLM's input-embedding space, as the prompts)."""
         return torch.cat(list(out.pooler_output))
-
-    def install(self, stack, session: PruningSession, processor: Any | None) -> None:
-        if session.method.needs_prompt and getattr(processor, "tokenizer", None) is None:
-            raise ValueError(
-                f"method {session.method.name!r} embeds the prompt with the LLM's input embeddings: pass the "
-                "processor (its tokenizer) to hiprune.apply"
-            )
-        self.tokenizer = getattr(processor, "tokenizer", None)
-        super().install(stack, session, processor)
-
-    def embed_prompts(self, session: PruningSession, prompts: list[str]) -> torch.Tensor:
-        """[n, E]: mean LLM input embedding of each prompt's tokens (no special tokens added)."""
-        embed = self.model.get_input_embeddings()
-        rows = []
-        for prompt in prompts:
-            ids = self.tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
-            if ids.numel() == 0:
-                raise PruningError(f"prompt {prompt!r} has no tokens to compare the visual tokens with")
-            with torch.no_grad():
-                rows.append(embed(ids.to(embed.weight.device)).float().mean(dim=0))
-        return torch.stack(rows)
 
 
 __all__ = ["DEFAULT_OBJECT_LAYER", "LlavaOnevisionAdapter"]

@@ -63,6 +63,7 @@ from transformers.vision_utils import get_vision_window_index
 from hiprune.adapters.base import (
     Adapter,
     GridInput,
+    LlmPromptEmbeddings,
     PruningError,
     PruningSession,
     patch_attribute,
@@ -91,7 +92,7 @@ REFERENCE_MERGED_TOKENS = 1024  # the budget check before loading (see Qwen25VLA
 
 
 @register_adapter
-class Qwen25VLAdapter(Adapter):
+class Qwen25VLAdapter(LlmPromptEmbeddings, Adapter):
     family = "qwen2_5_vl"
     model_types = (Qwen2_5_VLForConditionalGeneration,)
     # HiPrune++ on Qwen2.5-VL: mean LLM input embedding of the prompt vs the merged visual tokens (same space).
@@ -243,15 +244,6 @@ class Qwen25VLAdapter(Adapter):
         patch_attribute(stack, self.inner, "get_image_features", get_image_features)
         self._install_positions(stack)
 
-    def install(self, stack: ExitStack, session: PruningSession, processor: Any | None) -> None:
-        if session.method.needs_prompt and getattr(processor, "tokenizer", None) is None:
-            raise ValueError(
-                f"method {session.method.name!r} embeds the prompt with the LLM's input embeddings: pass the "
-                "processor (its tokenizer) to hiprune.apply"
-            )
-        self.tokenizer = getattr(processor, "tokenizer", None)
-        super().install(stack, session, processor)
-
     def placeholder_counts(self, method: Method) -> dict:
         return {"image": lambda inputs, index: self.tokens_for_grid(method, inputs["image_grid_thw"][index])}
 
@@ -335,18 +327,6 @@ class Qwen25VLAdapter(Adapter):
             ))
         outputs = self.select_grids(session, inputs, len(grids))
         return [o.features for o in outputs], [o.indices for o in outputs]
-
-    def embed_prompts(self, session: PruningSession, prompts: list[str]) -> torch.Tensor:
-        """[n, E]: mean LLM input embedding of each prompt's tokens (no special tokens added)."""
-        embed = self.model.get_input_embeddings()
-        rows = []
-        for prompt in prompts:
-            ids = self.tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
-            if ids.numel() == 0:
-                raise PruningError(f"prompt {prompt!r} has no tokens to compare the visual tokens with")
-            with torch.no_grad():
-                rows.append(embed(ids.to(embed.weight.device)).float().mean(dim=0))
-        return torch.stack(rows)
 
     # --- positions -----------------------------------------------------------------------------------------
     def _install_positions(self, stack: ExitStack) -> None:
