@@ -119,7 +119,8 @@ reproduce-table: setup $(if $(filter smoke scene,$(TABLE)),assets)
 	$(PY) -m eval.report.reproduce run $(TABLE) $(ARGS)
 
 # Re-render every paper table and its plots from the result store; runs nothing. A table whose store holds no record
-# of it is kept as it is (exit 1); ARGS=--allow-empty renders it with pending cells (the committed templates).
+# of it is kept as it is (exit 1 for one table; with --all only when nothing renders or the store is missing);
+# ARGS=--allow-empty renders it with pending cells (the committed templates).
 tables: setup
 	$(OFFLINE) $(PY) -m eval.report.reproduce render --all $(ARGS)
 

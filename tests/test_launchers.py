@@ -16,7 +16,14 @@ from eval.config import REPO_ROOT, ConfigError
 from eval.running.launchers import RAY_LAUNCHER, check_launcher, job_demand, unmet_demand
 from eval.running.store import iter_records
 
-MISSING = {name: importlib.util.find_spec(module) is None for name, module in
+def _missing(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is None
+    except ModuleNotFoundError:  # no hydra_plugins package at all: no launcher plugin is installed
+        return True
+
+
+MISSING = {name: _missing(module) for name, module in
            [("submitit", "hydra_plugins.hydra_submitit_launcher"), ("ray", "hydra_plugins.hydra_ray_launcher")]}
 
 

@@ -212,3 +212,16 @@ def test_a_job_failing_at_run_time_is_reported_and_the_others_go_on(tmp_path, ti
     assert record["identity"]["broken_images"] == "skip"
     assert list(record["broken_images"]["hiprune_broken_pope/test"]) == ["1"]
     assert record["n_samples"]["hiprune_broken_pope"] == 3
+
+
+def test_render_all_keeps_tables_without_records_and_fails_only_on_a_missing_store(tmp_path, monkeypatch, capsys):
+    rendered = []
+    monkeypatch.setattr(R, "render", lambda table, overrides, out_dir=None, plots=True: rendered.append(table) or {})
+    monkeypatch.setattr(R, "empty_store_problem",  # a store holding records of the smoke experiment only
+                        lambda spec: None if spec.experiment == "table_smoke" else "holds no record")
+    R.main(["render", "--all", f"store={tmp_path}", "--no-plots"])  # exits 0: the others are kept as they are
+    assert rendered == ["table_smoke"]
+    assert "holds no record; not rendered, the existing table is kept" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        R.main(["render", "--all", f"store={tmp_path / 'no-such-store'}", "--no-plots"])
+    assert exit_info.value.code == 1

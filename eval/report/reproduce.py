@@ -901,17 +901,22 @@ def main(argv: list[str] | None = None) -> None:
     if args.all and args.table:  # `render --all store=...`: the first override landed in the table slot
         overrides.insert(0, args.table)
     tables = list(dict.fromkeys(list_tables().values())) if args.all else [args.table]
-    refused = []
+    refused, rendered, missing_store = [], 0, False
     for table in tables:
-        problem = None if args.allow_empty else empty_store_problem(load_spec(table, overrides))
+        spec = load_spec(table, overrides)
+        problem = None if args.allow_empty else empty_store_problem(spec)
         if problem:
             print(f"[reproduce] table {table}: {problem}; not rendered, the existing table is kept (--allow-empty "
                   f"renders it with pending cells)", file=sys.stderr, flush=True)
             refused.append(table)
+            missing_store |= spec.kind != "efficiency" and not Path(spec.store).is_dir()
             continue
         paths = render(table, overrides, out_dir=args.out, plots=not args.no_plots)
+        rendered += 1
         print(f"[reproduce] table {table}: " + ", ".join(repo_relative(p) for p in paths.values()))
-    if refused:
+    # one table: no record of it is an error; --all: tables without records are kept, an error only when the store is
+    # missing or nothing at all rendered (a mistyped store=)
+    if refused and (not args.all or missing_store or not rendered):
         sys.exit(1)
 
 

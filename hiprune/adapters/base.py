@@ -795,6 +795,8 @@ def apply(
     """
     method.validate()
     adapter = adapter_for(model, **adapter_options)
+    if method.stage not in adapter.stages:  # first: a family's own checks may assume its stages
+        raise ValueError(unsupported_stage_message(method.name, adapter.family, method.stage))
     adapter.check_supported(method, prompt_encoder)
     session = PruningSession(method=method, adapter=adapter, prompt_encoder=prompt_encoder)
     with ExitStack() as stack:

@@ -225,9 +225,7 @@ class LlavaNextAdapter(ClipTowerAdapter):
         return self.image_layout(size, method).total
 
     def check_supported(self, method: Method, prompt_encoder: Any = None) -> None:
-        # the reference image's tokens (official: 5 x 576 = 2880) at the LLM's input; LLaVA-OneVision (no "llm"
-        # stage) refuses in super()
-        if method.stage == "llm" and "llm" in self.stages:
+        if method.stage == "llm":  # the reference image's tokens (official: 5 x 576 = 2880) at the LLM's input
             check_llm_method(method, self.config.text_config, self.family, self.tokens_per_image(method))
             return
         super().check_supported(method, prompt_encoder)

@@ -184,7 +184,7 @@ class Qwen25VLAdapter(LlmPromptEmbeddings, Adapter):
         return REFERENCE_MERGED_TOKENS
 
     def check_supported(self, method: Method, prompt_encoder: Any = None) -> None:
-        if method.stage == "llm" and "llm" in self.stages:  # subclasses without it (Qwen3-VL) refuse in super()
+        if method.stage == "llm":
             if prompt_encoder is not None:
                 raise ValueError(f"method {method.name!r} takes no prompt encoder")
             if self.positions != LLM_POSITIONS:
