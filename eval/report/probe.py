@@ -46,6 +46,7 @@ from tqdm.auto import tqdm
 import hiprune
 from eval.config import REPO_ROOT, compose_config
 from eval.report.visualize import input_builder, load_vlm
+from eval.report.visualize import save as save_figure  # png + pdf, closes the figure
 from hiprune.capture import AttentionScores
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
@@ -228,7 +229,7 @@ def plot(result: ProbeResult, out_dir: Path, title: str = "") -> list[Path]:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    paths += _save(fig, out_dir / "dispersion")
+    paths += save_figure(fig, out_dir / "dispersion")
 
     panels = 3 if result.mask_iou is not None else 2
     fig, axes = plt.subplots(1, panels, figsize=(4.4 * panels, 3.8))
@@ -254,18 +255,9 @@ def plot(result: ProbeResult, out_dir: Path, title: str = "") -> list[Path]:
         axes[2].grid(alpha=0.3)
     fig.suptitle(f"{title} overlap of high-attention tokens", fontsize=10)
     fig.tight_layout()
-    paths += _save(fig, out_dir / "overlap")
+    paths += save_figure(fig, out_dir / "overlap")
     return paths
 
-
-def _save(fig, stem: Path) -> list[Path]:
-    paths = []
-    for ext in ("png", "pdf"):
-        path = stem.with_suffix(f".{ext}")
-        fig.savefig(path, dpi=150 if ext == "png" else None, bbox_inches="tight")
-        paths.append(path)
-    plt.close(fig)
-    return paths
 
 
 def write(result: ProbeResult, out_dir: Path) -> list[Path]:
