@@ -35,7 +35,7 @@ def test_table_plots_are_written_and_non_empty(tmp_path):
 
 def test_paper_points_only_on_the_paper_models_axes_and_long_titles_wrap(tmp_path, monkeypatch):
     drawn = []
-    monkeypatch.setattr(plots, "_save", lambda fig, stem: drawn.append(fig) or {})
+    monkeypatch.setattr(plots, "save_figure", lambda fig, stem: drawn.append(fig) or [])
 
     def labels(fig):
         return {text.get_text() for legend in fig.legends + [ax.get_legend() for ax in fig.axes if ax.get_legend()]
@@ -83,7 +83,7 @@ def test_overlay_of_hiprune_roles_and_of_a_plain_kept_set(tiny_llava, scene, tmp
     assert len(roles["anchor"]) == 1 and 1 <= len(roles["buffer"]) <= 4
     assert len(roles["anchor"]) + len(roles["buffer"]) + len(roles["register"]) == 64
     assert result["image"].shape == (336, 336, 3) and 0 <= result["image"].min() <= result["image"].max() <= 1
-    paths = visualize.save(visualize.overlay(result["image"], result["grid"], result["indices"], roles, "hiprune"),
+    paths = plots.save_figure(visualize.overlay(result["image"], result["grid"], result["indices"], roles, "hiprune"),
                            tmp_path / "hiprune")
     for path in paths:
         _check_image(path)
@@ -182,7 +182,7 @@ def test_overlay_draws_each_family_as_it_is(tiny_llava_next_dir, tiny_qwen_dir, 
     assert len(trace.panels[0].tiles) == 1 and len(trace.panels[1].tiles) == layout.crops - 1
     assert sum(len(g.kept) for g in trace.grids) == sum(layout.kept)
     assert all(g.roles.keys() <= g.kept for g in trace.grids) and any(g.roles for g in trace.grids)
-    _check_image(visualize.save(visualize.draw(trace, "next"), tmp_path / "next")[0])
+    _check_image(plots.save_figure(visualize.draw(trace, "next"), tmp_path / "next")[0])
     # Qwen2.5-VL: the resized image with its merged grid (it used to crash)
     _, _, lm = _harness(tiny_qwen_dir, "model=tiny_qwen25vl", "method=random", "budget=0.25")
     trace = visualize.trace(lm, image)
@@ -191,7 +191,7 @@ def test_overlay_draws_each_family_as_it_is(tiny_llava_next_dir, tiny_qwen_dir, 
     (tile,) = panel.tiles
     assert panel.image.shape[:2] == (tile.rows * 28, tile.cols * 28)
     assert len(trace.grids[0].kept) == round(0.25 * tile.rows * tile.cols)
-    _check_image(visualize.save(visualize.draw(trace, "qwen"), tmp_path / "qwen")[0])
+    _check_image(plots.save_figure(visualize.draw(trace, "qwen"), tmp_path / "qwen")[0])
     # Video-LLaVA: one panel per frame
     frames = np.stack([np.asarray(image.resize((64, 64))).copy() for _ in range(4)])
     _, _, lm = _harness(tiny_video_llava_dir, "model=tiny_video_llava", "method=hiprune", "budget=32")

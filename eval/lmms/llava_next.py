@@ -30,12 +30,11 @@ from eval.lmms.prompting import (
     IMAGE_BACKENDS,
     IMAGE_PLACEHOLDER,
     PROMPT_STYLES,
-    conversation_prompt,
     fill_placeholders,
     left_pad,
+    llava_prompt,
     to_rgb,
     tokenize_with_visuals,
-    with_image_placeholders,
 )
 from hiprune.adapters.llava_next import resolve_layout
 
@@ -116,11 +115,7 @@ class HiPruneLlavaNext(HiPruneLMM):
         return self.session.tokens_per_image()
 
     def prompt(self, context: str, n_images: int) -> str:
-        question = with_image_placeholders(context, n_images)
-        if self.prompt_style in CONVERSATION_SYSTEMS:
-            return conversation_prompt(question, self.prompt_style)
-        content = [{"type": "image"}] * n_images + [{"type": "text", "text": context}]
-        return self.processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+        return llava_prompt(self.processor, self.prompt_style, context, n_images)
 
     def finish_answers(self, answers, until):
         return llava_answers(answers, until, self.answers)

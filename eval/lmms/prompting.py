@@ -133,6 +133,15 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+def llava_prompt(processor, prompt_style: str, context: str, n_images: int) -> str:
+    """A LLaVA-family prompt: a conversation template of the official code (``CONVERSATION_SYSTEMS``) or the
+    processor's chat template (``prompt_style="hf_chat"``), with one image placeholder per image."""
+    if prompt_style in CONVERSATION_SYSTEMS:
+        return conversation_prompt(with_image_placeholders(context, n_images), prompt_style)
+    content = [{"type": "image"}] * n_images + [{"type": "text", "text": context}]
+    return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+
+
 @dataclass
 class LlavaInputBuilder:
     """Turns (question, images) pairs into a left-padded batch for a LLaVA-family model."""
@@ -165,11 +174,7 @@ class LlavaInputBuilder:
         return cls(**settings, do_pad=self.pad_to_square)
 
     def prompt(self, context: str, n_images: int) -> str:
-        question = with_image_placeholders(context, n_images)
-        if self.prompt_style in CONVERSATION_SYSTEMS:
-            return conversation_prompt(question, self.prompt_style)
-        content = [{"type": "image"}] * n_images + [{"type": "text", "text": context}]
-        return self.processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+        return llava_prompt(self.processor, self.prompt_style, context, n_images)
 
     def __call__(self, contexts: Sequence[str], images: Sequence[Sequence[Image.Image]], tokens_per_image: int) -> dict:
         if len(contexts) != len(images):

@@ -57,15 +57,16 @@ def _colour(spec, row: str):
     return colours[labels.index(row) % len(colours)] if row in labels else "grey"
 
 
-def _save(fig, stem: Path) -> dict[str, Path]:
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    out = {}
+def save_figure(fig, out: Path) -> list[Path]:
+    """``out``.png (150 dpi) and ``out``.pdf, tight; closes the figure."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    paths = []
     for ext in ("png", "pdf"):
-        path = stem.with_suffix(f".{ext}")
+        path = out.with_suffix(f".{ext}")
         fig.savefig(path, dpi=150 if ext == "png" else None, bbox_inches="tight")
-        out[f"{stem.name}.{ext}"] = path
+        paths.append(path)
     plt.close(fig)
-    return out
+    return paths
 
 
 def _x_of(budget_label: str, budget: Any, vanilla: str | None) -> tuple[float, str]:
@@ -126,7 +127,7 @@ def accuracy_vs_tokens(spec, cells: pd.DataFrame, out_dir: Path) -> dict[str, Pa
         fig.suptitle(wrap(f"{spec.title}: accuracy vs kept tokens ({model.paper}; harness model {model.config})",
                           max(40, 45 * cols)))
         fig.tight_layout()
-        out.update(_save(fig, out_dir / f"accuracy_vs_tokens_{model.config}"))
+        out.update({p.name: p for p in save_figure(fig, out_dir / f"accuracy_vs_tokens_{model.config}")})
     return out
 
 
@@ -205,7 +206,7 @@ def pareto(spec, averages: pd.DataFrame, out_dir: Path, tflops: TflopsOf) -> dic
         ax.legend(fontsize=7, loc="lower right")
         fig.text(0.01, -0.02, source, fontsize=7, ha="left", va="top")
         fig.tight_layout()
-        out.update(_save(fig, out_dir / f"pareto_avg_vs_tflops_{model.config}"))
+        out.update({p.name: p for p in save_figure(fig, out_dir / f"pareto_avg_vs_tflops_{model.config}")})
     return out
 
 

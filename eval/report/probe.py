@@ -45,8 +45,8 @@ from tqdm.auto import tqdm
 
 import hiprune
 from eval.config import REPO_ROOT, compose_config
+from eval.report.plots import save_figure  # png + pdf, closes the figure
 from eval.report.visualize import input_builder, load_vlm
-from eval.report.visualize import save as save_figure  # png + pdf, closes the figure
 from hiprune.capture import AttentionScores
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff"}

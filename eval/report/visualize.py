@@ -53,6 +53,7 @@ from eval.config import REPO_ROOT, ConfigError, compose_config, repo_path
 from eval.lmms.base import HiPruneLMM, lmms_model_class, resolve_device, resolve_dtype
 from eval.lmms.prompting import IMAGE_PLACEHOLDER, LlavaInputBuilder
 from eval.lmms.video_llava import VideoClip, load_video
+from eval.report.plots import save_figure
 from eval.running.methods import build_from_config
 
 OWN_KEYS = ("image", "prompt", "out")
@@ -469,17 +470,6 @@ def output_stem(visual_path: Path, cfg: DictConfig, method) -> Path:
     return REPO_ROOT / "results" / "plots" / "visualize" / "".join(c if c.isalnum() or c in "-_." else "-" for c in name)
 
 
-def save(fig: plt.Figure, out: Path) -> list[Path]:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for ext in ("png", "pdf"):
-        path = out.with_suffix(f".{ext}")
-        fig.savefig(path, dpi=150 if ext == "png" else None, bbox_inches="tight")
-        paths.append(path)
-    plt.close(fig)
-    return paths
-
-
 def parse_args(argv: list[str]) -> tuple[dict[str, str], list[str]]:
     own, overrides = {}, []
     for arg in argv:
@@ -532,7 +522,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
         lm.close()
     described = ", ".join(f"{k}={v}" for k, v in method.describe().items() if k != "name")
     title = f"{cfg.model.name} · {method.name} ({described})"
-    paths = save(draw(result, title), Path(own["out"]) if own.get("out") else output_stem(visual_path, cfg, method))
+    paths = save_figure(draw(result, title), Path(own["out"]) if own.get("out") else output_stem(visual_path, cfg, method))
     for path in paths:
         print(f"wrote {path}")
     return paths
