@@ -54,6 +54,16 @@ def test_exact_schedule_spreads_the_merges():
         ToMe(budget=1).merge_schedule(16, 1, 2)
 
 
+def test_schedule_without_a_cls_token_may_merge_one_more_a_token():
+    # 15 patches, one layer: with a CLS token in front A = 8 tokens, 7 mergeable (8 patches left: budget 7 refused);
+    # without one (SigLIP) A = the 8 even patches, all mergeable: 7 left, as tome_slots merges them
+    with pytest.raises(ValueError, match="leaves 8 of 15"):
+        ToMe(budget=7).merge_schedule(15, 7, 1)
+    assert ToMe(budget=7).merge_schedule(15, 7, 1, protected=0) == [8]
+    slots = tome_slots(torch.randn(1, 15, 4, generator=torch.Generator().manual_seed(0)), 8, protected=0)
+    assert slots.unique().numel() == 7
+
+
 @pytest.mark.parametrize("options, match", [
     ({"schedule": "fast"}, "unknown ToMe schedule"),
     ({"schedule": "constant"}, "needs r"),

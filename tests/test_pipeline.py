@@ -177,7 +177,7 @@ class MergeNeighbours(Method):
     stage: ClassVar[str] = "encoder"
     slots_override: object = None
 
-    def merge_schedule(self, num_patches, budget, layers):
+    def merge_schedule(self, num_patches, budget, layers, protected=1):
         total = num_patches - budget
         return [total // layers + (1 if i < total % layers else 0) for i in range(layers)]
 
@@ -224,7 +224,7 @@ def test_encoder_merging_rejects_bad_slots_and_schedules():
         merging.step(1, torch.zeros(1, 5, 1), torch.zeros(1, 5, 1))
 
     class Short(MergeNeighbours):
-        def merge_schedule(self, num_patches, budget, layers):
+        def merge_schedule(self, num_patches, budget, layers, protected=1):
             return [1] * layers
 
     with pytest.raises(ValueError, match="summing to 4 - 1"):

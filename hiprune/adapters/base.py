@@ -562,7 +562,7 @@ class EncoderMerging:
 
     def schedule_for(self, budget: int) -> list[int]:
         """The method's merges per layer for ``budget`` patch tokens after the feature layer, validated."""
-        schedule = [int(r) for r in self.method.merge_schedule(self.num_patches, budget, self.layers)]
+        schedule = [int(r) for r in self.method.merge_schedule(self.num_patches, budget, self.layers, self.protected)]
         if len(schedule) != self.layers or any(r < 0 for r in schedule) or sum(schedule) != self.num_patches - budget:
             raise ValueError(
                 f"method {self.method.name!r} merge schedule {schedule} must give each of the {self.layers} layers "

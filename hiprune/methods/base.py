@@ -277,9 +277,10 @@ class Method:
         on), or None to keep the family's split. The default keeps it."""
         return None
 
-    def merge_schedule(self, num_patches: int, budget: int, layers: int) -> list[int]:
+    def merge_schedule(self, num_patches: int, budget: int, layers: int, protected: int = 1) -> list[int]:
         """Encoder-stage methods: merges per encoder layer 1..``layers`` (the feature layer), summing to
-        ``num_patches - budget``, so that exactly ``budget`` patch tokens leave the feature layer."""
+        ``num_patches - budget``, so that exactly ``budget`` patch tokens leave the feature layer; ``protected``
+        leading tokens that never merge (1: a CLS token, 0: an encoder without one) ride along."""
         raise NotImplementedError(f"method {self.name!r} (stage {self.stage!r}) has no encoder merge schedule")
 
     def uses_proportional_attention(self) -> bool:

@@ -6,7 +6,8 @@ bipartite soft matching on the layer's keys (the official rule, github.com/faceb
 1. metric: the keys, mean over heads, L2-normalised;
 2. the current tokens split alternately: A = positions 0, 2, 4, ... (CLS at 0), B = 1, 3, 5, ...;
 3. every a in A finds its most similar b* in B (cosine; the first maximum on ties), with score s(a); CLS never
-   merges; r' = min(r, |A| - 1) (the number of mergeable A tokens, floor((t - 1) / 2) with a CLS token);
+   merges; r' = min(r, mergeable A tokens): |A| - 1 = floor((t - 1) / 2) with a CLS token, |A| = ceil(t / 2) on an
+   encoder without one (SigLIP);
 4. the r' a-tokens with the highest s merge into their b* (ties: the lower A position): the pipeline takes the
    size-weighted mean and adds the sizes (``hiprune.adapters.base.EncoderMerging``);
 5. output order: the unmerged A tokens by A position (CLS first), then every B token -- not raster order;
@@ -108,17 +109,17 @@ class ToMe(Method):
     def uses_proportional_attention(self) -> bool:
         return self.proportional_attention
 
-    def merge_schedule(self, num_patches: int, budget: int, layers: int) -> list[int]:
+    def merge_schedule(self, num_patches: int, budget: int, layers: int, protected: int = 1) -> list[int]:
         if self.schedule == "exact":
             schedule = exact_schedule(num_patches, budget, layers)
         else:
             schedule = [self.r] * layers
-        tokens = num_patches + 1  # the CLS token stays in front
+        tokens = num_patches + protected  # a CLS token stays in front (A position 0) and never merges
         for layer, merges in enumerate(schedule, start=1):
-            merges = min(merges, (tokens + 1) // 2 - 1)  # r' = min(r, mergeable A tokens)
+            merges = min(merges, (tokens + 1) // 2 - protected)  # r' = min(r, mergeable A tokens)
             schedule[layer - 1] = merges
             tokens -= merges
-        left = tokens - 1
+        left = tokens - protected
         if left != budget:
             raise ValueError(
                 f"ToMe {self.schedule} schedule leaves {left} of {num_patches} patch tokens after {layers} layers, "
