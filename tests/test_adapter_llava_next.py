@@ -18,6 +18,8 @@ from transformers import AutoConfig
 from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape
 
 import hiprune
+from eval.efficiency.flops import flops_exact
+from eval.running.run import flops_summary
 from hiprune.adapters.llava_next import resolve_layout, spread_budget
 from hiprune.capture import AttentionScores
 
@@ -348,6 +350,16 @@ def test_lmms_eval_runs_the_registered_model_on_the_local_task(tiny_next, smoke_
     # LLaVA's tie-breaking between grids: a small square image gets a 2x1 (tall) grid, as in the official code
     assert lmm.session.adapter.image_layout((200, 200), lmm.method).crop_grid == (2, 1)
     assert lmm.processor.image_processor.image_grid_pinpoints == lmm.session.adapter.config.image_grid_pinpoints
+    # the run's FLOPs: every crop through the whole tower; the LLM's visual input is the kept tokens (the official
+    # layout adds no newline tokens), the rest of the prompt is text
+    key = next(iter(lmm.kept_tokens))
+    assert lmm.visual_input_tokens[key] == {doc: sum(per_crop) for doc, per_crop in lmm.kept_tokens[key].items()}
+    config = lmm.session.adapter.config  # lmms-eval dropped the model after evaluating
+    exact = [flops_exact(config, lmm.prefill_tokens[key][doc] - sum(per_crop), sum(per_crop), n_images=len(per_crop),
+                         logits_to_keep=1)["total"] for doc, per_crop in lmm.kept_tokens[key].items()]
+    summary = flops_summary(lmm, config)
+    assert summary["samples"] == 2 and summary["tflops_exact"] == pytest.approx(sum(exact) / 2 / 1e12, rel=1e-12)
+    assert exact[0] > flops_exact(config, 10, 320, n_images=1)["total"]  # more than one crop's tower was counted
 
 
 # --- preprocessing: LLaVA's process_anyres_image ------------------------------------------------------------------

@@ -42,8 +42,8 @@ from hiprune.adapters.llm_pruning import resolve_schedule, visual_per_layer
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # The model's per-doc logs, {(task, split): {doc: ...}} (llm_visual_per_layer: LLM-side methods only, else empty);
 # a run records them, a data-parallel run merges them over its ranks.
-DOC_LOGS = ("kept_tokens", "kept_digests", "prefill_tokens", "llm_visual_per_layer", "llm_scoring",
-            "capped_new_tokens", "broken_docs")
+DOC_LOGS = ("kept_tokens", "kept_digests", "prefill_tokens", "visual_input_tokens", "llm_visual_per_layer",
+            "llm_scoring", "capped_new_tokens", "broken_docs")
 BROKEN_IMAGES = ("error", "skip")  # a sample whose image does not decode: stop the run | answer "" and record it
 
 
@@ -180,6 +180,9 @@ class HiPruneLMM(lmms):
         self.kept_digests: dict[tuple[str, str], dict[int, str]] = {}
         # doc ids per (task, split) -> tokens the LLM prefilled (text + visual), for FLOPs accounting
         self.prefill_tokens: dict[tuple[str, str], dict[int, int]] = {}
+        # doc ids per (task, split) -> visual placeholders of its prompt (the LLM's visual input: kept tokens plus a
+        # layout's extras such as LLaVA-NeXT's newline tokens), for FLOPs accounting
+        self.visual_input_tokens: dict[tuple[str, str], dict[int, int]] = {}
         # LLM-side methods (FastV) only: doc ids per (task, split) -> visual tokens of that sample at each decoder
         # layer of its prefill (as the stages of the method's drop schedule left them), for FLOPs accounting
         self.llm_visual_per_layer: dict[tuple[str, str], dict[int, list[int]]] = {}
@@ -374,6 +377,10 @@ class HiPruneLMM(lmms):
         caps = self._new_token_caps(batch["attention_mask"], max_new_tokens, doc_ids, task, split)
         prefill = self.prefill_tokens.setdefault((task, split), {})
         prefill.update(zip(doc_ids, batch["attention_mask"].sum(1).tolist()))
+        visual_ids = torch.tensor([i for i in (getattr(self._model.config, name, None)
+                                               for name in ("image_token_id", "video_token_id")) if i is not None])
+        placeholders = torch.isin(batch["input_ids"], visual_ids) & batch["attention_mask"].bool()
+        self.visual_input_tokens.setdefault((task, split), {}).update(zip(doc_ids, placeholders.sum(1).tolist()))
         batch = {k: v.to(self._device) for k, v in batch.items()}
         for key in [k for k in batch if k.startswith("pixel_values")]:
             batch[key] = batch[key].to(self._dtype)

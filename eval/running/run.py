@@ -368,7 +368,11 @@ def _metrics(results: dict[str, Any]) -> dict[str, dict[str, float]]:
 
 
 def flops_summary(model, config) -> dict[str, Any]:
-    """Mean per-sample prefill FLOPs over the samples with one image, from the tokens the LLM actually got.
+    """Mean per-sample prefill FLOPs over the samples with visual input, from the tokens the LLM actually got.
+
+    A sample's grids (images, LLaVA-NeXT crops, video frames) each run through the whole vision tower; the LLM sees
+    the sample's visual placeholders (its kept tokens plus a layout's extras, e.g. NeXT's newline tokens) and its
+    other prompt tokens as text.
 
     tflops_fastv: the FastV/VisionZip convention (LLM prefill only); flops_exact: 2 x MACs of everything that ran
     (vision tower, projector, LLM prefill, lm_head at the last position as in generate), see eval/efficiency/flops.py.
@@ -380,34 +384,39 @@ def flops_summary(model, config) -> dict[str, Any]:
     text = config.text_config
     n_layers = text.num_hidden_layers
     llm_side = model.method.stage == "llm"
-    samples = []  # (text tokens, visual tokens at each decoder layer, the LLM-side scoring's FLOPs)
+    samples = []  # (text tokens, visual tokens at each decoder layer, the LLM-side scoring's FLOPs, grids)
     for key, kept_by_doc in model.kept_tokens.items():
         for doc_id, kept in kept_by_doc.items():
-            if len(kept) == 1:
-                visual = list(model.llm_visual_per_layer[key][doc_id]) if llm_side else [kept[0]] * n_layers
-                ops = getattr(model, "llm_scoring", {}).get(key, {}).get(doc_id, []) if llm_side else []
-                samples.append((model.prefill_tokens[key][doc_id] - visual[0], visual, llm_scoring_flops(config, ops)))
+            if not kept:
+                continue  # no visual input
+            if llm_side:
+                visual = list(model.llm_visual_per_layer[key][doc_id])
+            else:
+                visual = [model.visual_input_tokens[key][doc_id]] * n_layers
+            ops = getattr(model, "llm_scoring", {}).get(key, {}).get(doc_id, []) if llm_side else []
+            samples.append((model.prefill_tokens[key][doc_id] - visual[0], visual, llm_scoring_flops(config, ops),
+                            len(kept)))
     if not samples:
-        return {"note": "no single-image samples"}
+        return {"note": "no samples with visual input"}
     try:
         merges = encoder_merges(model.method, config)  # encoder-stage methods: tokens merged inside the tower
-        exact = [flops_exact(config, n_text, visual, logits_to_keep=1, encoder_merges=merges, llm_scoring=scoring)
-                 ["total"] for n_text, visual, scoring in samples]
+        exact = [flops_exact(config, n_text, visual, n_images=grids, logits_to_keep=1, encoder_merges=merges,
+                             llm_scoring=scoring)["total"] for n_text, visual, scoring, grids in samples]
     except NotImplementedError as exc:
         return {"note": f"not counted for this architecture: {exc}"}
     fastv = [
         tflops_fastv(n_layers, text.hidden_size, text.intermediate_size, [n_text + v for v in visual])
-        for n_text, visual, _ in samples
+        for n_text, visual, _, _ in samples
     ]
     summary = {
         "samples": len(samples),
-        "mean_text_tokens": sum(t for t, _, _ in samples) / len(samples),
-        "mean_visual_tokens": sum(v[0] for _, v, _ in samples) / len(samples),
+        "mean_text_tokens": sum(sample[0] for sample in samples) / len(samples),
+        "mean_visual_tokens": sum(sample[1][0] for sample in samples) / len(samples),
         "tflops_fastv": sum(fastv) / len(fastv),
         "tflops_exact": sum(exact) / len(exact) / 1e12,
     }
     if llm_side:
-        per_layer = zip(*(visual for _, visual, _ in samples))
+        per_layer = zip(*(sample[1] for sample in samples))
         summary["mean_visual_tokens_per_layer"] = [sum(layer) / len(samples) for layer in per_layer]
     return summary
 
