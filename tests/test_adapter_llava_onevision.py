@@ -84,7 +84,7 @@ def test_ratio_budgets_and_the_native_layout_count_like_hf(tiny_ov):
     ("visionzip", {}, "CLS token's attention"),
     ("hired", {}, "CLS token's attention"),
     ("trim", {}, "CLIP text tower"),
-    ("fastv", {}, "prunes inside the LLM"),
+    ("fastv", {}, "gets HF's own LLaVA-OneVision sequence \\(layout=native\\)"),
     ("hiprune", {"object_layer": 13}, "layers 1..12"),
     ("hiprune", {"budget": 36}, "int\\(36 / 37 crops\\) = 0"),
 ])

@@ -79,12 +79,12 @@ def test_keeping_every_token_generates_like_the_unpruned_model(tiny_q3):
     ("fastervlm", {}, "CLS token's attention; the qwen3_vl encoder has none"),
     ("trim", {}, "CLIP text tower"),
     ("tome", {}, "DeepStack mergers"),
-    ("fastv", {}, "prunes inside the LLM"),
+    ("sparsevlm", {"budget": 0.334, "layers": [0, 1, 2]}, "a recycled token stands for several dropped ones"),
     ("hiprune", {"object_layer": 9}, "layers 1..8"),
 ])
 def test_impossible_settings_are_refused_before_patching(tiny_q3, name, options, message):
     model, processor, _ = tiny_q3
-    assert_refused_before_patching(model, processor, hiprune.build_method(name, budget=0.5, **options), message)
+    assert_refused_before_patching(model, processor, hiprune.build_method(name, **{"budget": 0.5, **options}), message)
 
 
 def test_refusals_come_before_loading_in_a_run_config():

@@ -71,9 +71,10 @@ from hiprune.capture import AttentionScores
 from hiprune.methods.base import DROP_POSITIONS, SCORE_SOURCES, DropStage, Method
 
 # Decoders whose layers this plumbing drives: Llama-style pre-norm layers (input_layernorm, self_attn with q / k
-# projections and rotate-half RoPE from position_embeddings). Qwen2.5-VL's text model has the same layer; its M-RoPE
-# is already folded into the (cos, sin) [B, T, head_dim] every layer gets.
-SUPPORTED_DECODERS = ("llama", "mistral", "qwen2_5_vl_text")
+# projections and rotate-half RoPE from position_embeddings). Qwen2 (LLaVA-OneVision's, InternVL3's LLM) adds q / k
+# biases; Qwen2.5-VL's and Qwen3-VL's text models have the same layer, their M-RoPE already folded into the (cos, sin)
+# [B, T, head_dim] every layer gets; Qwen3-VL's also normalizes every head's queries and keys (q_norm, k_norm).
+SUPPORTED_DECODERS = ("llama", "mistral", "qwen2", "qwen2_5_vl_text", "qwen3_vl_text")
 SUPPORTED_ATTENTION = ("eager", "sdpa")
 # Attribute of the KV cache object holding what a pruned prefill kept (the cache lives as long as the generation).
 _PRUNED_PREFILL = "_hiprune_pruned_prefill"
@@ -343,6 +344,26 @@ class VisualTokenDrop:
                 )
             finally:
                 self._prefill = None
+
+    def held_rows(self, mask: torch.Tensor, what: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """A per-token side input of the prefill (``mask`` [B, T] over the unpruned sequence, with one row of some
+        tensor per True entry, row-major: Qwen3-VL's ``visual_pos_masks`` and DeepStack features) cut to the sequence
+        the decoder layers hold now: (mask [B, T'] over the current sequence, the indices of the rows its True entries
+        keep, in the same order). None outside a prefill or before its first stage (the sequence is the whole prefill).
+        what: the side input, for the messages. Tokens a stage added (recycling) have no row of their own: an error."""
+        prefill = self._prefill
+        if prefill is None or prefill.held is None:
+            return None
+        if mask.dim() != 2 or mask.shape[0] != prefill.held.shape[0] or mask.shape[1] != prefill.length:
+            raise PruningError(f"{what}: expected a [{prefill.held.shape[0]}, {prefill.length}] mask over the prefill, "
+                               f"got shape {tuple(mask.shape)}")
+        if prefill.image_kept is not None and bool((prefill.image_kept >= self.tokens_per_image).any()):
+            raise PruningError(f"{self.method.name}: {what} reached a layer after a stage added (recycled) visual "
+                               "tokens, which have no rows of their own")
+        held = prefill.held.to(mask.device)
+        rank = mask.reshape(-1).long().cumsum(0).view_as(mask) - 1  # index of every True entry's row
+        cut = mask.gather(1, held)
+        return cut, rank.gather(1, held)[cut]
 
     # --- checks --------------------------------------------------------------------------------------------
     def _image_positions(self, image_mask: torch.Tensor) -> torch.Tensor:
@@ -864,8 +885,8 @@ def own_last_query_attention(layer: nn.Module, hidden: torch.Tensor, kwargs: dic
     batch, length, _ = hidden.shape
     head_dim = attn.head_dim
     normed = layer.input_layernorm(hidden)
-    query = attn.q_proj(normed[:, -1:]).view(batch, 1, -1, head_dim).transpose(1, 2)  # [B, H, 1, d]
-    key = attn.k_proj(normed).view(batch, length, -1, head_dim).transpose(1, 2)  # [B, KV, T, d]
+    query = _head_norm(attn, "q_norm", attn.q_proj(normed[:, -1:]).view(batch, 1, -1, head_dim)).transpose(1, 2)
+    key = _head_norm(attn, "k_norm", attn.k_proj(normed).view(batch, length, -1, head_dim)).transpose(1, 2)
     cos, sin = kwargs["position_embeddings"]
     query = _rotate(query, cos[:, -1:], sin[:, -1:])
     key = _rotate(key, cos, sin)
@@ -897,8 +918,8 @@ def query_rows_attention(
     head_dim = attn.head_dim
     normed = layer.input_layernorm(hidden)
     rows = _take(normed, queries, dim=1)
-    query = attn.q_proj(rows).view(batch, queries.shape[1], -1, head_dim).transpose(1, 2)  # [B, H, R, d]
-    key = attn.k_proj(normed).view(batch, length, -1, head_dim).transpose(1, 2)
+    query = _head_norm(attn, "q_norm", attn.q_proj(rows).view(batch, queries.shape[1], -1, head_dim)).transpose(1, 2)
+    key = _head_norm(attn, "k_norm", attn.k_proj(normed).view(batch, length, -1, head_dim)).transpose(1, 2)
     cos, sin = kwargs["position_embeddings"]
     query = _rotate(query, _take(cos, queries, dim=1), _take(sin, queries, dim=1))
     key = _rotate(key, cos, sin)
@@ -915,6 +936,12 @@ def query_rows_attention(
     probabilities = torch.softmax(logits, dim=-1).mean(dim=1)  # [B, R, T]
     weights = valid.float()
     return (probabilities * weights[:, :, None]).sum(dim=1) / weights.sum(dim=1, keepdim=True)
+
+
+def _head_norm(attn: nn.Module, name: str, states: torch.Tensor) -> torch.Tensor:
+    """``attn``'s per-head norm ``name`` (Qwen3's q_norm / k_norm, on [B, T, heads, d] before RoPE) if it has one."""
+    norm = getattr(attn, name, None)
+    return states if norm is None else norm(states)
 
 
 def _inverse(held: torch.Tensor, length: int) -> torch.Tensor:
