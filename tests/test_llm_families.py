@@ -297,6 +297,20 @@ def test_budgets_are_checked_on_the_real_architectures_before_loading():
         hiprune.adapter_for(qwen_3b).check_supported(hiprune.build_method("fastv", budget=0.05))
     with pytest.raises(ValueError, match="keep their M-RoPE positions"):
         hiprune.adapter_for(qwen_3b, positions="compact").check_supported(hiprune.build_method("fastv", budget=0.5))
+    # the newer families: every method's defaults at the paper's smallest ratio
+    qwen3 = hiprune.adapter_for(_skeleton("qwen3-vl-8b-instruct"))  # 36 layers, DeepStack after layers 0, 1, 2
+    internvl = hiprune.adapter_for(_skeleton("internvl3-8b-hf"))  # checked on a one-tile image (256 tokens)
+    onevision = hiprune.adapter_for(_skeleton("llava-onevision-qwen2-7b-ov-hf"), layout="native")
+    for adapter in (qwen3, internvl, onevision):
+        for name in ("fastv", "pdrop", "sparsevlm"):
+            adapter.check_supported(hiprune.build_method(name, budget=0.112))
+    with pytest.raises(ValueError, match="recycled token"):  # SparseVLM adding tokens inside the DeepStack layers
+        qwen3.check_supported(hiprune.build_method("sparsevlm", budget=0.334, layers=[1, 6, 15]))
+    qwen3.check_supported(hiprune.build_method("sparsevlm", budget=0.334, layers=[1, 6, 15], recycle=False))
+    with pytest.raises(ValueError, match="the image has only 256"):
+        internvl.check_supported(hiprune.build_method("fastv", budget=320))
+    with pytest.raises(ValueError, match="layout=native"):
+        hiprune.adapter_for(onevision.model).check_supported(hiprune.build_method("fastv", budget=0.112))
 
 
 def _run(tmp_path, model, benchmark, method, *extra):
