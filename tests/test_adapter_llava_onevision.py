@@ -100,6 +100,10 @@ def test_refusals_come_before_loading_in_a_run_config():
     assert_run_config_refused(
         ["model=tiny_llava_onevision", "method=fastervlm", "budget=64", "benchmark=smoke_pope"], "CLS token"
     )
+    assert_run_config_refused(  # LLM-side methods get HF's own sequence (layout=auto picks it)
+        ["model=tiny_llava_onevision", "method=fastv", "budget=0.5", "model.layout=official", "benchmark=smoke_pope"],
+        "layout=native"
+    )
 
 
 @pytest.mark.slow

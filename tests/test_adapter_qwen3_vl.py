@@ -90,6 +90,8 @@ def test_impossible_settings_are_refused_before_patching(tiny_q3, name, options,
 def test_refusals_come_before_loading_in_a_run_config():
     assert_run_config_refused(["model=tiny_qwen3vl", "method=trim", "budget=0.5", "benchmark=smoke_pope"],
                               "CLIP text tower")
+    assert_run_config_refused(["model=tiny_qwen3vl", "method=sparsevlm", "budget=0.334", "benchmark=smoke_pope",
+                               "method.options.layers=[0,1,2]"], "recycled token")  # inside the DeepStack layers
 
 
 @pytest.mark.slow
