@@ -20,8 +20,11 @@ How it enters a transformers 5 decoder (``LlamaModel``) without replacing its fo
 
 - The family adapter wraps its multimodal forward in :meth:`VisualTokenDrop.forward` (:func:`install_decoder_drop`:
   the family names its visual placeholder ids), which is told where the image tokens are (a [B, T] mask) and how
-  many each visual holds (LLaVA-1.5: 576; elsewhere each run of visual tokens is one visual -- a LLaVA-NeXT image of
-  all its crops, a Qwen2.5-VL image, a Video-LLaVA image or video); the schedule is resolved for that count. A
+  many each visual holds (LLaVA-1.5: 576; elsewhere each run of visual tokens is one visual -- a LLaVA-NeXT or
+  LLaVA-OneVision image of all its crops, an InternVL image of all its tiles, a Qwen2.5-VL / Qwen3-VL image, a
+  Video-LLaVA image or video); the schedule is resolved for that count. Per-token side inputs of the prefill that the
+  decoder applies between layers (Qwen3-VL's DeepStack features) follow the kept tokens through
+  :meth:`VisualTokenDrop.held_rows`. A
   forward with image tokens is a *prefill*; any other forward is a decode step (or a text-only call).
 - During a prefill, the attention module of every layer ``layer - 1`` a "previous" stage scores with is rerouted through
   :class:`hiprune.capture.AttentionScores` with the "last" query mode: the layer's output still comes from the
@@ -45,7 +48,7 @@ How it enters a transformers 5 decoder (``LlamaModel``) without replacing its fo
 - Positions: the method's rule, unless the family fixes one (Qwen2.5-VL: "original", its layers get M-RoPE's
   (cos, sin) and no 1-D position ids; decoding continues from HF's ``rope_deltas`` of the unpruned prefill).
 
-Supported: Llama-style decoders (Llama, Mistral, Qwen2.5-VL's text model) under eager or SDPA attention, ``DynamicCache`` (HF ``generate``'s default; greedy,
+Supported: Llama-style decoders (Llama, Mistral, Qwen2, Qwen2.5-VL's and Qwen3-VL's text models) under eager or SDPA attention, ``DynamicCache`` (HF ``generate``'s default; greedy,
 sampling and beam search -- beams of one sample share its prefill, so reordering them leaves the kept positions
 valid) or no cache, left-padded batches with the same number of images of one token count in every row. Anything else (StaticCache,
 a cache cropped into the prefill or pre-filled by another forward, right padding, flash/flex attention, a prepared 4-D mask) raises
