@@ -84,7 +84,7 @@ def test_ratio_budgets_and_the_native_layout_count_like_hf(tiny_ov):
     ("visionzip", {}, "CLS token's attention"),
     ("hired", {}, "CLS token's attention"),
     ("trim", {}, "CLIP text tower"),
-    ("fastv", {}, "prunes inside the LLM"),
+    ("fastv", {}, "gets HF's own LLaVA-OneVision sequence \\(layout=native\\)"),
     ("hiprune", {"object_layer": 13}, "layers 1..12"),
     ("hiprune", {"budget": 36}, "int\\(36 / 37 crops\\) = 0"),
 ])
@@ -99,6 +99,10 @@ def test_impossible_settings_are_refused_before_patching(tiny_ov, name, options,
 def test_refusals_come_before_loading_in_a_run_config():
     assert_run_config_refused(
         ["model=tiny_llava_onevision", "method=fastervlm", "budget=64", "benchmark=smoke_pope"], "CLS token"
+    )
+    assert_run_config_refused(  # LLM-side methods get HF's own sequence (layout=auto picks it)
+        ["model=tiny_llava_onevision", "method=fastv", "budget=0.5", "model.layout=official", "benchmark=smoke_pope"],
+        "layout=native"
     )
 
 

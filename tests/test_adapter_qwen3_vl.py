@@ -79,17 +79,19 @@ def test_keeping_every_token_generates_like_the_unpruned_model(tiny_q3):
     ("fastervlm", {}, "CLS token's attention; the qwen3_vl encoder has none"),
     ("trim", {}, "CLIP text tower"),
     ("tome", {}, "DeepStack mergers"),
-    ("fastv", {}, "prunes inside the LLM"),
+    ("sparsevlm", {"budget": 0.334, "layers": [0, 1, 2]}, "a recycled token stands for several dropped ones"),
     ("hiprune", {"object_layer": 9}, "layers 1..8"),
 ])
 def test_impossible_settings_are_refused_before_patching(tiny_q3, name, options, message):
     model, processor, _ = tiny_q3
-    assert_refused_before_patching(model, processor, hiprune.build_method(name, budget=0.5, **options), message)
+    assert_refused_before_patching(model, processor, hiprune.build_method(name, **{"budget": 0.5, **options}), message)
 
 
 def test_refusals_come_before_loading_in_a_run_config():
     assert_run_config_refused(["model=tiny_qwen3vl", "method=trim", "budget=0.5", "benchmark=smoke_pope"],
                               "CLIP text tower")
+    assert_run_config_refused(["model=tiny_qwen3vl", "method=sparsevlm", "budget=0.334", "benchmark=smoke_pope",
+                               "method.options.layers=[0,1,2]"], "recycled token")  # inside the DeepStack layers
 
 
 @pytest.mark.slow

@@ -1,9 +1,11 @@
 """FastV, PyramidDrop and SparseVLM on LLaVA-NeXT (an image = all its crops in the 'spatial' layout), Qwen2.5-VL
-(images of any size; kept tokens keep their M-RoPE positions) and Video-LLaVA (an image, or a whole video).
+(images of any size; kept tokens keep their M-RoPE positions), Video-LLaVA (an image, or a whole video),
+LLaVA-OneVision (HF's native layout: an image = base grid, unpadded crop grid and newlines), InternVL3 (an image = all
+its tiles) and Qwen3-VL (as Qwen2.5-VL, plus the DeepStack features cut to the kept tokens).
 
-The tiny models of these families have 2-layer LLMs; multi-stage schedules run on the same checkpoints with a
-4-layer LLM (a config override at load time: layers 2 and 3 are copies of layers 0 and 1, no asset to build). Each
-(family, method):
+The tiny models of these families have 2-layer LLMs (Qwen3-VL: 4, DeepStack after layers 0, 1, 2); multi-stage
+schedules run on the same checkpoints with a 4-layer LLM (a config override at load time: layers 2 and 3 are copies
+of layers 0 and 1, no asset to build). Each (family, method):
 - every decoder layer of the prefill runs on text + the schedule's visual tokens (hooks on the decoder layers);
 - cached greedy decoding equals a no-cache recomputation on the pruned sequence: the prompt and the tokens generated
   so far, run from scratch with the prefill's kept tokens replayed (the method's selection returns what the cached
@@ -23,24 +25,41 @@ import torch
 import transformers
 from conftest import REPO, built, loaded
 from hydra import compose, initialize_config_dir
-from llm_support import noise_images, single_input
+from llm_support import attention_variant, noise_images, single_input
 
 import hiprune
 from eval.efficiency.flops import flops_exact, flops_measured, llm_scoring_flops
 from eval.running import run as run_module
 from eval.running.store import read_record
-from hiprune.adapters.llm_pruning import resolve_schedule, visual_per_layer
+from hiprune.adapters.llm_pruning import own_last_query_attention, resolve_schedule, visual_per_layer
 
 LAYERS = 4
-FAMILIES = ("llava_next", "qwen2_5_vl", "video_llava")
+FAMILIES = ("llava_next", "qwen2_5_vl", "video_llava", "llava_onevision", "internvl", "qwen3_vl")
 METHODS = {
-    "fastv": {"budget": 0.6},  # K = 2, avg_layers
+    "fastv": {"budget": 0.6},  # K = 2, avg_layers (Qwen3-VL: a drop inside the DeepStack layers 0..2)
     "pdrop": {"budget": 0.4, "layers": [1, 2, 3]},  # lambda solved
     "sparsevlm": {"budget": 0.334, "layers": [0, 1, 2]},  # the official 192-of-576 schedule, scaled (derived)
 }
+# Qwen3-VL refuses recycling inside its DeepStack layers: SparseVLM prunes after layer 2 (stage at layer 3) there
+FAMILY_METHODS = {("qwen3_vl", "sparsevlm"): {"budget": None, "layers": [2], "schedule": [16]}}
 QUESTIONS = ["What is it?", "Is there a red circle in the picture? Answer briefly.", "Colour?",
              "Describe the shapes you can see, from left to right."]
-IMAGE_SIZE = {"llava_next": 96, "qwen2_5_vl": 224, "video_llava": 96}
+IMAGE_SIZE = {"llava_next": 96, "qwen2_5_vl": 224, "video_llava": 96, "llava_onevision": 96, "internvl": 96,
+              "qwen3_vl": 224}
+TOWERS = {"qwen2_5_vl": "visual", "qwen3_vl": "visual", "video_llava": "image_tower"}  # else vision_tower
+APPLY = {"llava_onevision": {"layout": "native"}}  # LLM-side methods get HF's own sequence
+CHAT_TEMPLATE = ("qwen2_5_vl", "qwen3_vl", "llava_onevision", "internvl")
+
+# FastV budget 0.6, K = 2, avg_layers, 4 layers, by hand: N' = round(0.6 n), k = (4 N' - 2 n) / 2 after layer 1
+FASTV_BY_HAND = {
+    "llava_onevision": [1485, 1485, 297, 297],  # n = 729 base + 27 x 27 crop + 27 newlines; N' = 891
+    "internvl": [256, 256, 52, 52],  # one tile; N' = round(153.6) = 154
+    "qwen3_vl": [49, 49, 9, 9],  # 224 px: 7 x 7 merged tokens; N' = round(29.4) = 29
+}
+
+
+def method_for(family: str, name: str):
+    return hiprune.build_method(name, **FAMILY_METHODS.get((family, name), METHODS[name]))
 
 
 @functools.cache
@@ -49,16 +68,16 @@ def deep(family: str):
     path = built(family)
     config = transformers.AutoConfig.from_pretrained(path)
     text = config.text_config
+    copies = range(text.num_hidden_layers, LAYERS)  # Qwen3-VL's tiny LLM has 4 layers already
     text.num_hidden_layers = LAYERS
     if getattr(text, "layer_types", None) is not None:
         text.layer_types = [text.layer_types[0]] * LAYERS
     cls = getattr(transformers, json.loads((path / "config.json").read_text())["architectures"][0])
     model = cls.from_pretrained(path, config=config, local_files_only=True, dtype=torch.float32).eval()
     layers = model.model.language_model.layers
-    for i in range(2, LAYERS):
+    for i in copies:
         layers[i].load_state_dict(layers[i % 2].state_dict())
-    tower = {"llava_next": "vision_tower", "qwen2_5_vl": "visual", "video_llava": "image_tower"}[family]
-    memoize(getattr(model.model, tower))
+    memoize(getattr(model.model, TOWERS.get(family, "vision_tower")))
     processor = transformers.AutoProcessor.from_pretrained(path, local_files_only=True)
     processor.tokenizer.padding_side = "left"
     return model, processor
@@ -84,7 +103,7 @@ def memoize(module) -> None:
 
 
 def prompt(family: str, processor, question: str) -> str:
-    if family == "qwen2_5_vl":
+    if family in CHAT_TEMPLATE:
         content = [{"type": "image"}, {"type": "text", "text": question}]
         return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
     return f"USER: <image>\n{question} ASSISTANT:"
@@ -140,14 +159,14 @@ def replayed(method, record, schedule, prompt_after_image: int):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_layers_follow_the_schedule_and_cached_decoding_equals_recomputation(family, method_name):
     model, processor = deep(family)
-    method = hiprune.build_method(method_name, **METHODS[method_name])
+    method = method_for(family, method_name)
     seen: list[int] = []
 
     def spy(module, args, kwargs):
         seen.append((args[0] if args else kwargs["hidden_states"]).shape[1])
 
     steps = 3
-    with hiprune.apply(model, method, processor) as session:  # the processor emits the family's layout
+    with hiprune.apply(model, method, processor, **APPLY.get(family, {})) as session:  # the family's layout
         batch = inputs(family, QUESTIONS[:1], [0])
         handles = [layer.register_forward_pre_hook(spy, with_kwargs=True) for layer in model.model.language_model.layers]
         try:
@@ -162,16 +181,19 @@ def test_layers_follow_the_schedule_and_cached_decoding_equals_recomputation(fam
     schedule = resolve_schedule(method, n_visual, LAYERS)
     expected = [length - n_visual + v for v in visual_per_layer(schedule, n_visual, LAYERS)]
     assert seen[:LAYERS] == expected == record.tokens
-    assert record.visual_in == n_visual and record.images == 1 and len(schedule) >= (1 if method_name == "fastv" else 3)
+    stages = 1 if method_name == "fastv" or (family, method_name) in FAMILY_METHODS else 3
+    if method_name == "fastv" and family in FASTV_BY_HAND:
+        assert record.visual == FASTV_BY_HAND[family]
+    assert record.visual_in == n_visual and record.images == 1 and len(schedule) == stages
     assert all(s == 1 for s in seen[LAYERS:])  # decode steps: one token per layer
 
     after = length - 1 - int(visual.nonzero()[-1])
     replay = replayed(method, record, schedule, after)
-    with hiprune.apply(model, replay, processor) as session, torch.no_grad():
+    with hiprune.apply(model, replay, processor, **APPLY.get(family, {})) as session, torch.no_grad():
         for step in range(1, steps):  # step 0 is the prefill itself
             full = torch.cat([ids, generated[:, :step]], dim=1)
             call = {**batch, "input_ids": full, "attention_mask": torch.ones_like(full)}
-            if family == "qwen2_5_vl":
+            if "mm_token_type_ids" in batch:
                 call["mm_token_type_ids"] = torch.cat(
                     [batch["mm_token_type_ids"], torch.zeros_like(generated[:, :step])], dim=1)
             out = model(**call, use_cache=False)
@@ -182,12 +204,12 @@ def test_layers_follow_the_schedule_and_cached_decoding_equals_recomputation(fam
 
 
 @pytest.mark.parametrize("family, method_name", [("llava_next", "pdrop"), ("qwen2_5_vl", "sparsevlm"),
-                                                 ("video_llava", "fastv")])
+                                                 ("video_llava", "fastv"), ("qwen3_vl", "pdrop")])
 def test_batch_of_four_equals_each_alone(family, method_name):
     model, processor = deep(family)
-    method = hiprune.build_method(method_name, **METHODS[method_name])
+    method = method_for(family, method_name)
     seeds = [0, 1, 2, 3]
-    with hiprune.apply(model, method, processor) as session:
+    with hiprune.apply(model, method, processor, **APPLY.get(family, {})) as session:
         tokens, logits = greedy(model, inputs(family, QUESTIONS, seeds), 2)
         [record] = session.pop_layer_records()
         assert record.indices.shape[0] == 4
@@ -197,6 +219,63 @@ def test_batch_of_four_equals_each_alone(family, method_name):
             assert torch.equal(alone.indices[0], record.indices[row])
             assert torch.equal(alone_tokens[0], tokens[row])
             torch.testing.assert_close(alone_logits[0], logits[row], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("method_name", ["fastv", "pdrop"])
+def test_qwen3_vl_deepstack_rows_follow_the_kept_tokens(method_name, monkeypatch):
+    # HF adds deepstack_visual_embeds[i] at visual_pos_masks after decoder layer i (i = 0, 1, 2). FastV drops at
+    # layer 2, PDrop at 1, 2, 3: after layer i the sequence holds the image tokens kept by the stages at layers <= i,
+    # and each must get its own DeepStack rows, in order (rows of the tokens it dropped: none)
+    model, processor = deep("qwen3_vl")
+    calls = []
+    unpatched = type(model.model.language_model)._deepstack_process
+
+    def spy(self, hidden_states, visual_pos_masks, visual_embeds):
+        calls.append((hidden_states.shape[1], visual_pos_masks.clone(), visual_embeds.clone()))
+        return unpatched(self, hidden_states, visual_pos_masks, visual_embeds)
+
+    monkeypatch.setattr(type(model.model.language_model), "_deepstack_process", spy)
+    batch = inputs("qwen3_vl", QUESTIONS[1:2], [0])
+    with hiprune.apply(model, method_for("qwen3_vl", method_name), processor) as session, torch.no_grad():
+        model(**batch)
+        [record] = session.pop_layer_records()
+        full = model.model.get_image_features(batch["pixel_values"], batch["image_grid_thw"]).deepstack_features
+    ids = batch["input_ids"][0]
+    first = int((ids == model.config.image_token_id).nonzero()[0])
+    n = record.visual_in
+    assert len(calls) == len(full) == 3 and n == 49
+    for layer, (length, mask, embeds) in enumerate(calls):
+        kept = torch.arange(n)
+        for stage_layer, stage_kept in record.stages:
+            if stage_layer <= layer:
+                kept = stage_kept[0]
+        assert length == record.tokens[layer] == ids.shape[0] - n + len(kept), layer
+        expected_mask = torch.zeros(1, length, dtype=torch.bool)
+        expected_mask[0, first : first + len(kept)] = True  # the kept image tokens stay together, in order
+        assert torch.equal(mask, expected_mask), layer
+        torch.testing.assert_close(embeds, full[layer][0][kept], rtol=0, atol=0)
+    assert record.stages[0][0] <= 2 and len(kept) < n  # a drop inside the DeepStack layers
+
+
+def test_own_attention_includes_qwen3_vl_query_and_key_norms():
+    # PDrop's "own" score (the last query row from the layer's inputs) equals the eager attention of a Qwen3-VL layer,
+    # which normalizes every head's queries and keys (q_norm, k_norm) before RoPE
+    model = attention_variant(deep("qwen3_vl")[0], "eager")
+    lm = model.model.language_model
+    batch = inputs("qwen3_vl", QUESTIONS[:1], [0])
+    captured = {}
+
+    def grab(module, args, kwargs):
+        captured.update(hidden=args[0] if args else kwargs["hidden_states"], kwargs=dict(kwargs))
+
+    handle = lm.layers[1].register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            out = model(**batch, output_attentions=True)
+            scores = own_last_query_attention(lm.layers[1], captured["hidden"], captured["kwargs"])
+    finally:
+        handle.remove()
+    torch.testing.assert_close(scores, out.attentions[1][:, :, -1].float().mean(dim=1), rtol=1e-5, atol=1e-6)
 
 
 def _skeleton(arch: str):
@@ -218,6 +297,20 @@ def test_budgets_are_checked_on_the_real_architectures_before_loading():
         hiprune.adapter_for(qwen_3b).check_supported(hiprune.build_method("fastv", budget=0.05))
     with pytest.raises(ValueError, match="keep their M-RoPE positions"):
         hiprune.adapter_for(qwen_3b, positions="compact").check_supported(hiprune.build_method("fastv", budget=0.5))
+    # the newer families: every method's defaults at the paper's smallest ratio
+    qwen3 = hiprune.adapter_for(_skeleton("qwen3-vl-8b-instruct"))  # 36 layers, DeepStack after layers 0, 1, 2
+    internvl = hiprune.adapter_for(_skeleton("internvl3-8b-hf"))  # checked on a one-tile image (256 tokens)
+    onevision = hiprune.adapter_for(_skeleton("llava-onevision-qwen2-7b-ov-hf"), layout="native")
+    for adapter in (qwen3, internvl, onevision):
+        for name in ("fastv", "pdrop", "sparsevlm"):
+            adapter.check_supported(hiprune.build_method(name, budget=0.112))
+    with pytest.raises(ValueError, match="recycled token"):  # SparseVLM adding tokens inside the DeepStack layers
+        qwen3.check_supported(hiprune.build_method("sparsevlm", budget=0.334, layers=[1, 6, 15]))
+    qwen3.check_supported(hiprune.build_method("sparsevlm", budget=0.334, layers=[1, 6, 15], recycle=False))
+    with pytest.raises(ValueError, match="the image has only 256"):
+        internvl.check_supported(hiprune.build_method("fastv", budget=320))
+    with pytest.raises(ValueError, match="layout=native"):
+        hiprune.adapter_for(onevision.model).check_supported(hiprune.build_method("fastv", budget=0.112))
 
 
 def _run(tmp_path, model, benchmark, method, *extra):
@@ -260,6 +353,17 @@ def _sparsevlm_image_tokens(n: int, keep: int) -> int:
         ("tiny_video_llava", "smoke_video", "sparsevlm", ["budget=null", "method.options.layers=[0]",
                                                           "method.options.schedule=[500]"],
          [1028, _sparsevlm_image_tokens(1028, 500)]),
+        # LLaVA-OneVision: layout=auto runs HF's native layout for LLM-side methods (base + unpadded, downsampled
+        # crop grid + newlines: one visual); InternVL3: one visual = all tiles of an image (thumbnail included);
+        # Qwen3-VL: FastV at layer 2, inside the DeepStack layers 0..2 of the tiny LLM (4 layers)
+        ("tiny_llava_onevision", "smoke_pope", "pdrop", ["budget=null", "method.options.layers=[1]",
+                                                         "method.options.ratios=[0.5]"], lambda n: [n, n // 2]),
+        ("tiny_internvl3", "smoke_pope", "sparsevlm", ["budget=null", "method.options.layers=[0]",
+                                                       "method.options.schedule=[100]"],
+         lambda n: [n, _sparsevlm_image_tokens(n, 100)]),
+        ("tiny_qwen3vl", "smoke_pope", "fastv", ["budget=0.5", "method.options.layer=2",
+                                                 "method.options.budget_mode=keep_after"],
+         lambda n: [n, n, round(n / 2), round(n / 2)]),  # round half to even
     ],
 )
 def test_lmms_eval_run_per_family(tmp_path, model, benchmark, method, extra, per_layer):
@@ -270,7 +374,7 @@ def test_lmms_eval_run_per_family(tmp_path, model, benchmark, method, extra, per
         expected = per_layer(visual[0]) if callable(per_layer) else per_layer
         assert visual == expected, doc
         assert record["kept_tokens_by_doc"][key][doc] == [expected[-1]], doc
-    if callable(per_layer):  # Qwen2.5-VL: the two docs' images differ in size, so in token count
+    if callable(per_layer):  # the two docs' images differ in size, so in token count (each its own schedule)
         assert len({visual[0] for visual in docs.values()}) == 2
 
 

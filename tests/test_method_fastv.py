@@ -166,8 +166,8 @@ def test_check_llm_method_rejects_what_the_plumbing_cannot_run():
     flash = SimpleNamespace(**{**vars(text), "_attn_implementation": "flash_attention_2"})
     with pytest.raises(ValueError, match="flash_attention_2"):
         check_llm_method(FastV(**keep_after), flash, "llava", 64)
-    with pytest.raises(ValueError, match="'qwen2'"):
-        check_llm_method(FastV(**keep_after), SimpleNamespace(**{**vars(text), "model_type": "qwen2"}), "llava", 64)
+    with pytest.raises(ValueError, match="'gemma2'"):
+        check_llm_method(FastV(**keep_after), SimpleNamespace(**{**vars(text), "model_type": "gemma2"}), "llava", 64)
     # avg_layers: 4 layers, K = 2, N = 64: an average of 8 needs (4*8 - 2*64) / 2 < 1 tokens after layer 1
     with pytest.raises(ValueError, match=r"infeasible.*budget_mode=keep_after"):
         check_llm_method(FastV(budget=8), text, "llava", 64)

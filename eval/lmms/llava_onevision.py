@@ -8,7 +8,8 @@ a helpful assistant.", one user turn "<image>\\n<question>" (the placeholder in 
 open assistant turn, tokenised chunk-wise around ``<image>`` as LLaVA's ``tokenizer_image_token``; answers are not cut
 at the task's stop strings (lmms-eval's model drops ``until``), only stripped. Images go through the checkpoint's
 anyres image processor. Layout (``layout=auto``): ``method=none`` runs the standard model (native: unpad,
-anyres_max_9 downsampling, newline tokens), pruning methods the 'spatial' layout with per-crop budgets (see
+anyres_max_9 downsampling, newline tokens), and so do LLM-side methods (FastV, PDrop, SparseVLM: nothing is pruned
+before the LLM); methods that prune before the LLM run the 'spatial' layout with per-crop budgets (see
 hiprune/adapters/llava_onevision.py); the kept tokens per sample list one entry per crop grid, base first.
 
 Multi-image samples are refused (lmms-eval's model switches them to one padded 384 px image each, which this model
@@ -22,7 +23,7 @@ from transformers import LlavaOnevisionForConditionalGeneration
 
 from eval.lmms.base import HiPruneLMM
 from eval.lmms.prompting import IMAGE_PLACEHOLDER, left_pad, to_rgb, tokenize_with_visuals, with_image_placeholders
-from hiprune.adapters.llava_next import resolve_layout
+from hiprune.adapters.llava_onevision import resolve_layout
 
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."  # LLaVA's conv_qwen_1_5
 

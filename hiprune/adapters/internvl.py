@@ -15,7 +15,14 @@ the budget is a ratio of every tile (``budget=0.25``: round(256 x 0.25) per tile
 LLaVA-NeXT's official per-crop rule; an int budget is refused (its int(N' / tiles) split needs the image's tile
 count). Refused before loading: merging inside the encoder (the pixel shuffle needs the full 32 x 32 patch grid),
 VisionZip (CLS tokens in front are not laid out), prompt-aware methods (HiPrune++, TRIM: a tile's prompt is unknown
-to the encoder call), LLM-side methods.
+to the encoder call).
+
+LLM-side methods (FastV, PyramidDrop, SparseVLM: ``hiprune.adapters.llm_pruning``): nothing is pruned before the LLM;
+an image is one visual of the drop schedule, all its tiles (thumbnail included) between ``<img>`` and ``</img>``
+(those two tokens are text, never dropped), with contiguous 1D positions (renumbered or kept as the method says). As
+on Qwen2.5-VL the budget is per image, a ratio of its tokens (256 x tiles) or a count, and the schedule is resolved
+for each image's count; it is checked before loading on a one-tile image (256 tokens, the fewest an image has). A
+batch whose images differ in tile count runs in groups of equal counts (the evaluation does so).
 """
 
 from __future__ import annotations
@@ -36,6 +43,7 @@ from hiprune.adapters.base import (
     register_adapter,
     stable_ids,
 )
+from hiprune.adapters.llm_pruning import check_llm_method, install_decoder_drop
 from hiprune.methods.base import Method, resolve_budget
 
 # HiPrune's object layer by relative depth: CLIP-L's 9 of 24 layers; InternViT-300M has 24 (layer 9), the feature
@@ -47,7 +55,7 @@ RELATIVE_OBJECT_DEPTH = 9 / 24
 class InternVLAdapter(Adapter):
     family = "internvl"
     model_types = (InternVLForConditionalGeneration,)
-    stages = ("none", "vision")
+    stages = ("none", "vision", "llm")  # llm: hiprune.adapters.llm_pruning, an image = all its tiles
     needs_prompt_encoder = False
     has_cls = True
     stage_limits = {"encoder": "its pixel shuffle reads the full 32 x 32 patch grid of every tile, which merging inside "
@@ -137,6 +145,8 @@ class InternVLAdapter(Adapter):
         super().check_supported(method, prompt_encoder)
         if method.stage == "vision":
             self.kept_per_tile(method)
+        if method.stage == "llm":  # a one-tile image: the fewest tokens an image has
+            check_llm_method(method, self.config.text_config, self.family, self.tokens_per_tile())
 
     # --- captures ------------------------------------------------------------------------------------------
     def merged_captures(self, captured: dict[str, torch.Tensor], tiles: int) -> dict[str, torch.Tensor]:
@@ -196,6 +206,8 @@ class InternVLAdapter(Adapter):
             return out
 
         patch_attribute(stack, self.inner, "get_image_features", get_image_features)
+        if method.stage == "llm":  # every image (all its tiles) is one visual of the drop schedule
+            install_decoder_drop(stack, session, self.inner, self.inner.language_model, [self.config.image_token_id])
 
 
 __all__ = ["InternVLAdapter"]

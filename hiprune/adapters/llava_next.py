@@ -324,7 +324,12 @@ class LlavaNextAdapter(ClipTowerAdapter):
         patch_attribute(stack, self.inner, "get_image_features", get_image_features)
         patch_attribute(stack, self.inner, "pack_image_features", pack_image_features)
         if method.stage == "llm":  # every image (all its crops, as laid out) is one visual of the drop schedule
-            install_decoder_drop(stack, session, self.inner, self.inner.language_model, [self.config.image_token_id])
+            install_decoder_drop(stack, session, self.inner, self.inner.language_model, [self.config.image_token_id],
+                                 **self.decoder_drop_options())
+
+    def decoder_drop_options(self) -> dict[str, Any]:
+        """The family's further options of ``install_decoder_drop`` (LLaVA-OneVision: its videos are refused)."""
+        return {}
 
     def placeholder_counts(self, method: Method) -> dict:
         return {"image": lambda inputs, index: self.image_layout(inputs["image_sizes"][index], method).total}

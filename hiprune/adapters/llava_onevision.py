@@ -17,6 +17,16 @@ native (method none, and stages that leave the tokens to the LLM) -- HF's own la
     given one ``image_newline`` per row. Pruning methods are refused here: the interpolation mixes tokens, so a kept
     token of a crop has no place in it. Records: the base grid, then the (downsampled) stitched grid as one grid.
 
+LLM-side methods (FastV, PyramidDrop, SparseVLM: ``hiprune.adapters.llm_pruning``) run the native layout only:
+nothing is pruned before the LLM, so the LLM gets HF's own sequence (the one the checkpoint was trained on), and an
+image is one visual of the drop schedule: all its ``<image>`` tokens, base grid, unpadded (downsampled) crop grid and
+its newline tokens, as on LLaVA-NeXT where an image is all its crops as laid out (its native layout also counts the
+newlines as visual tokens the methods may drop). The budget is per image, a ratio of its tokens or a count (checked
+before loading on the image filling the largest anyres grid, and again on every image). The evaluation's
+``layout=auto`` (:func:`resolve_layout`) runs native for them; ``layout=official`` with one is refused (the 'spatial'
+layout exists to prune crops before the LLM; unpruned it would feed the LLM up to 37 x 729 tokens it never saw).
+Videos are refused by LLM-side methods.
+
 Budgets are per crop (as LLaVA-NeXT's official mode): the crop count varies from 2 (base + 1) to 37 (base + 6 x 6),
 so an int budget gives int(N' / crops) per crop (the adapter validates it on the largest grid: N' >= 37), and a
 ratio keeps that share of every crop. HiPrune++ compares every crop with the mean LLM input embedding of its image's
@@ -32,7 +42,7 @@ import torch
 from transformers import LlavaOnevisionForConditionalGeneration
 
 from hiprune.adapters.base import LlmPromptEmbeddings, PruningSession, register_adapter
-from hiprune.adapters.llava_next import REDUCING, CropGrid, ImageLayout, LlavaNextAdapter
+from hiprune.adapters.llava_next import LAYOUT_CHOICES, REDUCING, CropGrid, ImageLayout, LlavaNextAdapter
 from hiprune.methods.base import Method
 
 # HiPrune's object layer by relative depth: CLIP-L's 9 of 24 layers (the paper's probe), scaled to SigLIP's 26 and
@@ -40,11 +50,21 @@ from hiprune.methods.base import Method
 DEFAULT_OBJECT_LAYER = 10
 
 
+def resolve_layout(layout: str, method: Method) -> str:
+    """The layout a run uses: ``auto`` is ``native`` (HF's own sequence) for methods that leave the tokens to the LLM
+    (``none``, LLM-side methods) and ``official`` (the 'spatial' pruning layout) for methods that prune before it."""
+    if layout not in LAYOUT_CHOICES:
+        raise ValueError(f"unknown LLaVA-OneVision layout {layout!r}; choose one of {LAYOUT_CHOICES}")
+    if layout == "auto":
+        return "native" if method.stage in ("none", "llm") else "official"
+    return layout
+
+
 @register_adapter
 class LlavaOnevisionAdapter(LlmPromptEmbeddings, LlavaNextAdapter):
     family = "llava_onevision"
     model_types = (LlavaOnevisionForConditionalGeneration,)
-    stages = ("none", "vision", "encoder")
+    stages = ("none", "vision", "encoder", "llm")  # llm: native layout only, an image = all its <image> tokens
     has_cls = False
     # HiPrune++ compares prompts in the LLM's input-embedding space (the projected crop tokens live there)
     needs_prompt_encoder = False
@@ -74,6 +94,11 @@ class LlavaOnevisionAdapter(LlmPromptEmbeddings, LlavaNextAdapter):
         return ImageLayout("native", layout.crop_grid, self.side, grids, (0, 0, rows, cols), rows)
 
     def check_supported(self, method: Method, prompt_encoder: Any = None) -> None:
+        if method.stage == "llm" and self.layout != "native":
+            raise ValueError(
+                f"method {method.name!r} prunes inside the LLM, which gets HF's own LLaVA-OneVision sequence "
+                "(layout=native); the 'spatial' layout (layout=official) is for methods that prune crops before the LLM"
+            )
         if self.layout == "native" and method.stage in REDUCING:
             raise ValueError(
                 f"method {method.name!r} reduces the crops' tokens, but the native LLaVA-OneVision layout downsamples "
@@ -87,9 +112,14 @@ class LlavaOnevisionAdapter(LlmPromptEmbeddings, LlavaNextAdapter):
                 "encoder"
             )
 
+    def decoder_drop_options(self) -> dict[str, Any]:
+        return {"visual_inputs": ("pixel_values", "pixel_values_videos"),
+                "refused_token_ids": {self.config.video_token_id: "videos are not pruned inside the LLM on "
+                                      f"{self.family} (images only)"}}
+
     def patch_embeds(self, session: PruningSession, out: Any, tower: str = "image") -> torch.Tensor:
         """[crops, N, E] the crops' projected tokens (they live in the LLM's input-embedding space, as the prompts)."""
         return torch.cat(list(out.pooler_output))
 
 
-__all__ = ["DEFAULT_OBJECT_LAYER", "LlavaOnevisionAdapter"]
+__all__ = ["DEFAULT_OBJECT_LAYER", "LlavaOnevisionAdapter", "resolve_layout"]

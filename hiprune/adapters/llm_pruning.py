@@ -20,8 +20,11 @@ How it enters a transformers 5 decoder (``LlamaModel``) without replacing its fo
 
 - The family adapter wraps its multimodal forward in :meth:`VisualTokenDrop.forward` (:func:`install_decoder_drop`:
   the family names its visual placeholder ids), which is told where the image tokens are (a [B, T] mask) and how
-  many each visual holds (LLaVA-1.5: 576; elsewhere each run of visual tokens is one visual -- a LLaVA-NeXT image of
-  all its crops, a Qwen2.5-VL image, a Video-LLaVA image or video); the schedule is resolved for that count. A
+  many each visual holds (LLaVA-1.5: 576; elsewhere each run of visual tokens is one visual -- a LLaVA-NeXT or
+  LLaVA-OneVision image of all its crops, an InternVL image of all its tiles, a Qwen2.5-VL / Qwen3-VL image, a
+  Video-LLaVA image or video); the schedule is resolved for that count. Per-token side inputs of the prefill that the
+  decoder applies between layers (Qwen3-VL's DeepStack features) follow the kept tokens through
+  :meth:`VisualTokenDrop.held_rows`. A
   forward with image tokens is a *prefill*; any other forward is a decode step (or a text-only call).
 - During a prefill, the attention module of every layer ``layer - 1`` a "previous" stage scores with is rerouted through
   :class:`hiprune.capture.AttentionScores` with the "last" query mode: the layer's output still comes from the
@@ -45,7 +48,7 @@ How it enters a transformers 5 decoder (``LlamaModel``) without replacing its fo
 - Positions: the method's rule, unless the family fixes one (Qwen2.5-VL: "original", its layers get M-RoPE's
   (cos, sin) and no 1-D position ids; decoding continues from HF's ``rope_deltas`` of the unpruned prefill).
 
-Supported: Llama-style decoders (Llama, Mistral, Qwen2.5-VL's text model) under eager or SDPA attention, ``DynamicCache`` (HF ``generate``'s default; greedy,
+Supported: Llama-style decoders (Llama, Mistral, Qwen2, Qwen2.5-VL's and Qwen3-VL's text models) under eager or SDPA attention, ``DynamicCache`` (HF ``generate``'s default; greedy,
 sampling and beam search -- beams of one sample share its prefill, so reordering them leaves the kept positions
 valid) or no cache, left-padded batches with the same number of images of one token count in every row. Anything else (StaticCache,
 a cache cropped into the prefill or pre-filled by another forward, right padding, flash/flex attention, a prepared 4-D mask) raises
@@ -71,9 +74,10 @@ from hiprune.capture import AttentionScores
 from hiprune.methods.base import DROP_POSITIONS, SCORE_SOURCES, DropStage, Method
 
 # Decoders whose layers this plumbing drives: Llama-style pre-norm layers (input_layernorm, self_attn with q / k
-# projections and rotate-half RoPE from position_embeddings). Qwen2.5-VL's text model has the same layer; its M-RoPE
-# is already folded into the (cos, sin) [B, T, head_dim] every layer gets.
-SUPPORTED_DECODERS = ("llama", "mistral", "qwen2_5_vl_text")
+# projections and rotate-half RoPE from position_embeddings). Qwen2 (LLaVA-OneVision's, InternVL3's LLM) adds q / k
+# biases; Qwen2.5-VL's and Qwen3-VL's text models have the same layer, their M-RoPE already folded into the (cos, sin)
+# [B, T, head_dim] every layer gets; Qwen3-VL's also normalizes every head's queries and keys (q_norm, k_norm).
+SUPPORTED_DECODERS = ("llama", "mistral", "qwen2", "qwen2_5_vl_text", "qwen3_vl_text")
 SUPPORTED_ATTENTION = ("eager", "sdpa")
 # Attribute of the KV cache object holding what a pruned prefill kept (the cache lives as long as the generation).
 _PRUNED_PREFILL = "_hiprune_pruned_prefill"
@@ -343,6 +347,26 @@ class VisualTokenDrop:
                 )
             finally:
                 self._prefill = None
+
+    def held_rows(self, mask: torch.Tensor, what: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """A per-token side input of the prefill (``mask`` [B, T] over the unpruned sequence, with one row of some
+        tensor per True entry, row-major: Qwen3-VL's ``visual_pos_masks`` and DeepStack features) cut to the sequence
+        the decoder layers hold now: (mask [B, T'] over the current sequence, the indices of the rows its True entries
+        keep, in the same order). None outside a prefill or before its first stage (the sequence is the whole prefill).
+        what: the side input, for the messages. Tokens a stage added (recycling) have no row of their own: an error."""
+        prefill = self._prefill
+        if prefill is None or prefill.held is None:
+            return None
+        if mask.dim() != 2 or mask.shape[0] != prefill.held.shape[0] or mask.shape[1] != prefill.length:
+            raise PruningError(f"{what}: expected a [{prefill.held.shape[0]}, {prefill.length}] mask over the prefill, "
+                               f"got shape {tuple(mask.shape)}")
+        if prefill.image_kept is not None and bool((prefill.image_kept >= self.tokens_per_image).any()):
+            raise PruningError(f"{self.method.name}: {what} reached a layer after a stage added (recycled) visual "
+                               "tokens, which have no rows of their own")
+        held = prefill.held.to(mask.device)
+        rank = mask.reshape(-1).long().cumsum(0).view_as(mask) - 1  # index of every True entry's row
+        cut = mask.gather(1, held)
+        return cut, rank.gather(1, held)[cut]
 
     # --- checks --------------------------------------------------------------------------------------------
     def _image_positions(self, image_mask: torch.Tensor) -> torch.Tensor:
@@ -864,8 +888,8 @@ def own_last_query_attention(layer: nn.Module, hidden: torch.Tensor, kwargs: dic
     batch, length, _ = hidden.shape
     head_dim = attn.head_dim
     normed = layer.input_layernorm(hidden)
-    query = attn.q_proj(normed[:, -1:]).view(batch, 1, -1, head_dim).transpose(1, 2)  # [B, H, 1, d]
-    key = attn.k_proj(normed).view(batch, length, -1, head_dim).transpose(1, 2)  # [B, KV, T, d]
+    query = _head_norm(attn, "q_norm", attn.q_proj(normed[:, -1:]).view(batch, 1, -1, head_dim)).transpose(1, 2)
+    key = _head_norm(attn, "k_norm", attn.k_proj(normed).view(batch, length, -1, head_dim)).transpose(1, 2)
     cos, sin = kwargs["position_embeddings"]
     query = _rotate(query, cos[:, -1:], sin[:, -1:])
     key = _rotate(key, cos, sin)
@@ -897,8 +921,8 @@ def query_rows_attention(
     head_dim = attn.head_dim
     normed = layer.input_layernorm(hidden)
     rows = _take(normed, queries, dim=1)
-    query = attn.q_proj(rows).view(batch, queries.shape[1], -1, head_dim).transpose(1, 2)  # [B, H, R, d]
-    key = attn.k_proj(normed).view(batch, length, -1, head_dim).transpose(1, 2)
+    query = _head_norm(attn, "q_norm", attn.q_proj(rows).view(batch, queries.shape[1], -1, head_dim)).transpose(1, 2)
+    key = _head_norm(attn, "k_norm", attn.k_proj(normed).view(batch, length, -1, head_dim)).transpose(1, 2)
     cos, sin = kwargs["position_embeddings"]
     query = _rotate(query, _take(cos, queries, dim=1), _take(sin, queries, dim=1))
     key = _rotate(key, cos, sin)
@@ -915,6 +939,12 @@ def query_rows_attention(
     probabilities = torch.softmax(logits, dim=-1).mean(dim=1)  # [B, R, T]
     weights = valid.float()
     return (probabilities * weights[:, :, None]).sum(dim=1) / weights.sum(dim=1, keepdim=True)
+
+
+def _head_norm(attn: nn.Module, name: str, states: torch.Tensor) -> torch.Tensor:
+    """``attn``'s per-head norm ``name`` (Qwen3's q_norm / k_norm, on [B, T, heads, d] before RoPE) if it has one."""
+    norm = getattr(attn, name, None)
+    return states if norm is None else norm(states)
 
 
 def _inverse(held: torch.Tensor, length: int) -> torch.Tensor:

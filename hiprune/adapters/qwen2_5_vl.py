@@ -71,7 +71,7 @@ from hiprune.adapters.base import (
     split_budget,
     stable_ids,
 )
-from hiprune.adapters.llm_pruning import check_llm_method, install_decoder_drop
+from hiprune.adapters.llm_pruning import VisualTokenDrop, check_llm_method, install_decoder_drop
 from hiprune.capture import Capture, Tap, key_scores
 from hiprune.methods.base import Method
 
@@ -220,13 +220,8 @@ class Qwen25VLAdapter(LlmPromptEmbeddings, Adapter):
                 return out
 
             patch_attribute(stack, self.inner, "get_image_features", record_only)
-            if method.stage == "llm":  # every image is one visual; its kept tokens keep their M-RoPE positions
-                install_decoder_drop(
-                    stack, session, self.inner, self.inner.language_model, [self.model.config.image_token_id],
-                    positions=LLM_POSITIONS, visual_inputs=("pixel_values", "pixel_values_videos"),
-                    refused_token_ids={self.model.config.video_token_id: "videos are not pruned inside the LLM on "
-                                       "Qwen2.5-VL (images only)"},
-                )
+            if method.stage == "llm":
+                self.install_decoder_drop(stack, session)
             return
 
         def get_image_features(pixel_values, image_grid_thw=None, *args, return_dict=None, **kwargs):
@@ -243,6 +238,15 @@ class Qwen25VLAdapter(LlmPromptEmbeddings, Adapter):
 
         patch_attribute(stack, self.inner, "get_image_features", get_image_features)
         self._install_positions(stack)
+
+    def install_decoder_drop(self, stack: ExitStack, session: PruningSession) -> VisualTokenDrop:
+        """LLM-side methods: every image is one visual; its kept tokens keep their M-RoPE positions."""
+        return install_decoder_drop(
+            stack, session, self.inner, self.inner.language_model, [self.model.config.image_token_id],
+            positions=LLM_POSITIONS, visual_inputs=("pixel_values", "pixel_values_videos"),
+            refused_token_ids={self.model.config.video_token_id: "videos are not pruned inside the LLM on "
+                               f"{self.family} (images only)"},
+        )
 
     def placeholder_counts(self, method: Method) -> dict:
         return {"image": lambda inputs, index: self.tokens_for_grid(method, inputs["image_grid_thw"][index])}

@@ -14,9 +14,19 @@ like text), the processor emitting the kept count. DeepStack: every DeepStack fe
 tokens' rows, in the same order, so the LLM adds each kept token's own features to it (HF places them by the image
 token mask, which holds the kept tokens only).
 
+LLM-side methods (FastV, PyramidDrop, SparseVLM: ``hiprune.adapters.llm_pruning``) run as on Qwen2.5-VL: every image
+is one visual (a budget per image: a ratio of its merged tokens, or a count, checked before loading on a 1024-token
+image and again on every image), every kept token keeps its M-RoPE position, decoding continues from HF's
+``rope_deltas``. DeepStack: HF's text model adds ``deepstack_visual_embeds[i]`` at ``visual_pos_masks`` to the output of
+decoder layer i for the first len(deepstack) layers (3 on the real checkpoints: after layers 0, 1, 2). After a drop
+stage at one of those layers (FastV's default K = 2 is one) the adapter cuts the mask to the kept sequence and the
+DeepStack rows to the kept tokens, each keeping its own rows (``VisualTokenDrop.held_rows``); a stage that adds
+tokens (SparseVLM's recycling) at or before the last DeepStack layer is refused before loading: a recycled token
+stands for several dropped ones and has no DeepStack features of its own. Videos are refused by LLM-side methods.
+
 Videos pass through unpruned (with their own per-frame positions). Refused before loading: methods that read a CLS
 token's attention (the encoder has none), TRIM (no paired CLIP text tower; HiPrune++ compares with the LLM's input
-embeddings), merging inside the encoder, and LLM-side methods.
+embeddings), merging inside the encoder.
 """
 
 from __future__ import annotations
@@ -28,7 +38,9 @@ import torch
 from transformers import Qwen3VLForConditionalGeneration
 
 from hiprune.adapters.base import PruningError, PruningSession, patch_attribute, register_adapter
+from hiprune.adapters.llm_pruning import VisualTokenDrop, resolve_schedule
 from hiprune.adapters.qwen2_5_vl import GRID_ATTRIBUTE, KEPT_ATTRIBUTE, Qwen25VLAdapter
+from hiprune.methods.base import Method
 
 # HiPrune's object layer by relative depth: CLIP-L's 9 of 24 layers (the paper's probe) on the vision depth, rounded
 # (2B/4B: 9 of 24; 8B: 10 of 27); the deep layer is the last block (the merger's input). Not probed on real weights.
@@ -39,7 +51,8 @@ RELATIVE_OBJECT_DEPTH = 9 / 24
 class Qwen3VLAdapter(Qwen25VLAdapter):
     family = "qwen3_vl"
     model_types = (Qwen3VLForConditionalGeneration,)
-    stages = ("none", "vision")  # not Qwen2.5-VL's "llm": the decoder drop is not wired for DeepStack injection
+    # llm: Qwen2.5-VL's decoder drop, with the DeepStack features cut to the kept tokens
+    stages = ("none", "vision", "llm")
     stage_limits = {"encoder": "its 2x2 patch merger and DeepStack mergers read fixed groups of 4 patches, which "
                                "merging inside the encoder would break; use a method that prunes before the LLM"}
 
@@ -54,6 +67,25 @@ class Qwen3VLAdapter(Qwen25VLAdapter):
         out.pop("paper_object_layer")
         return {**out, "deepstack_layers": [i + 1 for i in self.vision_config.deepstack_visual_indexes],
                 "default_object_layer": self.default_object_layer()}
+
+    def deepstack_layers(self) -> int:
+        """Decoder layers 0 .. n - 1 whose outputs get DeepStack features added (one per DeepStack merger)."""
+        return len(self.vision_config.deepstack_visual_indexes)
+
+    def check_supported(self, method: Method, prompt_encoder: Any = None) -> None:
+        super().check_supported(method, prompt_encoder)
+        if method.stage != "llm":
+            return
+        layers = self.model.config.text_config.num_hidden_layers
+        last = self.deepstack_layers() - 1
+        for stage in resolve_schedule(method, self.reference_tokens(), layers):
+            if stage.added and stage.layer <= last:
+                raise ValueError(
+                    f"method {method.name!r} adds recycled tokens at decoder layer {stage.layer}, "
+                    f"but DeepStack adds every visual token's own features after layers 0..{last}: a recycled token "
+                    f"stands for several dropped ones and has none; a stage that adds tokens must come at decoder layer "
+                    f"{last + 1} or later"
+                )
 
     # --- captures ------------------------------------------------------------------------------------------
     def merged_captures(self, chunks: list[torch.Tensor] | None, grid_thw: torch.Tensor) -> list[torch.Tensor]:
@@ -92,6 +124,8 @@ class Qwen3VLAdapter(Qwen25VLAdapter):
 
             patch_attribute(stack, inner, "get_image_features", record_only)
             patch_attribute(stack, inner, "get_video_features", get_video_features)
+            if method.stage == "llm":
+                self._install_deepstack_cut(stack, self.install_decoder_drop(stack, session))
             return
 
         def get_image_features(pixel_values, image_grid_thw=None, *args, return_dict=None, **kwargs):
@@ -112,6 +146,23 @@ class Qwen3VLAdapter(Qwen25VLAdapter):
         patch_attribute(stack, inner, "get_image_features", get_image_features)
         self._install_positions(stack)
         patch_attribute(stack, inner, "get_video_features", get_video_features)
+
+    def _install_deepstack_cut(self, stack: ExitStack, drop: VisualTokenDrop) -> None:
+        """After a drop stage, HF's DeepStack step gets the image mask of the kept sequence and the kept tokens' rows."""
+        language_model = self.inner.language_model
+        original = language_model._deepstack_process
+
+        def deepstack_process(hidden_states, visual_pos_masks, visual_embeds):
+            cut = drop.held_rows(visual_pos_masks, "DeepStack features")
+            if cut is not None:
+                visual_pos_masks, rows = cut
+                visual_embeds = visual_embeds[rows.to(visual_embeds.device)]
+            if visual_pos_masks.shape != hidden_states.shape[:2]:
+                raise PruningError(f"DeepStack mask of shape {tuple(visual_pos_masks.shape)} for hidden states of "
+                                   f"shape {tuple(hidden_states.shape)}")
+            return original(hidden_states, visual_pos_masks, visual_embeds)
+
+        patch_attribute(stack, language_model, "_deepstack_process", deepstack_process)
 
     def rope_index(self, input_ids, mm_token_type_ids, image_grid_thw, video_grid_thw=None, second_per_grid_ts=None,
                    attention_mask=None, kept=None, provisional=False):
