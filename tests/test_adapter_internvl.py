@@ -2,7 +2,7 @@
 budget per image split int(N' / tiles) over its tiles), scores as the mean over each token's 2 x 2 patches in the pixel
 shuffle's order, the LLM gets exactly the kept tokens between <img> and </img>, tiles mapped to their images (HiPrune++
 compares each with its own image's prompt; inputs from another processor call are refused), refusals before patching,
-and lmms-eval runs."""
+the object-layer probe on one tile per image, and lmms-eval runs."""
 
 from __future__ import annotations
 
@@ -160,6 +160,23 @@ def test_pruning_needs_the_processor(tiny_iv):
             hiprune.apply(model, hiprune.build_method("random", budget=0.25)):
         pass
     assert "get_image_features" not in vars(model.model) and "forward" not in vars(model.model)
+
+
+def test_object_layer_probe_reads_one_tile_per_image(tiny_iv):
+    """Every image as one 448-px tile (no padding): its 16 x 16 pixel-shuffled grid; a mask covering the whole image
+    holds every token, so each layer's top-k set has IoU k / n with it."""
+    from PIL import Image
+
+    from eval.report.probe import probe
+
+    model, processor, _ = tiny_iv
+    images = [shape_image(*THREE_TILES, 1), shape_image(*ONE_TILE, 2)]
+    masks = [Image.new("L", image.size, 255) for image in images]
+    result = probe(model, processor, images, top=0.1, masks=masks)
+    assert result.grid == (16, 16) and result.layers == list(range(1, 9)) and result.top_k == 25
+    assert result.mask_iou == pytest.approx([25 / 256] * 8)
+    assert all(value > 0 for value in result.dispersion) and 1 <= result.suggested_layer <= 8
+    assert "448-px tile" in result.encoder_input
 
 
 @pytest.mark.slow
