@@ -80,6 +80,9 @@ def test_an_int_budget_is_split_over_each_images_tiles(tiny_iv):
             batch = chat_batch(processor, images)
             model(**batch)
             [records] = session.pop_records()
+            # beam search: generate() repeats every sample's row and encoder outputs; the input_ids check follows
+            model.generate(**batch, max_new_tokens=2, num_beams=2, do_sample=False)
+            assert [r.tokens_kept for r in session.pop_records()[0]] == [r.tokens_kept for r in records]
     finally:
         hook.remove()
     assert [r.tokens_kept for r in records] == [64] + [21] * 3 + [16] * 4

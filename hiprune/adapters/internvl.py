@@ -168,14 +168,14 @@ class InternVLAdapter(LlmPromptEmbeddings, Adapter):
             self.check_budget(method)
 
     # --- tiles -> images -----------------------------------------------------------------------------------
-    def image_spans(self, input_ids: torch.Tensor) -> list[int]:
-        """Image tokens of every image in ``input_ids`` (each image's run between ``<img>`` and ``</img>``), in
-        batch order."""
+    def image_spans(self, input_ids: torch.Tensor) -> list[list[int]]:
+        """Per row of ``input_ids``, the image tokens of each of its images (each image's run between ``<img>`` and
+        ``</img>``)."""
         spans = []
         for row in (input_ids == self.config.image_token_id).to("cpu", torch.int8):
             edges = torch.diff(torch.cat([row.new_zeros(1), row, row.new_zeros(1)]))
             starts, ends = (edges == 1).nonzero()[:, 0], (edges == -1).nonzero()[:, 0]
-            spans += (ends - starts).tolist()
+            spans.append((ends - starts).tolist())
         return spans
 
     def image_tiles(self, n_tiles: int) -> list[int]:
@@ -196,20 +196,32 @@ class InternVLAdapter(LlmPromptEmbeddings, Adapter):
 
     def check_spans(self, method: Method, input_ids: torch.Tensor, tiles: list[int]) -> None:
         """The image tokens of every image in ``input_ids`` must be what its tiles pass on (PruningError naming the
-        image otherwise)."""
-        spans = self.image_spans(input_ids)
-        if len(spans) != len(tiles):
+        image otherwise). generate() may repeat every sample's row (beam search: ``expand`` copies in a row, the
+        encoder outputs repeated with them); the copies of a sample must hold the same images."""
+        rows = self.image_spans(input_ids)
+        found = [span for row in rows for span in row]
+        expand, rest = divmod(len(found), len(tiles)) if tiles else (0, len(found))
+        if rest or not expand or len(rows) % expand:
             raise PruningError(
-                f"input_ids hold {len(spans)} images (<img> ... </img> runs of {spans} image tokens) but the encoder "
-                f"call pruned {len(tiles)} images of {tiles} tiles"
+                f"input_ids hold {len(found)} images (<img> ... </img> runs of {found} image tokens in {len(rows)} "
+                f"rows) but the encoder call pruned {len(tiles)} images of {tiles} tiles"
             )
-        for i, (span, t) in enumerate(zip(spans, tiles)):
-            want = self.image_tokens(method, t)
-            if span != want:
-                raise PruningError(
-                    f"image {i}: {span} image tokens in input_ids, but its {t} tiles pass {want} under method "
-                    f"{method.name!r} (budget {method.budget}): the inputs come from another processor call"
-                )
+        image = 0
+        for first in range(0, len(rows), expand):
+            copies = rows[first : first + expand]
+            if any(copy != copies[0] for copy in copies):
+                raise PruningError(f"rows {first}..{first + expand - 1} repeat one sample but hold the images {copies}")
+            for span in copies[0]:
+                if image == len(tiles):
+                    raise PruningError(f"input_ids hold more images than the {len(tiles)} the encoder call pruned")
+                want = self.image_tokens(method, tiles[image])
+                if span != want:
+                    raise PruningError(
+                        f"image {image}: {span} image tokens in input_ids, but its {tiles[image]} tiles pass {want} "
+                        f"under method {method.name!r} (budget {method.budget}): the inputs come from another "
+                        "processor call"
+                    )
+                image += 1
 
     # --- captures ------------------------------------------------------------------------------------------
     def merged_captures(self, captured: dict[str, torch.Tensor], tiles: int) -> dict[str, torch.Tensor]:
