@@ -93,7 +93,8 @@ class LlavaOnevisionAdapter(LlmPromptEmbeddings, LlavaNextAdapter):
         return ImageLayout(self.layout, (0, 0), side, (grid,), (0, 0, 0, 0), 1 if self.layout == "native" else 0)
 
     def multi_image(self, n_images: int) -> list[bool]:
-        """Per image of the running encoder call: whether its sample has several images (HF's batch_num_images)."""
+        """Per image of the running encoder call: whether its sample has several images (HF's batch_num_images; none
+        given: single images, as HF's get_image_features)."""
         counts = self.batch_num_images
         if counts is None:
             return [False] * n_images
@@ -111,9 +112,10 @@ class LlavaOnevisionAdapter(LlmPromptEmbeddings, LlavaNextAdapter):
 
     def placeholder_counts(self, method: Method) -> dict:
         def count(inputs: dict, index: int) -> int:
-            counts = [int(n) for n in inputs["batch_num_images"]]
-            sample = next(i for i, end in enumerate(itertools.accumulate(counts)) if index < end)
-            if counts[sample] > 1:
+            given = inputs.get("batch_num_images")  # none: single images (HF's rule)
+            counts = [] if given is None else [int(n) for n in given]
+            sample = next((i for i, end in enumerate(itertools.accumulate(counts)) if index < end), None)
+            if sample is not None and counts[sample] > 1:
                 return self.single_crop_layout(method).total
             return self.image_layout(inputs["image_sizes"][index], method).total
 
