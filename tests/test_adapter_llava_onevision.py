@@ -188,16 +188,19 @@ def test_multi_image_samples_prune_one_padded_crop_per_image(tiny_ov):
 
 def test_multi_image_samples_in_the_native_layout_count_like_hf(tiny_ov):
     """Method none, native layout: HF's own multi-image layout (729 tokens + one newline per image), as an unpatched
-    processor emits it; the model runs it."""
+    processor emits it and the encoder packs it."""
     model, processor, _ = tiny_ov
     images = [[shape_image(700, 300, 1), shape_image(300, 500, 2)], [shape_image(300, 120, 3)]]
     plain = _multi_image_batch(processor, images)
     with hiprune.apply(model, hiprune.build_method("none"), processor, layout="native") as session, torch.no_grad():
         batch = _multi_image_batch(processor, images)
-        model(**batch)
+        packed = model.model.get_image_features(batch["pixel_values"], batch["image_sizes"],
+                                                batch_num_images=batch["batch_num_images"]).pooler_output
         [records] = session.pop_records()
     assert torch.equal(batch["input_ids"], plain["input_ids"])
-    assert (batch["input_ids"][0] == processor.image_token_id).sum() == 2 * (729 + 1)
+    counts = (batch["input_ids"] == processor.image_token_id).sum(1).tolist()
+    assert [len(image) for image in packed][:2] == [729 + 1] * 2 and counts[0] == 2 * (729 + 1)
+    assert len(packed[2]) == counts[1]
     assert [r.tokens_in for r in records][:2] == [729, 729]
 
 
