@@ -1,7 +1,7 @@
 """LLaVA-OneVision adapter (SigLIP, no CLS, anyres_max crops): per-crop budgets in the 'spatial' layout, the LLM gets
-exactly the kept tokens, HF's native layout (anyres_max downsampling) counted exactly for method none, refusals
-before patching (CLS methods, TRIM's CLIP text tower, LLM-side methods, pruning in the native layout), and an
-lmms-eval run."""
+exactly the kept tokens, HF's native layout (anyres_max downsampling) counted exactly for method none, multi-image
+samples (one padded crop per image, the image's whole budget), refusals before patching (CLS methods, TRIM's CLIP
+text tower, LLM-side methods, pruning in the native layout), and lmms-eval runs."""
 
 from __future__ import annotations
 
@@ -155,3 +155,90 @@ def test_lmms_vanilla_rows_get_the_standard_layout(tiny_ov):
             lmm.close()
     assert counts["none"][:2] == ("native", int((standard["input_ids"] == fresh.image_token_id).sum()))
     assert counts["random"] == ("official", 3 * 182, [[182] * 3])
+
+
+PROMPT_TWO = "<|im_start|>user\n<image> <image>\nWhich one is larger?<|im_end|>\n<|im_start|>assistant\n"
+
+
+def _multi_image_batch(processor, images):
+    """[[a, b], [c]]: a two-image sample and a one-image sample (HF's batch_num_images [2, 1])."""
+    return processor(text=[PROMPT_TWO, PROMPT], images=images, return_tensors="pt", padding=True)
+
+
+def test_multi_image_samples_prune_one_padded_crop_per_image(tiny_ov):
+    """Each image of a multi-image sample is one 384-px crop (padded to a square, no anyres crops) keeping the image's
+    whole budget, without a newline token; the one-image sample keeps its per-crop rule."""
+    model, processor, _ = tiny_ov
+    images = [[shape_image(700, 300, 1), shape_image(300, 500, 2)], [shape_image(300, 120, 3)]]
+    seen, hook = llm_inputs(model)
+    try:
+        with hiprune.apply(model, hiprune.build_method("hiprune", budget=64), processor) as session, torch.no_grad():
+            batch = _multi_image_batch(processor, images)
+            model(**batch)
+            [records] = session.pop_records()
+    finally:
+        hook.remove()
+    assert batch["batch_num_images"].tolist() == [2, 1]
+    assert [r.tokens_kept for r in records] == [64, 64, 32, 32]  # N' per image; int(64 / 2 crops) per crop
+    assert (batch["input_ids"] == processor.image_token_id).sum(1).tolist() == [128, 64]
+    with torch.no_grad():  # the two images' single crops, encoded directly
+        crops = batch["pixel_values"][:2, 0]
+        hidden = model.model.vision_tower(crops, output_hidden_states=True).hidden_states[-1]
+        features = model.model.multi_modal_projector(hidden)
+    got = seen[0][0][batch["input_ids"][0] == processor.image_token_id]
+    expected = torch.cat([features[0][records[0].indices], features[1][records[1].indices]])
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+
+
+def test_multi_image_samples_in_the_native_layout_count_like_hf(tiny_ov):
+    """Method none, native layout: HF's own multi-image layout (729 tokens + one newline per image), as an unpatched
+    processor emits it and the encoder packs it."""
+    model, processor, _ = tiny_ov
+    images = [[shape_image(700, 300, 1), shape_image(300, 500, 2)], [shape_image(300, 120, 3)]]
+    plain = _multi_image_batch(processor, images)
+    with hiprune.apply(model, hiprune.build_method("none"), processor, layout="native") as session, torch.no_grad():
+        batch = _multi_image_batch(processor, images)
+        packed = model.model.get_image_features(batch["pixel_values"], batch["image_sizes"],
+                                                batch_num_images=batch["batch_num_images"]).pooler_output
+        [records] = session.pop_records()
+    assert torch.equal(batch["input_ids"], plain["input_ids"])
+    counts = (batch["input_ids"] == processor.image_token_id).sum(1).tolist()
+    assert [len(image) for image in packed][:2] == [729 + 1] * 2 and counts[0] == 2 * (729 + 1)
+    assert len(packed[2]) == counts[1]
+    assert [r.tokens_in for r in records][:2] == [729, 729]
+
+
+def test_lmms_model_answers_a_two_image_doc(tiny_ov, monkeypatch):
+    """Through the lmms-eval model's generate_until (lmms-eval passes a doc's visuals as a list): a two-image doc and a
+    one-image doc in one batch, HiPrune++ with N' = 64 per image; the records say what the LLM's input held."""
+    from lmms_eval.api.instance import Instance
+    from transformers import LlavaOnevisionForConditionalGeneration
+
+    from eval.lmms.llava_onevision import HiPruneLlavaOnevision
+
+    model, _, path = tiny_ov  # the lmms-eval model loads the conftest's copy, so the hook sees the LLM's input
+    monkeypatch.setattr(LlavaOnevisionForConditionalGeneration, "from_pretrained",
+                        classmethod(lambda klass, *args, **kwargs: model))
+    docs = [{"visuals": [shape_image(700, 300, 1), shape_image(300, 500, 2)], "question": "Which one is larger?"},
+            {"visuals": [shape_image(300, 120, 3)], "question": "Is there a red circle?"}]
+    counts = []
+
+    def count(module, args, kwargs):
+        if kwargs["input_ids"].shape[1] > 1:
+            counts.extend((kwargs["input_ids"] == model.config.image_token_id).sum(1).tolist())
+
+    hook = model.model.register_forward_pre_hook(count, with_kwargs=True)
+    lmm = HiPruneLlavaOnevision(pretrained=str(path), method="hiprune_pp", budget=64, device="cpu", batch_size=2)
+    lmm.task_dict = {"probe": {"test": dict(enumerate(docs))}}
+    requests = [Instance("generate_until", (doc["question"], {"max_new_tokens": 1}, lambda d: d["visuals"], i,
+                                            "probe", "test"), idx=0, metadata={"task": "probe", "doc_id": i,
+                                                                               "repeats": 1})
+                for i, doc in enumerate(docs)]
+    try:
+        answers = lmm.generate_until(requests)
+    finally:
+        hook.remove()
+        lmm.close()
+    assert len(answers) == 2
+    assert lmm.kept_tokens[("probe", "test")] == {0: [64, 64], 1: [32, 32]}
+    assert sorted(counts) == [64, 128]

@@ -1,6 +1,6 @@
 """Qwen3-VL adapter: per-image ratio budgets, the LLM gets exactly the kept tokens with their own DeepStack features and
-their unpruned M-RoPE positions, keeping everything equals the unpruned model, refusals before patching, and an
-lmms-eval run."""
+their unpruned M-RoPE positions, keeping everything equals the unpruned model, refusals before patching, the
+object-layer probe on the merged grid, and an lmms-eval run."""
 
 from __future__ import annotations
 
@@ -92,6 +92,25 @@ def test_refusals_come_before_loading_in_a_run_config():
                               "CLIP text tower")
     assert_run_config_refused(["model=tiny_qwen3vl", "method=sparsevlm", "budget=0.334", "benchmark=smoke_pope",
                                "method.options.layers=[0,1,2]"], "recycled token")  # inside the DeepStack layers
+
+
+def test_object_layer_probe_reads_the_merged_grid(tiny_q3):
+    """Every image resized to side x side px: (side / 32)^2 merged tokens; a mask covering the whole (unpadded) image
+    holds every token, so each layer's top-k set has IoU k / n with it."""
+    from PIL import Image
+
+    from eval.report.probe import probe
+
+    model, processor, _ = tiny_q3
+    images = [shape_image(300, 200, 1), shape_image(150, 220, 2)]
+    masks = [Image.new("L", image.size, 255) for image in images]
+    result = probe(model, processor, images, top=0.1, masks=masks, side=256)
+    assert result.grid == (8, 8) and result.layers == list(range(1, 9)) and result.top_k == 6
+    assert result.mask_iou == pytest.approx([6 / 64] * 8)
+    assert all(value > 0 for value in result.dispersion) and 1 <= result.suggested_layer <= 8
+    assert all(row[i] == pytest.approx(1.0) for i, row in enumerate(result.overlap))
+    with pytest.raises(ValueError, match="multiple of Qwen3-VL's 32-px merged token"):
+        probe(model, processor, images, side=250)
 
 
 @pytest.mark.slow

@@ -7,13 +7,13 @@ As lmms-eval 0.7.3's ``internvl_hf`` chat model: one user turn with every image 
 checkpoint's chat template with the generation prompt, dynamic tiling by the checkpoint's processor with
 ``min_patches=1`` / ``max_patches=12`` tiles (plus the thumbnail), 1024 new tokens unless the task sets
 ``max_new_tokens``, greedy, answers decoded without cutting at stop strings or stripping. "<image>" placeholders in
-the question are removed (the images go first). Budgets are ratios of every tile (hiprune/adapters/internvl.py); the
-kept tokens per sample list one entry per tile, in tile order (thumbnail last).
+the question are removed (the images go first). Budgets are per tile (hiprune/adapters/internvl.py): a ratio of every
+tile, or an int N' per image split int(N' / tiles) over its tiles; prompt-aware methods (hiprune_pp) compare every
+tile with its own sample's question. The kept tokens per sample list one entry per tile, in tile order (thumbnail last
+of each image).
 """
 
 from __future__ import annotations
-
-import re
 
 from transformers import InternVLForConditionalGeneration
 
@@ -32,6 +32,7 @@ class HiPruneInternVL(HiPruneLMM):
     kept_unit = "tile (every 448-px tile and the thumbnail)"
     default_pretrained = "OpenGVLab/InternVL3-8B-hf"
     loading_options = {"min_patches": DEFAULT_MIN_PATCHES, "max_patches": DEFAULT_MAX_PATCHES}
+    adapter_option_names = ("max_patches",)  # the most-tiled image, for the int budget check before patching
 
     def load(self, pretrained, revision, attn_implementation, min_patches, max_patches):
         self.min_patches, self.max_patches = int(min_patches), int(max_patches)
@@ -60,17 +61,14 @@ class HiPruneInternVL(HiPruneLMM):
         batch = self.processor(text=texts, images=flat or None, padding=True, padding_side="left",
                                return_tensors="pt", min_patches=self.min_patches, max_patches=self.max_patches,
                                crop_to_patches=True)
-        # tiles per image: the image tokens between each <img> ... </img>, divided by the kept tokens per tile
-        keep = self.session.adapter.kept_per_tile(self.method)
-        start, end = self.processor.start_image_token_id, self.processor.end_image_token_id
-        expected = []
-        for row, sample in zip(batch["input_ids"].tolist(), images):
-            spans = re.findall(r"s(c*)e", "".join("s" if t == start else "e" if t == end else
-                                                   "c" if t == self.processor.image_token_id else "." for t in row))
-            if len(spans) != len(sample) or any(len(span) % keep for span in spans):
-                raise ValueError(f"{len(spans)} image spans of {[len(s) for s in spans]} tokens for {len(sample)} "
-                                 f"images at {keep} tokens per tile")
-            expected.append([keep for span in spans for _ in range(len(span) // keep)])
+        # tiles per image, as the (patched) processor recorded them; the adapter checks them against input_ids
+        adapter = self.session.adapter
+        recorded = adapter.recorded_tiles if flat else []
+        if recorded is None or len(recorded) != len(flat):
+            raise ValueError(f"the processor recorded the tiles of {recorded} images for {len(flat)} images")
+        tiles = iter(recorded)
+        expected = [[keep for _ in sample for keep in adapter.tile_keeps(self.method, next(tiles))]
+                    for sample in images]
         batch = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "pixel_values")}
         return batch, expected
 

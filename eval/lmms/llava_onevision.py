@@ -12,8 +12,10 @@ anyres_max_9 downsampling, newline tokens), and so do LLM-side methods (FastV, P
 before the LLM); methods that prune before the LLM run the 'spatial' layout with per-crop budgets (see
 hiprune/adapters/llava_onevision.py); the kept tokens per sample list one entry per crop grid, base first.
 
-Multi-image samples are refused (lmms-eval's model switches them to one padded 384 px image each, which this model
-does not lay out yet).
+Multi-image samples as lmms-eval's model (LLaVA's ``image_aspect_ratio="pad"`` for several images): one placeholder
+per image ("<image> <image>\\n<question>"), each image padded to a square with the mean colour and resized to 384 px,
+one crop of 729 tokens pruned with the image's whole budget; no newline token in the pruning layout (LLaVA's code
+encodes the stacked images without one), HF's one newline per image in the native layout (method none).
 """
 
 from __future__ import annotations
@@ -66,18 +68,19 @@ class HiPruneLlavaOnevision(HiPruneLMM):
     def build_inputs(self, contexts, images):
         if len(contexts) != len(images):
             raise ValueError(f"{len(contexts)} prompts but {len(images)} image lists")
-        many = [len(sample) for sample in images if len(sample) > 1]
-        if many:
-            raise ValueError(f"a sample has {many[0]} images: hiprune_llava_onevision runs single-image samples only")
         adapter = self.session.adapter
-        flat = [to_rgb(image) for sample in images for image in sample]
+        nested = [[to_rgb(image) for image in sample] for sample in images if sample]
         batch: dict[str, torch.Tensor] = {}
         layouts = []
-        if flat:
-            pixels = self.processor.image_processor(flat, return_tensors="pt")
+        if nested:
+            # a sample of several images: each one padded to a square and resized, one crop (HF's batch_num_images)
+            pixels = self.processor.image_processor(nested, return_tensors="pt")
             batch["pixel_values"] = pixels["pixel_values"]
             batch["image_sizes"] = pixels["image_sizes"]
-            layouts = [adapter.image_layout(size, self.method) for size in pixels["image_sizes"]]
+            batch["batch_num_images"] = pixels["batch_num_images"]
+            multi = [len(sample) > 1 for sample in nested for _ in sample]
+            layouts = [adapter.single_crop_layout(self.method) if m else adapter.image_layout(size, self.method)
+                       for size, m in zip(pixels["image_sizes"], multi)]
         image_id = self.processor.image_token_id
         sequences, expected, cursor = [], [], 0
         for context, sample in zip(contexts, images):

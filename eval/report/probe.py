@@ -22,8 +22,14 @@ Writes <out>/dispersion.{png,pdf}, <out>/overlap.{png,pdf}, <out>/probe.json (pe
 and <out>/probe.csv. A progress bar counts the images; unreadable images are reported and skipped (listed in
 probe.json's notes); a sample smaller than MIN_IMAGES images, or a ``--top`` fraction that leaves fewer than two tokens,
 is warned about (and noted in probe.json): the curve and the suggested layer are then noisy. Works for fixed-grid
-towers (CLIP on LLaVA-1.5; SigLIP on LLaVA-OneVision, base image): scores
-come from the adapter's attention modules through hiprune.capture, with SDPA kept for the layer outputs.
+towers (CLIP on LLaVA-1.5; SigLIP on LLaVA-OneVision, base image), InternVL3 (every image as one 448-px tile: its 16 x
+16 pixel-shuffled tokens) and Qwen3-VL (every image resized to ``--side`` x ``--side`` px, default 1024: 32 x 32 merged
+tokens); on the last two a token's score and feature are the means over its 2 x 2 patches, as the adapter gives them
+to HiPrune. Scores come from the adapter's attention modules through hiprune.capture, with SDPA kept for the layer
+outputs. Not for Qwen2.5-VL (windowed blocks score per window) or Video-LLaVA / LLaVA-NeXT beyond their CLIP grid.
+
+    python -m eval.report.probe --images DIR --model internvl3_8b --limit 500
+    python -m eval.report.probe --images DIR --model qwen3vl_8b --limit 500 [--side 1024]
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -47,7 +54,7 @@ import hiprune
 from eval.config import REPO_ROOT, compose_config
 from eval.report.plots import save_figure  # png + pdf, closes the figure
 from eval.report.visualize import input_builder, load_vlm
-from hiprune.capture import AttentionScores
+from hiprune.capture import AttentionScores, Capture, Tap
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
 MIN_IMAGES = 20  # below this, the per-layer means (and the layer of the largest rise) move with the sample
@@ -66,6 +73,7 @@ class ProbeResult:
     n_images: int
     grid: tuple[int, int]
     notes: list[str] = field(default_factory=list)
+    encoder_input: str = ""  # what the encoder saw of each image (ProbeView.input)
 
 
 def list_images(folder: Path, limit: int | None = None) -> list[Path]:
@@ -135,26 +143,119 @@ def mask_patches(mask: Image.Image, grid: tuple[int, int], pad_to_square: bool =
     return {int(i) for i in np.flatnonzero(cover.reshape(-1) > 0.5)}
 
 
+@dataclass
+class ProbeView:
+    """How the probe reads one family's encoder: the token grid of one image, and per batch of images the per-layer
+    scores [B, n] and the last layer's features [B, n, d] of that grid (from the adapter's geometry)."""
+
+    grid: tuple[int, int]
+    encode: Callable[[list[Image.Image]], tuple[dict[int, torch.Tensor], torch.Tensor]]
+    pad_to_square: bool  # whether the image reaches the encoder padded to a square (masks are padded the same way)
+    input: str  # what the encoder sees, for the records
+
+
+def fixed_grid_view(adapter, processor, model_cfg, device, dtype) -> ProbeView:
+    """Fixed-grid towers (CLIP on LLaVA-1.5, SigLIP on LLaVA-OneVision): one token per patch; anyres processors give
+    the base image of every sample; the CLS key (where there is one) dropped."""
+    builder = input_builder(processor, model_cfg)
+    n_layers = adapter.num_encoder_layers()
+    front = 1 if adapter.has_cls else 0  # a CLS token ahead of the patches (CLIP), none on SigLIP
+    modules = {l: adapter.attention_module(l) for l in range(1, n_layers + 1)}
+    grid = tuple(adapter.grid)
+
+    def encode(images):
+        pixels = builder.image_processor([img.convert("RGB") for img in images], return_tensors="pt")["pixel_values"]
+        if pixels.dim() == 5:  # anyres processors (LLaVA-OneVision): the base image of every sample
+            pixels = pixels[:, 0]
+        with AttentionScores({str(l): m for l, m in modules.items()}) as capture:
+            out = adapter.inner.vision_tower(pixels.to(device, dtype), output_hidden_states=True)
+            scores = capture.collect()
+        features = out.hidden_states[-1][:, front:, :].float()  # last encoder layer, CLS dropped
+        if features.shape[1] != grid[0] * grid[1]:
+            raise RuntimeError(f"expected {grid[0] * grid[1]} patch tokens, got {features.shape[1]} (the probe reads "
+                               f"one token per patch; the {adapter.family} encoder merges patches before the LLM)")
+        return {l: scores[str(l)][:, front:].float() for l in modules}, features
+
+    return ProbeView(grid, encode, builder.pad_to_square, "the image (base image of anyres processors)")
+
+
+def internvl_view(adapter, processor, model_cfg, device, dtype) -> ProbeView:
+    """InternVL3: every image as one 448-px tile (the whole image resized, ``max_patches=1``: no dynamic tiles, no
+    thumbnail); scores and last-layer features of its 16 x 16 pixel-shuffled tokens, each the mean over its 2 x 2
+    patches (the adapter's merged_captures: what HiPrune ranks on this family), CLS dropped."""
+    n_layers = adapter.num_encoder_layers()
+    modules = {str(l): adapter.attention_module(l) for l in range(1, n_layers + 1)}
+
+    def encode(images):
+        pixels = processor.image_processor([img.convert("RGB") for img in images], max_patches=1,
+                                           crop_to_patches=True, return_tensors="pt")["pixel_values"]
+        if pixels.shape[0] != len(images):
+            raise RuntimeError(f"expected one tile per image, got {pixels.shape[0]} tiles for {len(images)} images")
+        with AttentionScores(modules) as capture:
+            out = adapter.inner.vision_tower(pixel_values=pixels.to(device, dtype), output_hidden_states=True)
+            scores = capture.collect()
+        merged = adapter.merged_captures({**scores, "features": out.hidden_states[-1]}, len(images))
+        return {int(l): merged[l].float() for l in modules}, merged["features"].float()
+
+    return ProbeView(tuple(adapter.grid), encode, False, "one 448-px tile per image (max_patches=1)")
+
+
+def qwen3_vl_view(adapter, processor, model_cfg, device, dtype, side: int) -> ProbeView:
+    """Qwen3-VL: the grid follows the image size, so every image is resized to ``side`` x ``side`` px (a multiple of
+    the 32-px merged token; default 1024: 32 x 32 = 1024 merged tokens, the Qwen2.5-VL reference image); scores and
+    last-block outputs per merged token, each the mean over its 2 x 2 patches (the adapter's merged_captures)."""
+    unit = adapter.vision_config.patch_size * adapter.merge
+    if side % unit:
+        raise ValueError(f"--side {side} is not a multiple of Qwen3-VL's {unit}-px merged token")
+    n_layers = adapter.num_encoder_layers()
+    taps = {adapter.attention_module(l): [Tap(str(l), "attention", "all")] for l in range(1, n_layers + 1)}
+    taps.setdefault(adapter.layer_module(n_layers), []).append(Tap("features", "hidden", "all"))
+
+    def encode(images):
+        resized = [img.convert("RGB").resize((side, side), Image.BICUBIC) for img in images]
+        inputs = processor.image_processor(resized, size={"shortest_edge": side * side, "longest_edge": side * side},
+                                           return_tensors="pt")
+        grid_thw = inputs["image_grid_thw"]
+        with Capture(taps) as capture:
+            adapter.inner.visual(inputs["pixel_values"].to(device, dtype), grid_thw=grid_thw.to(device))
+            merged = {name: torch.stack(adapter.merged_captures(capture.chunks.get(name), grid_thw))
+                      for name in capture.names}
+        return {int(name): merged[name].float() for name in merged if name != "features"}, merged["features"].float()
+
+    return ProbeView((side // unit, side // unit), encode, False, f"the image resized to {side} x {side} px")
+
+
+DEFAULT_SIDE = 1024  # Qwen3-VL: the probe's image side in pixels (32 x 32 merged tokens)
+
+
+def probe_view(adapter, processor, model_cfg, device, dtype, side: int = DEFAULT_SIDE) -> ProbeView:
+    """The probe's reading of ``adapter``'s encoder: a family view, or a fixed-grid tower."""
+    if adapter.family == "qwen3_vl":
+        return qwen3_vl_view(adapter, processor, model_cfg, device, dtype, side)
+    if adapter.family == "internvl":
+        return internvl_view(adapter, processor, model_cfg, device, dtype)
+    if not isinstance(getattr(adapter, "grid", None), tuple):
+        raise ValueError(f"the object-layer probe reads fixed-grid towers, InternVL3 and Qwen3-VL; the "
+                         f"{adapter.family} encoder's grid depends on the image size and its blocks are windowed "
+                         "(pick the layer by a sweep of method.options.object_layer)")
+    return fixed_grid_view(adapter, processor, model_cfg, device, dtype)
+
+
 @torch.no_grad()
 def probe(model, processor, images: list[Image.Image], top: float = 0.05, masks: list[Image.Image | None] | None = None,
-          batch_size: int = 8, model_cfg: dict | None = None) -> ProbeResult:
-    """Dispersion and overlap per encoder layer of ``model`` (a VLM with a harness adapter) over ``images``."""
+          batch_size: int = 8, model_cfg: dict | None = None, side: int = DEFAULT_SIDE) -> ProbeResult:
+    """Dispersion and overlap per encoder layer of ``model`` (a VLM with a harness adapter) over ``images``
+    (``side``: the image side in pixels on Qwen3-VL, whose grid follows the image size)."""
     if not 0 < top <= 1:
         raise ValueError(f"top must be a fraction in (0, 1], got {top}")
     adapter = hiprune.adapter_for(model)
     n_layers = adapter.num_encoder_layers()
-    if not isinstance(getattr(adapter, "grid", None), tuple):
-        raise ValueError(f"the object-layer probe reads fixed-grid towers; the {adapter.family} encoder's grid depends "
-                         "on the image size (pick the layer by a sweep of method.options.object_layer)")
-    grid = tuple(adapter.grid)
-    n = grid[0] * grid[1]
-    k = max(2, int(n * top))
-    builder = input_builder(processor, model_cfg or {})
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
-    tower = adapter.inner.vision_tower
-    front = 1 if adapter.has_cls else 0  # a CLS token ahead of the patches (CLIP), none on SigLIP
-    modules = {l: adapter.attention_module(l) for l in range(1, n_layers + 1)}
+    view = probe_view(adapter, processor, model_cfg or {}, device, dtype, side)
+    grid = view.grid
+    n = grid[0] * grid[1]
+    k = max(2, int(n * top))
 
     notes = sample_warnings(len(images), n, top)
     distances = [[] for _ in range(n_layers)]
@@ -165,20 +266,14 @@ def probe(model, processor, images: list[Image.Image], top: float = 0.05, masks:
     for start in range(0, len(images), batch_size):
         chunk = images[start:start + batch_size]
         progress.update(len(chunk))
-        pixels = builder.image_processor([img.convert("RGB") for img in chunk], return_tensors="pt")["pixel_values"]
-        if pixels.dim() == 5:  # anyres processors (LLaVA-OneVision): the base image of every sample
-            pixels = pixels[:, 0]
-        with AttentionScores({str(l): m for l, m in modules.items()}) as capture:
-            out = tower(pixels.to(device, dtype), output_hidden_states=True)
-            scores = capture.collect()
-        features = out.hidden_states[-1][:, front:, :].float()  # last encoder layer, CLS dropped
-        if features.shape[1] != n:
-            raise RuntimeError(f"expected {n} patch tokens, got {features.shape[1]} (the probe reads one token per "
-                               f"patch; the {adapter.family} encoder merges patches before the LLM)")
+        scores, features = view.encode(chunk)
+        if tuple(features.shape[:2]) != (len(chunk), n):
+            raise RuntimeError(f"the {adapter.family} probe view gave features {tuple(features.shape)}, expected "
+                               f"({len(chunk)}, {n}, d) for a {grid[0]} x {grid[1]} grid")
         for b in range(len(chunk)):
             tops = []
             for l in range(1, n_layers + 1):
-                s = scores[str(l)][b, front:].float()
+                s = scores[l][b]
                 idx = torch.sort(-s, stable=True).indices[:k]
                 tops.append(set(idx.tolist()))
                 distances[l - 1].append(float(torch.pdist(features[b, idx]).mean()))
@@ -187,7 +282,7 @@ def probe(model, processor, images: list[Image.Image], top: float = 0.05, masks:
                     overlap[i, j] += _iou(tops[i], tops[j])
             mask = None if masks is None else masks[start + b]
             if mask is not None:
-                objects = mask_patches(mask, grid, builder.pad_to_square)
+                objects = mask_patches(mask, grid, view.pad_to_square)
                 mask_iou += np.array([_iou(t, objects) for t in tops])
                 n_masked += 1
     progress.close()
@@ -207,6 +302,7 @@ def probe(model, processor, images: list[Image.Image], top: float = 0.05, masks:
         n_images=count,
         grid=grid,
         notes=notes,
+        encoder_input=view.input,
     )
 
 
@@ -284,6 +380,8 @@ def main(argv: list[str] | None = None) -> ProbeResult:
     parser.add_argument("--masks", type=Path, help="folder of object masks named like the images (optional)")
     parser.add_argument("--limit", type=int, help="use only the first N images (sorted by name)")
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--side", type=int, default=DEFAULT_SIDE, help="Qwen3-VL only: every image is resized to "
+                        "SIDE x SIDE px (a multiple of 32; its grid follows the image size)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--out", type=Path, help="output folder (default results/probe/<model>)")
     parser.add_argument("overrides", nargs="*", help="more Hydra overrides of the model config (model.dtype=...)")
@@ -305,7 +403,7 @@ def main(argv: list[str] | None = None) -> ProbeResult:
     cfg = compose_config([f"model={args.model}", f"device={args.device}", "method=none", *args.overrides])
     model, processor, _ = load_vlm(cfg)
     result = probe(model, processor, images, top=args.top, masks=masks, batch_size=args.batch_size,
-                   model_cfg=cfg.model)
+                   model_cfg=cfg.model, side=args.side)
     result.notes = [*skipped, *result.notes]
     for note in result.notes[len(skipped):]:
         print(f"[probe] warning: {note}")

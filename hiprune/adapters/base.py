@@ -505,7 +505,11 @@ class Adapter:
     def install(self, stack: ExitStack, session: PruningSession, processor: Any | None) -> None:
         self.install_model(stack, session)
         if processor is not None:
-            patch_processor(stack, processor, self.placeholder_counts(session.method))
+            self.install_processor(stack, session, processor)
+
+    def install_processor(self, stack: ExitStack, session: PruningSession, processor: Any) -> None:
+        """Make ``processor`` emit the placeholder tokens the model will fill (default: ``placeholder_counts``)."""
+        patch_processor(stack, processor, self.placeholder_counts(session.method))
 
     def install_model(self, stack: ExitStack, session: PruningSession) -> None:
         """Wrap the model's own calls (restored by ``stack``) so the method runs on every vision forward."""

@@ -10,12 +10,18 @@ tokens to the LLM, token (r, c) standing for patches rows 2r..2r+1 x cols 2c..2c
 Pruning: every tile is one 16 x 16 grid, pruned on its own, its kept tokens in raster order, tiles in their order
 (thumbnail last); the processor emits the kept count between ``<img>`` and ``</img>``. Scores, keys and hidden
 states of a token are the mean over its 2 x 2 patches (as on Qwen2.5-VL); a CLS request reads the CLS row of the
-tile. Budget: the tile count varies per image and the encoder call does not know which image a tile belongs to, so
-the budget is a ratio of every tile (``budget=0.25``: round(256 x 0.25) per tile, the same share of every image), as
-LLaVA-NeXT's official per-crop rule; an int budget is refused (its int(N' / tiles) split needs the image's tile
-count). Refused before loading: merging inside the encoder (the pixel shuffle needs the full 32 x 32 patch grid),
-VisionZip (CLS tokens in front are not laid out), prompt-aware methods (HiPrune++, TRIM: a tile's prompt is unknown
-to the encoder call).
+tile.
+
+Tiles -> images. The encoder call gets the tiles of all images stacked; which image a tile belongs to is the tile
+count per image (``num_patches``) that the processor computed: the patched processor records it (its last call) and
+every encoder call checks it against the tiles it got and against the image tokens between each ``<img>`` and
+``</img>`` of ``input_ids`` (a mismatch, e.g. inputs built by another processor call, is a PruningError naming what
+differs). Budgets are per tile, as LLaVA-NeXT's official per-crop rule: a ratio keeps round(256 x ratio) of every tile;
+an int budget N' is per image, int(N' / tiles) tokens for each of its tiles (thumbnail included; N' from 1 tile up to
+``max_patches`` + 1 tiles is checked before patching). Prompt-aware methods (HiPrune++) compare every tile with its
+image's prompt, the mean LLM input embedding of the prompt's tokens (the projected tile tokens live in that space).
+Refused before loading: merging inside the encoder (the pixel shuffle needs the full 32 x 32 patch grid), VisionZip
+(CLS tokens in front are not laid out), TRIM (no paired CLIP text tower).
 
 LLM-side methods (FastV, PyramidDrop, SparseVLM: ``hiprune.adapters.llm_pruning``): nothing is pruned before the LLM;
 an image is one visual of the drop schedule, all its tiles (thumbnail included) between ``<img>`` and ``</img>``
@@ -37,31 +43,37 @@ from transformers import InternVLForConditionalGeneration
 from hiprune.adapters.base import (
     Adapter,
     GridInput,
+    LlmPromptEmbeddings,
     PruningError,
     PruningSession,
     patch_attribute,
     register_adapter,
+    split_budget,
     stable_ids,
 )
 from hiprune.adapters.llm_pruning import check_llm_method, install_decoder_drop
-from hiprune.methods.base import Method, resolve_budget
+from hiprune.methods.base import Method
 
 # HiPrune's object layer by relative depth: CLIP-L's 9 of 24 layers; InternViT-300M has 24 (layer 9), the feature
 # layer is its last (the deep layer, as on CLIP-L). Not probed on real weights.
 RELATIVE_OBJECT_DEPTH = 9 / 24
+DEFAULT_MAX_PATCHES = 12  # dynamic tiles of the most-tiled image (lmms-eval's internvl_hf, the checkpoints' processor)
+TILES_ATTRIBUTE = "hiprune_tiles_per_image"  # set on the encoder output: tiles per image, for the input_ids check
+TILE_SPLIT = "InternVL's tiles as LLaVA-NeXT's official crops: every tile keeps int(N' / tiles)"
 
 
 @register_adapter
-class InternVLAdapter(Adapter):
+class InternVLAdapter(LlmPromptEmbeddings, Adapter):
     family = "internvl"
     model_types = (InternVLForConditionalGeneration,)
     stages = ("none", "vision", "llm")  # llm: hiprune.adapters.llm_pruning, an image = all its tiles
+    # HiPrune++ compares prompts in the LLM's input-embedding space (the projected tile tokens live there)
     needs_prompt_encoder = False
     has_cls = True
     stage_limits = {"encoder": "its pixel shuffle reads the full 32 x 32 patch grid of every tile, which merging inside "
                                "the encoder would break; use a method that prunes before the LLM"}
 
-    def __init__(self, model: InternVLForConditionalGeneration):
+    def __init__(self, model: InternVLForConditionalGeneration, max_patches: int = DEFAULT_MAX_PATCHES):
         super().__init__(model)
         self.inner = model.model
         self.config = model.config
@@ -78,6 +90,11 @@ class InternVLAdapter(Adapter):
         if self.side % self.shuffle:
             raise ValueError(f"a {self.side} x {self.side} patch grid cannot be pixel-shuffled by {self.shuffle}")
         self.grid = (self.side // self.shuffle, self.side // self.shuffle)
+        self.max_patches = int(max_patches)
+        if self.max_patches < 1:
+            raise ValueError(f"max_patches must be >= 1, got {max_patches}")
+        self.tokenizer = None  # the processor's, for prompt-aware methods (set by install)
+        self.recorded_tiles: list[int] | None = None  # tiles per image of the processor's last call (while installed)
 
     # --- encoder description -------------------------------------------------------------------------------
     def encoder_layers(self) -> nn.ModuleList:
@@ -102,51 +119,119 @@ class InternVLAdapter(Adapter):
     def tokens_per_tile(self) -> int:
         return self.grid[0] * self.grid[1]
 
+    def max_tiles(self) -> int:
+        """Tiles of the most-tiled image: ``max_patches`` dynamic tiles + the thumbnail (none for a single tile)."""
+        return self.max_patches + 1 if self.max_patches > 1 else 1
+
     def describe_encoder(self) -> dict[str, Any]:
         return {
             **super().describe_encoder(),
             "grid": list(self.grid),
-            "grids_per_image": "1..12 dynamic 448-px tiles + a thumbnail (more than one tile), each its own grid",
+            "grids_per_image": f"1..{self.max_patches} dynamic 448-px tiles + a thumbnail (more than one tile), each "
+                               "its own grid",
             "cls": "scored, dropped before the pixel shuffle (vision_feature_select_strategy=default)",
             "merge": f"pixel shuffle: {self.shuffle}x{self.shuffle} patches -> 1 token; score = mean of the "
                      f"{self.shuffle**2} patch scores",
+            "budget": "per tile: a ratio of every tile, or int(N' / tiles) of an image's int budget N'",
             "default_object_layer": self.default_object_layer(),
         }
 
-    def tokens_per_image(self, method: Method) -> None:
-        """None: the count depends on the image's tile count (see :meth:`kept_per_tile`)."""
-        self.kept_per_tile(method)  # validates the budget
-        return None
+    # --- budgets -------------------------------------------------------------------------------------------
+    def tile_budgets(self, method: Method, tiles: int) -> list[int]:
+        """The method's budget for each tile of an image of ``tiles`` tiles (LLaVA-NeXT's official per-crop rule)."""
+        return split_budget(method.budget, [self.tokens_per_tile()] * tiles, "tile", "equal", TILE_SPLIT)
 
-    def kept_per_tile(self, method: Method) -> int:
+    def tile_keeps(self, method: Method, tiles: int) -> list[int]:
+        """Tokens the LLM receives from each tile of an image of ``tiles`` tiles, in tile order."""
         n = self.tokens_per_tile()
         if method.stage != "vision":
-            return n
-        keep = method.kept_count(self.tile_budget(method))
-        if keep > n:
-            raise ValueError(f"method {method.name!r} keeps {keep} tokens of a tile with only {n}")
-        return keep
+            return [n] * tiles
+        keeps = [method.kept_count(b) for b in self.tile_budgets(method, tiles)]
+        if max(keeps) > n:
+            raise ValueError(f"method {method.name!r} keeps {max(keeps)} tokens of a tile with only {n}")
+        return keeps
 
-    def tile_budget(self, method: Method) -> int:
-        if not isinstance(method.budget, float):
-            raise ValueError(
-                f"budget {method.budget!r}: on InternVL the budget is a ratio of every tile (e.g. budget=0.25: "
-                f"round({self.tokens_per_tile()} x 0.25) tokens per tile); an int budget would need the image's tile "
-                "count, which the encoder call does not know"
-            )
-        return resolve_budget(method.budget, self.tokens_per_tile())
+    def image_tokens(self, method: Method, tiles: int) -> int:
+        """Visual tokens between an image's ``<img>`` and ``</img>`` (what the processor emits)."""
+        return sum(self.tile_keeps(method, tiles))
+
+    def tokens_per_image(self, method: Method) -> None:
+        """None: the count depends on the image's tile count (see :meth:`image_tokens`)."""
+        self.check_budget(method)
+        return None
+
+    def check_budget(self, method: Method) -> None:
+        """Every tile count from 1 to :meth:`max_tiles` can take the budget (int(N' / tiles) >= 1, <= 256)."""
+        for tiles in sorted({1, self.max_tiles()}):
+            self.tile_keeps(method, tiles)
 
     def check_supported(self, method: Method, prompt_encoder: Any = None) -> None:
-        if method.needs_prompt:
-            raise ValueError(
-                f"method {method.name!r} compares visual tokens with the prompt; the {self.family} adapter cannot: "
-                "the encoder call does not know which image (prompt) a tile belongs to"
-            )
         super().check_supported(method, prompt_encoder)
+        if prompt_encoder is not None:
+            raise ValueError(
+                f"the {self.family} adapter compares prompts with the LLM's own input embeddings; it takes no prompt "
+                "encoder"
+            )
         if method.stage == "vision":
-            self.kept_per_tile(method)
+            self.check_budget(method)
         if method.stage == "llm":  # a one-tile image: the fewest tokens an image has
             check_llm_method(method, self.config.text_config, self.family, self.tokens_per_tile())
+
+    # --- tiles -> images -----------------------------------------------------------------------------------
+    def image_spans(self, input_ids: torch.Tensor) -> list[list[int]]:
+        """Per row of ``input_ids``, the image tokens of each of its images (each image's run between ``<img>`` and
+        ``</img>``)."""
+        spans = []
+        for row in (input_ids == self.config.image_token_id).to("cpu", torch.int8):
+            edges = torch.diff(torch.cat([row.new_zeros(1), row, row.new_zeros(1)]))
+            starts, ends = (edges == 1).nonzero()[:, 0], (edges == -1).nonzero()[:, 0]
+            spans.append((ends - starts).tolist())
+        return spans
+
+    def image_tiles(self, n_tiles: int) -> list[int]:
+        """Tiles per image of one encoder call, in image order: the processor's record of its last call, checked
+        against the tiles the encoder got (PruningError on a mismatch)."""
+        tiles = self.recorded_tiles
+        if tiles is None:
+            raise PruningError(
+                f"the InternVL encoder got {n_tiles} tiles but no processor call recorded each image's tile count: "
+                "build the inputs with the processor passed to hiprune.apply"
+            )
+        if sum(tiles) != n_tiles:
+            raise PruningError(
+                f"the processor's last call cut {len(tiles)} images into {tiles} tiles ({sum(tiles)} in all) but the "
+                f"encoder got {n_tiles} tiles: the inputs come from another processor call"
+            )
+        return list(tiles)
+
+    def check_spans(self, method: Method, input_ids: torch.Tensor, tiles: list[int]) -> None:
+        """The image tokens of every image in ``input_ids`` must be what its tiles pass on (PruningError naming the
+        image otherwise). generate() may repeat every sample's row (beam search: ``expand`` copies in a row, the
+        encoder outputs repeated with them); the copies of a sample must hold the same images."""
+        rows = self.image_spans(input_ids)
+        found = [span for row in rows for span in row]
+        expand, rest = divmod(len(found), len(tiles)) if tiles else (0, len(found))
+        if rest or not expand or len(rows) % expand:
+            raise PruningError(
+                f"input_ids hold {len(found)} images (<img> ... </img> runs of {found} image tokens in {len(rows)} "
+                f"rows) but the encoder call pruned {len(tiles)} images of {tiles} tiles"
+            )
+        image = 0
+        for first in range(0, len(rows), expand):
+            copies = rows[first : first + expand]
+            if any(copy != copies[0] for copy in copies):
+                raise PruningError(f"rows {first}..{first + expand - 1} repeat one sample but hold the images {copies}")
+            for span in copies[0]:
+                if image == len(tiles):
+                    raise PruningError(f"input_ids hold more images than the {len(tiles)} the encoder call pruned")
+                want = self.image_tokens(method, tiles[image])
+                if span != want:
+                    raise PruningError(
+                        f"image {image}: {span} image tokens in input_ids, but its {tiles[image]} tiles pass {want} "
+                        f"under method {method.name!r} (budget {method.budget}): the inputs come from another "
+                        "processor call"
+                    )
+                image += 1
 
     # --- captures ------------------------------------------------------------------------------------------
     def merged_captures(self, captured: dict[str, torch.Tensor], tiles: int) -> dict[str, torch.Tensor]:
@@ -163,51 +248,84 @@ class InternVLAdapter(Adapter):
 
     # --- installation --------------------------------------------------------------------------------------
     def install(self, stack: ExitStack, session: PruningSession, processor: Any | None) -> None:
-        self.install_model(stack, session)
-        if processor is None:
-            return
+        if processor is None and session.method.stage == "vision":
+            raise ValueError(
+                f"method {session.method.name!r} prunes every tile by its image's budget and prompt: pass the "
+                "processor to hiprune.apply (it records each image's tile count and emits the kept tokens)"
+            )
+        super().install(stack, session, processor)
+
+    def install_processor(self, stack: ExitStack, session: PruningSession, processor: Any) -> None:
         if not all(hasattr(processor, a) for a in ("replace_image_token", "start_image_token", "end_image_token")):
             raise TypeError(f"cannot set the image token count of {type(processor).__name__}")
-        keep = self.kept_per_tile(session.method)
+        method = session.method
 
         def replace_image_token(image_inputs: dict, image_idx: int, **kwargs) -> str:
-            tiles = int(image_inputs["num_patches"][image_idx])
-            return f"{processor.start_image_token}{processor.image_token * (keep * tiles)}{processor.end_image_token}"
+            self.recorded_tiles = [int(n) for n in image_inputs["num_patches"]]
+            count = self.image_tokens(method, self.recorded_tiles[image_idx])
+            return f"{processor.start_image_token}{processor.image_token * count}{processor.end_image_token}"
 
         patch_attribute(stack, processor, "replace_image_token", replace_image_token)
+        stack.callback(setattr, self, "recorded_tiles", None)
 
     def placeholder_counts(self, method: Method) -> dict:
-        keep = self.kept_per_tile(method)
-        return {"image": lambda inputs, index: keep * int(inputs["num_patches"][index])}
+        return {"image": lambda inputs, index: self.image_tokens(method, int(inputs["num_patches"][index]))}
 
     def install_model(self, stack: ExitStack, session: PruningSession) -> None:
         method = session.method
-        keep = self.kept_per_tile(method)
-        budget = self.tile_budget(method) if method.stage == "vision" else None
         original = self.inner.get_image_features
+        original_forward = self.inner.forward
+        pending: dict[str, Any] = {}
+
+        def forward(*args, **kwargs):
+            input_ids = kwargs.get("input_ids", args[0] if args else None)
+            encoded = (kwargs.get("mm_encoder_outputs") or {}).get("image")  # generate() encodes before the forward
+            tiles = getattr(encoded, TILES_ATTRIBUTE, None)
+            if tiles is not None and input_ids is not None:
+                self.check_spans(method, input_ids, tiles)
+            pending["input_ids"] = input_ids  # a forward that encodes the images itself checks them there
+            try:
+                return original_forward(*args, **kwargs)
+            finally:
+                pending.clear()
 
         def get_image_features(pixel_values: torch.Tensor, *args, **kwargs):
             with self.capture(method) as capture:
                 out = original(pixel_values, *args, **kwargs)
                 captured = capture.collect()
             features = out.pooler_output  # [tiles, 256, D]
-            tiles = features.shape[0]
+            n_tiles = features.shape[0]
             if features.shape[1] != self.tokens_per_tile():
                 raise PruningError(f"expected {self.tokens_per_tile()} tokens per tile, got {features.shape[1]}")
             if method.stage != "vision":
-                self.record_unpruned(session, [self.tokens_per_tile()] * tiles)
+                self.record_unpruned(session, [self.tokens_per_tile()] * n_tiles)
                 return out
-            merged = self.merged_captures(captured, tiles)
+            tiles = self.image_tiles(n_tiles)
+            if pending.get("input_ids") is not None:
+                self.check_spans(method, pending["input_ids"], tiles)
+            merged = self.merged_captures(captured, n_tiles)
             ids = stable_ids(pixel_values)
-            grids = [GridInput(self.grid, features[t], {name: value[t] for name, value in merged.items()}, budget,
-                               keep, ids[t], visual=t) for t in range(tiles)]
-            kept = self.select_grids(session, grids, tiles)
-            out.pooler_output = torch.stack([grid.features for grid in kept])
+            grids, t = [], 0
+            for image, count in enumerate(tiles):
+                for budget, keep in zip(self.tile_budgets(method, count), self.tile_keeps(method, count)):
+                    grids.append(GridInput(
+                        self.grid, features[t], {name: value[t] for name, value in merged.items()}, budget, keep,
+                        ids[t], visual=image, token_embeds=features[t] if method.needs_prompt else None,
+                    ))
+                    t += 1
+            kept = [grid.features for grid in self.select_grids(session, grids, len(tiles))]
+            # [tiles, keep, D]; when tiles keep different counts (an int budget over images of different tile
+            # counts) [kept tokens, 1, D]: HF scatters the rows in order, and generate()'s per-sample split (beam
+            # search) counts rows, so a row must not straddle two samples
+            same = len({k.shape[0] for k in kept}) == 1
+            out.pooler_output = torch.stack(kept) if same else torch.cat(kept)[:, None]
+            setattr(out, TILES_ATTRIBUTE, tiles)
             return out
 
         patch_attribute(stack, self.inner, "get_image_features", get_image_features)
+        patch_attribute(stack, self.inner, "forward", forward)
         if method.stage == "llm":  # every image (all its tiles) is one visual of the drop schedule
             install_decoder_drop(stack, session, self.inner, self.inner.language_model, [self.config.image_token_id])
 
 
-__all__ = ["InternVLAdapter"]
+__all__ = ["DEFAULT_MAX_PATCHES", "InternVLAdapter"]

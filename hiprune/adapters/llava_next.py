@@ -206,6 +206,10 @@ class LlavaNextAdapter(ClipTowerAdapter):
         grids = tuple(CropGrid(g.crop, g.rows, g.cols, g.row0, g.col0, b, k) for g, b, k in zip(grids, budgets, keep))
         return ImageLayout(self.layout, (nph, npw), side, grids, unpadded, newlines)
 
+    def image_layouts(self, image_sizes: Any, method: Method) -> list[ImageLayout]:
+        """Layouts of the images of one encoder call, in order (a family may lay some images out otherwise)."""
+        return [self.image_layout(size, method) for size in image_sizes]
+
     @staticmethod
     def front(method: Method) -> int:
         """Tokens without a grid position in front of every grid's selection: its CLS token (keeps_cls methods)."""
@@ -268,7 +272,7 @@ class LlavaNextAdapter(ClipTowerAdapter):
                     pending.clear()
                 captured = capture.collect()
             if passthrough:
-                grids = [g.tokens for size in image_sizes for g in self.image_layout(size, method).grids]
+                grids = [g.tokens for layout in self.image_layouts(image_sizes, method) for g in layout.grids]
                 self.record_unpruned(session, grids)
                 return out
             if "features" not in packed:
@@ -292,7 +296,7 @@ class LlavaNextAdapter(ClipTowerAdapter):
         def merged_image_features(pixel_values: torch.Tensor, image_sizes: torch.Tensor, *args, **kwargs):
             """Encoder-stage methods: every crop leaves the tower with its budget; images whose crops have different
             budgets (int(N' / crops) depends on the crop count) run through the tower in separate calls."""
-            layouts = [self.image_layout(size, method) for size in image_sizes]
+            layouts = self.image_layouts(image_sizes, method)
             groups: dict[int, list[int]] = {}
             for i, layout in enumerate(layouts):
                 groups.setdefault(layout.grids[0].budget, []).append(i)
@@ -334,22 +338,26 @@ class LlavaNextAdapter(ClipTowerAdapter):
     def placeholder_counts(self, method: Method) -> dict:
         return {"image": lambda inputs, index: self.image_layout(inputs["image_sizes"][index], method).total}
 
+    def crop_counts(self, image_sizes: Any) -> list[int]:
+        """Crops (base + anyres crops) HF encodes for each image of one encoder call."""
+        counts = []
+        for size in image_sizes:
+            nph, npw = get_anyres_image_grid_shape(
+                _size_list(size), self.config.image_grid_pinpoints, self.vision_config.image_size
+            )
+            counts.append(1 + int(nph) * int(npw))
+        return counts
+
     def _crops_per_image(self, pixel_values: torch.Tensor, image_sizes: torch.Tensor) -> list[torch.Tensor]:
         """Per image its crops [C, 3, H, W], as HF's get_image_features slices them."""
         if pixel_values.dim() != 5:
             raise PruningError(f"expected pixel_values [images, crops, 3, H, W], got shape {tuple(pixel_values.shape)}")
-        out = []
-        for pixels, size in zip(pixel_values, image_sizes):
-            nph, npw = get_anyres_image_grid_shape(
-                _size_list(size), self.config.image_grid_pinpoints, self.vision_config.image_size
-            )
-            out.append(pixels[: 1 + int(nph) * int(npw)])
-        return out
+        return [pixels[:count] for pixels, count in zip(pixel_values, self.crop_counts(image_sizes))]
 
     def _pack(self, session, image_features, image_sizes, image_newline, captured, crops, out) -> list[torch.Tensor]:
         method = session.method
         side = self.side
-        layouts = [self.image_layout(size, method) for size in image_sizes]
+        layouts = self.image_layouts(image_sizes, method)
         if len(image_features) != len(layouts):
             raise PruningError(f"{len(image_features)} images of features for {len(layouts)} image sizes")
         patches = self.patch_captures(captured, sum(f.shape[0] for f in image_features))

@@ -27,6 +27,12 @@ before loading on the image filling the largest anyres grid, and again on every 
 layout exists to prune crops before the LLM; unpruned it would feed the LLM up to 37 x 729 tokens it never saw).
 Videos are refused by LLM-side methods.
 
+Multi-image samples (HF's ``batch_num_images``): every image of a sample with several images is one crop, the image
+padded to a square with the mean colour and resized to 384 px (no anyres crops), as HF's processor and LLaVA's
+``image_aspect_ratio="pad"`` (lmms-eval's llava_onevision switches to it for several images). official: its 729
+tokens pruned with the image's whole budget (N', or round(729 * ratio)), no newline token -- as LLaVA's code, which
+encodes the stacked padded images without a newline; native: HF's 729 tokens + one ``image_newline``.
+
 Budgets are per crop (as LLaVA-NeXT's official mode): the crop count varies from 2 (base + 1) to 37 (base + 6 x 6),
 so an int budget gives int(N' / crops) per crop (the adapter validates it on the largest grid: N' >= 37), and a
 ratio keeps that share of every crop. HiPrune++ compares every crop with the mean LLM input embedding of its image's
@@ -35,13 +41,15 @@ prompt (no paired CLIP text tower: TRIM is refused). Methods that read the CLS t
 
 from __future__ import annotations
 
+import itertools
 import math
+from contextlib import ExitStack
 from typing import Any
 
 import torch
 from transformers import LlavaOnevisionForConditionalGeneration
 
-from hiprune.adapters.base import LlmPromptEmbeddings, PruningSession, register_adapter
+from hiprune.adapters.base import LlmPromptEmbeddings, PruningError, PruningSession, patch_attribute, register_adapter
 from hiprune.adapters.llava_next import LAYOUT_CHOICES, REDUCING, CropGrid, ImageLayout, LlavaNextAdapter
 from hiprune.methods.base import Method
 
@@ -73,6 +81,7 @@ class LlavaOnevisionAdapter(LlmPromptEmbeddings, LlavaNextAdapter):
         super().__init__(model, layout)
         self.max_crops = int(str(self.config.vision_aspect_ratio).removeprefix("anyres_max_"))
         self.tokenizer = None  # the processor's, for prompt-aware methods (set by install)
+        self.batch_num_images: list[int] | None = None  # images per sample of the running encoder call (HF's)
 
     def describe_encoder(self) -> dict[str, Any]:
         merge = {"official": "spatial: base + crops, no unpadding, no newline tokens",
@@ -92,6 +101,66 @@ class LlavaOnevisionAdapter(LlmPromptEmbeddings, LlavaNextAdapter):
         rows, cols = int(rows // ratio), int(cols // ratio)
         grids = (layout.grids[0], CropGrid(1, rows, cols, budget=rows * cols, keep=rows * cols))
         return ImageLayout("native", layout.crop_grid, self.side, grids, (0, 0, rows, cols), rows)
+
+    def single_crop_layout(self, method: Method) -> ImageLayout:
+        """An image of a multi-image sample: one crop (the padded, resized image), no anyres crops; official: no
+        newline token (LLaVA's code), native: HF's one ``image_newline`` after it."""
+        side = self.side
+        budgets = self._grid_budgets(method, [side * side], 1)
+        front = self.front(method)
+        keep = [method.kept_count(b) + front for b in budgets] if method.stage in REDUCING else budgets
+        grid = CropGrid(0, side, side, budget=budgets[0], keep=keep[0])
+        return ImageLayout(self.layout, (0, 0), side, (grid,), (0, 0, 0, 0), 1 if self.layout == "native" else 0)
+
+    def multi_image(self, n_images: int) -> list[bool]:
+        """Per image of the running encoder call: whether its sample has several images (HF's batch_num_images; none
+        given: single images, as HF's get_image_features)."""
+        counts = self.batch_num_images
+        if counts is None:
+            return [False] * n_images
+        multi = [n > 1 for n in counts for _ in range(n)]
+        if len(multi) != n_images:
+            raise PruningError(f"batch_num_images {counts} counts {len(multi)} images, the encoder got {n_images}")
+        return multi
+
+    def image_layouts(self, image_sizes: Any, method: Method) -> list[ImageLayout]:
+        return [self.single_crop_layout(method) if m else self.image_layout(size, method)
+                for size, m in zip(image_sizes, self.multi_image(len(image_sizes)))]
+
+    def crop_counts(self, image_sizes: Any) -> list[int]:
+        return [1 if m else n for n, m in zip(super().crop_counts(image_sizes), self.multi_image(len(image_sizes)))]
+
+    def placeholder_counts(self, method: Method) -> dict:
+        def count(inputs: dict, index: int) -> int:
+            given = inputs.get("batch_num_images")  # none: single images (HF's rule)
+            counts = [] if given is None else [int(n) for n in given]
+            sample = next((i for i, end in enumerate(itertools.accumulate(counts)) if index < end), None)
+            if sample is not None and counts[sample] > 1:
+                return self.single_crop_layout(method).total
+            return self.image_layout(inputs["image_sizes"][index], method).total
+
+        return {"image": count}
+
+    def install_model(self, stack: ExitStack, session: PruningSession) -> None:
+        super().install_model(stack, session)
+        crops = self.inner.get_image_features  # LLaVA-NeXT's wrapper, just installed
+        encoder_stage = session.method.stage == "encoder"
+
+        # batch_num_images named in the signature: generate() passes the encoder only the arguments it names
+        def get_image_features(pixel_values, image_sizes, *args, batch_num_images=None, **kwargs):
+            counts = None if batch_num_images is None else [int(n) for n in batch_num_images]
+            if encoder_stage and counts and max(counts) > 1:
+                raise PruningError(
+                    f"method {session.method.name!r} merges inside the vision encoder, whose images run grouped by "
+                    f"budget; multi-image samples (images per sample {counts}) are not laid out for it"
+                )
+            self.batch_num_images = counts
+            try:
+                return crops(pixel_values, image_sizes, *args, batch_num_images=batch_num_images, **kwargs)
+            finally:
+                self.batch_num_images = None
+
+        patch_attribute(stack, self.inner, "get_image_features", get_image_features)
 
     def check_supported(self, method: Method, prompt_encoder: Any = None) -> None:
         if method.stage == "llm" and self.layout != "native":
