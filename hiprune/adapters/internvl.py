@@ -274,7 +274,6 @@ class InternVLAdapter(LlmPromptEmbeddings, Adapter):
     def install_model(self, stack: ExitStack, session: PruningSession) -> None:
         method = session.method
         original = self.inner.get_image_features
-        original_forward = self.inner.forward
         pending: dict[str, Any] = {}
 
         def forward(*args, **kwargs):
@@ -323,9 +322,11 @@ class InternVLAdapter(LlmPromptEmbeddings, Adapter):
             return out
 
         patch_attribute(stack, self.inner, "get_image_features", get_image_features)
-        patch_attribute(stack, self.inner, "forward", forward)
         if method.stage == "llm":  # every image (all its tiles) is one visual of the drop schedule
+            # first: it reads the forward's named arguments from the model's own signature
             install_decoder_drop(stack, session, self.inner, self.inner.language_model, [self.config.image_token_id])
+        original_forward = self.inner.forward  # as the decoder drop left it: forward() above calls it
+        patch_attribute(stack, self.inner, "forward", forward)
 
 
 __all__ = ["DEFAULT_MAX_PATCHES", "InternVLAdapter"]
