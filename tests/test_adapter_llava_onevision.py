@@ -13,11 +13,14 @@ from conftest import (
     assert_refused_before_patching,
     assert_run_config_refused,
     built,
+    chat_batch,
     llm_inputs,
     loaded,
     run_smoke_pope,
     shape_image,
 )
+from eval.config import compose_config
+from eval.running.methods import build_from_config
 
 SIDE = 27
 PROMPT = "<|im_start|>user\n<image>\nIs there a red circle?<|im_end|>\n<|im_start|>assistant\n"
@@ -94,6 +97,23 @@ def test_impossible_settings_are_refused_before_patching(tiny_ov, name, options,
     assert_refused_before_patching(model, processor, method, message)
     assert_refused_before_patching(model, processor, hiprune.build_method("random", budget=64), "anyres_max",
                                    layout="native")
+
+
+def test_model_config_runs_vispruners_global_port(tiny_ov):
+    """No CLS token: the model config's cls_free_scores=global gives VisPruner its global-attention port (every crop:
+    round(729 x 0.25)); VisionZip's port, which sets each grid's budget by its own rule, stays refused on crops."""
+    model, processor, _ = tiny_ov
+    image = shape_image(420, 300, 1)
+    cfg = compose_config(["model=tiny_llava_onevision", "method=vispruner", "budget=0.25", "benchmark=smoke_pope"])
+    assert cfg.method.options.attention == "global"
+    with hiprune.apply(model, build_from_config(cfg.method, cfg.budget), processor) as session, torch.no_grad():
+        batch = chat_batch(processor, [image])
+        model(**batch)
+        [records] = session.pop_records()
+    assert [r.tokens_kept for r in records] == [182] * len(records) and len(records) > 1
+    assert int((batch["input_ids"] == processor.image_token_id).sum()) == 182 * len(records)
+    assert_run_config_refused(["model=tiny_llava_onevision", "method=visionzip", "budget=0.25",
+                               "benchmark=smoke_pope"], "own rule")
 
 
 def test_refusals_come_before_loading_in_a_run_config():

@@ -17,6 +17,9 @@ from conftest import (
 )
 
 import hiprune
+from eval.config import compose_config
+from eval.running.methods import build_from_config
+from hiprune.methods.visionzip import qwen_split
 
 QUESTION = "Is there a red circle?"
 
@@ -92,6 +95,23 @@ def test_refusals_come_before_loading_in_a_run_config():
                               "CLIP text tower")
     assert_run_config_refused(["model=tiny_qwen3vl", "method=sparsevlm", "budget=0.334", "benchmark=smoke_pope",
                                "method.options.layers=[0,1,2]"], "recycled token")  # inside the DeepStack layers
+
+
+def test_model_config_runs_the_global_attention_ports(tiny_q3):
+    """No CLS token: the model config's cls_free_scores=global gives VisPruner and VisionZip their global-attention
+    ports (as on Qwen2.5-VL), which run on every image's merged grid."""
+    model, processor, _ = tiny_q3
+    image = shape_image(130, 100, 1)
+    n = int(chat_batch(processor, [image])["image_grid_thw"].prod()) // 4
+    for name, option, expected in [("vispruner", "attention", round(0.25 * n)),
+                                   ("visionzip", "variant", sum(qwen_split(0.25, n)))]:
+        cfg = compose_config(["model=tiny_qwen3vl", f"method={name}", "budget=0.25", "benchmark=smoke_pope"])
+        assert cfg.method.options[option] == "global"
+        method = build_from_config(cfg.method, cfg.budget)
+        with hiprune.apply(model, method, processor) as session, torch.no_grad():
+            model(**chat_batch(processor, [image]))
+            [records] = session.pop_records()
+        assert [r.tokens_kept for r in records] == [expected], name
 
 
 def test_object_layer_probe_reads_the_merged_grid(tiny_q3):
