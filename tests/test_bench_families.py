@@ -75,6 +75,28 @@ def test_bench_runs_every_family_with_per_grid_records(family, tmp_path):
     assert (folder / "roofline.md").is_file() and (folder / "measurements.csv").is_file()
 
 
+def test_bench_runs_an_llm_side_method_on_qwen2_5_vl(tmp_path):
+    # FastV at K = 1 on the 2-layer tiny Qwen2.5-VL: the 384 x 768 image's 13 x 27 merged tokens (patch 14, factor 28:
+    # 378 x 756) in layer 0, 64 from layer 1 on; the prefill runs input_ids + the precomputed image features
+    built("qwen2_5_vl")
+    threads = torch.get_num_threads()
+    try:
+        bench = bench_module.run(_cfg(
+            "model=tiny_qwen25vl", "only=[none,fastv]", "+method@methods.fastv=fastv", "methods.fastv.options.layer=1",
+            "methods.fastv.options.budget_mode=keep_after", "budgets=[64]", "device=cpu", "warmup=0", "repeats=1",
+            "new_tokens=2", "roofline.sizes=[64]", "roofline.copy_mib=1", "roofline.repeats=1", f"out_dir={tmp_path}"),
+            log=lambda _: None)
+    finally:
+        torch.set_num_threads(threads)
+    ran = {c["method"]: c for c in bench["cases"] if c["status"] == "ran"}
+    fastv = ran["fastv"]
+    assert fastv["visual_tokens"] == 378 and fastv["visual_tokens_per_layer"] == [378, 64]
+    assert fastv["visual_tokens_per_grid"] == [378] and ran["none"]["visual_tokens_per_layer"] == [378, 378]
+    # the recorded scoring of the last query in layer 0 is in the analytic LLM count, as FlopCounterMode sees it
+    assert fastv["flops"]["measured_llm_vs_analytic"] == pytest.approx(0, abs=1e-9)
+    assert fastv["flops"]["llm_prefill_flops"] < ran["none"]["flops"]["llm_prefill_flops"]
+
+
 def test_family_inputs_from_the_real_processors():
     # the architecture configs of the real checkpoints, processors built offline from class defaults + settings
     shapes = {}
@@ -103,7 +125,8 @@ def test_flops_llm_is_flops_exact_without_vision(tiny_llava_dir):
 
 
 def test_unfed_families_are_refused_before_building():
-    with pytest.raises(ConfigError, match="does not feed the llava_next family"):
-        bench_module.run(_cfg("model=llava_next_7b", "device=cpu", "only=[none]"), log=lambda _: None)
+    built("video_llava")
+    with pytest.raises(ConfigError, match="does not feed the video_llava family"):
+        bench_module.run(_cfg("model=tiny_video_llava", "device=cpu", "only=[none]"), log=lambda _: None)
     with pytest.raises(ConfigError, match="dry_run=true covers LLaVA-1.5"):
         bench_module.run(_cfg("model=qwen3vl_2b", "device=cpu", "dry_run=true", "only=[none]"), log=lambda _: None)

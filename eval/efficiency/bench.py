@@ -81,7 +81,7 @@ from eval.efficiency.flops import (
     tflops_fastv,
     vision_method_costs,
 )
-from eval.efficiency.inputs import family_inputs, image_processor, special_id
+from eval.efficiency.inputs import FAMILIES, family_inputs, image_processor, special_id
 from eval.efficiency.inputs import make_inputs as make_family_inputs
 from eval.efficiency.measure import (
     DTYPES,
@@ -943,8 +943,8 @@ def run(cfg: DictConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
     described = family_inputs(family)
     if described is None and family != "llava":
         raise ConfigError(
-            f"eval.efficiency.bench does not feed the {family} family yet (LLaVA-1.5 and the families of "
-            "eval/efficiency/inputs.py: qwen3_vl, llava_onevision, internvl)")
+            f"eval.efficiency.bench does not feed the {family} family (videos): it runs LLaVA-1.5 and the families "
+            f"of eval/efficiency/inputs.py ({', '.join(sorted(FAMILIES))})")
     cases = plan_cases(cfg, skeleton)
     n_params = parameter_count(skeleton)
     del skeleton

@@ -34,6 +34,7 @@ from omegaconf import DictConfig
 from transformers import (
     AutoImageProcessor,
     GotOcr2ImageProcessor,
+    LlavaNextImageProcessor,
     LlavaOnevisionImageProcessor,
     Qwen2VLImageProcessor,
 )
@@ -42,6 +43,7 @@ from eval.config import ConfigError, repo_path
 from hiprune.adapters.llava_next import resolve_layout
 
 SIGLIP_MEAN = SIGLIP_STD = [0.5, 0.5, 0.5]
+CLIP_MEAN, CLIP_STD = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
 IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 
 
@@ -49,12 +51,21 @@ def _side(value: Any) -> int:
     return int(value[0] if isinstance(value, (list, tuple)) else value)
 
 
-def _qwen3_vl_processor(config, model_cfg: DictConfig):
-    vc = config.vision_config
-    return Qwen2VLImageProcessor(
-        patch_size=int(vc.patch_size), temporal_patch_size=int(vc.temporal_patch_size),
-        merge_size=int(vc.spatial_merge_size), image_mean=SIGLIP_MEAN, image_std=SIGLIP_STD,
-        min_pixels=int(model_cfg.min_pixels), max_pixels=int(model_cfg.max_pixels))
+def _qwen_processor(mean: list[float], std: list[float]):
+    def build(config, model_cfg: DictConfig):
+        vc = config.vision_config
+        return Qwen2VLImageProcessor(
+            patch_size=int(vc.patch_size), temporal_patch_size=int(vc.temporal_patch_size),
+            merge_size=int(vc.spatial_merge_size), image_mean=mean, image_std=std,
+            min_pixels=int(model_cfg.min_pixels), max_pixels=int(model_cfg.max_pixels))
+    return build
+
+
+def _llava_next_processor(config, model_cfg: DictConfig):
+    side = _side(config.vision_config.image_size)
+    return LlavaNextImageProcessor(
+        size={"shortest_edge": side}, crop_size={"height": side, "width": side}, image_mean=CLIP_MEAN,
+        image_std=CLIP_STD, do_pad=True, image_grid_pinpoints=[list(p) for p in config.image_grid_pinpoints])
 
 
 def _llava_onevision_processor(config, model_cfg: DictConfig):
@@ -88,26 +99,37 @@ class FamilyInputs:
     extra: dict = field(default_factory=dict)
 
 
+QWEN = dict(
+    image_keys=("image_grid_thw",),
+    grids=lambda adapter, method: lambda inputs, i: [adapter.tokens_for_grid(method, inputs["image_grid_thw"][i])],
+    markers=lambda config: (config.vision_start_token_id, config.vision_end_token_id),
+    token_types=True,
+)
+ANYRES = dict(  # LLaVA-NeXT and LLaVA-OneVision: base + anyres crops, the layout as lmms-eval's layout=auto
+    image_keys=("image_sizes",),
+    grids=lambda adapter, method: lambda inputs, i: adapter.image_layout(inputs["image_sizes"][i], method).kept,
+    vision_kwargs=lambda config: {"vision_feature_layer": config.vision_feature_layer,
+                                  "vision_feature_select_strategy": config.vision_feature_select_strategy},
+    adapter_options=lambda model_cfg, method: {"layout": resolve_layout(str(model_cfg.layout), method)},
+)
 FAMILIES: dict[str, FamilyInputs] = {
     "qwen3_vl": FamilyInputs(
-        processor=_qwen3_vl_processor,
-        image_keys=("image_grid_thw",),
-        grids=lambda adapter, method: lambda inputs, i: [adapter.tokens_for_grid(method, inputs["image_grid_thw"][i])],
-        markers=lambda config: (config.vision_start_token_id, config.vision_end_token_id),
-        token_types=True,
+        processor=_qwen_processor(SIGLIP_MEAN, SIGLIP_STD), **QWEN,
         adapter_options=lambda model_cfg, method: {"positions": str(model_cfg.positions)},
         prefill=("input_ids + mm_token_type_ids + image_grid_thw + the precomputed image features and DeepStack "
                  "features (HF's mm_encoder_outputs): the M-RoPE positions (the kept tokens' original ones) and the "
                  "scatter are computed inside the timed call"),
     ),
-    "llava_onevision": FamilyInputs(
-        processor=_llava_onevision_processor,
-        image_keys=("image_sizes",),
-        grids=lambda adapter, method: lambda inputs, i: adapter.image_layout(inputs["image_sizes"][i], method).kept,
-        vision_kwargs=lambda config: {"vision_feature_layer": config.vision_feature_layer,
-                                      "vision_feature_select_strategy": config.vision_feature_select_strategy},
-        adapter_options=lambda model_cfg, method: {"layout": resolve_layout(str(model_cfg.layout), method)},
+    "qwen2_5_vl": FamilyInputs(
+        processor=_qwen_processor(CLIP_MEAN, CLIP_STD), **QWEN,
+        adapter_options=lambda model_cfg, method: {"positions": str(model_cfg.positions),
+                                                   "window_scores": str(model_cfg.window_scores)},
+        prefill=("input_ids + mm_token_type_ids + image_grid_thw + the precomputed image features (HF's "
+                 "mm_encoder_outputs): the M-RoPE positions (the kept tokens' original ones) and the scatter are "
+                 "computed inside the timed call"),
     ),
+    "llava_next": FamilyInputs(processor=_llava_next_processor, **ANYRES),
+    "llava_onevision": FamilyInputs(processor=_llava_onevision_processor, **ANYRES),
     "internvl": FamilyInputs(
         processor=_internvl_processor,
         image_keys=(),
