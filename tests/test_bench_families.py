@@ -76,8 +76,8 @@ def test_bench_runs_every_family_with_per_grid_records(family, tmp_path):
 
 
 def test_bench_runs_an_llm_side_method_on_qwen2_5_vl(tmp_path):
-    # FastV at K = 1 on the 2-layer tiny Qwen2.5-VL: the 384 x 768 image's 13 x 27 merged tokens (patch 14, factor 28:
-    # 378 x 756) in layer 0, 64 from layer 1 on; the prefill runs input_ids + the precomputed image features
+    # FastV at K = 1 on the 2-layer tiny Qwen2.5-VL: the 384 x 768 image's 14 x 27 merged tokens (patch 14, factor 28:
+    # 392 x 756) in layer 0, 64 from layer 1 on; the prefill runs input_ids + the precomputed image features
     built("qwen2_5_vl")
     threads = torch.get_num_threads()
     try:

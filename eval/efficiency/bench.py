@@ -9,7 +9,12 @@ configs/arch holding the Hub config.json, plus optional ``model.arch_overrides``
 config.json otherwise), directly on the device and in the model's dtype. Its weight bytes are checked against free
 memory on a weightless (meta) copy first. Inputs are synthetic: ``text_tokens_before_image`` random text ids,
 N' image placeholders (N' = the method's tokens per image, what the adapter makes the vision side return),
-``text_tokens_after_image`` ids; random pixels.
+``text_tokens_after_image`` ids; random pixels. Families whose token count depends on the image (Qwen3-VL,
+Qwen2.5-VL, LLaVA-OneVision, LLaVA-NeXT, InternVL; eval/efficiency/inputs.py): one random RGB image of ``image_size``
+through the family's real image processor, N' per case from ``adapter.placeholder_counts(method)`` on its outputs
+(with the family's start / end markers), every grid's (crop's, tile's) kept count checked; their prefill takes
+input_ids + the precomputed image features (``mm_encoder_outputs``), and their FLOPs are analytic for the LLM parts
+only (the whole model measured; the analytic whole-model counts n/a, with the reason). Video-LLaVA is refused.
 
 Per (method, budget) -- a "case" -- inside ``hiprune.apply(model, method)`` (installed around each case's calls):
 

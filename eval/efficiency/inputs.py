@@ -14,6 +14,10 @@ Families (adapter family -> processor):
                    normalisation 0.5 / 0.5), the model config's min_pixels / max_pixels (lmms-eval's qwen-vl-utils
                    resize limits); <|vision_start|> ... <|vision_end|>; mm_token_type_ids (1 on image tokens), as the
                    processor returns them for M-RoPE.
+  qwen2_5_vl       the same with Qwen2.5-VL's settings (patch 14, CLIP normalisation); positions and window_scores as
+                   the model config's.
+  llava_next       LlavaNextImageProcessor (CLIP normalisation, 336 px crops, padding, the architecture's pinpoints);
+                   the layout as for OneVision.
   llava_onevision  LlavaOnevisionImageProcessor (SigLIP normalisation, 384 px crops, padding, the architecture's
                    image_grid_pinpoints); the layout as lmms-eval's run resolves it (``layout=auto``: native for
                    method none, official 'spatial' for pruning methods).
