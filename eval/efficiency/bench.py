@@ -542,6 +542,7 @@ class Case:
             self.keep = spec["keep"]
             self.inputs = make_inputs(self.config, self.keep, self.batch, before, after, int(cfg.seed), device, dtype)
             self.expected_grids = [self.keep] * self.batch  # one grid per image
+            # visual tokens per sequence at each decoder layer; LLM-side methods: checked against every pruned prefill
             self.visual_per_layer = list(spec["visual_per_layer"])
             self.n_text = before + after
         else:
@@ -557,10 +558,8 @@ class Case:
                                                             self.config.text_config.num_hidden_layers)
             # text: everything that is not an image token (the markers around the image included)
             self.n_text = self.inputs["input_ids"].shape[1] - self.keep
-        # visual tokens per sequence at each decoder layer; LLM-side methods: checked against every pruned prefill
         self.seq_len = self.inputs["input_ids"].shape[1]
         self.rope_deltas = None  # M-RoPE families: the prefill's position offset, restored before each decode step
-        tc = self.config.text_config
         self.gen_kwargs = {"do_sample": False, "num_beams": 1, "use_cache": True,
                            "pad_token_id": special_id(self.config, "pad_token_id") or 0,
                            "eos_token_id": special_id(self.config, "eos_token_id")}

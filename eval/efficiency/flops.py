@@ -56,6 +56,7 @@ from hiprune.methods.base import DropStage, resolve_budget
 __all__ = [
     "encoder_merges",
     "fastv_layer_flops",
+    "flops_llm",
     "vision_method_costs",
     "fastv_tokens_per_layer",
     "flops_exact",

@@ -29,7 +29,7 @@ Families (adapter family -> processor):
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -100,22 +100,21 @@ class FamilyInputs:
     adapter_options: Callable[[DictConfig, Any], dict] = lambda model_cfg, method: {}
     prefill: str = ("input_ids + the precomputed image features (HF's mm_encoder_outputs), scattered into the token "
                     "embeddings inside the timed call")
-    extra: dict = field(default_factory=dict)
 
 
-QWEN = dict(
-    image_keys=("image_grid_thw",),
-    grids=lambda adapter, method: lambda inputs, i: [adapter.tokens_for_grid(method, inputs["image_grid_thw"][i])],
-    markers=lambda config: (config.vision_start_token_id, config.vision_end_token_id),
-    token_types=True,
-)
-ANYRES = dict(  # LLaVA-NeXT and LLaVA-OneVision: base + anyres crops, the layout as lmms-eval's layout=auto
-    image_keys=("image_sizes",),
-    grids=lambda adapter, method: lambda inputs, i: adapter.image_layout(inputs["image_sizes"][i], method).kept,
-    vision_kwargs=lambda config: {"vision_feature_layer": config.vision_feature_layer,
-                                  "vision_feature_select_strategy": config.vision_feature_select_strategy},
-    adapter_options=lambda model_cfg, method: {"layout": resolve_layout(str(model_cfg.layout), method)},
-)
+QWEN = {
+    "image_keys": ("image_grid_thw",),
+    "grids": lambda adapter, method: lambda inputs, i: [adapter.tokens_for_grid(method, inputs["image_grid_thw"][i])],
+    "markers": lambda config: (config.vision_start_token_id, config.vision_end_token_id),
+    "token_types": True,
+}
+ANYRES = {  # LLaVA-NeXT and LLaVA-OneVision: base + anyres crops, the layout as lmms-eval's layout=auto
+    "image_keys": ("image_sizes",),
+    "grids": lambda adapter, method: lambda inputs, i: adapter.image_layout(inputs["image_sizes"][i], method).kept,
+    "vision_kwargs": lambda config: {"vision_feature_layer": config.vision_feature_layer,
+                                     "vision_feature_select_strategy": config.vision_feature_select_strategy},
+    "adapter_options": lambda model_cfg, method: {"layout": resolve_layout(str(model_cfg.layout), method)},
+}
 FAMILIES: dict[str, FamilyInputs] = {
     "qwen3_vl": FamilyInputs(
         processor=_qwen_processor(SIGLIP_MEAN, SIGLIP_STD), **QWEN,
