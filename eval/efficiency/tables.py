@@ -348,7 +348,8 @@ def family_notes(bench: dict) -> list[str]:
     return [
         (f"Inputs: one random {height} x {width} RGB image through the family's {inputs['image_processor']} "
          f"({inputs['image_processor_source']}); visual tokens = what the processor emits under each method (the "
-         "none row: the full count for this image). Budgets are ratios of every image / crop / tile where fractional."),
+         "none row: the full count for this image); the family's image start / end markers, where it has them, count "
+         "as text tokens. Budgets are ratios of every image / crop / tile where fractional."),
         f"Prefill: {inputs['prefill']}.",
         f"TFLOPs ours / exact: {inputs['flops_analytic']}. FastV's formula (LLM prefill only) is analytic.",
     ]
