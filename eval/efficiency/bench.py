@@ -9,7 +9,12 @@ configs/arch holding the Hub config.json, plus optional ``model.arch_overrides``
 config.json otherwise), directly on the device and in the model's dtype. Its weight bytes are checked against free
 memory on a weightless (meta) copy first. Inputs are synthetic: ``text_tokens_before_image`` random text ids,
 N' image placeholders (N' = the method's tokens per image, what the adapter makes the vision side return),
-``text_tokens_after_image`` ids; random pixels.
+``text_tokens_after_image`` ids; random pixels. Families whose token count depends on the image (Qwen3-VL,
+Qwen2.5-VL, LLaVA-OneVision, LLaVA-NeXT, InternVL; eval/efficiency/inputs.py): one random RGB image of ``image_size``
+through the family's real image processor, N' per case from ``adapter.placeholder_counts(method)`` on its outputs
+(with the family's start / end markers), every grid's (crop's, tile's) kept count checked; their prefill takes
+input_ids + the precomputed image features (``mm_encoder_outputs``), and their FLOPs are analytic for the LLM parts
+only (the whole model measured; the analytic whole-model counts n/a, with the reason). Video-LLaVA is refused.
 
 Per (method, budget) -- a "case" -- inside ``hiprune.apply(model, method)`` (installed around each case's calls):
 
@@ -75,11 +80,14 @@ from eval.config import CONFIG_DIR, ConfigError, repo_path, repo_relative
 from eval.efficiency.flops import (
     fastv_tokens_per_layer,
     flops_exact,
+    flops_llm,
     flops_measured,
     llm_scoring_flops,
     tflops_fastv,
     vision_method_costs,
 )
+from eval.efficiency.inputs import FAMILIES, family_inputs, image_processor, special_id
+from eval.efficiency.inputs import make_inputs as make_family_inputs
 from eval.efficiency.measure import (
     DTYPES,
     MemoryProbe,
@@ -172,7 +180,8 @@ def method_specs(cfg: DictConfig) -> list[dict[str, Any]]:
 
 def plan_cases(cfg: DictConfig, skeleton) -> list[dict[str, Any]]:
     """Every (method, budget) to run, validated against a weightless model; unrunnable ones carry a reason."""
-    adapter = hiprune.adapter_for(skeleton)
+    family = hiprune.adapter_for(skeleton).family
+    described = family_inputs(family)
     n_layers = skeleton.config.text_config.num_hidden_layers
     budgets = list(cfg.budgets)
     cases = []
@@ -187,6 +196,8 @@ def plan_cases(cfg: DictConfig, skeleton) -> list[dict[str, Any]]:
                 method = build_from_config(spec, budget)
             except ConfigError as exc:
                 raise ConfigError(f"method {name!r}: {exc}") from exc
+            options = described.adapter_options(cfg.model, method) if described else {}
+            adapter = hiprune.adapter_for(skeleton, **options)
             try:  # a prompt encoder is built for prompt-aware methods (build_prompt_encoder)
                 adapter.check_supported(method, object() if method.needs_prompt else None)
             except (ValueError, TypeError) as exc:  # e.g. an LLM-side method on an adapter without LLM support
@@ -194,12 +205,13 @@ def plan_cases(cfg: DictConfig, skeleton) -> list[dict[str, Any]]:
                 continue
             try:
                 adapter.resolve_layers(method)
-                keep = adapter.tokens_per_image(method)
-                visual_per_layer = visual_tokens_per_layer(method, keep, n_layers)
+                keep = adapter.tokens_per_image(method)  # families fed by eval.efficiency.inputs: from the inputs
+                visual_per_layer = None if described else visual_tokens_per_layer(method, keep, n_layers)
             except (ValueError, TypeError) as exc:
                 raise ConfigError(f"method {name!r} budget {budget}: {exc}") from exc
-            cases.append({**spec, "budget": budget, "method": method, "keep": keep,
-                          "visual_per_layer": visual_per_layer, "status": "planned", "reason": ""})
+            cases.append({**spec, "budget": budget, "method": method, "keep": None if described else keep,
+                          "visual_per_layer": visual_per_layer, "adapter_options": options, "status": "planned",
+                          "reason": ""})
     if not any(c["status"] == "planned" for c in cases):
         raise ConfigError("nothing to run: " + "; ".join(f"{c['name']}: {c['reason']}" for c in cases))
     return cases
@@ -453,6 +465,39 @@ def case_flops(config, n_text: int, visual: int | Sequence[int], batch: int, sco
     }
 
 
+ANALYTIC_NA = ("n/a: eval.efficiency.flops counts CLIP vision towers only; this family's vision tower (and its "
+               "projector, merger or pixel shuffle) has no tested analytic count, so the whole-model columns (exact, "
+               "paper convention) are not given. The LLM parts (Llama-style decoder + lm_head) are analytic; the "
+               "whole model is measured (FlopCounterMode over one forward, flops_measured=true)")
+
+
+def llm_case_flops(config, n_text: int, visual: Sequence[int], batch: int, new_tokens: int,
+                   llm_scoring: int = 0) -> dict[str, Any]:
+    """FLOPs of one case (whole batch) for a family without an analytic vision count: the LLM parts as
+    :func:`case_flops` gives them (eval.efficiency.flops.flops_llm), the whole-model counts None with the reason."""
+    tc = config.text_config
+    visual = [int(v) for v in visual]
+    prefill = flops_llm(config, n_text, visual, logits_to_keep=1, llm_scoring=llm_scoring)
+    prefill_tri = flops_llm(config, n_text, visual, logits_to_keep=1, attention="triangular", llm_scoring=llm_scoring)
+    one_step = flops_llm(config, n_text, visual, decode_tokens=1, logits_to_keep=1)["decode"]
+    generate = flops_llm(config, n_text, visual, decode_tokens=max(new_tokens - 1, 0), logits_to_keep=1,
+                         llm_scoring=llm_scoring)
+    return {
+        "tflops_fastv": batch * tflops_fastv(tc.num_hidden_layers, tc.hidden_size, tc.intermediate_size,
+                                             [n_text + v for v in visual]),
+        "tflops_exact": None,
+        "tflops_exact_generate": None,
+        "tflops_paper_convention": None,
+        "analytic_na": ANALYTIC_NA,
+        "prompt_encoder_flops": 0,
+        "exact_prefill_parts": {"llm_prefill": batch * prefill["llm_prefill"], "lm_head": batch * prefill["lm_head"]},
+        "llm_generate_flops": batch * (generate["llm_prefill"] + generate["lm_head"] + generate["decode"]),
+        "llm_prefill_flops": batch * (prefill["llm_prefill"] + prefill["lm_head"]),
+        "llm_prefill_flops_triangular": batch * (prefill_tri["llm_prefill"] + prefill_tri["lm_head"]),
+        "decode_step_flops": batch * one_step,
+    }
+
+
 def adapter_patches(model) -> int:
     return hiprune.adapter_for(model).num_patches()
 
@@ -480,26 +525,44 @@ class Case:
     (``hiprune.apply``) only around calls, so cases can be interleaved."""
 
     def __init__(self, model, spec: dict, cfg: DictConfig, device: torch.device, dtype: torch.dtype,
-                 prompt_encoder=None):
+                 prompt_encoder=None, processor=None):
         self.model, self.spec, self.device, self.dtype = model, spec, device, dtype
         self.method = spec["method"]
         self.encoder = prompt_encoder if self.method.needs_prompt else None
         self.config = model.config
         self.batch = int(cfg.batch_size)
-        self.n_text = int(cfg.text_tokens_before_image) + int(cfg.text_tokens_after_image)
         self.new_tokens = int(cfg.new_tokens)
-        self.keep = spec["keep"]
-        # visual tokens per sequence at each decoder layer; LLM-side methods: checked against every pruned prefill
-        self.visual_per_layer = list(spec["visual_per_layer"])
+        self.adapter_options = spec.get("adapter_options") or {}
         self.llm_scoring = 0  # LLM-side methods: the recorded prefill's scoring FLOPs per sequence (mean over rows)
         self.llm_side = self.method.stage == "llm"
-        self.inputs = make_inputs(self.config, self.keep, self.batch, int(cfg.text_tokens_before_image),
-                                  int(cfg.text_tokens_after_image), int(cfg.seed), device, dtype)
+        # families fed by eval.efficiency.inputs (token counts depend on the image): the family's processor output
+        self.described = family_inputs(hiprune.adapter_for(model).family)
+        before, after = int(cfg.text_tokens_before_image), int(cfg.text_tokens_after_image)
+        if self.described is None:
+            self.keep = spec["keep"]
+            self.inputs = make_inputs(self.config, self.keep, self.batch, before, after, int(cfg.seed), device, dtype)
+            self.expected_grids = [self.keep] * self.batch  # one grid per image
+            # visual tokens per sequence at each decoder layer; LLM-side methods: checked against every pruned prefill
+            self.visual_per_layer = list(spec["visual_per_layer"])
+            self.n_text = before + after
+        else:
+            adapter = hiprune.adapter_for(model, **self.adapter_options)
+            counts = adapter.placeholder_counts(self.method)["image"]
+            inputs, self.keep, processed = make_family_inputs(self.config, adapter.family, processor, counts,
+                                                              list(cfg.image_size), self.batch, before, after,
+                                                              int(cfg.seed))
+            grids = self.described.grids(adapter, self.method)
+            self.expected_grids = [k for i in range(self.batch) for k in grids(processed, i)]
+            self.inputs = {k: v.to(device, dtype) if v.is_floating_point() else v.to(device) for k, v in inputs.items()}
+            self.visual_per_layer = visual_tokens_per_layer(self.method, self.keep,
+                                                            self.config.text_config.num_hidden_layers)
+            # text: everything that is not an image token (the markers around the image included)
+            self.n_text = self.inputs["input_ids"].shape[1] - self.keep
         self.seq_len = self.inputs["input_ids"].shape[1]
-        tc = self.config.text_config
+        self.rope_deltas = None  # M-RoPE families: the prefill's position offset, restored before each decode step
         self.gen_kwargs = {"do_sample": False, "num_beams": 1, "use_cache": True,
-                           "pad_token_id": tc.pad_token_id or getattr(self.config, "pad_token_id", None) or 0,
-                           "eos_token_id": tc.eos_token_id}
+                           "pad_token_id": special_id(self.config, "pad_token_id") or 0,
+                           "eos_token_id": special_id(self.config, "eos_token_id")}
         self.session = None
         self.embeds = self.image_outputs = self.cache = self.next_token = None
         graphs_asked = bool(cfg.get("cuda_graphs")) and device.type == "cuda"
@@ -517,8 +580,9 @@ class Case:
 
     @contextlib.contextmanager
     def installed(self):
-        with torch.inference_mode(), hiprune.apply(self.model, self.method, prompt_encoder=self.encoder) as session:
-            if session.tokens_per_image() != self.keep:
+        with torch.inference_mode(), hiprune.apply(self.model, self.method, prompt_encoder=self.encoder,
+                                                   **self.adapter_options) as session:
+            if self.described is None and session.tokens_per_image() != self.keep:
                 raise RuntimeError(f"{self.label}: session keeps {session.tokens_per_image()} tokens per image")
             self.session = session
             try:
@@ -537,12 +601,12 @@ class Case:
         """What the last call did: one vision pass (``vision``) or none, and, for LLM-side methods, one pruned
         prefill (``prefill``) or none, with this case's visual tokens per decoder layer."""
         records = self.session.pop_records()
-        grids = [g for forward in records for g in forward]
-        if (len(records) != int(vision) or len(grids) != self.batch * int(vision)
-                or any(g.tokens_kept != self.keep for g in grids)):
+        kept = [g.tokens_kept for forward in records for g in forward]
+        if len(records) != int(vision) or kept != (self.expected_grids if vision else []):
             raise hiprune.PruningError(
                 f"{self.label}: expected {'one vision pass' if vision else 'no vision pass'} of {self.batch} "
-                f"image(s) keeping {self.keep} tokens, got {[[g.tokens_kept for g in f] for f in records]}"
+                f"image(s) keeping {self.expected_grids if vision else []} tokens per grid, got "
+                f"{[[g.tokens_kept for g in f] for f in records]}"
             )
         layer_records = self.session.pop_layer_records()
         expected = int(prefill and self.llm_side)
@@ -559,11 +623,19 @@ class Case:
 
     def _vision(self):
         self._prompts()
+        if self.described is not None:  # the family's processor outputs and vision arguments
+            return self.model.model.get_image_features(
+                pixel_values=self.inputs["pixel_values"], **{k: self.inputs[k] for k in self.described.image_keys},
+                **self.described.vision_kwargs(self.config))
         return self.model.model.get_image_features(
             pixel_values=self.inputs["pixel_values"], vision_feature_layer=self.config.vision_feature_layer,
             vision_feature_select_strategy=self.config.vision_feature_select_strategy)
 
     def _prefill(self):
+        if self.described is not None:  # every family here: input_ids + the precomputed image features
+            text = {k: v for k, v in self.inputs.items() if k != "pixel_values"}
+            return self.model(**text, mm_encoder_outputs={"image": self.image_outputs}, use_cache=True,
+                              logits_to_keep=1)
         if self.llm_side:
             # Pre-merged embeddings would hide the image tokens from the method: input_ids + the precomputed image
             # features instead, which HF scatters into the token embeddings (inside the timed call).
@@ -579,6 +651,7 @@ class Case:
         """A prefill's KV cache and its next token, for the decode step (untimed)."""
         first = self._prefill()
         self._check_prefill()
+        self.rope_deltas = getattr(self.model.model, "rope_deltas", None)
         self.cache, self.next_token = first.cache, first.logits[:, -1:].argmax(-1)
         self.step_mask = torch.ones(self.batch, self.seq_len + 1, dtype=self.inputs["attention_mask"].dtype,
                                     device=self.device)
@@ -627,6 +700,10 @@ class Case:
             self.session.pop_layer_records()
             image_outputs = self._vision()
             self._check_records()
+            if self.described is not None:
+                self.image_outputs = image_outputs  # as the family's get_image_features returned them
+                self.make_cache()
+                return
             if self.llm_side:
                 self.image_outputs = BaseModelOutputWithPooling(pooler_output=list(image_outputs.pooler_output))
                 self.make_cache()
@@ -658,6 +735,11 @@ class Case:
             return check
 
         def decode():
+            if self.rope_deltas is not None:
+                # M-RoPE: this case's position offset (other cases' prefills overwrote it); no attention mask (all
+                # ones, no padding: the same kernels), since HF's M-RoPE step builds positions from the whole mask
+                self.model.model.rope_deltas = self.rope_deltas
+                return self.model(input_ids=self.next_token, cache=self.cache, use_cache=True, logits_to_keep=1)
             return self.model(input_ids=self.next_token, attention_mask=self.step_mask, cache=self.cache,
                               use_cache=True, logits_to_keep=1)
 
@@ -708,22 +790,35 @@ class Case:
 
     def result(self, peaks: dict) -> dict[str, Any]:
         method = self.method
-        score_layers = len(method.score_layers()) if method.stage == "vision" else 0
-        prompt = prompt_encoder_flops(self.encoder, adapter_patches(self.model), self.batch) if self.encoder else None
         visual = self.visual_per_layer  # LLM-side methods: what every pruned prefill of this case recorded
-        costs = vision_method_costs(method, self.config, prompt_width(self.encoder))
-        if self.llm_scoring:
-            costs = {**costs, "llm_scoring": self.llm_scoring}
-        flops = case_flops(self.config, self.n_text, visual, self.batch, score_layers, self.new_tokens, prompt, costs)
+        if self.described is not None:
+            flops = llm_case_flops(self.config, self.n_text, visual, self.batch, self.new_tokens, self.llm_scoring)
+        else:
+            score_layers = len(method.score_layers()) if method.stage == "vision" else 0
+            prompt = (prompt_encoder_flops(self.encoder, adapter_patches(self.model), self.batch) if self.encoder
+                      else None)
+            costs = vision_method_costs(method, self.config, prompt_width(self.encoder))
+            if self.llm_scoring:
+                costs = {**costs, "llm_scoring": self.llm_scoring}
+            flops = case_flops(self.config, self.n_text, visual, self.batch, score_layers, self.new_tokens, prompt,
+                               costs)
         measured = self.measured_flops
         if measured is not None:
             flops["tflops_measured"] = measured["total"] / 1e12
             flops["measured_parts"] = {k: v for k, v in measured.items() if k != "by_op"}
             flops["sdpa_ops"] = sorted(op for op in measured["by_op"] if "scaled_dot_product" in op)
-            flops["measured_vs_exact"] = measured["total"] / (flops["tflops_exact"] * 1e12) - 1
+            if flops["tflops_exact"] is not None:
+                flops["measured_vs_exact"] = measured["total"] / (flops["tflops_exact"] * 1e12) - 1
+            else:  # the LLM parts only: FlopCounterMode's decoder + lm_head against the analytic LLM prefill
+                flops["measured_vs_exact"] = None
+                flops["measured_llm_vs_analytic"] = ((measured["language_model"] + measured["lm_head"])
+                                                     / flops["llm_prefill_flops"] - 1)
         roofline = case_roofline(self.config, [self.n_text + v for v in visual], self.batch, self.dtype, flops, peaks)
         return {
             "visual_tokens": self.keep, "visual_tokens_per_layer": visual, "n_text": self.n_text,
+            # kept tokens of every grid of the batch's images (crops, tiles), as every vision pass recorded them
+            **({"visual_tokens_per_grid": self.expected_grids, "adapter_options": self.adapter_options}
+               if self.described is not None else {}),
             "seq_len": self.seq_len,
             "tokens_per_s": tokens_per_s(self.batch, self.seq_len, self.seconds, roofline),
             **({"cuda_graphs_off": self.graphs_off} if self.graphs_off else {}),
@@ -848,6 +943,12 @@ def run(cfg: DictConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
     config, source = architecture_config(cfg.model)
     attn = str(cfg.model.attn_implementation)
     skeleton = weightless(config)
+    family = hiprune.adapter_for(skeleton).family
+    described = family_inputs(family)
+    if described is None and family != "llava":
+        raise ConfigError(
+            f"eval.efficiency.bench does not feed the {family} family (videos): it runs LLaVA-1.5 and the families "
+            f"of eval/efficiency/inputs.py ({', '.join(sorted(FAMILIES))})")
     cases = plan_cases(cfg, skeleton)
     n_params = parameter_count(skeleton)
     del skeleton
@@ -857,6 +958,9 @@ def run(cfg: DictConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
         n_params += sum(p.numel() for part in (prompt_encoder.text_model, prompt_encoder.text_projection,
                                                prompt_encoder.visual_projection) for p in part.parameters())
     if cfg.get("dry_run"):
+        if described is not None:
+            raise ConfigError(f"dry_run=true covers LLaVA-1.5 (analytic CLIP FLOPs) only; the {family} family's "
+                              "token counts come from its processor, run the benchmark itself")
         return dry_run(cfg, config, source, cases, n_params, dtype, device, log,
                        prompt_encoder if needs_prompt else None)
     memory_check = check_memory(n_params, dtype, device, float(cfg.memory_limit_fraction))
@@ -875,6 +979,7 @@ def run(cfg: DictConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
     log(f"[bench] peaks at start: {peaks_start['flops_per_s'] / 1e12:.3f} TFLOP/s, "
         f"{peaks_start['bytes_per_s'] / 1e9:.1f} GB/s")
 
+    processor = image_processor(family, config, cfg.model) if described is not None else None
     t0 = time.perf_counter()
     model = build_model(config, dtype, device, attn, int(cfg.seed))
     prompt_encoder, prompt_source = build_prompt_encoder(cfg, config, dtype, device) if needs_prompt else (None, None)
@@ -883,7 +988,8 @@ def run(cfg: DictConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
     log(f"[bench] model built in {build_seconds:.1f} s; {len([c for c in cases if c['status'] == 'planned'])} cases, "
         f"{cfg.warmup} warm-up + {cfg.repeats} timed calls per measurement, {cfg.new_tokens} generated tokens")
 
-    planned = [Case(model, c, cfg, device, dtype, prompt_encoder) for c in cases if c["status"] == "planned"]
+    planned = [Case(model, c, cfg, device, dtype, prompt_encoder, processor) for c in cases
+               if c["status"] == "planned"]
     graphs_off = {case.label: case.graphs_off for case in planned if case.graphs_off}
     for label, reason in graphs_off.items():
         log(f"[bench] {label}: CUDA graphs off ({reason})")
@@ -895,6 +1001,8 @@ def run(cfg: DictConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
     log(f"[bench] peaks at end: {peaks_end['flops_per_s'] / 1e12:.3f} TFLOP/s, {peaks_end['bytes_per_s'] / 1e9:.1f} GB/s;"
         f" bound uses {used['flops_per_s'] / 1e12:.3f} TFLOP/s, {used['bytes_per_s'] / 1e9:.1f} GB/s")
     by_spec = {id(c.spec): c for c in planned}
+    full_tokens = (int(cfg.model.tokens_per_image) if described is None else
+                   next((c.keep for c in planned if c.method.name == "none"), None))
     results = []
     for spec in cases:
         entry = {"method": spec["name"], "budget": spec["budget"], "options": spec["options"],
@@ -937,7 +1045,14 @@ def run(cfg: DictConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
             "attention_backend": attention_backend(device, attn, sdpa_ops),
             "batch_size": int(cfg.batch_size),
             "text_tokens": int(cfg.text_tokens_before_image) + int(cfg.text_tokens_after_image),
-            "tokens_per_image_full": int(cfg.model.tokens_per_image),
+            "family": family,
+            "tokens_per_image_full": full_tokens,  # families fed by eval.efficiency.inputs: method none's count
+            **({"inputs": {
+                "image_size": list(cfg.image_size), "image_processor": type(processor).__name__,
+                "image_processor_source": ("the model folder's processor_config.json" if cfg.model.get("local")
+                                           else "class defaults + the architecture and model configs"),
+                "prefill": described.prefill, "flops_analytic": ANALYTIC_NA,
+            }} if described is not None else {}),
             "new_tokens": int(cfg.new_tokens),
             "warmup": int(cfg.warmup),
             "repeats": int(cfg.repeats),

@@ -56,6 +56,7 @@ from hiprune.methods.base import DropStage, resolve_budget
 __all__ = [
     "encoder_merges",
     "fastv_layer_flops",
+    "flops_llm",
     "vision_method_costs",
     "fastv_tokens_per_layer",
     "flops_exact",
@@ -322,6 +323,41 @@ def flops_exact(
     projector = n_images * 2 * proj_tokens * (proj_in * d + d * d)
 
     # --- LLM -------------------------------------------------------------------------------------------------
+    llm = flops_llm(config, n_text, n_visual_kept, decode_tokens, logits_to_keep=logits_to_keep, attention=attention,
+                    llm_scoring=llm_scoring)
+    llm_prefill, lm_head, decode = llm["llm_prefill"], llm["lm_head"], llm["decode"]
+    scoring += int(llm_scoring)
+
+    total = vision + projector + llm_prefill + lm_head + decode
+    return {
+        "vision": vision,
+        "projector": projector,
+        "llm_prefill": llm_prefill,
+        "lm_head": lm_head,
+        "decode": decode,
+        "total": total,
+        "attention_scores": vision_attn + llm["attention_scores"],
+        "scoring": scoring,
+    }
+
+
+def flops_llm(
+    config: Any,
+    n_text: int,
+    n_visual_kept: int | Sequence[int],
+    decode_tokens: int = 0,
+    *,
+    logits_to_keep: int = 0,
+    attention: str = "dense",
+    llm_scoring: int = 0,
+) -> dict[str, int]:
+    """FLOPs (2 x MACs) of the LLM side of one sample: a Llama-style decoder (q, k, v, o, gate, up, down linears per
+    layer, grouped-query attention with ``head_dim``; Llama, Vicuna, Qwen2, Qwen2.5 and Qwen3 alike: biases, norms,
+    rotary and DeepStack additions not counted) and its lm_head. Arguments as :func:`flops_exact`'s, which adds the
+    vision side. Returns "llm_prefill" (decoder layers, with ``llm_scoring``), "lm_head" (prefill logits), "decode"
+    (decoder layers and lm_head of all decode steps) and "attention_scores" (QK^T and AV of prefill and decode)."""
+    tc = _get(config, "text_config", default=config)
+    d = tc.hidden_size
     n_layers = tc.num_hidden_layers
     heads = tc.num_attention_heads
     kv_heads = _get(tc, "num_key_value_heads", default=heads)
@@ -345,7 +381,6 @@ def flops_exact(
     if int(llm_scoring) < 0:
         raise ValueError("llm_scoring must be >= 0")
     llm_prefill = llm_linear + llm_attn + int(llm_scoring)
-    scoring += int(llm_scoring)
 
     last = tokens[-1]
     positions = last if logits_to_keep == 0 else min(int(logits_to_keep), last)
@@ -359,17 +394,8 @@ def flops_exact(
         decode_attn += sum(_sdpa_flops(1, heads, head_dim, head_dim, n + step + 1) for n in tokens)
     decode = decode_tokens * (n_layers * linear_per_token + lm_head_per_token) + decode_attn
 
-    total = vision + projector + llm_prefill + lm_head + decode
-    return {
-        "vision": vision,
-        "projector": projector,
-        "llm_prefill": llm_prefill,
-        "lm_head": lm_head,
-        "decode": decode,
-        "total": total,
-        "attention_scores": vision_attn + llm_attn + decode_attn,
-        "scoring": scoring,
-    }
+    return {"llm_prefill": llm_prefill, "lm_head": lm_head, "decode": decode,
+            "attention_scores": llm_attn + decode_attn}
 
 
 # ------------------------------------------------------------------------------------------------------------------

@@ -56,8 +56,30 @@ def _ratio(value, full) -> float:
     return value / full
 
 
-def _budget(case: dict, full_tokens: int) -> int:
-    return int(case["budget"]) if case.get("budget") is not None else full_tokens
+def _budget(case: dict, full_tokens: int | None) -> int | float:
+    """The case's budget (an int count, or a float ratio of every image / crop / tile); method none: the full count
+    (``full_tokens``, or the case's own visual tokens where the count depends on the image)."""
+    if case.get("budget") is not None:
+        budget = case["budget"]
+        return budget if isinstance(budget, float) else int(budget)
+    return full_tokens if full_tokens is not None else int(case.get("visual_tokens") or 0)
+
+
+def _full_tokens(meta: dict) -> int | None:
+    value = meta.get("tokens_per_image_full")
+    return None if value is None else int(value)
+
+
+def _budget_text(value) -> str:
+    return f"{value:g}" if isinstance(value, float) and not float(value).is_integer() else str(int(value))
+
+
+def _paper_for(meta: dict, paper: pd.DataFrame | None) -> pd.DataFrame:
+    """The paper's Table 5 (LLaVA-1.5-7B) beside LLaVA-1.5 runs only; other families have no paper rows."""
+    if meta.get("family", "llava") != "llava":
+        return pd.DataFrame(columns=["method", "budget", "tflops", "prefill_ms", "prefill_ms_std", "decode_ms",
+                                     "decode_ms_std", "throughput_tok_s", "throughput_std", "vram_gb"])
+    return load_paper() if paper is None else paper
 
 
 def _order(method: str) -> int:
@@ -71,8 +93,8 @@ def attention_label(meta: dict) -> str:
 def table5(bench: dict, paper: pd.DataFrame | None = None) -> pd.DataFrame:
     """Table-5-shaped frame: ours beside the paper's, ratios against each side's own full model."""
     meta = bench["meta"]
-    full_tokens = int(meta["tokens_per_image_full"])
-    paper = load_paper() if paper is None else paper
+    full_tokens = _full_tokens(meta)
+    paper = _paper_for(meta, paper)
     rows: dict[tuple[str, int], dict[str, Any]] = {}
     for case in bench["cases"]:
         if case.get("budget") is None and case["status"] != "ran" and case["method"] != "none":
@@ -128,11 +150,13 @@ def table5(bench: dict, paper: pd.DataFrame | None = None) -> pd.DataFrame:
     frame["paper_method"] = frame["method"].map(lambda m: OUR_TO_PAPER.get(m, ""))
 
     def full_of(column: str):
-        sel = frame.loc[(frame["method"] == "none") & (frame["budget"] == full_tokens), column]
+        full = full_tokens if full_tokens is not None else frame.loc[frame["method"] == "none", "budget"].max()
+        sel = frame.loc[(frame["method"] == "none") & (frame["budget"] == full), column]
         return sel.iloc[0] if len(sel) else math.nan
 
     ratios = {
-        "tflops_ratio": "tflops_paper_convention", "tflops_exact_ratio": "tflops_exact", "prefill_ratio": "prefill_ms",
+        "tflops_ratio": "tflops_paper_convention", "tflops_exact_ratio": "tflops_exact",
+        "tflops_measured_ratio": "tflops_measured", "prefill_ratio": "prefill_ms",
         "ttft_ratio": "ttft_ms", "decode_ratio": "decode_ms", "throughput_ratio": "throughput_tok_s",
         "memory_ratio": "memory_gb",
         "paper_tflops_ratio": "paper_tflops", "paper_prefill_ratio": "paper_prefill_ms",
@@ -152,6 +176,7 @@ def table5(bench: dict, paper: pd.DataFrame | None = None) -> pd.DataFrame:
     columns = (["method", "paper_method", "budget", "status"] + ours_cols
                + ["tflops_ratio", "tflops_exact_ratio", "prefill_ratio", "ttft_ratio", "decode_ratio",
                   "throughput_ratio", "memory_ratio"]
+               + (["tflops_measured_ratio"] if meta.get("inputs") else [])
                + paper_cols
                + ["paper_tflops_ratio", "paper_prefill_ratio", "paper_decode_ratio", "paper_throughput_ratio",
                   "paper_vram_ratio"]
@@ -163,7 +188,7 @@ def roofline_table(bench: dict) -> pd.DataFrame:
     """Deliverable 5: measured prefill ratio vs FLOPs ratio, measured prefill vs its roofline bound."""
     meta = bench["meta"]
     goal = float(bench["peaks"].get("goal", 1.3))
-    full_tokens = int(meta["tokens_per_image_full"])
+    full_tokens = _full_tokens(meta)
     ran = [c for c in bench["cases"] if c["status"] == "ran"]
     full = next((c for c in ran if c["method"] == "none"), None)
     rows = []
@@ -240,7 +265,7 @@ def _graph_columns(case: dict, prefill_bound: float, decode_bound: float, goal: 
 
 
 def measurements_table(bench: dict) -> pd.DataFrame:
-    full_tokens = int(bench["meta"]["tokens_per_image_full"])
+    full_tokens = _full_tokens(bench["meta"])
     rows = []
     for case in bench["cases"]:
         if case["status"] != "ran":
@@ -307,8 +332,26 @@ def caption(bench: dict) -> list[str]:
         (f"Peaks measured in this run: {p['flops_per_s'] / 1e12:.3f} TFLOP/s (matmul), {p['bytes_per_s'] / GB:.1f} GB/s "
         f"(copy). Load average (1/5/15 min) at start / end: {_load(m.get('load_average_start'))} / "
          f"{_load(m.get('load_average_end'))}."),
-        (f"**{PAPER_SETUP}**. Ratios (×) are against each side's own full model: ours vs our `none`, the paper's vs "
-        "its vanilla row."),
+        ((f"**{PAPER_SETUP}**. Ratios (×) are against each side's own full model: ours vs our `none`, the paper's vs "
+          "its vanilla row.") if m.get("family", "llava") == "llava" else
+         "No paper rows (the paper measures LLaVA-1.5-7B only). Ratios (×) are against our `none`."),
+    ]
+
+
+def family_notes(bench: dict) -> list[str]:
+    """Caption lines of a family fed by eval.efficiency.inputs (Qwen3-VL, LLaVA-OneVision, InternVL): its inputs,
+    budgets, prefill path and why the analytic whole-model TFLOPs are n/a."""
+    inputs = bench["meta"].get("inputs")
+    if not inputs:
+        return []
+    height, width = inputs["image_size"]
+    return [
+        (f"Inputs: one random {height} x {width} RGB image through the family's {inputs['image_processor']} "
+         f"({inputs['image_processor_source']}); visual tokens = what the processor emits under each method (the "
+         "none row: the full count for this image); the family's image start / end markers, where it has them, count "
+         "as text tokens. Budgets are ratios of every image / crop / tile where fractional."),
+        f"Prefill: {inputs['prefill']}.",
+        f"TFLOPs ours / exact: {inputs['flops_analytic']}. FastV's formula (LLM prefill only) is analytic.",
     ]
 
 
@@ -317,18 +360,21 @@ def table5_markdown(frame: pd.DataFrame, bench: dict) -> str:
     lines += [f"- {c}" for c in caption(bench)] + [
         ("- TFLOPs ours = the paper's convention (linear layers of one full forward, as calflops counts under SDPA); "
         "exact = 2×MACs of generate's prefill incl. attention, vision, scoring; FastV = the FastV/VisionZip formula "
-        "(LLM prefill)."), ""]
+        "(LLM prefill).")] + [f"- {line}" for line in family_notes(bench)] + [""]
     header = ["Method", "Budget", "Tokens", "TFLOPs ours (×)", "TFLOPs paper (×)", "TFLOPs exact", "TFLOPs FastV",
               "Vision+select ms", "Prefill ms ours (×)", "Prefill ms paper (×)", "TTFT ms (×)", "Decode ms ours (×)",
               "Decode ms paper (×)", "Throughput tok/s ours (×)", "Throughput paper (×)", "Memory GB ours (×)",
               "VRAM GB paper (×)", "Status"]
+    measured_column = bool(bench["meta"].get("inputs"))  # no analytic whole-model count: the measured one beside
+    if measured_column:
+        header.insert(header.index("TFLOPs FastV") + 1, "TFLOPs measured (×)")
     lines.append("| " + " | ".join(header) + " |")
     lines.append("|" + "---|" * len(header))
     for _, r in frame.iterrows():
         name = r["paper_method"] or r["method"]
         cells = [
             f"{name} (`{r['method']}`)" if r["paper_method"] else f"`{r['method']}`",
-            str(int(r["budget"])),
+            _budget_text(r["budget"]),
             r["tokens_label"] if isinstance(r["tokens_label"], str) else _num(r["visual_tokens"], 0),
             _with_ratio(r["tflops_paper_convention"], r["tflops_ratio"], 3),
             _with_ratio(r["paper_tflops"], r["paper_tflops_ratio"]),
@@ -346,6 +392,9 @@ def table5_markdown(frame: pd.DataFrame, bench: dict) -> str:
             _with_ratio(r["paper_vram_gb"], r["paper_vram_ratio"], 2),
             r["status"],
         ]
+        if measured_column:
+            cells.insert(header.index("TFLOPs measured (×)"),
+                         _with_ratio(r["tflops_measured"], r["tflops_measured_ratio"], 3))
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
     lines.append("Paper ± is its std over 10 runs; ours is the IQR over the timed calls.")
@@ -379,7 +428,7 @@ def roofline_markdown(frame: pd.DataFrame, bench: dict) -> str:
     lines.append("| " + " | ".join(header) + " |")
     lines.append("|" + "---|" * len(header))
     for _, r in frame.iterrows():
-        cells = [f"`{r['method']}`", str(int(r["budget"])), str(int(r["llm_tokens"])),
+        cells = [f"`{r['method']}`", _budget_text(r["budget"]), str(int(r["llm_tokens"])),
                  f"{r['prefill_ms']:.1f} ({r['prefill_iqr_ms']:.1f})", _num(r["prefill_ratio_measured"], 3),
                  _num(r["prefill_flops_ratio"], 3), _num(r["prefill_bound_ratio"], 3), _num(r["prefill_tflops"], 3),
                  _num(r["prefill_gbytes"], 2), _num(r["prefill_intensity_flop_per_byte"], 0),
@@ -395,7 +444,7 @@ def roofline_markdown(frame: pd.DataFrame, bench: dict) -> str:
         lines.append("| " + " | ".join(header) + " |")
         lines.append("|" + "---|" * len(header))
         for _, r in frame.iterrows():
-            cells = [f"`{r['method']}`", str(int(r["budget"])), _num(r["prefill_graph_ms"], 2),
+            cells = [f"`{r['method']}`", _budget_text(r["budget"]), _num(r["prefill_graph_ms"], 2),
                      _num(r["prefill_bound_ms"], 2), _num(r["prefill_graph_over_bound"], 2),
                      _yes_no(r[f"prefill_graph_within_{goal:g}x_bound"]), _num(r["decode_graph_ms"], 2),
                      _num(r["decode_bound_ms"], 2), _num(r["decode_graph_over_bound"], 2)]
