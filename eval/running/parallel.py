@@ -3,6 +3,7 @@ requests by rank, and the main process merges every rank's per-document logs int
 
 from __future__ import annotations
 
+import atexit
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -47,7 +48,18 @@ def current_ranks(device: str) -> Ranks:
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return Ranks()
     state = data_parallel_state(device)
+    if dist.is_initialized():
+        atexit.unregister(leave_process_group)  # once per process, however many runs (a sweep) join
+        atexit.register(leave_process_group)
     return Ranks(state.process_index, state.num_processes)
+
+
+def leave_process_group() -> None:
+    """Leave the process group before the interpreter exits (registered at exit by :func:`current_ranks`): a rank that
+    exits with the group alive can abort in the gloo threads' teardown ("terminate called without an active
+    exception") after its work is done, which fails the whole launch."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def merge_doc_logs(model, ranks: Ranks) -> list[int] | None:
