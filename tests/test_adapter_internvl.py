@@ -157,11 +157,17 @@ def test_an_int_budget_is_checked_on_the_most_tiled_image_before_loading():
                               r"int\(8 / 13 tiles\)")
 
 
-def test_pruning_needs_the_processor(tiny_iv):
-    model, _, _ = tiny_iv
-    with pytest.raises(ValueError, match="pass the processor"), \
-            hiprune.apply(model, hiprune.build_method("random", budget=0.25)):
-        pass
+def test_pruning_needs_each_images_tile_count(tiny_iv):
+    """Without the processor passed to apply, an encoder call fails naming the missing tile counts, unless the caller
+    gives them (expect_tiles, from the image processor's num_patches)."""
+    model, processor, _ = tiny_iv
+    pixels = processor.image_processor([shape_image(600, 300, 1)], return_tensors="pt")
+    with hiprune.apply(model, hiprune.build_method("random", budget=0.25)) as session, torch.no_grad():
+        with pytest.raises(hiprune.PruningError, match="no processor call recorded"):
+            model.model.get_image_features(pixels["pixel_values"])
+        session.adapter.expect_tiles(pixels["num_patches"])
+        out = model.model.get_image_features(pixels["pixel_values"])
+        assert out.pooler_output.shape[:2] == (int(pixels["num_patches"][0]), 64)
     assert "get_image_features" not in vars(model.model) and "forward" not in vars(model.model)
 
 

@@ -20,12 +20,16 @@ from eval.efficiency.inputs import FAMILIES, image_processor, make_inputs, rando
 # 384 x 768 image: Qwen3-VL 12 x 24 merged tokens (patch 16, 2 x 2 merge) = 288, round(288 x 0.25) = 72; OneVision
 # native base 729 + 2 crops of 729 (nothing to unpad, no anyres_max downsampling) + 27 newlines = 2214, pruned
 # (official): base + 1 x 2 crops of round(729 x 0.25) = 182 each; InternVL 2 tiles + a thumbnail of 256 tokens,
-# round(256 x 0.25) = 64 each.
+# round(256 x 0.25) = 64 each. FastV at K = 1 sees every token of the image (OneVision: HF's native sequence, as
+# layout=auto resolves it for LLM-side methods) in layer 0 and keeps round(n x 0.25) from layer 1 on.
 CASES = {
-    "qwen3_vl": ("tiny_qwen3vl", 0.25, {"none": (288, [288]), "hiprune": (72, [72])}),
-    "llava_onevision": ("tiny_llava_onevision", 0.25, {"none": (2214, [729] * 3), "random": (546, [182] * 3)}),
-    "internvl": ("tiny_internvl3", 0.25, {"none": (768, [256] * 3), "hiprune": (192, [64] * 3)}),
+    "qwen3_vl": ("tiny_qwen3vl", 0.25, {"none": (288, [288]), "hiprune": (72, [72]), "fastv": (288, [288])}),
+    "llava_onevision": ("tiny_llava_onevision", 0.25,
+                        {"none": (2214, [729] * 3), "random": (546, [182] * 3), "fastv": (2214, [729] * 3)}),
+    "internvl": ("tiny_internvl3", 0.25, {"none": (768, [256] * 3), "hiprune": (192, [64] * 3),
+                                          "fastv": (768, [256] * 3)}),
 }
+FASTV = ["+method@methods.fastv=fastv", "methods.fastv.options.layer=1", "methods.fastv.options.budget_mode=keep_after"]
 MARKERS = {"qwen3_vl": 2, "llava_onevision": 0, "internvl": 2}  # <|vision_start|>/<|vision_end|>, <img>/</img>
 
 
@@ -40,7 +44,7 @@ def test_bench_runs_every_family_with_per_grid_records(family, tmp_path):
     threads = torch.get_num_threads()
     try:
         bench = bench_module.run(_cfg(
-            f"model={model}", f"only=[{','.join(expected)}]", f"budgets=[{budget}]", "device=cpu", "warmup=0",
+            f"model={model}", f"only=[{','.join(expected)}]", *FASTV, f"budgets=[{budget}]", "device=cpu", "warmup=0",
             "repeats=1", "new_tokens=2", "flops_measured=true", "roofline.sizes=[64]", "roofline.copy_mib=1",
             "roofline.repeats=1", f"out_dir={tmp_path}"), log=lambda _: None)
     finally:
@@ -60,7 +64,11 @@ def test_bench_runs_every_family_with_per_grid_records(family, tmp_path):
         # FlopCounterMode's decoder + lm_head equal the analytic LLM count (Llama-style linears, SDPA dense)
         assert flops["measured_llm_vs_analytic"] == pytest.approx(0, abs=1e-9)
     config = AutoConfig.from_pretrained(built(family))
-    none, pruned = (ran[m] for m in expected)
+    n, layers = expected["fastv"][0], config.text_config.num_hidden_layers
+    assert ran["fastv"]["visual_tokens_per_layer"] == [n] + [round(n * budget)] * (layers - 1)
+    assert ran["none"]["visual_tokens_per_layer"] == [n] * layers
+    none, pruned, fastv = (ran[m] for m in expected)
+    assert fastv["flops"]["llm_prefill_flops"] < none["flops"]["llm_prefill_flops"]
     assert none["flops"]["llm_prefill_flops"] == sum(
         flops_llm(config, none["n_text"], none["visual_tokens"], logits_to_keep=1)[k] for k in ("llm_prefill", "lm_head"))
     assert pruned["flops"]["llm_prefill_flops"] < none["flops"]["llm_prefill_flops"]

@@ -553,6 +553,7 @@ class Case:
                                                               int(cfg.seed))
             grids = self.described.grids(adapter, self.method)
             self.expected_grids = [k for i in range(self.batch) for k in grids(processed, i)]
+            self.processed = processed
             self.inputs = {k: v.to(device, dtype) if v.is_floating_point() else v.to(device) for k, v in inputs.items()}
             self.visual_per_layer = visual_tokens_per_layer(self.method, self.keep,
                                                             self.config.text_config.num_hidden_layers)
@@ -584,6 +585,8 @@ class Case:
                                                    **self.adapter_options) as session:
             if self.described is None and session.tokens_per_image() != self.keep:
                 raise RuntimeError(f"{self.label}: session keeps {session.tokens_per_image()} tokens per image")
+            if self.described is not None:
+                self.described.prepare(session.adapter, self.processed)
             self.session = session
             try:
                 yield session

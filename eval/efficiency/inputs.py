@@ -44,7 +44,7 @@ from transformers import (
 )
 
 from eval.config import ConfigError, repo_path
-from hiprune.adapters.llava_next import resolve_layout
+from hiprune.adapters import llava_next, llava_onevision
 
 SIGLIP_MEAN = SIGLIP_STD = [0.5, 0.5, 0.5]
 CLIP_MEAN, CLIP_STD = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
@@ -98,6 +98,9 @@ class FamilyInputs:
     token_types: bool = False  # mm_token_type_ids (1 on image tokens) as the processor returns them
     vision_kwargs: Callable[[Any], dict] = lambda config: {}  # extra get_image_features keyword arguments
     adapter_options: Callable[[DictConfig, Any], dict] = lambda model_cfg, method: {}
+    # (installed adapter, processor outputs) -> None: what the family's processor would tell the adapter while it
+    # makes the prompt (InternVL: each image's tile count), for inputs made without it
+    prepare: Callable[[Any, dict], None] = lambda adapter, processed: None
     prefill: str = ("input_ids + the precomputed image features (HF's mm_encoder_outputs), scattered into the token "
                     "embeddings inside the timed call")
 
@@ -113,7 +116,6 @@ ANYRES = {  # LLaVA-NeXT and LLaVA-OneVision: base + anyres crops, the layout as
     "grids": lambda adapter, method: lambda inputs, i: adapter.image_layout(inputs["image_sizes"][i], method).kept,
     "vision_kwargs": lambda config: {"vision_feature_layer": config.vision_feature_layer,
                                      "vision_feature_select_strategy": config.vision_feature_select_strategy},
-    "adapter_options": lambda model_cfg, method: {"layout": resolve_layout(str(model_cfg.layout), method)},
 }
 FAMILIES: dict[str, FamilyInputs] = {
     "qwen3_vl": FamilyInputs(
@@ -131,15 +133,23 @@ FAMILIES: dict[str, FamilyInputs] = {
                  "mm_encoder_outputs): the M-RoPE positions (the kept tokens' original ones) and the scatter are "
                  "computed inside the timed call"),
     ),
-    "llava_next": FamilyInputs(processor=_llava_next_processor, **ANYRES),
-    "llava_onevision": FamilyInputs(processor=_llava_onevision_processor, **ANYRES),
+    "llava_next": FamilyInputs(
+        processor=_llava_next_processor, **ANYRES,
+        adapter_options=lambda model_cfg, method: {"layout": llava_next.resolve_layout(str(model_cfg.layout), method)},
+    ),
+    "llava_onevision": FamilyInputs(  # layout=auto: native also for LLM-side methods (HF's own sequence)
+        processor=_llava_onevision_processor, **ANYRES,
+        adapter_options=lambda model_cfg, method: {
+            "layout": llava_onevision.resolve_layout(str(model_cfg.layout), method)},
+    ),
     "internvl": FamilyInputs(
         processor=_internvl_processor,
         image_keys=(),
-        grids=lambda adapter, method: lambda inputs, i: [adapter.kept_per_tile(method)] * int(inputs["num_patches"][i]),
+        grids=lambda adapter, method: lambda inputs, i: adapter.tile_keeps(method, int(inputs["num_patches"][i])),
         markers=lambda config: (config.image_token_id - 2, config.image_token_id - 1),
         vision_kwargs=lambda config: {"vision_feature_layer": config.vision_feature_layer,
                                       "vision_feature_select_strategy": config.vision_feature_select_strategy},
+        prepare=lambda adapter, processed: adapter.expect_tiles(processed["num_patches"]),
     ),
 }
 

@@ -195,7 +195,8 @@ class InternVLAdapter(LlmPromptEmbeddings, Adapter):
         if tiles is None:
             raise PruningError(
                 f"the InternVL encoder got {n_tiles} tiles but no processor call recorded each image's tile count: "
-                "build the inputs with the processor passed to hiprune.apply"
+                "build the inputs with the processor passed to hiprune.apply (or give the counts: "
+                "session.adapter.expect_tiles(num_patches))"
             )
         if sum(tiles) != n_tiles:
             raise PruningError(
@@ -246,13 +247,15 @@ class InternVLAdapter(LlmPromptEmbeddings, Adapter):
             out[name] = patches.mean(dim=(2, 4)).reshape(tiles, (s // k) ** 2, *value.shape[2:])
         return out
 
+    def expect_tiles(self, num_patches: Any) -> None:
+        """Record the tile count of every image of the next encoder calls (what the patched processor does on each
+        call; for inputs made without it, e.g. the efficiency benchmark's, from the image processor's
+        ``num_patches``)."""
+        self.recorded_tiles = [int(n) for n in num_patches]
+
     # --- installation --------------------------------------------------------------------------------------
     def install(self, stack: ExitStack, session: PruningSession, processor: Any | None) -> None:
-        if processor is None and session.method.stage == "vision":
-            raise ValueError(
-                f"method {session.method.name!r} prunes every tile by its image's budget and prompt: pass the "
-                "processor to hiprune.apply (it records each image's tile count and emits the kept tokens)"
-            )
+        stack.callback(setattr, self, "recorded_tiles", None)
         super().install(stack, session, processor)
 
     def install_processor(self, stack: ExitStack, session: PruningSession, processor: Any) -> None:
@@ -261,12 +264,11 @@ class InternVLAdapter(LlmPromptEmbeddings, Adapter):
         method = session.method
 
         def replace_image_token(image_inputs: dict, image_idx: int, **kwargs) -> str:
-            self.recorded_tiles = [int(n) for n in image_inputs["num_patches"]]
+            self.expect_tiles(image_inputs["num_patches"])
             count = self.image_tokens(method, self.recorded_tiles[image_idx])
             return f"{processor.start_image_token}{processor.image_token * count}{processor.end_image_token}"
 
         patch_attribute(stack, processor, "replace_image_token", replace_image_token)
-        stack.callback(setattr, self, "recorded_tiles", None)
 
     def placeholder_counts(self, method: Method) -> dict:
         return {"image": lambda inputs, index: self.image_tokens(method, int(inputs["num_patches"][index]))}
