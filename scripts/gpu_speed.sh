@@ -7,6 +7,9 @@
 #      -> results/efficiency/llava15_7b-cuda-float16-b{1,8,32}/ and llava15_7b-cuda-float16-batches/tokens_per_s.md
 #   3. lmms-eval throughput, eager vs compile=true, none vs hiprune 192 / 64, answers forced to POPE / GQA / MME
 #      lengths, batch 1 / 8 / 32 (item 2) -> results/efficiency/eval_throughput_llava15_7b-cuda-float16.{json,md}
+#   4. issue 19's rows at real shapes on a GPU: eval.bench on Qwen3-VL-8B, LLaVA-OneVision-7B and InternVL3-8B
+#      (bfloat16, the default 384 x 768 image; none, hiprune, random, divprune, fastv at 0.334 / 0.112)
+#      -> results/efficiency/{qwen3vl_8b,llava_onevision_7b,internvl3_8b}-cuda-bfloat16/ (not part of the default STEPS)
 # Needs the offline assets the tools read (git-ignored, so carried to the device machine): assets/tiny-llava (the
 # tokenizer and processor of the random-weight model) and assets/scene_tasks (600 scene images and prompts).
 #   bash scripts/gpu_speed.sh                 # everything, ~8 min
@@ -37,6 +40,12 @@ for s in $STEPS; do
     3) step 200 "$PY" -m eval.efficiency.throughput --model llava15_7b --device cuda --batch-sizes 1 8 32 \
          --limit 64 --eval-task hiprune_scene_pope --modes eager compiled --methods none hiprune:192 hiprune:64 \
          --tasks pope gqa mme --time-budget 150 ;;
+    4) for m in qwen3vl_8b llava_onevision_7b internvl3_8b; do
+         step 150 "$PY" -m eval.efficiency.bench model=$m bench_profile=gpu model.dtype=bfloat16 \
+           "only=[none,hiprune,random,divprune,fastv]" "budgets=[0.334,0.112]" repeats=5 new_tokens=16 \
+           cuda_graphs=false include_registered=false "+method@methods.fastv=fastv" \
+           "+method@methods.divprune=divprune" methods.fastv.options.budget_mode=keep_after
+       done ;;
     *) echo "[gpu_speed] unknown step $s"; status=2 ;;
   esac
 done
