@@ -31,27 +31,36 @@ def tiny_iv():
     return (*loaded("internvl"), built("internvl"))
 
 
-def test_llm_receives_exactly_the_kept_tokens_of_every_tile(tiny_iv):
+def _pruned_forward(tiny_iv, images, method, then=None):
+    """One forward of ``images`` under ``method`` (``then(model, batch, session, records)`` inside the session);
+    checks that the LLM got exactly every tile's kept tokens and returns (batch, records)."""
     model, processor, _ = tiny_iv
-    images = [shape_image(320, 300, 1), shape_image(600, 300, 2)]  # 1 tile; 2 tiles + the thumbnail
     with torch.no_grad():
         reference = model.model.get_image_features(chat_batch(processor, images)["pixel_values"]).pooler_output
     seen, hook = llm_inputs(model)
     try:
-        with hiprune.apply(model, hiprune.build_method("hiprune", budget=0.25, object_layer=3), processor) as session, \
-                torch.no_grad():
+        with hiprune.apply(model, method, processor) as session, torch.no_grad():
             batch = chat_batch(processor, images)
             model(**batch)
             [records] = session.pop_records()
+            if then is not None:
+                then(model, batch, session, records)
     finally:
         hook.remove()
+    got = seen[0][batch["input_ids"] == processor.image_token_id]
+    expected = torch.cat([reference[t][r.indices] for t, r in enumerate(records)])
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+    return batch, records
+
+
+def test_llm_receives_exactly_the_kept_tokens_of_every_tile(tiny_iv):
+    model, processor, _ = tiny_iv
+    images = [shape_image(320, 300, 1), shape_image(600, 300, 2)]  # 1 tile; 2 tiles + the thumbnail
+    batch, records = _pruned_forward(tiny_iv, images, hiprune.build_method("hiprune", budget=0.25, object_layer=3))
     assert [r.tokens_kept for r in records] == [64] * 4 and [r.tokens_in for r in records] == [256] * 4
     ids = batch["input_ids"]
     assert (ids == processor.image_token_id).sum(1).tolist() == [64, 192]
     assert ((ids == processor.start_image_token_id).sum(1) == 1).all()  # <img> ... </img> kept around the tokens
-    got = seen[0][ids == processor.image_token_id]
-    expected = torch.cat([reference[t][r.indices] for t, r in enumerate(records)])
-    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
     assert "get_image_features" not in vars(model.model) and "replace_image_token" not in vars(processor)
 
 
@@ -69,28 +78,19 @@ def test_scores_are_means_over_the_pixel_shuffle_blocks(tiny_iv):
 def test_an_int_budget_is_split_over_each_images_tiles(tiny_iv):
     """N' = 64 per image, int(64 / tiles) per tile (LLaVA-NeXT's official per-crop rule): 64; 3 x 21; 4 x 16 -- the
     processor's placeholders, the records and the LLM's input agree, tile by tile."""
-    model, processor, _ = tiny_iv
+    _, processor, _ = tiny_iv
     images = [shape_image(*size, seed) for seed, size in enumerate([ONE_TILE, THREE_TILES, FOUR_TILES])]
-    with torch.no_grad():
-        reference = model.model.get_image_features(chat_batch(processor, images)["pixel_values"]).pooler_output
-    seen, hook = llm_inputs(model)
-    try:
-        with hiprune.apply(model, hiprune.build_method("hiprune", budget=64, object_layer=3), processor) as session, \
-                torch.no_grad():
-            batch = chat_batch(processor, images)
-            model(**batch)
-            [records] = session.pop_records()
-            # beam search: generate() repeats every sample's row and encoder outputs; the input_ids check follows
-            model.generate(**batch, max_new_tokens=2, num_beams=2, do_sample=False)
-            assert [r.tokens_kept for r in session.pop_records()[0]] == [r.tokens_kept for r in records]
-    finally:
-        hook.remove()
+
+    def beam_search(model, batch, session, records):
+        # generate() repeats every sample's row and encoder outputs; the input_ids check follows
+        model.generate(**batch, max_new_tokens=2, num_beams=2, do_sample=False)
+        assert [r.tokens_kept for r in session.pop_records()[0]] == [r.tokens_kept for r in records]
+
+    batch, records = _pruned_forward(tiny_iv, images, hiprune.build_method("hiprune", budget=64, object_layer=3),
+                                     beam_search)
     assert [r.tokens_kept for r in records] == [64] + [21] * 3 + [16] * 4
     assert [r.tokens_in for r in records] == [256] * 8
     assert (batch["input_ids"] == processor.image_token_id).sum(1).tolist() == [64, 63, 64]
-    got = seen[0][batch["input_ids"] == processor.image_token_id]
-    expected = torch.cat([reference[t][r.indices] for t, r in enumerate(records)])
-    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
 
 
 def test_inputs_of_another_processor_call_are_refused(tiny_iv):
