@@ -11,7 +11,7 @@ import torch
 from conftest import built
 from transformers import AutoConfig
 
-from eval.config import ConfigError, compose_config
+from eval.config import REPO_ROOT, ConfigError, compose_config
 from eval.efficiency import bench as bench_module
 from eval.efficiency.flops import flops_exact, flops_llm
 from eval.efficiency.inputs import FAMILIES, image_processor, make_inputs, random_image
@@ -136,5 +136,23 @@ def test_unfed_families_are_refused_before_building():
     built("video_llava")
     with pytest.raises(ConfigError, match="does not feed the video_llava family"):
         bench_module.run(_cfg("model=tiny_video_llava", "device=cpu", "only=[none]"), log=lambda _: None)
-    with pytest.raises(ConfigError, match="dry_run=true covers LLaVA-1.5"):
-        bench_module.run(_cfg("model=qwen3vl_2b", "device=cpu", "dry_run=true", "only=[none]"), log=lambda _: None)
+
+
+
+def test_dry_run_counts_a_real_architectures_tokens_without_building_it():
+    """Qwen3-VL-8B's architecture (meta weights): the 384 x 768 image's 12 x 24 merged tokens, round(288 x 0.112) = 32
+    for HiPrune, FastV at K = 2 keeping 32; 49 text tokens + the two vision markers; the LLM's analytic FLOPs."""
+    plan = bench_module.run(_cfg("model=qwen3vl_8b", "device=cpu", "dry_run=true", "only=[none,hiprune,fastv]",
+                                 *FASTV[:1], "methods.fastv.options.budget_mode=keep_after", "budgets=[0.112]"),
+                            log=lambda _: None)
+    assert plan["dry_run"] and plan["parameters"] == 8_767_123_696
+    cases = {c["method"]: c for c in plan["cases"]}
+    layers = 36
+    assert cases["none"]["visual_tokens_per_layer"] == [288] * layers
+    assert cases["hiprune"]["visual_tokens_per_layer"] == [32] * layers
+    assert cases["fastv"]["visual_tokens_per_layer"] == [288] * 2 + [32] * (layers - 2)
+    config = AutoConfig.from_pretrained(REPO_ROOT / "configs/arch/qwen3-vl-8b-instruct")
+    for case in cases.values():
+        assert case["n_text"] == 51 and case["flops"]["tflops_exact"] is None
+        llm = flops_llm(config, 51, case["visual_tokens_per_layer"], logits_to_keep=1)
+        assert case["flops"]["llm_prefill_flops"] == llm["llm_prefill"] + llm["lm_head"]

@@ -954,6 +954,8 @@ def run(cfg: DictConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
             f"of eval/efficiency/inputs.py ({', '.join(sorted(FAMILIES))})")
     cases = plan_cases(cfg, skeleton)
     n_params = parameter_count(skeleton)
+    if cfg.get("dry_run") and described is not None:
+        family_token_counts(cfg, config, skeleton, cases)
     del skeleton
     needs_prompt = any(c["status"] == "planned" and c["method"].needs_prompt for c in cases)
     if needs_prompt:  # weightless first: its parameters count towards the memory check
@@ -961,9 +963,6 @@ def run(cfg: DictConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
         n_params += sum(p.numel() for part in (prompt_encoder.text_model, prompt_encoder.text_projection,
                                                prompt_encoder.visual_projection) for p in part.parameters())
     if cfg.get("dry_run"):
-        if described is not None:
-            raise ConfigError(f"dry_run=true covers LLaVA-1.5 (analytic CLIP FLOPs) only; the {family} family's "
-                              "token counts come from its processor, run the benchmark itself")
         return dry_run(cfg, config, source, cases, n_params, dtype, device, log,
                        prompt_encoder if needs_prompt else None)
     memory_check = check_memory(n_params, dtype, device, float(cfg.memory_limit_fraction))
@@ -1085,6 +1084,25 @@ def run(cfg: DictConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
     return bench
 
 
+def family_token_counts(cfg: DictConfig, config, skeleton, cases: list[dict]) -> None:
+    """Dry run of a family fed by eval.efficiency.inputs: every planned case's visual tokens (what the family's
+    processor emits for the configured image under the method), text tokens and visual tokens per decoder layer, from
+    the image processor and the weightless model's adapter (nothing is built)."""
+    family = hiprune.adapter_for(skeleton).family
+    processor = image_processor(family, config, cfg.model)
+    before, after = int(cfg.text_tokens_before_image), int(cfg.text_tokens_after_image)
+    for case in cases:
+        if case["status"] != "planned":
+            continue
+        adapter = hiprune.adapter_for(skeleton, **case["adapter_options"])
+        counts = adapter.placeholder_counts(case["method"])["image"]
+        inputs, keep, _ = make_family_inputs(config, family, processor, counts, list(cfg.image_size),
+                                             int(cfg.batch_size), before, after, int(cfg.seed))
+        case["keep"] = keep
+        case["n_text"] = inputs["input_ids"].shape[1] - keep
+        case["visual_per_layer"] = visual_tokens_per_layer(case["method"], keep, config.text_config.num_hidden_layers)
+
+
 def dry_run(cfg: DictConfig, config, source: str, cases: list[dict], n_params: int, dtype: torch.dtype,
             device: torch.device, log: Callable[[str], None], prompt_encoder=None) -> dict[str, Any]:
     """Plan, memory check and FLOPs on the weightless model only: nothing is built, timed or written."""
@@ -1103,13 +1121,22 @@ def dry_run(cfg: DictConfig, config, source: str, cases: list[dict], n_params: i
             score_layers = len(method.score_layers()) if method.stage == "vision" else 0
             entry["visual_tokens"] = case["keep"]
             entry["visual_tokens_per_layer"] = case["visual_per_layer"]
+            tokens = tokens_label(case["keep"], case["visual_per_layer"])
+            if "n_text" in case:  # a family fed by eval.efficiency.inputs: the LLM's FLOPs only (no vision count)
+                entry["n_text"] = case["n_text"]
+                entry["flops"] = llm_case_flops(config, case["n_text"], case["visual_per_layer"],
+                                                int(cfg.batch_size), int(cfg.new_tokens))
+                log(f"  {case['name']:>10} {tokens:>4} tokens: LLM prefill TFLOPs "
+                    f"{entry['flops']['llm_prefill_flops'] / 1e12:.2f}, FastV {entry['flops']['tflops_fastv']:.2f} "
+                    "(no analytic vision count)")
+                plan.append(entry)
+                continue
             patches = (config.vision_config.image_size // config.vision_config.patch_size) ** 2
             prompt = (prompt_encoder_flops(prompt_encoder, patches, int(cfg.batch_size))
                       if method.needs_prompt and prompt_encoder is not None else None)
             costs = vision_method_costs(method, config, prompt_width(prompt_encoder) if prompt else None)
             entry["flops"] = case_flops(config, n_text, case["visual_per_layer"], int(cfg.batch_size), score_layers,
                                         int(cfg.new_tokens), prompt, costs)
-            tokens = tokens_label(case["keep"], case["visual_per_layer"])
             log(f"  {case['name']:>10} {tokens:>4} tokens: TFLOPs paper convention "
                 f"{entry['flops']['tflops_paper_convention']:.2f}, exact {entry['flops']['tflops_exact']:.2f}, "
                 f"FastV {entry['flops']['tflops_fastv']:.2f}")
